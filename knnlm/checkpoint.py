@@ -1,0 +1,120 @@
+"""Checkpoints: `RUN/checkpoints/step_XXXXXXXX/` folders, written completely before their `meta.json`.
+
+A checkpoint holds model weights (`model.safetensors`), optimizer moments (`optimizer.safetensors`), the
+regularizer's state (MOCO queue and momentum encoder, `regularizer.safetensors`), and `state.json` (step, data
+position, optimizer hyper-parameters). Nothing is pickled, so loading a checkpoint never runs code from it.
+The newest folder with a `meta.json` is the run's current checkpoint; older ones are pruned once a newer is complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from .artifacts import UserError, file_sha256, read_json, read_meta, write_json
+from .config import Config, from_dict
+from .model import TransformerLM
+
+KEEP = 2  # complete checkpoints kept per run
+
+
+def checkpoint_dirs(run: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+
+
+def latest_checkpoint(run: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(Path(run))
+    return dirs[-1] if dirs else None
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {f"{idx}.{name}": v.detach().contiguous().cpu() for idx, st in sd["state"].items() for name, v in st.items()}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def save_checkpoint(run: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, regularizer: nn.Module,
+                    state: dict, cfg: Config, vocab_hash: str) -> Path:
+    """Write checkpoint `step` into a temporary folder, rename it into place, then prune older ones."""
+    root = Path(run) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))  # handles the tied weights
+    opt_tensors, opt_json = _optimizer_tensors(opt)
+    safetensors.torch.save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    if len(regularizer.state_dict()):
+        safetensors.torch.save_model(regularizer, str(tmp / "regularizer.safetensors"))
+    write_json(tmp / "state.json", {**state, "step": step, "optimizer": opt_json})
+    write_json(tmp / "meta.json", {
+        "step": step,
+        "model_sha256": file_sha256(tmp / "model.safetensors"),
+        "vocab_hash": vocab_hash,
+        "vocab_size": model.vocab_size,
+        "key_site": cfg.model.key_site,
+        "key_layer": cfg.model.key_layer,
+        "config": cfg.to_dict(),
+    })
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in checkpoint_dirs(Path(run))[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_safetensors_into(module: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"{path}: weights file missing")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("file too short")
+        missing, unexpected = safetensors.torch.load_model(module, str(path), strict=False)
+    except (safetensors.SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"{path}: not a safetensors weights file for this model ({str(e).splitlines()[0]})") from None
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+
+def load_training_state(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, regularizer: nn.Module) -> dict:
+    """Restore model, optimizer and regularizer in place; return `state.json`."""
+    _load_safetensors_into(model, ckpt / "model.safetensors")
+    state = read_json(ckpt / "state.json", "training state")
+    tensors = safetensors.torch.load_file(str(ckpt / "optimizer.safetensors"))
+    per_param: dict[int, dict] = {}
+    for name, t in tensors.items():
+        idx, key = name.split(".", 1)
+        per_param.setdefault(int(idx), {})[key] = t
+    opt.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    if len(regularizer.state_dict()):
+        _load_safetensors_into(regularizer, ckpt / "regularizer.safetensors")
+    return state
+
+
+def load_model(run: str | Path, vocab_size: int | None = None) -> tuple[TransformerLM, Config, dict]:
+    """The run's latest model for inference (eval mode), its config and checkpoint meta."""
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise UserError(f"{run}: no complete checkpoint (run `knnlm train` into this folder first)")
+    meta = read_meta(ckpt, "checkpoint")
+    cfg = from_dict(meta["config"], str(ckpt / "meta.json"))
+    if vocab_size is not None and meta["vocab_size"] != vocab_size:
+        raise UserError(f"{ckpt}: checkpoint is for a vocabulary of {meta['vocab_size']} types, the corpus has {vocab_size}")
+    model = TransformerLM(cfg.model, meta["vocab_size"])
+    _load_safetensors_into(model, ckpt / "model.safetensors")
+    model.eval()
+    meta["path"] = str(ckpt)
+    return model, cfg, meta

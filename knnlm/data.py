@@ -1,0 +1,178 @@
+"""Corpora: read a WikiText-style folder, build the vocabulary, encode and cache token ids, cut batches.
+
+A corpus folder holds `wiki.{train,valid,test}.tokens` (WikiText) or `{train,valid,test}.txt`. Each line is split
+on whitespace and ends with one `<eos>`; the vocabulary is the training split's types sorted by frequency (the
+order adaptive input/softmax needs), with `<unk>` for words unseen in training. Encoded ids (int32) are cached
+under `$KNNLM_CACHE` (default `~/.cache/knnlm`), keyed by the files' content, so a second run does not re-tokenize.
+
+Token streams: every split is read as one stream `s = [<eos>] + ids`; input position i predicts target s[i+1], so a
+split of N tokens has exactly N targets (the leading `<eos>` is the context of the first word).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import UserError, load_npy, read_json, save_npy, write_json
+
+SPLITS = ("train", "valid", "test")
+EOS, UNK = "<eos>", "<unk>"
+FILE_PATTERNS = ("wiki.{}.tokens", "{}.txt")
+
+
+def default_data_dir() -> Path:
+    """`$KNNLM_DATA`, else the workspace's shared WikiText-2 copy beside the repository or the working folder."""
+    if os.environ.get("KNNLM_DATA"):
+        return Path(os.environ["KNNLM_DATA"])
+    repo = Path(__file__).resolve().parent.parent
+    for base in (Path.cwd(), repo):
+        for up in (base, *base.parents):
+            cand = up / "shared" / "data" / "wikitext-2"
+            if cand.is_dir():
+                return cand
+    return repo.parent / "shared" / "data" / "wikitext-2"
+
+
+def split_files(folder: Path) -> dict[str, Path]:
+    """Map each split to its file, or say which files were expected."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: data folder not found (expected wiki.{{train,valid,test}}.tokens or {{train,valid,test}}.txt)")
+    for pattern in FILE_PATTERNS:
+        files = {s: folder / pattern.format(s) for s in SPLITS}
+        present = [s for s, f in files.items() if f.is_file()]
+        if len(present) == len(SPLITS):
+            return files
+        if present:
+            missing = ", ".join(files[s].name for s in SPLITS if s not in present)
+            raise UserError(f"{folder}: data folder has only some splits (missing {missing})")
+    raise UserError(f"{folder}: no corpus files (expected wiki.{{train,valid,test}}.tokens or {{train,valid,test}}.txt)")
+
+
+def read_words(path: Path) -> list[str]:
+    """Whitespace-split words of a file, one `<eos>` after every line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    words: list[str] = []
+    for line in text.splitlines():
+        words.extend(line.split())
+        words.append(EOS)
+    return words
+
+
+def build_vocab(train_words: list[str]) -> list[str]:
+    """Types of the training split by descending count; ties keep first-occurrence order (Counter is stable)."""
+    counts = Counter(train_words)
+    vocab = [w for w, _ in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if UNK not in counts:
+        vocab.append(UNK)
+    return vocab
+
+
+@dataclass
+class Corpus:
+    """Encoded splits (int32 id arrays), the vocabulary and its identity hash."""
+
+    folder: Path
+    vocab: list[str]
+    splits: dict[str, np.ndarray]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def vocab_hash(self) -> str:
+        return hashlib.sha256("\n".join(self.vocab).encode()).hexdigest()[:16]
+
+    def counts(self) -> np.ndarray:
+        """Training-split frequency of every type, (V,)."""
+        return np.bincount(self.splits["train"], minlength=self.vocab_size)
+
+
+def _cache_key(files: dict[str, Path]) -> str:
+    h = hashlib.sha256(b"knnlm-corpus-v1")
+    for s in SPLITS:
+        with open(files[s], "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()[:20]
+
+
+def load_corpus(folder: str | Path | None = None) -> Corpus:
+    """Read (or load from cache) the three splits of a corpus folder."""
+    folder = Path(folder) if folder else default_data_dir()
+    files = split_files(folder)
+    for s, f in files.items():
+        if f.stat().st_size == 0:
+            raise UserError(f"{f}: {s} split is empty")
+    cache = Path(os.environ.get("KNNLM_CACHE", Path.home() / ".cache" / "knnlm")) / f"corpus-{_cache_key(files)}"
+    if (cache / "meta.json").is_file():
+        vocab = read_json(cache / "vocab.json", "vocabulary")
+        return Corpus(folder, vocab, {s: load_npy(cache / f"{s}.npy") for s in SPLITS})
+
+    words = {s: read_words(files[s]) for s in SPLITS}
+    if not any(w != EOS for w in words["train"]):
+        raise UserError(f"{files['train']}: train split has no words")
+    vocab = build_vocab(words["train"])
+    index = {w: i for i, w in enumerate(vocab)}
+    unk = index[UNK]
+    # int32, not int16: WikiText-2 alone has 33,278 types.
+    splits = {s: np.fromiter((index.get(w, unk) for w in ws), dtype=np.int32, count=len(ws)) for s, ws in words.items()}
+    try:
+        for s in SPLITS:
+            save_npy(cache / f"{s}.npy", splits[s])
+        write_json(cache / "vocab.json", vocab)
+        write_json(cache / "meta.json", {"folder": str(folder), "tokens": {s: len(a) for s, a in splits.items()},
+                                         "vocab_size": len(vocab)})
+    except OSError:
+        pass  # an unwritable cache only costs time
+    return Corpus(folder, vocab, splits)
+
+
+def token_stream(ids: np.ndarray, eos_id: int) -> torch.Tensor:
+    """`[<eos>] + ids` as int64, (N+1,): input position i predicts target i+1, so N tokens give N targets."""
+    return torch.from_numpy(np.concatenate([np.array([eos_id], dtype=np.int64), ids.astype(np.int64)]))
+
+
+def num_train_blocks(n_tokens: int, context: int) -> int:
+    return max(1, n_tokens // context)
+
+
+def train_batch(s: torch.Tensor, block_ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (B, T) for the given non-overlapping blocks of the stream s."""
+    starts = block_ids * context
+    offsets = torch.arange(context)
+    idx = starts[:, None] + offsets[None, :]  # (B, T)
+    idx = idx.clamp(max=len(s) - 2)  # a short corpus (< one block) repeats its last token; never on real data
+    return s[idx], s[idx + 1]
+
+
+def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled block order of one epoch: a function of (seed, epoch) only, so resuming replays it exactly."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_blocks, generator=g)
+
+
+def sliding_windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (start, end, score_from) over input positions [0, n): every position is scored exactly once.
+
+    A window feeds inputs [start, end) and scores positions [score_from, end); apart from the first window each
+    scored position sees at least `context - stride` earlier tokens (kNN-LM: at least half a window).
+    """
+    assert 0 < stride <= context, "stride must be in (0, context]"
+    windows, prev_end = [], 0
+    end = min(context, n)
+    while True:
+        windows.append((max(0, end - context), end, prev_end))
+        if end >= n:
+            return windows
+        prev_end, end = end, min(end + stride, n)

@@ -1,0 +1,153 @@
+"""Evaluate LM and kNN-LM perplexity: `knnlm evaluate --out RUN [--split valid|test]`.
+
+Compute once, tune many times. The model scores the split with the same sliding windows as the datastore; each
+query key is searched once for its `k_max` nearest keys; the per-token arrays are saved in RUN/eval/<split>/:
+
+    targets.npy (n,) int32        lm_logprobs.npy (n,) fp32     query_keys.npy (n, d) fp16
+    neighbors.npy (n, K) row ids  distances.npy (n, K) fp32     knn_logprobs.npy (n,) at the chosen k, temperature
+    summary.json                  tuning.json (kNN-LM ppl for every (k, temperature, λ) of the grid)
+
+λ, k and temperature are chosen on valid; test reuses valid's choice. A second `evaluate` with another grid
+reads the saved neighbours and never searches again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import UserError, load_npy, read_json, save_npy, write_json
+from .checkpoint import load_model
+from .config import Config
+from .data import EOS, load_corpus, token_stream
+from .datastore import Datastore, stride_of
+from .knn import interpolate, knn_logprob, make_searcher, perplexity, resolve_index, search_all
+from .model import score_stream
+
+ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
+
+
+def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int) -> bool:
+    meta_path = folder / "search.json"
+    if not meta_path.is_file() or not all((folder / f"{a}.npy").is_file() for a in ARRAYS):
+        return False
+    meta = read_json(meta_path, "search record")
+    return meta.get("model_sha256") == ds.meta["model_sha256"] and meta.get("index") == index and meta.get("k_max", 0) >= k_max
+
+
+def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) -> dict:
+    """The expensive part: LM scores, query keys and k_max neighbours of every token of `split` (cached)."""
+    model, train_cfg, ckpt_meta = load_model(run)
+    ds = Datastore(run / "datastore")
+    ds.check_model(ckpt_meta)
+    e = cfg.eval
+    if e.k_max > len(ds):
+        raise UserError(f"eval.k_max: {e.k_max} is larger than the datastore ({len(ds)} keys)")
+    index = resolve_index(e.index)
+    folder = run / "eval" / split
+    if _search_is_cached(folder, ds, index, e.k_max):
+        return read_json(folder / "search.json", "search record")
+
+    corpus = load_corpus(cfg.data.path or None)
+    if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
+        raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}")
+    ids = corpus.splits[split]
+    if cfg.data.max_eval_tokens:
+        ids = ids[: cfg.data.max_eval_tokens]
+    s = token_stream(ids, corpus.vocab.index(EOS))
+
+    t0 = time.time()
+    keys, targets, lm = [], [], []
+    for k, tgt, lp in score_stream(model, s, stride_of(train_cfg), cfg.datastore.batch_size, train_cfg.train.bf16):
+        keys.append(k), targets.append(tgt), lm.append(lp)
+    q = torch.cat(keys).numpy()
+    targets = torch.cat(targets).numpy().astype(np.int32)
+    lm = torch.cat(lm).numpy()
+    t_lm = time.time() - t0
+
+    t0 = time.time()
+    searcher = make_searcher(ds.keys, index, e.nprobe)
+    t_index = time.time() - t0
+    t0 = time.time()
+    D, I = search_all(searcher, q, e.k_max, progress=progress)
+    t_search = time.time() - t0
+
+    tmp = run / "eval" / f".{split}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    id_dtype = np.int32 if len(ds) < 2**31 else np.int64
+    for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q), ("neighbors", I.astype(id_dtype)),
+                      ("distances", D)):
+        save_npy(tmp / f"{name}.npy", arr)
+    record = {"model_sha256": ds.meta["model_sha256"], "index": index, "k_max": e.k_max, "tokens": len(targets),
+              "datastore_size": len(ds), "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
+    write_json(tmp / "search.json", record)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(folder)
+    return record
+
+
+def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config) -> list[dict]:
+    """kNN-LM perplexity for every (k, temperature, λ) of the grid, from the cached neighbours only."""
+    rows = []
+    for k, tau in itertools.product(cfg.eval.k, cfg.eval.temperature):
+        knn = knn_logprob(dists, nvals, targets, k, tau)
+        for lmbda in cfg.eval.lmbda:
+            rows.append({"k": k, "temperature": tau, "lambda": lmbda, "ppl": perplexity(interpolate(lm, knn, lmbda))})
+    return rows
+
+
+def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool = True) -> dict:
+    """LM and kNN-LM perplexity of `split`; hyper-parameters tuned here on valid, reused from valid on test."""
+    run = Path(run)
+    if split not in ("valid", "test"):
+        raise UserError(f"--split: expected valid or test, got {split!r}")
+    record = score_and_search(run, cfg, split, progress)
+    folder = run / "eval" / split
+    targets = load_npy(folder / "targets.npy")
+    lm = load_npy(folder / "lm_logprobs.npy")
+    dists = load_npy(folder / "distances.npy")
+    nvals = Datastore(run / "datastore").vals[load_npy(folder / "neighbors.npy")]  # (n, K) values of the neighbours
+    if max(cfg.eval.k) > dists.shape[1]:
+        raise UserError(f"eval.k: {max(cfg.eval.k)} is more than the {dists.shape[1]} neighbours stored in {folder}")
+
+    if split == "valid":
+        grid = tune(lm, dists, nvals, targets, cfg)
+        write_json(folder / "tuning.json", grid)
+        best = min(grid, key=lambda r: r["ppl"])
+    else:
+        valid_summary = run / "eval" / "valid" / "summary.json"
+        if not valid_summary.is_file():
+            evaluate(run, cfg, "valid", progress)
+        v = read_json(valid_summary, "valid summary")
+        best = {"k": v["k"], "temperature": v["temperature"], "lambda": v["lambda"]}
+        if best["k"] > dists.shape[1]:
+            raise UserError(f"{folder}: valid chose k={best['k']}, more than the {dists.shape[1]} stored neighbours")
+
+    knn = knn_logprob(dists, nvals, targets, best["k"], best["temperature"])
+    save_npy(folder / "knn_logprobs.npy", knn.astype(np.float32))
+    found = (nvals[:, : best["k"]] == targets[:, None]).any(1)
+    summary = {
+        "split": split, "tokens": int(len(targets)),
+        "lm_ppl": perplexity(lm), "knnlm_ppl": perplexity(interpolate(lm, knn, best["lambda"])),
+        "lambda": best["lambda"], "k": best["k"], "temperature": best["temperature"],
+        "target_in_neighbors": float(found.mean()),
+        "index": record["index"], "datastore_size": record["datastore_size"], "seconds": record["seconds"],
+    }
+    write_json(folder / "summary.json", summary)
+    return summary
+
+
+def check_lambda(lmbda: float) -> float:
+    if not (0 <= lmbda <= 1) or math.isnan(lmbda):
+        raise UserError(f"--lmbda: expected a value in [0, 1], got {lmbda}")
+    return lmbda

@@ -1,0 +1,154 @@
+"""Nearest-neighbour search over the datastore, and the kNN distribution p_kNN.
+
+Search backends, one interface (`search(queries, k) -> (distances, ids)`, squared L2, nearest first):
+- `Flat`, `IVF4096,PQ32`, ... : any FAISS `index_factory` string (FAISS is imported here only);
+  approximate indexes are re-ranked with exact distances read from the stored keys, as kNN-LM found helpful.
+- `bf16-exact`: a blocked search in PyTorch whose candidate distances come from bf16 matrix products (AMX on
+  CPU, tensor cores on GPU); it keeps `k + margin` candidates and re-ranks them with exact fp32 distances.
+- `auto`: `bf16-exact` where bf16 products are fast (a GPU, or a CPU with AMX), FAISS `Flat` elsewhere.
+
+p_kNN: with d the squared distance, p_kNN(w) = Σ_{neighbours with value w} softmax(−d / temperature).
+Only the target's probability is computed, O(N·k), never a vector over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .artifacts import UserError
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def resolve_index(name: str) -> str:
+    if name == "auto":
+        return "bf16-exact" if torch.cuda.is_available() or cpu_has_amx() else "Flat"
+    return name
+
+
+def exact_sq_distances(queries: torch.Tensor, keys: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
+    """Exact fp32 squared L2 distances between each query (n, d) and its candidate rows ids (n, C) of keys."""
+    cand = torch.from_numpy(np.asarray(keys[ids.reshape(-1).numpy()], dtype=np.float32)).view(*ids.shape, -1)
+    return (cand - queries[:, None, :]).pow(2).sum(-1)
+
+
+class TorchExactSearch:
+    """Blocked search: bf16 candidate distances, then exact fp32 re-ranking of the best `k + margin`."""
+
+    def __init__(self, keys: np.ndarray, device: str | None = None, block: int = 65536, margin: int = 32):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.keys = keys  # (N, d) float16, memory-mapped: the exact values for re-ranking
+        self.block, self.margin = block, margin
+        # ||k||² exact, and the bf16 copy used for candidate products: 2 bytes per dimension in memory.
+        k32 = [torch.from_numpy(np.asarray(keys[i : i + block], dtype=np.float32)) for i in range(0, len(keys), block)]
+        self.norms = torch.cat([k.pow(2).sum(1) for k in k32]).to(self.device)  # (N,)
+        self.kb = torch.cat([k.to(torch.bfloat16) for k in k32]).to(self.device)  # (N, d)
+        del k32
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(np.asarray(queries, dtype=np.float32)).to(self.device)
+        C = min(k + self.margin, len(self.kb))
+        qb = q.to(torch.bfloat16)
+        best_d = torch.full((len(q), 0), math.inf, device=self.device)
+        best_i = torch.zeros((len(q), 0), dtype=torch.long, device=self.device)
+        for lo in range(0, len(self.kb), self.block):
+            kb = self.kb[lo : lo + self.block]
+            approx = self.norms[lo : lo + len(kb)][None, :] - 2 * (qb @ kb.t()).float()  # (n, b); ||q||² is constant
+            d, i = approx.topk(min(C, approx.shape[1]), dim=1, largest=False)
+            best_d, sel = torch.cat([best_d, d], 1).topk(min(C, best_d.shape[1] + d.shape[1]), dim=1, largest=False)
+            best_i = torch.cat([best_i, i + lo], 1).gather(1, sel)
+        exact = exact_sq_distances(q.cpu(), self.keys, best_i.cpu())  # (n, C) fp32 from the stored fp16 keys
+        d, order = exact.topk(k, dim=1, largest=False)
+        return d.numpy(), best_i.cpu().gather(1, order).numpy()
+
+
+class FaissSearch:
+    """A FAISS index built from an `index_factory` string; approximate ones get exact re-ranking."""
+
+    def __init__(self, keys: np.ndarray, factory: str, nprobe: int = 32, train_size: int = 262144, chunk: int = 262144,
+                 seed: int = 0):
+        import faiss
+
+        self.keys, self.factory = keys, factory
+        N, d = keys.shape
+        try:
+            self.index = faiss.index_factory(d, factory, faiss.METRIC_L2)
+        except RuntimeError as e:
+            raise UserError(f"eval.index: FAISS cannot build {factory!r} ({str(e).splitlines()[0]})") from None
+        if not self.index.is_trained:
+            rng = np.random.default_rng(seed)
+            sample = np.sort(rng.choice(N, size=min(N, train_size), replace=False))
+            self.index.train(np.asarray(keys[sample], dtype=np.float32))
+        for lo in range(0, N, chunk):
+            self.index.add(np.asarray(keys[lo : lo + chunk], dtype=np.float32))
+        if hasattr(self.index, "nprobe"):
+            self.index.nprobe = nprobe
+        else:
+            try:
+                faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
+            except RuntimeError:
+                pass
+        self.exact = factory.strip() == "Flat"
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        d, i = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        if self.exact:
+            return d, i
+        i = np.where(i < 0, 0, i)  # an IVF probe with fewer than k hits pads with -1
+        exact = exact_sq_distances(torch.from_numpy(np.asarray(queries, dtype=np.float32)), self.keys, torch.from_numpy(i))
+        order = exact.argsort(dim=1)
+        return exact.gather(1, order).numpy(), np.take_along_axis(i, order.numpy(), 1)
+
+
+def make_searcher(keys: np.ndarray, index: str, nprobe: int = 32):
+    name = resolve_index(index)
+    if name == "bf16-exact":
+        return TorchExactSearch(keys)
+    return FaissSearch(keys, name, nprobe=nprobe)
+
+
+def search_all(searcher, queries: np.ndarray, k: int, batch: int = 4096, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest rows for every query, in batches with a progress bar: distances (n, k) fp32, ids (n, k) int64."""
+    n = len(queries)
+    D = np.empty((n, k), dtype=np.float32)
+    I = np.empty((n, k), dtype=np.int64)
+    bar = tqdm(total=n, desc="search", unit="q", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    for lo in range(0, n, batch):
+        D[lo : lo + batch], I[lo : lo + batch] = searcher.search(queries[lo : lo + batch], k)
+        bar.update(min(batch, n - lo))
+    bar.close()
+    return D, I
+
+
+def knn_logprob(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.ndarray, k: int, temperature: float) -> np.ndarray:
+    """log p_kNN(target) per token: (n, K) distances, (n, K) neighbour values, (n,) targets -> (n,) float64.
+
+    Uses the k nearest of the K stored neighbours; −inf where no neighbour carries the target.
+    """
+    d = torch.from_numpy(np.ascontiguousarray(distances[:, :k])).double()
+    logw = torch.log_softmax(-d / temperature, dim=1)  # (n, k)
+    match = torch.from_numpy(np.ascontiguousarray(neighbor_vals[:, :k]) == targets[:, None])
+    return torch.logsumexp(logw.masked_fill(~match, -math.inf), dim=1).numpy()
+
+
+def interpolate(lm_logprob: np.ndarray, knn_lp: np.ndarray, lmbda: float) -> np.ndarray:
+    """log(λ p_kNN + (1 − λ) p_LM) in log space; λ = 0 returns the LM's log-probabilities exactly."""
+    if lmbda == 0:
+        return lm_logprob.astype(np.float64)
+    if lmbda == 1:
+        return knn_lp.astype(np.float64)
+    return np.logaddexp(math.log(lmbda) + knn_lp, math.log1p(-lmbda) + lm_logprob.astype(np.float64))
+
+
+def perplexity(logprobs: np.ndarray) -> float:
+    return float(np.exp(-np.mean(logprobs)))

@@ -1,0 +1,242 @@
+"""The language model: a decoder-only Transformer in the style of Baevski & Auli (2019).
+
+Adaptive input embeddings and an adaptive softmax share their weights (logit(w) = input_embedding(w) · h),
+blocks are pre-norm with causal attention through `F.scaled_dot_product_attention`, positions are sinusoidal.
+
+The retrieval key is a named output, `Output.key`, read at one site (`KEY_SITES`); the regularizer, the datastore
+writer and the evaluation queries all use this same tensor. The kNN-LM default is `ffn_input`: the input to the
+last block's feed-forward network, after its layer norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+KEY_SITES = {
+    "ffn_input": "input to the block's feed-forward network, after its layer norm (kNN-LM)",
+    "ffn_input_prenorm": "the residual stream entering that layer norm",
+    "block_output": "the residual stream after the block",
+    "final": "the final layer norm's output, the input of the softmax",
+}
+
+
+@dataclass
+class Output:
+    hidden: torch.Tensor  # (B, T, d) final layer-norm output, the softmax input
+    key: torch.Tensor  # (B, T, d) the retrieval key r at the configured site
+
+
+def band_edges(vocab_size: int, cutoffs: list[int]) -> list[int]:
+    """[0, c1, c2, ..., V]: band i holds ids [edges[i], edges[i+1]); cutoffs ≥ V are dropped."""
+    return [0] + [c for c in cutoffs if c < vocab_size] + [vocab_size]
+
+
+class AdaptiveEmbedding(nn.Module):
+    """Adaptive input (Baevski & Auli): band i embeds in d / div**i dims, projected up to d.
+
+    The same weights give the tied adaptive softmax: logit(w) = (W_i e_w) · h = e_w · (W_iᵀ h).
+    """
+
+    def __init__(self, vocab_size: int, d: int, cutoffs: list[int], div_factor: float):
+        super().__init__()
+        self.d = d
+        self.edges = band_edges(vocab_size, cutoffs)
+        dims = [max(1, int(d // div_factor**i)) for i in range(len(self.edges) - 1)]
+        self.embeddings = nn.ModuleList(nn.Embedding(hi - lo, dim) for lo, hi, dim in zip(self.edges, self.edges[1:], dims))
+        self.projections = nn.ModuleList(nn.Linear(dim, d, bias=False) for dim in dims)  # W_i: (d, dim_i)
+        for emb, proj in zip(self.embeddings, self.projections):
+            nn.init.normal_(emb.weight, std=emb.weight.shape[1] ** -0.5)
+            nn.init.xavier_uniform_(proj.weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
+        out = torch.zeros(*ids.shape, self.d, device=ids.device, dtype=self.projections[0].weight.dtype)
+        for (lo, hi), emb, proj in zip(zip(self.edges, self.edges[1:]), self.embeddings, self.projections):
+            mask = (ids >= lo) & (ids < hi)
+            if mask.any():
+                out[mask] = proj(emb(ids[mask] - lo)).to(out.dtype)
+        return out * math.sqrt(self.d)
+
+
+class AdaptiveSoftmax(nn.Module):
+    """Tied adaptive softmax: a head over band-0 words plus one logit per tail band, then a softmax per band."""
+
+    def __init__(self, embedding: AdaptiveEmbedding):
+        super().__init__()
+        self.emb = embedding
+        self.n_tails = len(embedding.edges) - 2
+        self.cluster = nn.Linear(embedding.d, self.n_tails, bias=False) if self.n_tails else None
+
+    def band_logits(self, h: torch.Tensor, i: int) -> torch.Tensor:  # (N, d) -> (N, n_i)
+        z = h @ self.emb.projections[i].weight  # (N, dim_i) = W_iᵀ h
+        return z @ self.emb.embeddings[i].weight.t()
+
+    def head_logprobs(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, n_0 + n_tails), fp32
+        logits = self.band_logits(h, 0)
+        if self.cluster is not None:
+            logits = torch.cat([logits, self.cluster(h)], dim=-1)
+        return F.log_softmax(logits.float(), dim=-1)
+
+    def target_logprob(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log p(target | h) for each row: (N, d), (N,) -> (N,) fp32; only the target's band is computed."""
+        edges = self.emb.edges
+        head = self.head_logprobs(h)
+        out = torch.empty(target.shape, dtype=torch.float32, device=h.device)
+        in_head = target < edges[1]
+        out[in_head] = head[in_head, target[in_head]]
+        for i in range(1, len(edges) - 1):
+            rows = ((target >= edges[i]) & (target < edges[i + 1])).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            band = F.log_softmax(self.band_logits(h[rows], i).float(), dim=-1)
+            out[rows] = head[rows, edges[1] + i - 1] + band.gather(1, (target[rows] - edges[i]).unsqueeze(1)).squeeze(1)
+        return out
+
+    def full_logprobs(self, h: torch.Tensor) -> torch.Tensor:
+        """log p(w | h) for every word: (N, d) -> (N, V) fp32 (analysis and tests; training never needs it)."""
+        edges = self.emb.edges
+        head = self.head_logprobs(h)
+        parts = [head[:, : edges[1]]]
+        for i in range(1, len(edges) - 1):
+            parts.append(head[:, edges[1] + i - 1 : edges[1] + i] + F.log_softmax(self.band_logits(h, i).float(), dim=-1))
+        return torch.cat(parts, dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, dh)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(ln1(x)), then x + ffn(ln2(x)). ln2's output is the kNN-LM key site."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        sites = {"ffn_input_prenorm": x}
+        h = self.ln2(x)
+        sites["ffn_input"] = h
+        x = x + self.drop(self.ffn(h))
+        sites["block_output"] = x
+        return x, sites
+
+
+def sinusoidal_positions(T: int, d: int) -> torch.Tensor:  # (T, d)
+    pos = torch.arange(T, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    pe = torch.zeros(T, d)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: d // 2])
+    return pe
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        assert cfg.key_site in KEY_SITES, f"unknown key site {cfg.key_site!r}"
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.key_layer = cfg.key_layer % cfg.n_layers
+        self.embed = AdaptiveEmbedding(vocab_size, cfg.d_model, cfg.cutoffs, cfg.div_factor)
+        self.register_buffer("positions", sinusoidal_positions(cfg.context, cfg.d_model), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.softmax = AdaptiveSoftmax(self.embed)
+        for name, p in self.named_parameters():
+            if name.startswith("blocks") and p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+            elif name.startswith("blocks") and name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def key_module(self) -> nn.LayerNorm | None:
+        """The layer norm whose output is the key (its gain and bias are what an L2 penalty can shrink)."""
+        if self.cfg.key_site == "ffn_input":
+            return self.blocks[self.key_layer].ln2
+        if self.cfg.key_site == "final":
+            return self.ln_f
+        return None
+
+    def forward(self, ids: torch.Tensor) -> Output:  # (B, T) -> Output
+        T = ids.shape[1]
+        assert T <= self.positions.shape[0], f"sequence of {T} tokens is longer than the context {self.positions.shape[0]}"
+        x = self.drop(self.embed(ids) + self.positions[:T])
+        key = None
+        for i, block in enumerate(self.blocks):
+            x, sites = block(x)
+            if i == self.key_layer and self.cfg.key_site != "final":
+                key = sites[self.cfg.key_site]
+        hidden = self.ln_f(x)
+        return Output(hidden=hidden, key=hidden if key is None else key)
+
+    def target_logprob(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (B, T, d), (B, T) -> (B, T)
+        return self.softmax.target_logprob(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)).view(targets.shape)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Forward+backward matrix-product FLOPs per token (6 × dense params + attention), for throughput reports."""
+        c = self.cfg
+        dense = c.n_layers * (4 * c.d_model**2 + 2 * c.d_model * c.d_ff)
+        head = c.d_model * (self.embed.edges[1] + self.softmax.n_tails)  # tails are touched by few tokens
+        attn = c.n_layers * 2 * c.context * c.d_model  # QKᵀ and AV, averaged over causal positions
+        return 6 * (dense + head) + 6 * attn
+
+
+def autocast(device: torch.device | str, bf16: bool):
+    """bf16 autocast for matrix products (AMX on CPU, tensor cores on GPU); log-softmax stays fp32."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@torch.no_grad()
+def score_stream(model: TransformerLM, s: torch.Tensor, stride: int, batch_size: int, bf16: bool = True,
+                 want_keys: bool = True):
+    """Run the model over a token stream (N+1,) with sliding windows; yield, for each batch of windows, the
+    scored positions' keys (n, d) float16, targets (n,) and LM log-probabilities (n,) fp32, in stream order.
+
+    Input position i predicts s[i+1]; every one of the N positions is scored exactly once (data.sliding_windows).
+    """
+    from .data import sliding_windows
+
+    model.eval()
+    device = next(model.parameters()).device
+    T = model.cfg.context
+    n = len(s) - 1
+    windows = sliding_windows(n, T, stride)
+    for b in range(0, len(windows), batch_size):
+        group = windows[b : b + batch_size]
+        length = max(e - a for a, e, _ in group)  # all equal to T unless the stream is shorter than T
+        idx = torch.stack([torch.arange(a, a + length).clamp(max=n - 1) for a, _, _ in group])  # (B, T)
+        inputs, targets = s[idx].to(device), s[idx + 1].to(device)
+        with autocast(device, bf16):
+            out = model(inputs)
+            logp = model.target_logprob(out.hidden, targets)  # (B, T)
+        # scored slice of each window, concatenated in stream order
+        sel = [(j, f - a, e - a) for j, (a, e, f) in enumerate(group)]
+        yield (
+            torch.cat([out.key[j, lo:hi] for j, lo, hi in sel]).to(torch.float16).cpu() if want_keys else None,
+            torch.cat([targets[j, lo:hi] for j, lo, hi in sel]).cpu(),
+            torch.cat([logp[j, lo:hi] for j, lo, hi in sel]).float().cpu(),
+        )

@@ -1,0 +1,129 @@
+"""Training with kNN in mind: the key regularizers of Ton et al. (2022), added as `loss = lm_loss + omega * reg_loss`.
+
+- `l2` (the paper's Eq. 2):   reg = mean_j ||r_j||²
+- `moco` (the paper's Eq. 1): reg = mean_j Σ_i ||sg(Q_i^{w_j}) − r_j||², where Q^w holds the last `queue_len` keys
+  of target word w produced by a momentum (EMA) copy of the model; empty queue slots contribute nothing.
+- `zero-queue`: the MOCO code path with one all-zero, always-full queue slot per word, which is exactly `l2`
+  (a check that the MOCO loss is wired as the paper writes it).
+
+r_j is the model's retrieval key (`Output.key`) at position j and w_j the token that follows it. Stateful parts are
+modules with buffers, so they are saved in checkpoints and move between devices with the model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .config import TrainConfig
+
+
+class L2Regularizer(nn.Module):
+    """mean_j ||r_j||² over the positions of the batch."""
+
+    def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (N, d), (N,) -> ()
+        return key.float().pow(2).sum(-1).mean()
+
+    def after_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        pass
+
+
+class KeyQueue(nn.Module):
+    """Per-word ring buffers of the last L keys: keys (V, L, d), write pointer (V,), filled slots (V,)."""
+
+    def __init__(self, vocab_size: int, d: int, queue_len: int):
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(vocab_size, queue_len, d))
+        self.register_buffer("ptr", torch.zeros(vocab_size, dtype=torch.long))
+        self.register_buffer("filled", torch.zeros(vocab_size, dtype=torch.long))
+
+    @property
+    def queue_len(self) -> int:
+        return self.keys.shape[1]
+
+    @torch.no_grad()
+    def enqueue(self, words: torch.Tensor, keys: torch.Tensor) -> None:
+        """Append keys (N, d) to the queues of words (N,), in order; a word seen more than L times keeps its last L."""
+        L = self.queue_len
+        order = torch.sort(words, stable=True).indices  # group equal words, keep batch order inside a group
+        w, k = words[order], keys[order].to(self.keys.dtype)
+        uniq, counts = torch.unique_consecutive(w, return_counts=True)
+        group_start = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(w), device=w.device) - torch.repeat_interleave(group_start, counts)  # 0.. within word
+        count_of = torch.repeat_interleave(counts, counts)
+        keep = rank >= count_of - L  # earlier ones would be overwritten within this same batch
+        slot = (self.ptr[w] + rank) % L
+        self.keys[w[keep], slot[keep]] = k[keep]
+        self.ptr[uniq] = (self.ptr[uniq] + counts) % L
+        self.filled[uniq] = torch.clamp(self.filled[uniq] + counts, max=L)
+
+    def distance_loss(self, key: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """mean_j Σ_{filled i} ||Q_i^{w_j} − r_j||², the queue entries treated as constants."""
+        q = self.keys[words].detach()  # (N, L, d)
+        valid = torch.arange(self.queue_len, device=key.device)[None, :] < self.filled[words][:, None]  # (N, L)
+        d2 = (q - key.float()[:, None, :]).pow(2).sum(-1)  # (N, L)
+        return (d2 * valid).sum(1).mean()
+
+
+class MomentumEncoder(nn.Module):
+    """An EMA copy of the model that produces the keys put into the queue; it never receives gradients."""
+
+    def __init__(self, model: nn.Module, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.encoder = copy.deepcopy(model)
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """θ_k ← m θ_k + (1 − m) θ_q"""
+        for pk, pq in zip(self.encoder.parameters(), model.parameters()):
+            pk.mul_(self.momentum).add_(pq.detach(), alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def keys(self, inputs: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
+        self.encoder.eval()
+        return self.encoder(inputs).key
+
+
+class MocoRegularizer(nn.Module):
+    def __init__(self, model: nn.Module, vocab_size: int, d: int, queue_len: int, momentum: float):
+        super().__init__()
+        self.queue = KeyQueue(vocab_size, d, queue_len)
+        self.momentum_encoder = MomentumEncoder(model, momentum)
+
+    def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.queue.distance_loss(key, targets)
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """After the optimizer step: EMA-update the key encoder, then enqueue its keys for this batch's targets."""
+        self.momentum_encoder.update(model)
+        keys = self.momentum_encoder.keys(inputs)
+        self.queue.enqueue(targets.reshape(-1), keys.reshape(-1, keys.shape[-1]).float())
+
+
+class ZeroQueueRegularizer(nn.Module):
+    """MOCO's distance loss against a queue holding one zero vector per word: equals L2 exactly."""
+
+    def __init__(self, vocab_size: int, d: int):
+        super().__init__()
+        self.queue = KeyQueue(vocab_size, d, queue_len=1)
+        self.queue.filled.fill_(1)
+
+    def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.queue.distance_loss(key, targets)
+
+    def after_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        pass
+
+
+def make_regularizer(cfg: TrainConfig, model: nn.Module, vocab_size: int, d: int) -> nn.Module:
+    if cfg.regularizer == "moco":
+        return MocoRegularizer(model, vocab_size, d, cfg.queue_len, cfg.momentum)
+    if cfg.regularizer == "zero-queue":
+        return ZeroQueueRegularizer(vocab_size, d)
+    return L2Regularizer()

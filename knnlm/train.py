@@ -1,0 +1,171 @@
+"""Train the language model, optionally with a key regularizer: `knnlm train --config C --out RUN [--resume]`.
+
+The loop is written out: AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast, a metrics line
+per log interval in `RUN/metrics.jsonl`, validation perplexity each epoch, and checkpoints every
+`train.checkpoint_every` steps. The data order and the dropout noise are functions of (seed, step), so a killed
+run resumed from its last checkpoint ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .artifacts import UserError, atomic_path, write_json
+from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from .config import Config, save_config
+from .data import EOS, Corpus, epoch_order, load_corpus, num_train_blocks, token_stream, train_batch
+from .model import TransformerLM, autocast, score_stream
+from .regularizers import make_regularizer
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def split_ids(corpus: Corpus, cfg: Config, split: str):
+    ids = corpus.splits[split]
+    limit = cfg.data.max_train_tokens if split == "train" else cfg.data.max_eval_tokens
+    return ids[:limit] if limit else ids
+
+
+def perplexity(model: TransformerLM, corpus: Corpus, cfg: Config, split: str, max_tokens: int = 0) -> float:
+    """LM perplexity on (a prefix of) a split with non-overlapping windows: the cheap per-epoch check."""
+    ids = split_ids(corpus, cfg, split)
+    ids = ids[:max_tokens] if max_tokens else ids
+    s = token_stream(ids, corpus.vocab.index(EOS))
+    total, count = 0.0, 0
+    for _, _, logp in score_stream(model, s, model.cfg.context, cfg.datastore.batch_size, cfg.train.bf16, want_keys=False):
+        total -= logp.double().sum().item()
+        count += logp.numel()
+    return math.exp(total / count)
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint we continue from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train into the run folder `out`; return the final metrics (train/valid perplexity, steps, time)."""
+    out = Path(out)
+    t, mcfg = cfg.train, cfg.model
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    corpus = load_corpus(cfg.data.path or None)
+    train_ids = split_ids(corpus, cfg, "train")
+    s = token_stream(train_ids, corpus.vocab.index(EOS))
+    n_blocks = num_train_blocks(len(train_ids), mcfg.context)
+    steps_per_epoch = math.ceil(n_blocks / t.batch_size)
+    total_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+
+    torch.manual_seed(t.seed)
+    model = TransformerLM(mcfg, corpus.vocab_size).to(device)
+    regularizer = make_regularizer(t, model, corpus.vocab_size, mcfg.d_model).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=t.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    metrics_path = out / "metrics.jsonl"
+    step, elapsed = 0, 0.0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not resume:
+        raise UserError(f"{out}: already holds a training run (pass --resume to continue it, or choose another --out)")
+    if ckpt is not None:
+        state = load_training_state(ckpt, model, opt, regularizer)
+        step, elapsed = state["step"], state.get("elapsed", 0.0)
+        _truncate_metrics(metrics_path, step)
+    else:
+        metrics_path.unlink(missing_ok=True)
+    save_config(cfg, out / "config.json")
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(out, step, model, opt, regularizer, {"elapsed": elapsed, "epoch": step / steps_per_epoch},
+                               cfg, corpus.vocab_hash)
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    tokens_per_step = t.batch_size * mcfg.context
+    window = {"lm": 0.0, "reg": 0.0, "n": 0, "t0": time.time()}
+    last_good = ckpt
+    while step < total_steps:
+        epoch, i = divmod(step, steps_per_epoch)
+        blocks = epoch_order(n_blocks, t.seed, epoch)[i * t.batch_size : (i + 1) * t.batch_size]
+        inputs, targets = (x.to(device) for x in train_batch(s, blocks, mcfg.context))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total_steps, t)
+        torch.manual_seed(t.seed * 1_000_003 + step)  # dropout noise depends on (seed, step) only
+        model.train()
+        t0 = time.time()
+        with autocast(device, t.bf16):
+            out_ = model(inputs)
+            lm_loss = -model.target_logprob(out_.hidden, targets).mean()
+            reg_loss = regularizer(out_.key.reshape(-1, mcfg.d_model), targets.reshape(-1))
+        loss = lm_loss + t.omega * reg_loss
+        if not torch.isfinite(loss):
+            bar.close()
+            where = f"; last good checkpoint: {last_good}" if last_good else ""
+            raise UserError(f"train: loss became {loss.item()} at step {step}{where}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        regularizer.after_step(model, inputs, targets)
+        elapsed += time.time() - t0
+        step += 1
+        window["lm"] += lm_loss.item()
+        window["reg"] += reg_loss.item()
+        window["n"] += 1
+        bar.update(1)
+        bar.set_postfix(lm=f"{lm_loss.item():.3f}", reg=f"{reg_loss.item():.3g}")
+
+        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        if step % 50 == 0 or end_of_epoch:
+            dt = time.time() - window["t0"]
+            _append_metrics(metrics_path, {
+                "step": step, "epoch": round(step / steps_per_epoch, 4), "lr": opt.param_groups[0]["lr"],
+                "lm_loss": window["lm"] / window["n"], "reg_loss": window["reg"] / window["n"],
+                "grad_norm": float(grad_norm), "tokens_per_s": window["n"] * tokens_per_step / max(dt, 1e-9),
+            })
+            window = {"lm": 0.0, "reg": 0.0, "n": 0, "t0": time.time()}
+        if end_of_epoch:
+            row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                   "valid_ppl": perplexity(model, corpus, cfg, "valid", t.eval_tokens)}
+            _append_metrics(metrics_path, row)
+            bar.write(f"epoch {row['epoch']:.2f}: valid ppl {row['valid_ppl']:.2f}")
+        if step % t.checkpoint_every == 0 or step == total_steps:
+            last_good = checkpoint(step)
+    bar.close()
+
+    final = {
+        "steps": step, "epochs": step / steps_per_epoch, "train_seconds": elapsed,
+        "tokens_per_s": step * tokens_per_step / max(elapsed, 1e-9),
+        "train_ppl": perplexity(model, corpus, cfg, "train", t.eval_tokens or len(split_ids(corpus, cfg, "valid"))),
+        "valid_ppl": perplexity(model, corpus, cfg, "valid", t.eval_tokens),
+        "params": model.num_params(),
+    }
+    write_json(out / "train_summary.json", final)
+    return final
