@@ -35,7 +35,8 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 1024
     context: int = 256  # T, tokens per training block and per evaluation window
-    dropout: float = 0.1
+    dropout: float = 0.1  # on embeddings and residual branches
+    attn_dropout: float = 0.0  # on attention weights; > 0 makes CPU attention several times slower
     cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])  # adaptive input/softmax bands
     div_factor: float = 4.0  # band i has embedding size d_model / div_factor**i
     key_site: str = "ffn_input"  # ffn_input | ffn_input_prenorm | block_output | final (see model.KEY_SITES)

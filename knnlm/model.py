@@ -33,6 +33,17 @@ class Output:
     key: torch.Tensor  # (B, T, d) the retrieval key r at the configured site
 
 
+def padded_rows(idx: torch.Tensor) -> torch.Tensor:
+    """Pad a row-index vector to the next power of two (repeating its first entry).
+
+    The rows falling into an adaptive band change every batch; oneDNN (bf16 on CPU) builds and caches a kernel per
+    matrix shape, so unbucketed shapes make memory grow without bound. Callers drop the padded results.
+    """
+    n = idx.numel()
+    size = max(64, 1 << (n - 1).bit_length())
+    return torch.cat([idx, idx[:1].expand(size - n)]) if size > n else idx
+
+
 def band_edges(vocab_size: int, cutoffs: list[int]) -> list[int]:
     """[0, c1, c2, ..., V]: band i holds ids [edges[i], edges[i+1]); cutoffs ≥ V are dropped."""
     return [0] + [c for c in cutoffs if c < vocab_size] + [vocab_size]
@@ -57,10 +68,12 @@ class AdaptiveEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
         out = torch.zeros(*ids.shape, self.d, device=ids.device, dtype=self.projections[0].weight.dtype)
+        flat_ids, flat_out = ids.reshape(-1), out.view(-1, self.d)
         for (lo, hi), emb, proj in zip(zip(self.edges, self.edges[1:]), self.embeddings, self.projections):
-            mask = (ids >= lo) & (ids < hi)
-            if mask.any():
-                out[mask] = proj(emb(ids[mask] - lo)).to(out.dtype)
+            rows = ((flat_ids >= lo) & (flat_ids < hi)).nonzero().squeeze(1)
+            if rows.numel():
+                padded = padded_rows(rows)
+                flat_out[rows] = proj(emb(flat_ids[padded] - lo))[: rows.numel()].to(out.dtype)
         return out * math.sqrt(self.d)
 
 
@@ -94,7 +107,7 @@ class AdaptiveSoftmax(nn.Module):
             rows = ((target >= edges[i]) & (target < edges[i + 1])).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            band = F.log_softmax(self.band_logits(h[rows], i).float(), dim=-1)
+            band = F.log_softmax(self.band_logits(h[padded_rows(rows)], i).float(), dim=-1)[: rows.numel()]
             out[rows] = head[rows, edges[1] + i - 1] + band.gather(1, (target[rows] - edges[i]).unsqueeze(1)).squeeze(1)
         return out
 
@@ -109,7 +122,7 @@ class AdaptiveSoftmax(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int, n_heads: int, dropout: float):
+    def __init__(self, d: int, n_heads: int, dropout: float):  # attention-weight dropout (forces SDPA's slow path on CPU)
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
         self.qkv = nn.Linear(d, 3 * d)
@@ -128,7 +141,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.attn_dropout)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)

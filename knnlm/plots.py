@@ -1,0 +1,55 @@
+"""Figures from saved numbers (never from a model): the ω curve, regularizer comparisons, analysis histograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .artifacts import atomic_path  # noqa: E402
+
+
+def save(fig, path: Path) -> None:
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_omega_curve(table: dict, path: Path, title: str) -> None:
+    """Valid LM and kNN-LM perplexity against ω (the paper's Figure 1), mean ± std over seeds.
+
+    ω values sit at evenly spaced positions (the grid is logarithmic and includes 0)."""
+    omegas = list(table)
+    x = np.arange(len(omegas))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for metric, label, color in (("valid_lm_ppl", "LM", "tab:blue"), ("valid_knnlm_ppl", "kNN-LM", "tab:orange")):
+        mean = np.array([table[o][metric][0] for o in omegas])
+        std = np.array([table[o][metric][1] for o in omegas])
+        ax.plot(x, mean, "o-", color=color, label=label)
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25)
+    ax.set_xticks(x, [f"{o:g}" for o in omegas])
+    ax.set_xlabel("ω (regularizer weight)")
+    ax.set_ylabel("valid perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, path)
+
+
+def plot_regularizer_bars(rows: dict, path: Path, title: str) -> None:
+    names = list(rows)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j, (metric, label) in enumerate((("valid_lm_ppl", "valid LM"), ("valid_knnlm_ppl", "valid kNN-LM"))):
+        ax.bar(x + (j - 0.5) * 0.38, [rows[n][metric][0] for n in names], 0.38,
+               yerr=[rows[n][metric][1] for n in names], capsize=4, label=label)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    save(fig, path)

@@ -1,0 +1,231 @@
+"""The ω study: `knnlm sweep experiments/omega_study.toml --out runs/omega_study`.
+
+One model per (regularizer, ω, seed): each is trained, its datastore built and its kNN-LM evaluated on valid
+(λ, k, temperature tuned per model) by the same `run_pipeline` as `knnlm run`. Each finished run's numbers are
+written at once to `RESULTS/runs/<name>.json` (commit them: a stopped sweep continues from what is recorded and
+reuses finished models). When every run of a stage is done the sweep writes, under RESULTS:
+
+- `table.md` / `table.json`: the paper's Table 1 form, rows train LM / valid LM / valid kNN-LM ppl, columns ω,
+  cells mean ± std over seeds;
+- `figure1.png`: valid perplexity against ω, LM and kNN-LM with ± std bands;
+- `moco_vs_l2.md` / `.json` / `.png`: MOCO against L2 at the best ω > 0;
+- `test.md` / `test.json`: test perplexities of the best ω and of ω = 0, λ, k, temperature chosen on valid.
+
+The study file (TOML) names a base config and the grid:
+
+    base = "../configs/wikitext-2.toml"       # relative to the study file
+    overrides = ["train.epochs=6"]
+    omegas = [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
+    seeds = [0, 1, 2]
+    moco = true                               # also train MOCO at the best ω > 0 (same seeds)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import UserError, load_npy, read_json, write_json
+from .config import Config, load_config
+
+
+@dataclass
+class Study:
+    base: str
+    omegas: list[float]
+    seeds: list[int]
+    overrides: list[str] = field(default_factory=list)
+    moco: bool = True
+    moco_overrides: list[str] = field(default_factory=list)
+    results: str = ""  # where the committed numbers go (default results/<study name>)
+
+
+def load_study(path: Path) -> Study:
+    if not path.is_file():
+        raise UserError(f"{path}: study file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not a valid TOML study ({e})") from None
+    known = set(Study.__dataclass_fields__)
+    if unknown := set(raw) - known:
+        raise UserError(f"{path}: unknown study key(s) {sorted(unknown)} (expected {sorted(known)})")
+    study = Study(**raw)
+    study.base = str((path.parent / study.base).resolve())
+    if not study.omegas or not study.seeds:
+        raise UserError(f"{path}: omegas and seeds must be non-empty")
+    return study
+
+
+def run_name(regularizer: str, omega: float, seed: int) -> str:
+    return f"{regularizer}_omega{omega:g}_seed{seed}"
+
+
+def key_statistics(run: Path, cfg: Config) -> dict:
+    """How the regularizer acted: key norms on valid, and the key layer norm's gain and bias (a penalty on a
+    LayerNorm output can be met by shrinking these two vectors instead of changing the representation)."""
+    from .checkpoint import load_model
+
+    q = load_npy(run / "eval" / "valid" / "query_keys.npy", mmap=True)
+    sq = np.square(np.asarray(q[:50000], dtype=np.float32)).sum(1)
+    model, _, _ = load_model(run)
+    stats = {"key_sq_norm_mean": float(sq.mean()), "key_sq_norm_std": float(sq.std())}
+    ln = model.key_module()
+    if ln is not None:
+        stats["ln_gain_abs_mean"] = float(ln.weight.detach().abs().mean())
+        stats["ln_gain_sq_sum"] = float(ln.weight.detach().pow(2).sum())
+        stats["ln_bias_sq_sum"] = float(ln.bias.detach().pow(2).sum())
+    return stats
+
+
+def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: float, seed: int,
+            extra: list[str] = ()) -> dict:
+    """Train/datastore/evaluate one model unless its record exists; write the record as soon as it is done."""
+    from .cli import run_pipeline
+
+    name = run_name(regularizer, omega, seed)
+    record_path = results / "runs" / f"{name}.json"
+    if record_path.is_file():
+        return read_json(record_path)
+    cfg = load_config(study.base, [*study.overrides, *extra, f"train.regularizer={regularizer}",
+                                   f"train.omega={omega}", f"train.seed={seed}"])
+    print(f"== {name}", flush=True)
+    res = run_pipeline(cfg, out / name)
+    v = res["valid"]
+    record = {
+        "name": name, "regularizer": regularizer, "omega": omega, "seed": seed,
+        "train_lm_ppl": res["train"]["train_ppl"], "valid_lm_ppl": v["lm_ppl"], "valid_knnlm_ppl": v["knnlm_ppl"],
+        "lambda": v["lambda"], "k": v["k"], "temperature": v["temperature"],
+        "target_in_neighbors": v["target_in_neighbors"], "epochs": res["train"]["epochs"],
+        "seconds": {**res["seconds"], "train_compute": res["train"]["train_seconds"]},
+        **key_statistics(out / name, cfg),
+        "config": cfg.to_dict(),
+    }
+    write_json(record_path, record)
+    return record
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def omega_table(records: list[dict], regularizer: str = "l2") -> dict:
+    """{omega: {metric: [mean, std, n]}} over seeds."""
+    rows = ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl")
+    table = {}
+    for omega in sorted({r["omega"] for r in records if r["regularizer"] == regularizer}):
+        rs = [r for r in records if r["regularizer"] == regularizer and r["omega"] == omega]
+        table[omega] = {m: [*_mean_std([r[m] for r in rs]), len(rs)] for m in rows}
+    return table
+
+
+def table_markdown(table: dict, title: str) -> str:
+    labels = {"train_lm_ppl": "Train ppl LM", "valid_lm_ppl": "Valid ppl LM", "valid_knnlm_ppl": "Valid ppl kNN-LM"}
+    omegas = list(table)
+    head = "| | " + " | ".join(f"ω = {o:g}" for o in omegas) + " |"
+    lines = [f"### {title}", "", head, "|---" * (len(omegas) + 1) + "|"]
+    for m, label in labels.items():
+        lines.append(f"| {label} | " + " | ".join(f"{table[o][m][0]:.2f} ± {table[o][m][1]:.2f}" for o in omegas) + " |")
+    lines.append("| seeds | " + " | ".join(str(table[o]["valid_lm_ppl"][2]) for o in omegas) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def best_omega(table: dict) -> float | None:
+    """The ω > 0 with the lowest mean valid kNN-LM perplexity."""
+    positive = [o for o in table if o > 0]
+    return min(positive, key=lambda o: table[o]["valid_knnlm_ppl"][0]) if positive else None
+
+
+def write_tables(records: list[dict], results: Path) -> dict:
+    from .plots import plot_omega_curve
+
+    table = omega_table(records, "l2")
+    if not table:
+        return table
+    (results / "table.md").write_text(table_markdown(table, "L2 activation regularization on WikiText-2 (mean ± std over seeds)"))
+    write_json(results / "table.json", {f"{o:g}": v for o, v in table.items()})
+    plot_omega_curve(table, results / "figure1.png", "L2 regularizer: valid perplexity against ω")
+    return table
+
+
+def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = ()) -> None:
+    study_path = Path(study_path)
+    study = load_study(study_path)
+    study.overrides = [*study.overrides, *overrides]
+    results = Path(study.results) if study.results else Path("results") / study_path.stem
+    (results / "runs").mkdir(parents=True, exist_ok=True)
+    load_config(study.base, study.overrides)  # fail early on a bad base config or override
+
+    records = [read_json(p) for p in sorted((results / "runs").glob("*.json"))]
+    # seed-major order: a stopped study already has every ω at the first seeds
+    for seed in study.seeds:
+        for omega in study.omegas:
+            records = _replace(records, run_one(study, out, results, "l2", omega, seed))
+            write_tables(records, results)
+    table = write_tables(records, results)
+
+    best = best_omega(table)
+    if study.moco and best is not None:
+        for seed in study.seeds:
+            records = _replace(records, run_one(study, out, results, "moco", best, seed, study.moco_overrides))
+        write_moco_comparison(records, best, results)
+
+    if best is not None:
+        write_test_results(study, out, results, best)
+
+
+def _replace(records: list[dict], rec: dict) -> list[dict]:
+    return [r for r in records if r["name"] != rec["name"]] + [rec]
+
+
+def write_moco_comparison(records: list[dict], omega: float, results: Path) -> None:
+    from .plots import plot_regularizer_bars
+
+    rows = {}
+    for reg in ("l2", "moco"):
+        rs = [r for r in records if r["regularizer"] == reg and r["omega"] == omega]
+        rows[reg] = {m: [*_mean_std([r[m] for r in rs]), len(rs)] for m in ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl")}
+    base = [r for r in records if r["regularizer"] == "l2" and r["omega"] == 0]
+    if base:
+        rows["none (ω = 0)"] = {m: [*_mean_std([r[m] for r in base]), len(base)] for m in ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl")}
+    write_json(results / "moco_vs_l2.json", {"omega": omega, "rows": rows})
+    lines = [f"### MOCO vs L2 at ω = {omega:g} (mean ± std over seeds)", "",
+             "| regularizer | train LM | valid LM | valid kNN-LM | seeds |", "|---|---|---|---|---|"]
+    for reg, v in rows.items():
+        lines.append(f"| {reg} | " + " | ".join(f"{v[m][0]:.2f} ± {v[m][1]:.2f}" for m in ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl"))
+                     + f" | {v['valid_lm_ppl'][2]} |")
+    (results / "moco_vs_l2.md").write_text("\n".join(lines) + "\n")
+    plot_regularizer_bars(rows, results / "moco_vs_l2.png", f"MOCO vs L2 at ω = {omega:g}")
+
+
+def write_test_results(study: Study, out: Path, results: Path, best: float) -> None:
+    """Test perplexities of ω = 0 and the best ω, once, with λ, k, temperature chosen on valid."""
+    from .evaluate import evaluate
+
+    rows = {}
+    for omega in (0.0, best):
+        per_seed = []
+        for seed in study.seeds:
+            run = out / run_name("l2", omega, seed)
+            if not (run / "datastore" / "meta.json").is_file():
+                continue
+            cfg = load_config(study.base, [*study.overrides, f"train.omega={omega}", f"train.seed={seed}"])
+            per_seed.append(evaluate(run, cfg, "test", progress=False))
+        if per_seed:
+            rows[f"{omega:g}"] = {
+                "test_lm_ppl": _mean_std([s["lm_ppl"] for s in per_seed]),
+                "test_knnlm_ppl": _mean_std([s["knnlm_ppl"] for s in per_seed]),
+                "seeds": len(per_seed),
+            }
+    write_json(results / "test.json", rows)
+    lines = ["### Test perplexity (λ, k, temperature chosen on valid; mean ± std over seeds)", "",
+             "| ω | test LM | test kNN-LM | seeds |", "|---|---|---|---|"]
+    for o, v in rows.items():
+        lines.append(f"| {o} | {v['test_lm_ppl'][0]:.2f} ± {v['test_lm_ppl'][1]:.2f} | "
+                     f"{v['test_knnlm_ppl'][0]:.2f} ± {v['test_knnlm_ppl'][1]:.2f} | {v['seeds']} |")
+    (results / "test.md").write_text("\n".join(lines) + "\n")
+

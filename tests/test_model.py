@@ -1,0 +1,61 @@
+import torch
+import torch.nn as nn
+
+from knnlm.config import ModelConfig
+from knnlm.model import TransformerLM
+
+V = 500
+
+
+def small_model(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, context=16, dropout=0.0, cutoffs=[50, 200], **kw)
+    return TransformerLM(cfg, V).eval()
+
+
+def test_adaptive_softmax_is_a_distribution_and_targets_agree():
+    m = small_model()
+    h = torch.randn(40, 32)
+    full = m.softmax.full_logprobs(h)
+    assert torch.allclose(full.exp().sum(1), torch.ones(40, dtype=torch.float32), atol=1e-5)
+    targets = torch.randint(0, V, (40,))
+    assert torch.allclose(m.softmax.target_logprob(h, targets), full.gather(1, targets[:, None]).squeeze(1), atol=1e-5)
+
+
+def test_adaptive_softmax_matches_torch_reference():
+    """The tied adaptive softmax equals torch's AdaptiveLogSoftmaxWithLoss with the same (untied) weights."""
+    m = small_model()
+    emb = m.embed
+    ref = nn.AdaptiveLogSoftmaxWithLoss(32, V, cutoffs=[50, 200], div_value=4.0, head_bias=False)
+    with torch.no_grad():
+        head_words = emb.embeddings[0].weight @ emb.projections[0].weight.t()  # (50, d): e_w W_0ᵀ
+        ref.head.weight.copy_(torch.cat([head_words, m.softmax.cluster.weight]))
+        for i, tail in enumerate(ref.tail, start=1):
+            tail[0].weight.copy_(emb.projections[i].weight.t())  # d -> dim_i
+            tail[1].weight.copy_(emb.embeddings[i].weight)  # dim_i -> band words
+    h = torch.randn(30, 32)
+    assert torch.allclose(m.softmax.full_logprobs(h), ref.log_prob(h), atol=1e-5)
+
+
+def test_causal_and_key_is_the_ffn_input_after_layer_norm():
+    m = small_model()
+    x = torch.randint(0, V, (2, 16))
+    captured = {}
+    m.blocks[-1].ffn.register_forward_hook(lambda mod, inp, out: captured.setdefault("ffn_in", inp[0]))
+    out = m(x)
+    assert torch.equal(out.key, captured["ffn_in"])  # the kNN-LM site: input of the last FFN
+    y = x.clone()
+    y[:, 10:] = torch.randint(0, V, (2, 6))
+    out2 = m(y)
+    assert torch.allclose(out.hidden[:, :10], out2.hidden[:, :10], atol=1e-6)  # the future never leaks back
+    assert not torch.allclose(out.hidden[:, 10:], out2.hidden[:, 10:])
+
+
+def test_other_key_sites():
+    for site in ("ffn_input_prenorm", "block_output", "final"):
+        m = small_model(key_site=site)
+        out = m(torch.randint(0, V, (1, 16)))
+        if site == "final":
+            assert torch.equal(out.key, out.hidden)
+        else:
+            assert out.key.shape == (1, 16, 32) and not torch.equal(out.key, out.hidden)

@@ -1,0 +1,123 @@
+"""The README pipeline on the tiny config, the datastore's pairing, resume, and bad input."""
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, knnlm
+from knnlm.checkpoint import latest_checkpoint, load_model
+from knnlm.data import EOS, load_corpus, token_stream
+
+
+def test_readme_pipeline_tiny(tiny_run):
+    out, stdout = tiny_run
+    assert "valid kNN-LM ppl" in stdout
+    v = json.loads((out / "eval" / "valid" / "summary.json").read_text())
+    assert v["tokens"] == 10000 and v["knnlm_ppl"] < v["lm_ppl"]
+    for name in ("targets", "query_keys", "lm_logprobs", "knn_logprobs", "neighbors", "distances"):
+        assert (out / "eval" / "valid" / f"{name}.npy").is_file()
+    meta = json.loads((out / "datastore" / "meta.json").read_text())
+    assert meta["N"] == 100000 and meta["keys_dtype"] == "float16" and meta["key_site"] == "ffn_input"
+    # the summary's perplexities follow from the saved per-token arrays
+    lm = np.load(out / "eval" / "valid" / "lm_logprobs.npy")
+    knn = np.load(out / "eval" / "valid" / "knn_logprobs.npy").astype(np.float64)
+    lam = v["lambda"]
+    mixed = np.logaddexp(np.log(lam) + knn, np.log1p(-lam) + lm) if 0 < lam < 1 else lm
+    assert np.isclose(np.exp(-mixed.mean()), v["knnlm_ppl"], rtol=1e-5)
+
+
+def test_datastore_pairs_key_t_with_token_t_plus_1(tiny_run):
+    out, _ = tiny_run
+    corpus = load_corpus()
+    ids = corpus.splits["train"][:100000]
+    vals = np.load(out / "datastore" / "vals.npy")
+    assert vals.dtype == np.int32 and np.array_equal(vals, ids)  # row i: key of context ≤ i, value = token i (its next)
+    # keys are the model's own `Output.key` at those positions: recompute a window directly
+    model, cfg, _ = load_model(out)
+    keys = np.load(out / "datastore" / "keys.npy", mmap_mode="r")
+    s = token_stream(ids, corpus.vocab.index(EOS))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        key = model(s[None, :64]).key[0]  # first window: positions 0..63
+    assert torch.allclose(torch.from_numpy(np.asarray(keys[:64], dtype=np.float32)), key.float(), atol=0.05, rtol=0.02)
+
+
+def test_evaluate_reuses_the_search(tiny_run, tmp_path):
+    out, _ = tiny_run
+    before = (out / "eval" / "valid" / "neighbors.npy").stat().st_mtime_ns
+    proc = knnlm("evaluate", "--out", out, "--lmbda", "0")
+    res = json.loads(proc.stdout)
+    assert (out / "eval" / "valid" / "neighbors.npy").stat().st_mtime_ns == before
+    assert res["knnlm_ppl"] == res["lm_ppl"]  # λ = 0 is the LM exactly
+    knnlm("evaluate", "--out", out)  # restore the tuned summary for other tests
+
+
+def _weights(run):
+    return load_file(str(latest_checkpoint(run) / "model.safetensors"))
+
+
+RESUME = ["data.max_train_tokens=20000", "data.max_eval_tokens=2000", "model.context=32", "model.dropout=0.1",
+          "train.batch_size=8", "train.epochs=2", "train.checkpoint_every=10", "train.warmup_steps=5"]
+
+
+def test_killed_and_resumed_training_ends_with_the_same_weights(tmp_path):
+    full = tmp_path / "full"
+    knnlm("train", "--config", TINY, "--out", full, *RESUME)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "knnlm.cli", "train", "--config", str(TINY), "--out", str(killed),
+                             *RESUME], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(killed) is not None
+    step_killed = json.loads((latest_checkpoint(killed) / "meta.json").read_text())["step"]
+    knnlm("train", "--config", TINY, "--out", killed, "--resume", *RESUME)
+    a, b = _weights(full), _weights(killed)
+    assert step_killed < json.loads((latest_checkpoint(full) / "meta.json").read_text())["step"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _snapshot(folder):
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fails(proc, *fragments):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("knnlm: error:"), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_bad_input_gives_one_line_and_changes_nothing(tiny_run, tmp_path):
+    out, _ = tiny_run
+    before = _snapshot(out)
+    _fails(knnlm("run", "--config", TINY, "--out", tmp_path / "x", f"data.path={tmp_path / 'missing'}", check=False),
+           "missing", "data folder not found")
+    (tmp_path / "empty").mkdir()
+    _fails(knnlm("run", "--config", TINY, "--out", tmp_path / "x", f"data.path={tmp_path / 'empty'}", check=False),
+           "no corpus files")
+    _fails(knnlm("evaluate", "--out", out, "--lmbda", "1.5", check=False), "--lmbda", "[0, 1]")
+    _fails(knnlm("evaluate", "--out", out, "--k", "200000", check=False), "larger than the datastore")
+    _fails(knnlm("evaluate", "--out", out, "eval.lmbda=0.2,-0.1", check=False), "eval.lmbda")
+    _fails(knnlm("train", "--config", TINY, "--out", out, check=False), "--resume")
+    assert _snapshot(out) == before
+
+
+def test_datastore_from_another_model_is_refused(tiny_run, tmp_path):
+    out, _ = tiny_run
+    other = tmp_path / "other"
+    knnlm("train", "--config", TINY, "--out", other, "data.max_train_tokens=5000", "train.epochs=1")
+    (other / "datastore").symlink_to(out / "datastore")
+    before = _snapshot(out / "datastore")
+    _fails(knnlm("evaluate", "--out", other, check=False), "another model")
+    assert _snapshot(out / "datastore") == before
