@@ -9,6 +9,7 @@ names and `meta.json` last, so an interrupted build never looks complete.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
     tmp.mkdir(parents=True)
     keys = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=np.float16, shape=(N, d))
     vals = np.lib.format.open_memmap(tmp / "vals.npy", mode="w+", dtype=np.int32, shape=(N,))
-    row, stride = 0, stride_of(cfg)
+    row, stride, t0 = 0, stride_of(cfg), time.time()
     bar = tqdm(total=N, desc="datastore", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     for k, tgt, _ in score_stream(model, s, stride, cfg.datastore.batch_size, cfg.train.bf16):
         n = len(tgt)
@@ -66,6 +67,7 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
         "key_site": cfg.model.key_site, "key_layer": cfg.model.key_layer,
         "checkpoint": ckpt_meta["path"], "model_sha256": ckpt_meta["model_sha256"],
         "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "stride": stride, "context": cfg.model.context,
+        "seconds": time.time() - t0,
     })
     if folder.exists():
         shutil.rmtree(folder)
