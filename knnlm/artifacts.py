@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,32 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; when the block finishes it replaces `final`.
+
+    If the block raises, the temporary folder is removed and `final` is left as it was. (A SIGKILL can leave the
+    temporary folder behind; the next call clears it.) The old `final` is moved aside before the new one is
+    renamed in, so at every moment either the old or the new artifact is complete on disk.
+    """
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp"
+    old = final.parent / f".{final.name}.old"
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .artifacts import UserError, file_sha256, read_json, read_meta, write_json
+from .artifacts import UserError, atomic_dir, file_sha256, read_json, read_meta, write_json
 from .config import Config, from_dict
 from .model import TransformerLM
 
@@ -47,28 +47,22 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, opt: torch.optim.Opt
     """Write checkpoint `step` into a temporary folder, rename it into place, then prune older ones."""
     root = Path(run) / "checkpoints"
     final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))  # handles the tied weights
-    opt_tensors, opt_json = _optimizer_tensors(opt)
-    safetensors.torch.save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    if len(regularizer.state_dict()):
-        safetensors.torch.save_model(regularizer, str(tmp / "regularizer.safetensors"))
-    write_json(tmp / "state.json", {**state, "step": step, "optimizer": opt_json})
-    write_json(tmp / "meta.json", {
-        "step": step,
-        "model_sha256": file_sha256(tmp / "model.safetensors"),
-        "vocab_hash": vocab_hash,
-        "vocab_size": model.vocab_size,
-        "key_site": cfg.model.key_site,
-        "key_layer": cfg.model.key_layer,
-        "config": cfg.to_dict(),
-    })
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_dir(final) as tmp:
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))  # handles the tied weights
+        opt_tensors, opt_json = _optimizer_tensors(opt)
+        safetensors.torch.save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        if len(regularizer.state_dict()):
+            safetensors.torch.save_model(regularizer, str(tmp / "regularizer.safetensors"))
+        write_json(tmp / "state.json", {**state, "step": step, "optimizer": opt_json})
+        write_json(tmp / "meta.json", {
+            "step": step,
+            "model_sha256": file_sha256(tmp / "model.safetensors"),
+            "vocab_hash": vocab_hash,
+            "vocab_size": model.vocab_size,
+            "key_site": cfg.model.key_site,
+            "key_layer": cfg.model.key_layer,
+            "config": cfg.to_dict(),
+        })
     for old in checkpoint_dirs(Path(run))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final

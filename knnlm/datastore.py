@@ -8,14 +8,13 @@ names and `meta.json` last, so an interrupted build never looks complete.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .artifacts import UserError, file_sha256, load_npy, read_meta, write_json
+from .artifacts import UserError, atomic_dir, load_npy, read_meta, write_json
 from .checkpoint import load_model
 from .config import Config
 from .data import EOS, load_corpus, token_stream
@@ -43,35 +42,29 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
     assert N < 2**31, "int32 values and row ids assume fewer than 2^31 keys"
 
     folder = run / "datastore"
-    tmp = run / ".datastore.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    keys = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=np.float16, shape=(N, d))
-    vals = np.lib.format.open_memmap(tmp / "vals.npy", mode="w+", dtype=np.int32, shape=(N,))
-    row, stride, t0 = 0, stride_of(cfg), time.time()
-    bar = tqdm(total=N, desc="datastore", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
-    for k, tgt, _ in score_stream(model, s, stride, cfg.datastore.batch_size, cfg.train.bf16):
-        n = len(tgt)
-        keys[row : row + n] = k.numpy()
-        vals[row : row + n] = tgt.numpy()
-        row += n
-        bar.update(n)
-    bar.close()
-    assert row == N, f"scored {row} positions, expected {N}"
-    keys.flush()
-    vals.flush()
-    del keys, vals
-    write_json(tmp / "meta.json", {
-        "N": N, "d": d, "keys_dtype": "float16", "vals_dtype": "int32",
-        "key_site": cfg.model.key_site, "key_layer": cfg.model.key_layer,
-        "checkpoint": ckpt_meta["path"], "model_sha256": ckpt_meta["model_sha256"],
-        "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "stride": stride, "context": cfg.model.context,
-        "seconds": time.time() - t0,
-    })
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        keys = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=np.float16, shape=(N, d))
+        vals = np.lib.format.open_memmap(tmp / "vals.npy", mode="w+", dtype=np.int32, shape=(N,))
+        row, stride, t0 = 0, stride_of(cfg), time.time()
+        bar = tqdm(total=N, desc="datastore", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+        for k, tgt, _ in score_stream(model, s, stride, cfg.datastore.batch_size, cfg.train.bf16):
+            n = len(tgt)
+            keys[row : row + n] = k.numpy()
+            vals[row : row + n] = tgt.numpy()
+            row += n
+            bar.update(n)
+        bar.close()
+        assert row == N, f"scored {row} positions, expected {N}"
+        keys.flush()
+        vals.flush()
+        del keys, vals
+        write_json(tmp / "meta.json", {
+            "N": N, "d": d, "keys_dtype": "float16", "vals_dtype": "int32",
+            "key_site": cfg.model.key_site, "key_layer": cfg.model.key_layer,
+            "checkpoint": ckpt_meta["path"], "model_sha256": ckpt_meta["model_sha256"],
+            "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "stride": stride, "context": cfg.model.context,
+            "seconds": time.time() - t0,
+        })
     return folder
 
 

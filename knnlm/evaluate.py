@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .artifacts import UserError, load_npy, read_json, save_npy, write_json
+from .artifacts import UserError, atomic_dir, load_npy, read_json, save_npy, write_json
 from .checkpoint import load_model
 from .config import Config
 from .data import EOS, load_corpus, token_stream
@@ -78,21 +77,14 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     D, I = search_all(searcher, q, e.k_max, progress=progress)
     t_search = time.time() - t0
 
-    tmp = run / "eval" / f".{split}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
-    for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q), ("neighbors", I.astype(id_dtype)),
-                      ("distances", D)):
-        save_npy(tmp / f"{name}.npy", arr)
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "k_max": e.k_max, "tokens": len(targets),
               "datastore_size": len(ds), "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
-    write_json(tmp / "search.json", record)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q),
+                          ("neighbors", I.astype(id_dtype)), ("distances", D)):
+            save_npy(tmp / f"{name}.npy", arr)
+        write_json(tmp / "search.json", record)
     return record
 
 

@@ -92,10 +92,12 @@ def _snapshot(folder):
 
 def _fails(proc, *fragments):
     assert proc.returncode != 0
+    # one line of error, last on stderr (progress bars may precede it), and no traceback
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("knnlm: error:"), proc.stderr
+    assert lines[-1].startswith("knnlm: error:") and "Traceback" not in proc.stderr, proc.stderr
+    assert sum(line.startswith("knnlm: error:") for line in lines) == 1
     for f in fragments:
-        assert f in lines[0], lines[0]
+        assert f in lines[-1], lines[-1]
 
 
 def test_bad_input_gives_one_line_and_changes_nothing(tiny_run, tmp_path):
