@@ -6,6 +6,7 @@ query key is searched once for its `k_max` nearest keys; the per-token arrays ar
     targets.npy (n,) int32        lm_logprobs.npy (n,) fp32     query_keys.npy (n, d) fp16
     neighbors.npy (n, K) row ids  distances.npy (n, K) fp32     knn_logprobs.npy (n,) at the chosen k, temperature
     summary.json                  tuning.json (kNN-LM ppl for every (k, temperature, λ) of the grid)
+    meta.json                     written last: model hash, index, k_max, token count, stage times
 
 λ, k and temperature are chosen on valid; test reuses valid's choice. A second `evaluate` with another grid
 reads the saved neighbours and never searches again.
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, atomic_dir, load_npy, read_json, save_npy, write_json
+from .artifacts import UserError, atomic_dir, load_npy, read_json, read_meta, save_npy, write_json
 from .checkpoint import load_model
 from .config import Config
 from .data import EOS, load_corpus, token_stream
@@ -33,11 +34,22 @@ ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
 
 
 def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int) -> bool:
-    meta_path = folder / "search.json"
-    if not meta_path.is_file() or not all((folder / f"{a}.npy").is_file() for a in ARRAYS):
+    if not (folder / "meta.json").is_file():
         return False
-    meta = read_json(meta_path, "search record")
+    meta = read_json(folder / "meta.json", "evaluation meta")
     return meta.get("model_sha256") == ds.meta["model_sha256"] and meta.get("index") == index and meta.get("k_max", 0) >= k_max
+
+
+def load_search(folder: Path) -> dict[str, np.ndarray]:
+    """The saved per-token arrays of an evaluation, checked against its meta.json (written last)."""
+    meta = read_meta(folder, "evaluation")
+    arrays = {a: load_npy(folder / f"{a}.npy", mmap=a in ("query_keys", "neighbors", "distances")) for a in ARRAYS}
+    n, K = meta["tokens"], meta["k_max"]
+    for name, arr in arrays.items():
+        want = (n, K) if name in ("neighbors", "distances") else (n,) if name in ("targets", "lm_logprobs") else None
+        if arr.shape[0] != n or (want is not None and arr.shape != want):
+            raise UserError(f"{folder / (name + '.npy')}: shape {arr.shape} disagrees with meta.json ({n} tokens, k_max {K})")
+    return arrays
 
 
 def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) -> dict:
@@ -51,7 +63,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     index = resolve_index(e.index)
     folder = run / "eval" / split
     if _search_is_cached(folder, ds, index, e.k_max):
-        return read_json(folder / "search.json", "search record")
+        return read_json(folder / "meta.json", "evaluation meta")
 
     corpus = load_corpus(cfg.data.path or None)
     if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
@@ -84,7 +96,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
         for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q),
                           ("neighbors", I.astype(id_dtype)), ("distances", D)):
             save_npy(tmp / f"{name}.npy", arr)
-        write_json(tmp / "search.json", record)
+        write_json(tmp / "meta.json", record)  # last: marks the folder complete
     return record
 
 
@@ -105,10 +117,10 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         raise UserError(f"--split: expected valid or test, got {split!r}")
     record = score_and_search(run, cfg, split, progress)
     folder = run / "eval" / split
-    targets = load_npy(folder / "targets.npy")
-    lm = load_npy(folder / "lm_logprobs.npy")
-    dists = load_npy(folder / "distances.npy")
-    nvals = Datastore(run / "datastore").vals[load_npy(folder / "neighbors.npy")]  # (n, K) values of the neighbours
+    arrays = load_search(folder)
+    targets, lm = arrays["targets"], arrays["lm_logprobs"]
+    dists = np.asarray(arrays["distances"])
+    nvals = Datastore(run / "datastore").vals[np.asarray(arrays["neighbors"])]  # (n, K) values of the neighbours
     if max(cfg.eval.k) > dists.shape[1]:
         raise UserError(f"eval.k: {max(cfg.eval.k)} is more than the {dists.shape[1]} neighbours stored in {folder}")
 

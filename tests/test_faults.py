@@ -216,3 +216,23 @@ def test_planted_pickle_is_refused_not_run(small_run, tmp_path):
     with pytest.raises(UserError):
         load_npy(run / "pickled.npy")
     assert not os.path.exists(MARKER)
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("datastore_meta", "no complete datastore"),
+    ("eval_array", "disagrees with meta.json"),
+    ("checkpoint_meta", "no complete checkpoint"),
+])
+def test_incomplete_artifacts_are_refused(damage, expect, small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    if damage == "datastore_meta":
+        (run / "datastore" / "meta.json").unlink()
+    elif damage == "eval_array":
+        np.save(run / "eval" / "valid" / "targets.npy", np.load(run / "eval" / "valid" / "targets.npy")[:-5])
+    else:
+        for meta in (run / "checkpoints").glob("step_*/meta.json"):
+            meta.unlink()
+    before = snapshot(run)
+    fails(knnlm("evaluate", "--out", run, check=False), expect)
+    assert snapshot(run) == before
