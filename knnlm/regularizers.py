@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .config import TrainConfig
@@ -67,6 +68,12 @@ class KeyQueue(nn.Module):
         return (d2 * valid).sum(1).mean()
 
 
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 class MomentumEncoder(nn.Module):
     """An EMA copy of the model that produces the keys put into the queue; it never receives gradients."""
 
@@ -100,10 +107,16 @@ class MocoRegularizer(nn.Module):
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        """After the optimizer step: EMA-update the key encoder, then enqueue its keys for this batch's targets."""
+        """After the optimizer step: EMA-update the key encoder, then enqueue its keys for this batch's targets.
+
+        Under DDP each rank encodes its shard and the keys of all ranks are gathered in rank order (the order of
+        the global batch), so every rank's queue stays identical to a single process's."""
         self.momentum_encoder.update(model)
-        keys = self.momentum_encoder.keys(inputs)
-        self.queue.enqueue(targets.reshape(-1), keys.reshape(-1, keys.shape[-1]).float())
+        keys = self.momentum_encoder.keys(inputs).float()
+        keys, words = keys.reshape(-1, keys.shape[-1]), targets.reshape(-1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            keys, words = _gather(keys), _gather(words)
+        self.queue.enqueue(words, keys)
 
 
 class ZeroQueueRegularizer(nn.Module):

@@ -1,5 +1,7 @@
 """Train the language model, optionally with a key regularizer: `knnlm train --config C --out RUN [--resume]`.
 
+Several processes: `torchrun --nproc_per_node=N -m knnlm.cli train ...` (PyTorch DDP; gloo on CPU, NCCL on GPUs).
+
 The loop is written out: AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast, a metrics line
 per log interval in `RUN/metrics.jsonl`, validation perplexity each epoch, and checkpoints every
 `train.checkpoint_every` steps. The data order and the dropout noise are functions of (seed, step), so a killed
@@ -10,10 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 from tqdm import tqdm
 
 from .artifacts import UserError, atomic_path, write_json
@@ -63,17 +68,55 @@ def _truncate_metrics(path: Path, step: int) -> None:
         tmp.write_text("".join(line + "\n" for line in keep))
 
 
+class Objective(nn.Module):
+    """The two loss terms of one batch. DDP wraps this module, so every parameter it trains is used in forward."""
+
+    def __init__(self, model: TransformerLM, regularizer: nn.Module):
+        super().__init__()
+        self.model, self.regularizer = model, regularizer
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(inputs)
+        lm_loss = -self.model.target_logprob(out.hidden, targets).mean()
+        reg_loss = self.regularizer(out.key.reshape(-1, out.key.shape[-1]), targets.reshape(-1))
+        return lm_loss, reg_loss
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under `torchrun` (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        return dist.get_rank(), world, torch.device("cuda", local)
+    # CPU ranks share the cores instead of each starting one thread per core
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return dist.get_rank(), world, torch.device("cpu")
+
+
 def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train into the run folder `out`; return the final metrics (train/valid perplexity, steps, time)."""
+    """Train into the run folder `out`; return the final metrics (train/valid perplexity, steps, time).
+
+    Under `torchrun` every rank takes a contiguous shard of each global batch of `train.batch_size` blocks and DDP
+    averages the gradients, so the result is that of one process on the same global batch; rank 0 alone writes
+    checkpoints and logs. A checkpoint holds no rank-specific state, so a run resumes on any number of ranks.
+    """
     out = Path(out)
     t, mcfg = cfg.train, cfg.model
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    rank, world, device = setup_distributed()
+    main = rank == 0
+    if t.batch_size % world:
+        raise UserError(f"train.batch_size: {t.batch_size} blocks cannot be split evenly over {world} ranks")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     corpus = load_corpus(cfg.data.path or None)
     train_ids = split_ids(corpus, cfg, "train")
@@ -98,22 +141,37 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     if ckpt is not None:
         state = load_training_state(ckpt, model, opt, regularizer)
         step, elapsed = state["step"], state.get("elapsed", 0.0)
-        _truncate_metrics(metrics_path, step)
-    else:
+        if main:
+            _truncate_metrics(metrics_path, step)
+    elif main:
         metrics_path.unlink(missing_ok=True)
-    save_config(cfg, out / "config.json")
+    if main:
+        save_config(cfg, out / "config.json")
+    objective = Objective(model, regularizer)
+    if world > 1:
+        # tail bands of the adaptive input/softmax are unused in batches without their words; the MOCO queue is
+        # kept identical on every rank by the regularizer itself, so buffers are not broadcast
+        objective = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True, broadcast_buffers=False)
 
-    def checkpoint(step: int) -> Path:
-        return save_checkpoint(out, step, model, opt, regularizer, {"elapsed": elapsed, "epoch": step / steps_per_epoch},
-                               cfg, corpus.vocab_hash)
+    def checkpoint(step: int) -> Path | None:
+        path = None
+        if main:
+            path = save_checkpoint(out, step, model, opt, regularizer, {"elapsed": elapsed, "epoch": step / steps_per_epoch},
+                                   cfg, corpus.vocab_hash)
+        if world > 1:
+            dist.barrier()
+        return path
 
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main),
+               dynamic_ncols=True)
     tokens_per_step = t.batch_size * mcfg.context
     window = {"lm": 0.0, "reg": 0.0, "n": 0, "t0": time.time()}
     last_good = ckpt
+    shard = t.batch_size // world
     while step < total_steps:
         epoch, i = divmod(step, steps_per_epoch)
         blocks = epoch_order(n_blocks, t.seed, epoch)[i * t.batch_size : (i + 1) * t.batch_size]
+        blocks = blocks[rank * shard : (rank + 1) * shard]  # this rank's contiguous shard of the global batch
         inputs, targets = (x.to(device) for x in train_batch(s, blocks, mcfg.context))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total_steps, t)
@@ -121,11 +179,13 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         model.train()
         t0 = time.time()
         with autocast(device, t.bf16):
-            out_ = model(inputs)
-            lm_loss = -model.target_logprob(out_.hidden, targets).mean()
-            reg_loss = regularizer(out_.key.reshape(-1, mcfg.d_model), targets.reshape(-1))
+            lm_loss, reg_loss = objective(inputs, targets)
         loss = lm_loss + t.omega * reg_loss
-        if not torch.isfinite(loss):
+        logged = torch.stack([lm_loss.detach().float(), reg_loss.detach().float()])
+        if world > 1:
+            dist.all_reduce(logged)
+            logged /= world
+        if not torch.isfinite(logged).all() or not torch.isfinite(loss):
             bar.close()
             where = f"; last good checkpoint: {last_good}" if last_good else ""
             raise UserError(f"train: loss became {loss.item()} at step {step}{where}")
@@ -136,14 +196,15 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         regularizer.after_step(model, inputs, targets)
         elapsed += time.time() - t0
         step += 1
-        window["lm"] += lm_loss.item()
-        window["reg"] += reg_loss.item()
+        lm_value, reg_value = logged.tolist()
+        window["lm"] += lm_value
+        window["reg"] += reg_value
         window["n"] += 1
         bar.update(1)
-        bar.set_postfix(lm=f"{lm_loss.item():.3f}", reg=f"{reg_loss.item():.3g}")
+        bar.set_postfix(lm=f"{lm_value:.3f}", reg=f"{reg_value:.3g}")
 
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-        if step % 50 == 0 or end_of_epoch:
+        if main and (step % 50 == 0 or end_of_epoch):
             dt = time.time() - window["t0"]
             _append_metrics(metrics_path, {
                 "step": step, "epoch": round(step / steps_per_epoch, 4), "lr": opt.param_groups[0]["lr"],
@@ -151,7 +212,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
                 "grad_norm": float(grad_norm), "tokens_per_s": window["n"] * tokens_per_step / max(dt, 1e-9),
             })
             window = {"lm": 0.0, "reg": 0.0, "n": 0, "t0": time.time()}
-        if end_of_epoch:
+        if main and end_of_epoch:
             row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                    "valid_ppl": perplexity(model, corpus, cfg, "valid", t.eval_tokens)}
             _append_metrics(metrics_path, row)
@@ -159,9 +220,11 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         if step % t.checkpoint_every == 0 or step == total_steps:
             last_good = checkpoint(step)
     bar.close()
+    if not main:
+        return {}
 
     final = {
-        "steps": step, "epochs": step / steps_per_epoch, "train_seconds": elapsed,
+        "steps": step, "epochs": step / steps_per_epoch, "train_seconds": elapsed, "ranks": world,
         "tokens_per_s": step * tokens_per_step / max(elapsed, 1e-9),
         "train_ppl": perplexity(model, corpus, cfg, "train", t.eval_tokens or len(split_ids(corpus, cfg, "valid"))),
         "valid_ppl": perplexity(model, corpus, cfg, "valid", t.eval_tokens),
