@@ -83,7 +83,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     t_lm = time.time() - t0
 
     t0 = time.time()
-    searcher = make_searcher(ds.keys, index, e.nprobe)
+    searcher = make_searcher(ds.keys, index, e.nprobe, ds.folder, ds.meta["model_sha256"])
     t_index = time.time() - t0
     t0 = time.time()
     D, I = search_all(searcher, q, e.k_max, progress=progress)

@@ -16,6 +16,8 @@ Only the target's probability is computed, O(N·k), never a vector over the voca
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,47 +69,89 @@ class TorchExactSearch:
 
 
 class FaissSearch:
-    """A FAISS index built from an `index_factory` string; approximate ones get exact re-ranking."""
+    """A FAISS index built from an `index_factory` string, for stores of any size.
+
+    Approximate indexes (IVF, PQ, ...) are trained on a random sample of the keys and filled chunk by chunk from the
+    memory-mapped store, so memory holds the index plus one chunk, never the keys. Their answers are re-ranked with
+    exact distances read from the stored keys: `rerank_factor * k` candidates are fetched and the k nearest kept.
+    With `faiss-gpu` installed and a GPU present, the index is searched on all GPUs.
+    """
 
     def __init__(self, keys: np.ndarray, factory: str, nprobe: int = 32, train_size: int = 262144, chunk: int = 262144,
-                 seed: int = 0):
+                 seed: int = 0, rerank_factor: int = 2, index=None):
         import faiss
 
-        self.keys, self.factory = keys, factory
+        self.keys, self.factory, self.rerank_factor = keys, factory, rerank_factor
+        self.exact = factory.strip() == "Flat"
+        self.index = index if index is not None else self.build(keys, factory, train_size, chunk, seed)
+        try:
+            faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
+        except RuntimeError:
+            pass  # not an IVF index
+        if torch.cuda.is_available() and hasattr(faiss, "index_cpu_to_all_gpus"):
+            self.index = faiss.index_cpu_to_all_gpus(self.index)
+
+    @staticmethod
+    def build(keys: np.ndarray, factory: str, train_size: int = 262144, chunk: int = 262144, seed: int = 0):
+        import faiss
+
         N, d = keys.shape
         try:
-            self.index = faiss.index_factory(d, factory, faiss.METRIC_L2)
+            index = faiss.index_factory(d, factory, faiss.METRIC_L2)
         except RuntimeError as e:
             raise UserError(f"eval.index: FAISS cannot build {factory!r} ({str(e).splitlines()[0]})") from None
-        if not self.index.is_trained:
+        if not index.is_trained:
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(N, size=min(N, train_size), replace=False))
-            self.index.train(np.asarray(keys[sample], dtype=np.float32))
+            index.train(np.asarray(keys[sample], dtype=np.float32))
         for lo in range(0, N, chunk):
-            self.index.add(np.asarray(keys[lo : lo + chunk], dtype=np.float32))
-        if hasattr(self.index, "nprobe"):
-            self.index.nprobe = nprobe
-        else:
-            try:
-                faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
-            except RuntimeError:
-                pass
-        self.exact = factory.strip() == "Flat"
+            index.add(np.asarray(keys[lo : lo + chunk], dtype=np.float32))
+        return index
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        d, i = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
         if self.exact:
-            return d, i
-        i = np.where(i < 0, 0, i)  # an IVF probe with fewer than k hits pads with -1
-        exact = exact_sq_distances(torch.from_numpy(np.asarray(queries, dtype=np.float32)), self.keys, torch.from_numpy(i))
-        order = exact.argsort(dim=1)
-        return exact.gather(1, order).numpy(), np.take_along_axis(i, order.numpy(), 1)
+            return self.index.search(q, k)
+        _, i = self.index.search(q, min(k * self.rerank_factor, self.index.ntotal))
+        missing = i < 0  # an IVF probe that found fewer candidates pads with -1
+        exact = exact_sq_distances(torch.from_numpy(q), self.keys, torch.from_numpy(np.where(missing, 0, i)))
+        exact[torch.from_numpy(missing)] = math.inf
+        d, order = exact.topk(k, dim=1, largest=False)
+        return d.numpy(), np.take_along_axis(i, order.numpy(), 1)
 
 
-def make_searcher(keys: np.ndarray, index: str, nprobe: int = 32):
+def load_or_build_index(ds_folder: Path, keys: np.ndarray, factory: str, model_sha256: str, **build) -> object:
+    """A trained, filled approximate index for a datastore, saved under DATASTORE/indexes/ and reused.
+
+    Building IVF-PQ over a large store takes hours: it is written once (FAISS's own format, no pickle) with a
+    meta.json naming the factory string and the datastore it indexes, and read back on later evaluations."""
+    import faiss
+
+    from .artifacts import atomic_dir, read_json, write_json
+
+    folder = Path(ds_folder) / "indexes" / "".join(c if c.isalnum() else "_" for c in factory)
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        meta = read_json(meta_path, "index meta")
+        if meta.get("factory") == factory and meta.get("model_sha256") == model_sha256 and meta.get("N") == len(keys):
+            return faiss.read_index(str(folder / "index.faiss"))
+    t0 = time.time()
+    index = FaissSearch.build(keys, factory, **build)
+    with atomic_dir(folder) as tmp:
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        write_json(tmp / "meta.json", {"factory": factory, "N": len(keys), "d": keys.shape[1],
+                                       "model_sha256": model_sha256, "seconds": time.time() - t0})
+    return index
+
+
+def make_searcher(keys: np.ndarray, index: str, nprobe: int = 32, ds_folder: Path | None = None,
+                  model_sha256: str = ""):
+    """The searcher an `eval.index` string names; approximate FAISS indexes are cached beside the datastore."""
     name = resolve_index(index)
     if name == "bf16-exact":
         return TorchExactSearch(keys)
+    if name.strip() != "Flat" and ds_folder is not None:
+        return FaissSearch(keys, name, nprobe=nprobe, index=load_or_build_index(ds_folder, keys, name, model_sha256))
     return FaissSearch(keys, name, nprobe=nprobe)
 
 
