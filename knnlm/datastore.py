@@ -3,11 +3,13 @@
 The trained model reads the training split with sliding windows (each target scored once, with at least half a
 window of context); row i pairs the key r at input position i with the token that follows it (values int32).
 Keys stream into a memory-mapped float16 file, so memory does not grow with N; files are written under temporary
-names and `meta.json` last, so an interrupted build never looks complete.
+names and `meta.json` last, so an interrupted build never looks complete. Under `torchrun` each rank scores its own
+contiguous share of the windows and writes it into the same files at offsets known in advance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from tqdm import tqdm
 from .artifacts import UserError, atomic_dir, load_npy, read_meta, write_json
 from .checkpoint import load_model
 from .config import Config
-from .data import EOS, load_corpus, token_stream
+from .data import EOS, load_corpus, sliding_windows, token_stream
+from .distributed import barrier, setup_distributed
 from .model import score_stream
 
 
@@ -42,29 +45,45 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
     assert N < 2**31, "int32 values and row ids assume fewer than 2^31 keys"
 
     folder = run / "datastore"
-    with atomic_dir(folder) as tmp:
-        keys = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=np.float16, shape=(N, d))
-        vals = np.lib.format.open_memmap(tmp / "vals.npy", mode="w+", dtype=np.int32, shape=(N,))
-        row, stride, t0 = 0, stride_of(cfg), time.time()
-        bar = tqdm(total=N, desc="datastore", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
-        for k, tgt, _ in score_stream(model, s, stride, cfg.datastore.batch_size, cfg.train.bf16):
+    rank, world, _ = setup_distributed()
+    stride = stride_of(cfg)
+    windows = sliding_windows(N, cfg.model.context, stride)
+    # sharding: each rank scores a contiguous run of windows; window (start, end, score_from) fills rows
+    # [score_from, end), so every rank knows its offsets in the shared files in advance
+    share = windows[rank * len(windows) // world : (rank + 1) * len(windows) // world]
+    main = rank == 0
+    with atomic_dir(folder) if main else contextlib.nullcontext(folder.parent / f".{folder.name}.tmp") as tmp:
+        if main:
+            np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=np.float16, shape=(N, d)).flush()
+            np.lib.format.open_memmap(tmp / "vals.npy", mode="w+", dtype=np.int32, shape=(N,)).flush()
+        barrier()
+        keys = np.load(tmp / "keys.npy", mmap_mode="r+")
+        vals = np.load(tmp / "vals.npy", mmap_mode="r+")
+        t0 = time.time()
+        row = share[0][2] if share else N
+        bar = tqdm(total=N, desc="datastore", unit="tok", unit_scale=True, disable=not (progress and main),
+                   dynamic_ncols=True)
+        for k, tgt, _ in score_stream(model, s, stride, cfg.datastore.batch_size, cfg.train.bf16, windows=share):
             n = len(tgt)
             keys[row : row + n] = k.numpy()
             vals[row : row + n] = tgt.numpy()
             row += n
-            bar.update(n)
+            bar.update(n * world)
         bar.close()
-        assert row == N, f"scored {row} positions, expected {N}"
+        assert row == (share[-1][1] if share else N), f"rank {rank} wrote up to row {row}"
         keys.flush()
         vals.flush()
         del keys, vals
-        write_json(tmp / "meta.json", {
-            "N": N, "d": d, "keys_dtype": "float16", "vals_dtype": "int32",
-            "key_site": cfg.model.key_site, "key_layer": cfg.model.key_layer,
-            "checkpoint": ckpt_meta["path"], "model_sha256": ckpt_meta["model_sha256"],
-            "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "stride": stride, "context": cfg.model.context,
-            "seconds": time.time() - t0,
-        })
+        barrier()
+        if main:
+            write_json(tmp / "meta.json", {
+                "N": N, "d": d, "keys_dtype": "float16", "vals_dtype": "int32",
+                "key_site": cfg.model.key_site, "key_layer": cfg.model.key_layer,
+                "checkpoint": ckpt_meta["path"], "model_sha256": ckpt_meta["model_sha256"],
+                "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "stride": stride,
+                "context": cfg.model.context, "ranks": world, "seconds": time.time() - t0,
+            })
+    barrier()
     return folder
 
 

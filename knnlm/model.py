@@ -225,11 +225,12 @@ def autocast(device: torch.device | str, bf16: bool):
 
 @torch.no_grad()
 def score_stream(model: TransformerLM, s: torch.Tensor, stride: int, batch_size: int, bf16: bool = True,
-                 want_keys: bool = True):
+                 want_keys: bool = True, windows: list[tuple[int, int, int]] | None = None):
     """Run the model over a token stream (N+1,) with sliding windows; yield, for each batch of windows, the
     scored positions' keys (n, d) float16, targets (n,) and LM log-probabilities (n,) fp32, in stream order.
 
     Input position i predicts s[i+1]; every one of the N positions is scored exactly once (data.sliding_windows).
+    `windows` restricts the pass to a contiguous run of those windows (one rank's share of a sharded pass).
     """
     from .data import sliding_windows
 
@@ -237,7 +238,8 @@ def score_stream(model: TransformerLM, s: torch.Tensor, stride: int, batch_size:
     device = next(model.parameters()).device
     T = model.cfg.context
     n = len(s) - 1
-    windows = sliding_windows(n, T, stride)
+    if windows is None:
+        windows = sliding_windows(n, T, stride)
     for b in range(0, len(windows), batch_size):
         group = windows[b : b + batch_size]
         length = max(e - a for a, e, _ in group)  # all equal to T unless the stream is shorter than T

@@ -15,10 +15,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .config import TrainConfig
+from .distributed import gather_cat
 
 
 class L2Regularizer(nn.Module):
@@ -68,12 +68,6 @@ class KeyQueue(nn.Module):
         return (d2 * valid).sum(1).mean()
 
 
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 class MomentumEncoder(nn.Module):
     """An EMA copy of the model that produces the keys put into the queue; it never receives gradients."""
 
@@ -114,9 +108,7 @@ class MocoRegularizer(nn.Module):
         self.momentum_encoder.update(model)
         keys = self.momentum_encoder.keys(inputs).float()
         keys, words = keys.reshape(-1, keys.shape[-1]), targets.reshape(-1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            keys, words = _gather(keys), _gather(words)
-        self.queue.enqueue(words, keys)
+        self.queue.enqueue(gather_cat(words), gather_cat(keys))
 
 
 class ZeroQueueRegularizer(nn.Module):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .artifacts import UserError, atomic_path, write_json
 from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from .config import Config, save_config
 from .data import EOS, Corpus, epoch_order, load_corpus, num_train_blocks, token_stream, train_batch
+from .distributed import barrier, setup_distributed
 from .model import TransformerLM, autocast, score_stream
 from .regularizers import make_regularizer
 
@@ -80,22 +80,6 @@ class Objective(nn.Module):
         lm_loss = -self.model.target_logprob(out.hidden, targets).mean()
         reg_loss = self.regularizer(out.key.reshape(-1, out.key.shape[-1]), targets.reshape(-1))
         return lm_loss, reg_loss
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under `torchrun` (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        return dist.get_rank(), world, torch.device("cuda", local)
-    # CPU ranks share the cores instead of each starting one thread per core
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    return dist.get_rank(), world, torch.device("cpu")
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -158,8 +142,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         if main:
             path = save_checkpoint(out, step, model, opt, regularizer, {"elapsed": elapsed, "epoch": step / steps_per_epoch},
                                    cfg, corpus.vocab_hash)
-        if world > 1:
-            dist.barrier()
+        barrier()
         return path
 
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main),

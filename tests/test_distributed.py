@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -65,3 +66,16 @@ def test_resume_on_another_number_of_ranks(tmp_path):
     a = load_file(str(latest_checkpoint(ref) / "model.safetensors"))
     b = load_file(str(latest_checkpoint(out) / "model.safetensors"))
     assert same_weights(a, b)
+
+
+def test_sharded_datastore_equals_one_process(tmp_path):
+    run = tmp_path / "run"
+    knnlm("train", "--config", TINY, "--out", run, *ARGS)
+    knnlm("datastore", "--out", run)
+    keys1 = np.load(run / "datastore" / "keys.npy")
+    vals1 = np.load(run / "datastore" / "vals.npy")
+    torchrun("datastore", "--out", run)
+    meta = json.loads((run / "datastore" / "meta.json").read_text())
+    assert meta["ranks"] == 2 and meta["N"] == 8192
+    assert np.array_equal(np.load(run / "datastore" / "vals.npy"), vals1)
+    assert np.allclose(np.load(run / "datastore" / "keys.npy").astype(np.float32), keys1.astype(np.float32), atol=1e-3)
