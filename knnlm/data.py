@@ -55,22 +55,42 @@ def split_files(folder: Path) -> dict[str, Path]:
     raise UserError(f"{folder}: no corpus files (expected wiki.{{train,valid,test}}.tokens or {{train,valid,test}}.txt)")
 
 
-def read_words(path: Path) -> list[str]:
-    """Whitespace-split words of a file, one `<eos>` after every line."""
+def iter_lines(path: Path):
+    """Whitespace-split words of each line of a file, streamed (WikiText-103's train split is 540 MB)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline=None) as f:
+            for line in f:
+                yield line.split()
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    words: list[str] = []
-    for line in text.splitlines():
-        words.extend(line.split())
-        words.append(EOS)
-    return words
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start} of a read block)") from None
 
 
-def build_vocab(train_words: list[str]) -> list[str]:
+def count_words(path: Path) -> Counter:
+    counts: Counter = Counter()
+    lines = 0
+    for words in iter_lines(path):
+        counts.update(words)
+        lines += 1
+    counts[EOS] += lines  # one <eos> per line
+    return counts
+
+
+def encode(path: Path, index: dict[str, int], unk: int, chunk: int = 1 << 20) -> np.ndarray:
+    """int32 ids of a file, one <eos> after every line, built in chunks (memory ~ 4 bytes per token)."""
+    eos = index[EOS]
+    parts, buf = [], []
+    for words in iter_lines(path):
+        buf.extend(index.get(w, unk) for w in words)
+        buf.append(eos)
+        if len(buf) >= chunk:
+            parts.append(np.array(buf, dtype=np.int32))
+            buf = []
+    parts.append(np.array(buf, dtype=np.int32))
+    return np.concatenate(parts)
+
+
+def build_vocab(counts: Counter) -> list[str]:
     """Types of the training split by descending count; ties keep first-occurrence order (Counter is stable)."""
-    counts = Counter(train_words)
     vocab = [w for w, _ in sorted(counts.items(), key=lambda kv: -kv[1])]
     if UNK not in counts:
         vocab.append(UNK)
@@ -119,14 +139,13 @@ def load_corpus(folder: str | Path | None = None) -> Corpus:
         vocab = read_json(cache / "vocab.json", "vocabulary")
         return Corpus(folder, vocab, {s: load_npy(cache / f"{s}.npy") for s in SPLITS})
 
-    words = {s: read_words(files[s]) for s in SPLITS}
-    if not any(w != EOS for w in words["train"]):
+    counts = count_words(files["train"])
+    if not any(w != EOS for w in counts):
         raise UserError(f"{files['train']}: train split has no words")
-    vocab = build_vocab(words["train"])
+    vocab = build_vocab(counts)
     index = {w: i for i, w in enumerate(vocab)}
-    unk = index[UNK]
     # int32, not int16: WikiText-2 alone has 33,278 types.
-    splits = {s: np.fromiter((index.get(w, unk) for w in ws), dtype=np.int32, count=len(ws)) for s, ws in words.items()}
+    splits = {s: encode(files[s], index, index[UNK]) for s in SPLITS}
     try:
         for s in SPLITS:
             save_npy(cache / f"{s}.npy", splits[s])
