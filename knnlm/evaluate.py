@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, atomic_dir, load_npy, read_json, read_meta, save_npy, write_json
+from .artifacts import UserError, atomic_dir, load_npy, read_json, save_npy, write_json
 from .checkpoint import load_model
 from .config import Config
 from .data import EOS, load_corpus, token_stream
@@ -33,16 +33,24 @@ from .model import score_stream
 ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
 
 
+def _meta_path(folder: Path) -> Path:
+    """meta.json; folders written before it was named so (knnlm < 0.1.1) carry the same record as search.json."""
+    legacy = folder / "search.json"
+    return legacy if legacy.is_file() and not (folder / "meta.json").is_file() else folder / "meta.json"
+
+
 def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int) -> bool:
-    if not (folder / "meta.json").is_file():
+    if not _meta_path(folder).is_file():
         return False
-    meta = read_json(folder / "meta.json", "evaluation meta")
+    meta = read_json(_meta_path(folder), "evaluation meta")
     return meta.get("model_sha256") == ds.meta["model_sha256"] and meta.get("index") == index and meta.get("k_max", 0) >= k_max
 
 
 def load_search(folder: Path) -> dict[str, np.ndarray]:
     """The saved per-token arrays of an evaluation, checked against its meta.json (written last)."""
-    meta = read_meta(folder, "evaluation")
+    if not _meta_path(folder).is_file():
+        raise UserError(f"{folder}: no complete evaluation here (meta.json missing; was the step run to the end?)")
+    meta = read_json(_meta_path(folder), "evaluation meta")
     arrays = {a: load_npy(folder / f"{a}.npy", mmap=a in ("query_keys", "neighbors", "distances")) for a in ARRAYS}
     n, K = meta["tokens"], meta["k_max"]
     for name, arr in arrays.items():
@@ -63,7 +71,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     index = resolve_index(e.index)
     folder = run / "eval" / split
     if _search_is_cached(folder, ds, index, e.k_max):
-        return read_json(folder / "meta.json", "evaluation meta")
+        return read_json(_meta_path(folder), "evaluation meta")
 
     corpus = load_corpus(cfg.data.path or None)
     if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
