@@ -19,7 +19,7 @@ import torch
 
 from knnlm.artifacts import write_json
 from knnlm.checkpoint import load_model
-from knnlm.data import EOS, load_corpus, token_stream
+from knnlm.data import corpus_for, token_stream
 from knnlm.model import score_stream
 
 
@@ -31,8 +31,8 @@ def main() -> None:
     args = p.parse_args()
 
     model, cfg, _ = load_model(args.run)
-    corpus = load_corpus(cfg.data.path or None)
-    s = token_stream(corpus.splits["valid"][: args.tokens], corpus.vocab.index(EOS))
+    corpus = corpus_for(cfg)
+    s = token_stream(corpus.splits["valid"][: args.tokens], corpus.eos_id)
     res = {}
     for bf16 in (False, True):
         t0 = time.time()

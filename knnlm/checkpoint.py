@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .artifacts import UserError, atomic_dir, file_sha256, read_json, read_meta, write_json
 from .config import Config, from_dict
-from .model import TransformerLM
+from .model import TransformerLM, build_model
 
 KEEP = 2  # complete checkpoints kept per run
 
@@ -107,7 +107,7 @@ def load_model(run: str | Path, vocab_size: int | None = None) -> tuple[Transfor
     cfg = from_dict(meta["config"], str(ckpt / "meta.json"))
     if vocab_size is not None and meta["vocab_size"] != vocab_size:
         raise UserError(f"{ckpt}: checkpoint is for a vocabulary of {meta['vocab_size']} types, the corpus has {vocab_size}")
-    model = TransformerLM(cfg.model, meta["vocab_size"])
+    model = build_model(cfg.model, meta["vocab_size"])
     _load_safetensors_into(model, ckpt / "model.safetensors")
     model.eval()
     meta["path"] = str(ckpt)

@@ -41,6 +41,11 @@ class ModelConfig:
     div_factor: float = 4.0  # band i has embedding size d_model / div_factor**i
     key_site: str = "ffn_input"  # ffn_input | ffn_input_prenorm | block_output | final (see model.KEY_SITES)
     key_layer: int = -1  # which block the key is read from
+    # a local Hugging Face causal LM instead of the built-in Transformer (knnlm.hf); the fields above then do not apply
+    # except `context`
+    hf_path: str = ""
+    key_module: str = ""  # module path of the key, "{last}" = last block; "" = the family's default (input of its MLP)
+    key_io: str = "input"  # the module's input or output
 
 
 @dataclass
@@ -186,7 +191,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def validate(cfg: Config) -> None:
     """Range checks that a type check cannot do; each names the option."""
     m, t, e = cfg.model, cfg.train, cfg.eval
-    if m.d_model % m.n_heads:
+    if m.d_model % m.n_heads and not m.hf_path:
         raise UserError(f"model.n_heads: {m.n_heads} does not divide model.d_model={m.d_model}")
     if sorted(m.cutoffs) != m.cutoffs or len(set(m.cutoffs)) != len(m.cutoffs) or any(c <= 0 for c in m.cutoffs):
         raise UserError(f"model.cutoffs: expected strictly increasing positive integers, got {m.cutoffs}")

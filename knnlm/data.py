@@ -99,11 +99,21 @@ def build_vocab(counts: Counter) -> list[str]:
 
 @dataclass
 class Corpus:
-    """Encoded splits (int32 id arrays), the vocabulary and its identity hash."""
+    """Encoded splits (int32 id arrays), the vocabulary and its identity hash.
+
+    Word-level corpora have one id per word. Subword corpora (a Hugging Face tokenizer, `knnlm.hf`) also carry
+    `word_counts`: per token, the number of words it completes, for per-word perplexity."""
 
     folder: Path
     vocab: list[str]
     splits: dict[str, np.ndarray]
+    eos_id: int = -1
+    word_counts: dict[str, np.ndarray] | None = None
+    tokenizer_id: str = ""  # identity of a subword tokenizer; word-level corpora hash their vocabulary
+
+    def __post_init__(self):
+        if self.eos_id < 0:
+            self.eos_id = self.vocab.index(EOS)
 
     @property
     def vocab_size(self) -> int:
@@ -111,7 +121,13 @@ class Corpus:
 
     @property
     def vocab_hash(self) -> str:
-        return hashlib.sha256("\n".join(self.vocab).encode()).hexdigest()[:16]
+        return self.tokenizer_id or hashlib.sha256("\n".join(self.vocab).encode()).hexdigest()[:16]
+
+    def words(self, split: str, n_tokens: int) -> int:
+        """Words in the first n_tokens of a split (= tokens for a word-level corpus)."""
+        if self.word_counts is None:
+            return n_tokens
+        return int(self.word_counts[split][:n_tokens].sum())
 
     def counts(self) -> np.ndarray:
         """Training-split frequency of every type, (V,)."""
@@ -155,6 +171,43 @@ def load_corpus(folder: str | Path | None = None) -> Corpus:
     except OSError:
         pass  # an unwritable cache only costs time
     return Corpus(folder, vocab, splits)
+
+
+def load_hf_corpus(folder: str | Path | None, hf_path: str) -> Corpus:
+    """The splits of a corpus folder tokenized by a local Hugging Face tokenizer (cached like `load_corpus`)."""
+    from .hf import cache_root, encode_split, hf_eos_id, load_tokenizer, tokenizer_hash
+
+    folder = Path(folder) if folder else default_data_dir()
+    files = split_files(folder)
+    for s_, f in files.items():
+        if f.stat().st_size == 0:
+            raise UserError(f"{f}: {s_} split is empty")
+    tok = load_tokenizer(hf_path)
+    tid, eos = tokenizer_hash(tok), hf_eos_id(tok)
+    vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
+    cache = cache_root() / f"corpus-{_cache_key(files)}-hf-{tid}"
+    if (cache / "meta.json").is_file():
+        splits = {s_: load_npy(cache / f"{s_}.npy") for s_ in SPLITS}
+        words = {s_: load_npy(cache / f"{s_}.words.npy") for s_ in SPLITS}
+    else:
+        encoded = {s_: encode_split(files[s_], tok, eos) for s_ in SPLITS}
+        splits = {s_: ids for s_, (ids, _) in encoded.items()}
+        words = {s_: w for s_, (_, w) in encoded.items()}
+        try:
+            for s_ in SPLITS:
+                save_npy(cache / f"{s_}.npy", splits[s_])
+                save_npy(cache / f"{s_}.words.npy", words[s_])
+            write_json(cache / "meta.json", {"folder": str(folder), "tokenizer": hf_path, "tokenizer_id": tid})
+        except OSError:
+            pass
+    return Corpus(folder, vocab, splits, eos_id=eos, word_counts=words, tokenizer_id=tid)
+
+
+def corpus_for(cfg) -> Corpus:
+    """The corpus a config reads: word-level, or tokenized by the Hugging Face model it names."""
+    if cfg.model.hf_path:
+        return load_hf_corpus(cfg.data.path or None, cfg.model.hf_path)
+    return load_corpus(cfg.data.path or None)
 
 
 def token_stream(ids: np.ndarray, eos_id: int) -> torch.Tensor:

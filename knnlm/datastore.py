@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .artifacts import UserError, atomic_dir, load_npy, read_meta, write_json
 from .checkpoint import load_model
 from .config import Config
-from .data import EOS, load_corpus, sliding_windows, token_stream
+from .data import corpus_for, sliding_windows, token_stream
 from .distributed import barrier, setup_distributed
 from .model import score_stream
 
@@ -34,14 +34,14 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
     model, cfg, ckpt_meta = load_model(run)
     if cfg_override is not None:  # datastore/eval options may be changed after training; the model may not
         cfg.datastore, cfg.data = cfg_override.datastore, cfg_override.data
-    corpus = load_corpus(cfg.data.path or None)
+    corpus = corpus_for(cfg)
     if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
         raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}")
     ids = corpus.splits["train"]
     if cfg.data.max_train_tokens:
         ids = ids[: cfg.data.max_train_tokens]
-    s = token_stream(ids, corpus.vocab.index(EOS))
-    N, d = len(ids), cfg.model.d_model
+    s = token_stream(ids, corpus.eos_id)
+    N, d = len(ids), model.key_dim
     assert N < 2**31, "int32 values and row ids assume fewer than 2^31 keys"
 
     folder = run / "datastore"

@@ -25,7 +25,7 @@ import torch
 from .artifacts import UserError, atomic_dir, load_npy, read_json, save_npy, write_json
 from .checkpoint import load_model
 from .config import Config
-from .data import EOS, load_corpus, token_stream
+from .data import corpus_for, token_stream
 from .datastore import Datastore, stride_of
 from .knn import interpolate, knn_logprob, make_searcher, perplexity, resolve_index, search_all
 from .model import score_stream
@@ -73,13 +73,13 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     if _search_is_cached(folder, ds, index, e.k_max):
         return read_json(_meta_path(folder), "evaluation meta")
 
-    corpus = load_corpus(cfg.data.path or None)
+    corpus = corpus_for(cfg)
     if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
         raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}")
     ids = corpus.splits[split]
     if cfg.data.max_eval_tokens:
         ids = ids[: cfg.data.max_eval_tokens]
-    s = token_stream(ids, corpus.vocab.index(EOS))
+    s = token_stream(ids, corpus.eos_id)
 
     t0 = time.time()
     keys, targets, lm = [], [], []
@@ -99,6 +99,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "k_max": e.k_max, "tokens": len(targets),
+              "words": corpus.words(split, len(targets)),
               "datastore_size": len(ds), "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
     with atomic_dir(folder) as tmp:
         for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q),
@@ -148,9 +149,13 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
     knn = knn_logprob(dists, nvals, targets, best["k"], best["temperature"])
     save_npy(folder / "knn_logprobs.npy", knn.astype(np.float32))
     found = (nvals[:, : best["k"]] == targets[:, None]).any(1)
+    mixed = interpolate(lm, knn, best["lambda"])
+    words = record.get("words", len(targets))  # per-word perplexity: the same total loss over the words
     summary = {
-        "split": split, "tokens": int(len(targets)),
-        "lm_ppl": perplexity(lm), "knnlm_ppl": perplexity(interpolate(lm, knn, best["lambda"])),
+        "split": split, "tokens": int(len(targets)), "words": int(words),
+        "lm_ppl": perplexity(lm), "knnlm_ppl": perplexity(mixed),
+        "lm_word_ppl": math.exp(-float(np.sum(lm, dtype=np.float64)) / words),
+        "knnlm_word_ppl": math.exp(-float(np.sum(mixed, dtype=np.float64)) / words),
         "lambda": best["lambda"], "k": best["k"], "temperature": best["temperature"],
         "target_in_neighbors": float(found.mean()),
         "index": record["index"], "datastore_size": record["datastore_size"], "seconds": record["seconds"],

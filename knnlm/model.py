@@ -183,6 +183,10 @@ class TransformerLM(nn.Module):
             elif name.startswith("blocks") and name.endswith("bias"):
                 nn.init.zeros_(p)
 
+    @property
+    def key_dim(self) -> int:
+        return self.cfg.d_model
+
     def key_module(self) -> nn.LayerNorm | None:
         """The layer norm whose output is the key (its gain and bias are what an L2 penalty can shrink)."""
         if self.cfg.key_site == "ffn_input":
@@ -216,6 +220,15 @@ class TransformerLM(nn.Module):
         head = c.d_model * (self.embed.edges[1] + self.softmax.n_tails)  # tails are touched by few tokens
         attn = c.n_layers * 2 * c.context * c.d_model  # QKᵀ and AV, averaged over causal positions
         return 6 * (dense + head) + 6 * attn
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """The built-in Transformer, or a Hugging Face causal LM when `cfg.hf_path` names one."""
+    if cfg.hf_path:
+        from .hf import HFCausalLM
+
+        return HFCausalLM(cfg)
+    return TransformerLM(cfg, vocab_size)
 
 
 def autocast(device: torch.device | str, bf16: bool):

@@ -23,9 +23,9 @@ from tqdm import tqdm
 from .artifacts import UserError, atomic_path, write_json
 from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from .config import Config, save_config
-from .data import EOS, Corpus, epoch_order, load_corpus, num_train_blocks, token_stream, train_batch
+from .data import Corpus, corpus_for, epoch_order, num_train_blocks, token_stream, train_batch
 from .distributed import barrier, setup_distributed
-from .model import TransformerLM, autocast, score_stream
+from .model import TransformerLM, autocast, build_model, score_stream
 from .regularizers import make_regularizer
 
 
@@ -46,7 +46,7 @@ def perplexity(model: TransformerLM, corpus: Corpus, cfg: Config, split: str, ma
     """LM perplexity on (a prefix of) a split with non-overlapping windows: the cheap per-epoch check."""
     ids = split_ids(corpus, cfg, split)
     ids = ids[:max_tokens] if max_tokens else ids
-    s = token_stream(ids, corpus.vocab.index(EOS))
+    s = token_stream(ids, corpus.eos_id)
     total, count = 0.0, 0
     for _, _, logp in score_stream(model, s, model.cfg.context, cfg.datastore.batch_size, cfg.train.bf16, want_keys=False):
         total -= logp.double().sum().item()
@@ -102,16 +102,16 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     except OSError as e:
         raise UserError(f"{out}: cannot create the output folder ({e.strerror})") from None
 
-    corpus = load_corpus(cfg.data.path or None)
+    corpus = corpus_for(cfg)
     train_ids = split_ids(corpus, cfg, "train")
-    s = token_stream(train_ids, corpus.vocab.index(EOS))
+    s = token_stream(train_ids, corpus.eos_id)
     n_blocks = num_train_blocks(len(train_ids), mcfg.context)
     steps_per_epoch = math.ceil(n_blocks / t.batch_size)
     total_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
 
     torch.manual_seed(t.seed)
-    model = TransformerLM(mcfg, corpus.vocab_size).to(device)
-    regularizer = make_regularizer(t, model, corpus.vocab_size, mcfg.d_model).to(device)
+    model = build_model(mcfg, corpus.vocab_size).to(device)
+    regularizer = make_regularizer(t, model, model.vocab_size, model.key_dim).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -213,5 +213,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         "valid_ppl": perplexity(model, corpus, cfg, "valid", t.eval_tokens),
         "params": model.num_params(),
     }
+    if hasattr(model, "save_pretrained"):  # a Hugging Face model: also hand it back in its own format
+        model.save_pretrained(out / "hf")
     write_json(out / "train_summary.json", final)
     return final

@@ -1,0 +1,153 @@
+"""Bring your own model: a local Hugging Face causal LM behind the same interface as `TransformerLM`.
+
+    pip install 'knnlm[hf]'
+    knnlm run --config configs/hf-tiny.toml --out runs/gpt2 model.hf_path=/models/my-gpt2
+
+The model and its tokenizer are read from a folder (`local_files_only`: never the network). The retrieval key is
+the input (or output) of one module, named by its path; the defaults are the input of the last block's MLP, as in
+the kNN-LM literature. The corpus is tokenized with the model's tokenizer, one end-of-sequence token per line, so
+`train`, `datastore` and `evaluate` run unchanged; perplexity is reported per token and per word (whitespace words
+plus one per line, the unit of word-level WikiText numbers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .artifacts import UserError
+from .config import ModelConfig
+
+# module whose input is the kNN-LM key, by `config.model_type` ({last} = index of the last block)
+DEFAULT_KEY_MODULES = {
+    "gpt2": "transformer.h.{last}.mlp",
+    "gpt_neox": "gpt_neox.layers.{last}.mlp",
+    "llama": "model.layers.{last}.mlp",
+    "mistral": "model.layers.{last}.mlp",
+    "qwen2": "model.layers.{last}.mlp",
+}
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("model.hf_path: Hugging Face models need the optional extra: pip install 'knnlm[hf]'") from None
+
+
+def load_tokenizer(path: str):
+    _require_transformers()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: no Hugging Face tokenizer here ({str(e).splitlines()[0]})") from None
+
+
+class HFCausalLM(nn.Module):
+    """forward(ids) -> Output(hidden, key), target_logprob(hidden, targets): what training, datastore and
+    evaluation call on a `TransformerLM`. The key is captured by a hook on the named module."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        _require_transformers()
+        from transformers import AutoModelForCausalLM
+
+        try:
+            self.hf = AutoModelForCausalLM.from_pretrained(cfg.hf_path, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{cfg.hf_path}: no Hugging Face causal LM here ({str(e).splitlines()[0]})") from None
+        self.cfg = cfg
+        model_type = self.hf.config.model_type
+        max_pos = getattr(self.hf.config, "max_position_embeddings", None) or getattr(self.hf.config, "n_positions", None)
+        if max_pos and cfg.context > max_pos:
+            raise UserError(f"model.context: {cfg.context} is longer than this model's {max_pos} positions")
+        if not cfg.key_module and model_type not in DEFAULT_KEY_MODULES:
+            raise UserError(f"model.key_module: no default key site for model type {model_type!r}; "
+                            f"name a module (e.g. model.layers.{{last}}.mlp)")
+        layers = self.hf.config.num_hidden_layers
+        self.key_path = (cfg.key_module or DEFAULT_KEY_MODULES[model_type]).format(last=layers - 1)
+        try:
+            module = self.hf.get_submodule(self.key_path)
+        except AttributeError:
+            raise UserError(f"model.key_module: {self.key_path!r} is not a module of this {model_type} model") from None
+        if cfg.key_io == "input":
+            module.register_forward_pre_hook(self._capture_input)
+        elif cfg.key_io == "output":
+            module.register_forward_hook(self._capture_output)
+        else:
+            raise UserError(f"model.key_io: expected input or output, got {cfg.key_io!r}")
+        self._key: torch.Tensor | None = None
+        self.vocab_size = self.hf.get_output_embeddings().weight.shape[0]
+        self.key_dim = self.hf.config.hidden_size
+
+    # bound methods (not closures), so a deepcopy (the MOCO momentum encoder) captures into its own copy
+    def _capture_input(self, module, args):
+        self._key = args[0]
+
+    def _capture_output(self, module, args, output):
+        self._key = output[0] if isinstance(output, tuple) else output
+
+    def forward(self, ids: torch.Tensor):
+        from .model import Output
+
+        hidden = self.hf.base_model(input_ids=ids).last_hidden_state  # (B, T, d), after the final norm
+        key, self._key = self._key, None
+        return Output(hidden=hidden, key=key)
+
+    def target_logprob(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.hf.get_output_embeddings()(hidden)  # (B, T, V)
+        return F.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def key_module(self):
+        return None  # the key is not a plain LayerNorm output we can inspect generically
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        return 6.0 * self.num_params()
+
+    def save_pretrained(self, folder: Path) -> None:
+        """The fine-tuned model in Hugging Face format (safetensors), with its tokenizer."""
+        self.hf.save_pretrained(folder, safe_serialization=True)
+        load_tokenizer(self.cfg.hf_path).save_pretrained(folder)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256("\n".join(f"{w}\t{i}" for w, i in vocab).encode()).hexdigest()[:16]
+
+
+def encode_split(path: Path, tokenizer, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Subword ids of a file, an end-of-sequence token after every line, and per token the number of words it
+    completes (the line's whitespace words + 1 for the line end, put on the line's last token), so that the words
+    of any stretch of tokens can be counted for per-word perplexity."""
+    from .data import iter_lines
+
+    ids, words = [], []
+    for line_words in iter_lines(path):
+        toks = tokenizer.encode(" ".join(line_words), add_special_tokens=False) if line_words else []
+        ids.extend(toks)
+        ids.append(eos_id)
+        words.extend([0] * len(toks))
+        words.append(len(line_words) + 1)
+    return np.asarray(ids, dtype=np.int32), np.asarray(words, dtype=np.int32)
+
+
+def hf_eos_id(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("model.hf_path: the tokenizer has no end-of-sequence token (needed as the line separator)")
+    return int(eos)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KNNLM_CACHE", Path.home() / ".cache" / "knnlm"))

@@ -1,0 +1,93 @@
+"""Bring your own model: small GPT-2 and Llama-style models built from configs (random weights, a tokenizer trained
+here), fine-tuned with the L2 regularizer, then datastore and kNN-LM evaluation through the same commands."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from conftest import TINY, knnlm  # noqa: E402
+from knnlm.data import load_corpus  # noqa: E402
+
+LINES_TRAIN, LINES_EVAL = 1200, 150
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """A small word-level corpus cut from WikiText-2's training split."""
+    folder = tmp_path_factory.mktemp("corpus")
+    src = load_corpus().folder / "wiki.train.tokens"
+    lines = src.read_text(encoding="utf-8").splitlines()
+    (folder / "train.txt").write_text("\n".join(lines[:LINES_TRAIN]) + "\n")
+    (folder / "valid.txt").write_text("\n".join(lines[LINES_TRAIN : LINES_TRAIN + LINES_EVAL]) + "\n")
+    (folder / "test.txt").write_text("\n".join(lines[LINES_TRAIN + LINES_EVAL : LINES_TRAIN + 2 * LINES_EVAL]) + "\n")
+    return folder
+
+
+def make_model(kind, corpus_dir, folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator((corpus_dir / "train.txt").read_text().splitlines(),
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<eos>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(folder)
+    V, eos = len(fast), fast.eos_token_id
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                           bos_token_id=eos, eos_token_id=eos))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                             bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind,module", [("gpt2", "transformer.h.1.mlp"), ("llama", "model.layers.1.mlp")])
+def test_finetune_datastore_evaluate_hf(kind, module, corpus_dir, tmp_path):
+    base = make_model(kind, corpus_dir, tmp_path / "base")
+    run = tmp_path / "run"
+    args = [f"data.path={corpus_dir}", f"model.hf_path={base}", "model.context=32", "train.omega=0.01",
+            "train.epochs=1", "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=2", "train.eval_tokens=2000",
+            "eval.k_max=16", "eval.k=4,16", "data.max_train_tokens=0", "data.max_eval_tokens=0"]
+    knnlm("run", "--config", TINY, "--out", run, *args)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("reg_loss", 0) > 0 for m in metrics)  # the L2 term was computed and logged
+
+    # the fine-tuned model comes back in Hugging Face format and differs from the base
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tuned = AutoModelForCausalLM.from_pretrained(run / "hf", local_files_only=True).eval()
+    AutoTokenizer.from_pretrained(run / "hf", local_files_only=True)
+    original = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+    name, p = next(iter(tuned.named_parameters()))
+    assert not torch.equal(p, dict(original.named_parameters())[name])
+
+    summary = json.loads((run / "eval" / "valid" / "summary.json").read_text())
+    assert summary["words"] < summary["tokens"]  # subword tokens: more tokens than words
+    assert np.isclose(np.log(summary["lm_word_ppl"]) * summary["words"], np.log(summary["lm_ppl"]) * summary["tokens"])
+
+    # datastore keys = the input of the last MLP, read directly from the model with our own hook
+    from knnlm.data import load_hf_corpus
+
+    ids = load_hf_corpus(corpus_dir, str(base)).splits["train"]
+    eos = AutoTokenizer.from_pretrained(base, local_files_only=True).eos_token_id
+    x = torch.tensor([[eos, *ids[:31]]])
+    seen = {}
+    tuned.get_submodule(module).register_forward_pre_hook(lambda m, a: seen.setdefault("key", a[0]))
+    with torch.no_grad():
+        tuned(x)
+    keys = np.load(run / "datastore" / "keys.npy", mmap_mode="r")
+    vals = np.load(run / "datastore" / "vals.npy")
+    assert np.array_equal(vals[:32], ids[:32])  # key t ↔ token t+1 with subword ids
+    direct = seen["key"][0].numpy()
+    err = np.abs(np.asarray(keys[:32], dtype=np.float32) - direct).max() / np.abs(direct).max()
+    assert err < 0.03, err  # datastore keys are bf16-computed, stored as fp16
