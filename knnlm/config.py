@@ -205,8 +205,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.momentum: expected a value in [0, 1), got {t.momentum}")
     if t.queue_len < 1:
         raise UserError(f"train.queue_len: expected at least 1, got {t.queue_len}")
-    if t.epochs <= 0 or t.batch_size < 1 or t.lr <= 0:
-        raise UserError("train: epochs, batch_size and lr must be positive")
+    if t.epochs < 0 or t.batch_size < 1 or t.lr <= 0:
+        raise UserError("train: epochs must be >= 0 (0 keeps the initial weights), batch_size and lr positive")
     if any(not 0 <= lm <= 1 for lm in e.lmbda):
         raise UserError(f"eval.lmbda: expected values in [0, 1], got {e.lmbda}")
     if any(k <= 0 for k in e.k) or e.k_max <= 0:

@@ -107,7 +107,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     s = token_stream(train_ids, corpus.eos_id)
     n_blocks = num_train_blocks(len(train_ids), mcfg.context)
     steps_per_epoch = math.ceil(n_blocks / t.batch_size)
-    total_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+    total_steps = math.ceil(t.epochs * steps_per_epoch)  # 0 epochs: take the initial (e.g. pretrained) weights as is
 
     torch.manual_seed(t.seed)
     model = build_model(mcfg, corpus.vocab_size).to(device)
@@ -203,6 +203,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         if step % t.checkpoint_every == 0 or step == total_steps:
             last_good = checkpoint(step)
     bar.close()
+    if total_steps == 0 and latest_checkpoint(out) is None:
+        last_good = checkpoint(0)
     if not main:
         return {}
 
