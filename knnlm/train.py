@@ -91,9 +91,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     """
     out = Path(out)
     t, mcfg = cfg.train, cfg.model
-    if t.threads:
-        torch.set_num_threads(t.threads)
     rank, world, device = setup_distributed()
+    if t.threads:  # an explicit count wins over setup_distributed's share of the cores
+        torch.set_num_threads(t.threads)
     main = rank == 0
     if t.batch_size % world:
         raise UserError(f"train.batch_size: {t.batch_size} blocks cannot be split evenly over {world} ranks")
