@@ -82,6 +82,8 @@ class EvalConfig:
     temperature: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
     lmbda: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(21)])
     nprobe: int = 32
+    rerank: bool = True  # approximate indexes: re-rank candidates with exact distances from keys.npy
+    rerank_factor: int = 2  # candidates fetched per neighbour kept when re-ranking
     splits: list[str] = field(default_factory=lambda: ["valid"])
 
 

@@ -39,11 +39,12 @@ def _meta_path(folder: Path) -> Path:
     return legacy if legacy.is_file() and not (folder / "meta.json").is_file() else folder / "meta.json"
 
 
-def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int) -> bool:
+def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int, rerank: bool) -> bool:
     if not _meta_path(folder).is_file():
         return False
     meta = read_json(_meta_path(folder), "evaluation meta")
-    return meta.get("model_sha256") == ds.meta["model_sha256"] and meta.get("index") == index and meta.get("k_max", 0) >= k_max
+    return (meta.get("model_sha256") == ds.meta["model_sha256"] and meta.get("index") == index
+            and meta.get("k_max", 0) >= k_max and meta.get("rerank", True) == rerank)
 
 
 def load_search(folder: Path) -> dict[str, np.ndarray]:
@@ -70,7 +71,8 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
         raise UserError(f"eval.k_max: {e.k_max} is larger than the datastore ({len(ds)} keys)")
     index = resolve_index(e.index)
     folder = run / "eval" / split
-    if _search_is_cached(folder, ds, index, e.k_max):
+    rerank = e.rerank or index.strip() in ("Flat", "bf16-exact")  # exact searches need no re-ranking
+    if _search_is_cached(folder, ds, index, e.k_max, rerank):
         return read_json(_meta_path(folder), "evaluation meta")
 
     corpus = corpus_for(cfg)
@@ -91,7 +93,8 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     t_lm = time.time() - t0
 
     t0 = time.time()
-    searcher = make_searcher(ds.keys, index, e.nprobe, ds.folder, ds.meta["model_sha256"])
+    searcher = make_searcher(ds.keys, index, e.nprobe, ds.folder, ds.meta["model_sha256"],
+                             rerank_factor=e.rerank_factor if e.rerank else 0)
     t_index = time.time() - t0
     t0 = time.time()
     D, I = search_all(searcher, q, e.k_max, progress=progress)
@@ -99,7 +102,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "k_max": e.k_max, "tokens": len(targets),
-              "words": corpus.words(split, len(targets)),
+              "words": corpus.words(split, len(targets)), "rerank": rerank,
               "datastore_size": len(ds), "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
     with atomic_dir(folder) as tmp:
         for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q),

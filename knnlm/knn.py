@@ -110,7 +110,7 @@ class FaissSearch:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.exact:
+        if self.exact or self.rerank_factor == 0:  # Flat is exact; rerank_factor 0: the index's own distances
             return self.index.search(q, k)
         _, i = self.index.search(q, min(k * self.rerank_factor, self.index.ntotal))
         missing = i < 0  # an IVF probe that found fewer candidates pads with -1
@@ -145,14 +145,16 @@ def load_or_build_index(ds_folder: Path, keys: np.ndarray, factory: str, model_s
 
 
 def make_searcher(keys: np.ndarray, index: str, nprobe: int = 32, ds_folder: Path | None = None,
-                  model_sha256: str = ""):
-    """The searcher an `eval.index` string names; approximate FAISS indexes are cached beside the datastore."""
+                  model_sha256: str = "", rerank_factor: int = 2):
+    """The searcher an `eval.index` string names; approximate FAISS indexes are cached beside the datastore.
+    `rerank_factor` 0 keeps an approximate index's own (e.g. PQ) distances."""
     name = resolve_index(index)
     if name == "bf16-exact":
         return TorchExactSearch(keys)
     if name.strip() != "Flat" and ds_folder is not None:
-        return FaissSearch(keys, name, nprobe=nprobe, index=load_or_build_index(ds_folder, keys, name, model_sha256))
-    return FaissSearch(keys, name, nprobe=nprobe)
+        built = load_or_build_index(ds_folder, keys, name, model_sha256)
+        return FaissSearch(keys, name, nprobe=nprobe, index=built, rerank_factor=rerank_factor)
+    return FaissSearch(keys, name, nprobe=nprobe, rerank_factor=rerank_factor)
 
 
 def search_all(searcher, queries: np.ndarray, k: int, batch: int = 4096, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -59,3 +59,11 @@ def test_index_is_saved_and_reused(tmp_path):
     assert again.ntotal == first.ntotal == 5000 and (saved / "index.faiss").stat().st_mtime_ns == stamp
     load_or_build_index(tmp_path, keys, "IVF16,PQ8", "sha-b", train_size=4096)  # another model: rebuilt
     assert (saved / "index.faiss").stat().st_mtime_ns != stamp
+
+
+def test_reranking_is_optional(tmp_path):
+    keys, queries = clustered_store(tmp_path / "keys.npy", n=5000)
+    index = FaissSearch.build(keys, "IVF16,PQ8", train_size=4096)
+    pq_d, pq_i = FaissSearch(keys, "IVF16,PQ8", nprobe=16, index=index, rerank_factor=0).search(queries, 10)
+    exact = ((queries[:, None, :] - keys[pq_i].astype(np.float32)) ** 2).sum(-1)
+    assert not np.allclose(pq_d, exact, rtol=1e-3)  # PQ's own, approximate distances
