@@ -91,3 +91,24 @@ def test_finetune_datastore_evaluate_hf(kind, module, corpus_dir, tmp_path):
     direct = seen["key"][0].numpy()
     err = np.abs(np.asarray(keys[:32], dtype=np.float32) - direct).max() / np.abs(direct).max()
     assert err < 0.03, err  # datastore keys are bf16-computed, stored as fp16
+
+
+def test_moco_momentum_copy_of_a_hf_model_captures_its_own_keys(corpus_dir, tmp_path):
+    from knnlm.config import ModelConfig
+    from knnlm.hf import HFCausalLM
+    from knnlm.regularizers import MocoRegularizer
+
+    base = make_model("gpt2", corpus_dir, tmp_path / "base")
+    model = HFCausalLM(ModelConfig(hf_path=str(base), context=16))
+    moco = MocoRegularizer(model, model.vocab_size, model.key_dim, queue_len=2, momentum=0.5)
+    with torch.no_grad():  # make the two encoders differ, so each one's key is recognisable
+        for p in moco.momentum_encoder.encoder.parameters():
+            p.mul_(0.5)
+    x = torch.randint(0, 50, (1, 16))
+    y = torch.arange(16)[None]
+    own = model(x).key
+    moco.after_step(model, x, y)  # EMA step, then the copy encodes x
+    copy_key = moco.momentum_encoder.encoder(x).key
+    assert not torch.allclose(own, copy_key)
+    assert torch.allclose(moco.queue.keys[torch.arange(16), 0], copy_key[0])
+    assert torch.equal(model(x).key, own)  # the original's hook still feeds the original
