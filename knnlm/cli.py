@@ -16,23 +16,16 @@ import sys
 from pathlib import Path
 
 from .artifacts import UserError, read_json, write_json
-from .config import Config, load_config, read_run_config
+from .config import Config, apply_overrides, load_config, read_run_config, validate
 
 
 def _config_for_run(args) -> Config:
     """Config for steps after training: --config if given, else the run's own config.json; then overrides."""
     if args.config:
         return load_config(args.config, args.overrides)
-    base = read_run_config(args.out)
-    from .config import _apply, validate
-
-    for item in args.overrides:
-        tmp = load_config(None, [item])  # validates the syntax and type of the override
-        dotted, _ = item.split("=", 1)
-        section, key = dotted.split(".", 1)
-        _apply(getattr(base, section), {key: getattr(getattr(tmp, section), key)}, f"override {section}")
-    validate(base)
-    return base
+    cfg = apply_overrides(read_run_config(args.out), args.overrides)
+    validate(cfg)
+    return cfg
 
 
 def _writable(out: Path) -> None:

@@ -177,6 +177,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise UserError(f"{path}: not a valid TOML config ({e})") from None
     cfg = Config()
     _apply(cfg, values, str(path) if path else "config")
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
+    """Apply `section.key=value` items in place (type-checked; `validate` is the caller's next step)."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise UserError(f"override '{item}': expected section.key=value, e.g. train.omega=0.1")
@@ -186,7 +193,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         for p in reversed(parents):
             tree = {p: tree}
         _apply(cfg, tree, "override")
-    validate(cfg)
     return cfg
 
 
