@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny run trained once per test session (the README pipeline on configs/tiny.toml)."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -45,3 +46,20 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "run"
     proc = knnlm("run", "--config", TINY, "--out", out)
     return out, proc.stdout
+
+
+def snapshot(folder):
+    """SHA-256 of every file below a folder, to show that a failed command changed nothing."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fails(proc, *fragments):
+    """A non-zero exit whose last stderr line is the one `knnlm: error:` line (progress bars may precede it),
+    containing each fragment, and no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("knnlm: error:") and "Traceback" not in proc.stderr, proc.stderr
+    assert sum(line.startswith("knnlm: error:") for line in lines) == 1
+    for f in fragments:
+        assert f in lines[-1], lines[-1]

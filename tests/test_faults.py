@@ -1,7 +1,6 @@
 """Nothing lost: jobs killed at random points finish with the same result, bad input leaves files untouched,
 untrusted files are never executed."""
 
-import hashlib
 import os
 import pickle
 import random
@@ -17,17 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, knnlm
+from conftest import REPO, TINY, fails, knnlm, snapshot
 from knnlm.checkpoint import latest_checkpoint
 
 SMALL = ["data.max_train_tokens=20000", "data.max_eval_tokens=2000", "model.context=32", "model.dropout=0.1",
          "train.batch_size=8", "train.epochs=2", "train.checkpoint_every=10", "train.warmup_steps=5",
          "eval.k_max=32", "eval.k=8,32"]
-
-
-def snapshot(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def kill_after(args, delay, **popen):
@@ -39,16 +33,6 @@ def kill_after(args, delay, **popen):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     return proc.returncode
-
-
-def fails(proc, *fragments):
-    assert proc.returncode != 0, proc.stdout
-    # one line of error, last on stderr (progress bars may precede it), and no traceback
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("knnlm: error:") and "Traceback" not in proc.stderr, proc.stderr
-    assert sum(line.startswith("knnlm: error:") for line in lines) == 1
-    for f in fragments:
-        assert f in lines[-1], lines[-1]
 
 
 @pytest.fixture(scope="module")

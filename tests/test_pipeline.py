@@ -1,6 +1,5 @@
 """The README pipeline on the tiny config, the datastore's pairing, resume, and bad input."""
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, knnlm
+from conftest import REPO, TINY, fails, knnlm, snapshot
 from knnlm.checkpoint import latest_checkpoint, load_model
 from knnlm.data import EOS, load_corpus, token_stream
 
@@ -86,33 +85,19 @@ def test_killed_and_resumed_training_ends_with_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _snapshot(folder):
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _fails(proc, *fragments):
-    assert proc.returncode != 0
-    # one line of error, last on stderr (progress bars may precede it), and no traceback
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("knnlm: error:") and "Traceback" not in proc.stderr, proc.stderr
-    assert sum(line.startswith("knnlm: error:") for line in lines) == 1
-    for f in fragments:
-        assert f in lines[-1], lines[-1]
-
-
 def test_bad_input_gives_one_line_and_changes_nothing(tiny_run, tmp_path):
     out, _ = tiny_run
-    before = _snapshot(out)
-    _fails(knnlm("run", "--config", TINY, "--out", tmp_path / "x", f"data.path={tmp_path / 'missing'}", check=False),
+    before = snapshot(out)
+    fails(knnlm("run", "--config", TINY, "--out", tmp_path / "x", f"data.path={tmp_path / 'missing'}", check=False),
            "missing", "data folder not found")
     (tmp_path / "empty").mkdir()
-    _fails(knnlm("run", "--config", TINY, "--out", tmp_path / "x", f"data.path={tmp_path / 'empty'}", check=False),
+    fails(knnlm("run", "--config", TINY, "--out", tmp_path / "x", f"data.path={tmp_path / 'empty'}", check=False),
            "no corpus files")
-    _fails(knnlm("evaluate", "--out", out, "--lmbda", "1.5", check=False), "--lmbda", "[0, 1]")
-    _fails(knnlm("evaluate", "--out", out, "--k", "200000", check=False), "larger than the datastore")
-    _fails(knnlm("evaluate", "--out", out, "eval.lmbda=0.2,-0.1", check=False), "eval.lmbda")
-    _fails(knnlm("train", "--config", TINY, "--out", out, check=False), "--resume")
-    assert _snapshot(out) == before
+    fails(knnlm("evaluate", "--out", out, "--lmbda", "1.5", check=False), "--lmbda", "[0, 1]")
+    fails(knnlm("evaluate", "--out", out, "--k", "200000", check=False), "larger than the datastore")
+    fails(knnlm("evaluate", "--out", out, "eval.lmbda=0.2,-0.1", check=False), "eval.lmbda")
+    fails(knnlm("train", "--config", TINY, "--out", out, check=False), "--resume")
+    assert snapshot(out) == before
 
 
 def test_datastore_from_another_model_is_refused(tiny_run, tmp_path):
@@ -120,6 +105,6 @@ def test_datastore_from_another_model_is_refused(tiny_run, tmp_path):
     other = tmp_path / "other"
     knnlm("train", "--config", TINY, "--out", other, "data.max_train_tokens=5000", "train.epochs=1")
     (other / "datastore").symlink_to(out / "datastore")
-    before = _snapshot(out / "datastore")
-    _fails(knnlm("evaluate", "--out", other, check=False), "another model")
-    assert _snapshot(out / "datastore") == before
+    before = snapshot(out / "datastore")
+    fails(knnlm("evaluate", "--out", other, check=False), "another model")
+    assert snapshot(out / "datastore") == before
