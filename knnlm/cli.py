@@ -38,10 +38,20 @@ def _writable(out: Path) -> None:
         raise UserError(f"--out {out}: folder cannot be written ({e.strerror})") from None
 
 
+def _training_overrides(args) -> list[str]:
+    """--omega / --regularizer are shorthands for train.omega= / train.regularizer= overrides."""
+    extra = []
+    if getattr(args, "omega", None) is not None:
+        extra.append(f"train.omega={args.omega}")
+    if getattr(args, "regularizer", None) is not None:
+        extra.append(f"train.regularizer={args.regularizer}")
+    return [*args.overrides, *extra]
+
+
 def cmd_train(args) -> None:
     from .train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, _training_overrides(args))
     out = Path(args.out)
     _writable(out)
     print(json.dumps(train(cfg, out, resume=args.resume), indent=2))
@@ -111,7 +121,7 @@ def format_table(results: dict) -> str:
 
 
 def cmd_run(args) -> None:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, _training_overrides(args))
     results = run_pipeline(cfg, Path(args.out))
     print(format_table(results))
 
@@ -141,13 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         sp.set_defaults(fn=fn)
         return sp
 
-    add("train", cmd_train, "train a language model").add_argument("--resume", action="store_true")
+    tr = add("train", cmd_train, "train a language model")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add("datastore", cmd_datastore, "write the (key, next token) datastore of a trained run")
     ev = add("evaluate", cmd_evaluate, "LM and kNN-LM perplexity (tunes λ, k, temperature on valid)")
     ev.add_argument("--split", default="valid", choices=["valid", "test"])
     ev.add_argument("--lmbda", type=float, help="fix λ instead of tuning it")
     ev.add_argument("--k", type=int, help="fix k instead of tuning it")
-    add("run", cmd_run, "train, datastore and evaluate in one go")
+    rn = add("run", cmd_run, "train, datastore and evaluate in one go")
+    for sp in (tr, rn):
+        sp.add_argument("--omega", type=float, help="weight ω of the key regularizer (train.omega)")
+        sp.add_argument("--regularizer", choices=["l2", "moco", "zero-queue"], help="train.regularizer")
     sw = sub.add_parser("sweep", help="the ω study: one model per (regularizer, ω, seed)")
     sw.add_argument("study", help="study config (TOML) under experiments/")
     sw.add_argument("--out", required=True)

@@ -102,6 +102,7 @@ def test_bad_data_folders(case, tmp_path, small_run):
     (["train.batch_size=2.5"], "train.batch_size: expected an integer"),
     (["eval.temperature=0"], "eval.temperature"),
     (["eval.k=0"], "eval.k"),
+    (["--omega", "-1"], "train.omega"),
 ])
 def test_bad_config_values(args, expect, tmp_path):
     out = tmp_path / "out"
