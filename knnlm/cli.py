@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .artifacts import UserError, read_json, write_json
@@ -31,9 +33,9 @@ def _config_for_run(args) -> Config:
 def _writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)  # unique: several ranks may probe at once
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise UserError(f"--out {out}: folder cannot be written ({e.strerror})") from None
 
