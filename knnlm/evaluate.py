@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, atomic_dir, load_npy, read_json, save_npy, write_json
-from .checkpoint import load_model
+from .artifacts import UserError, atomic_dir, load_npy, read_json, read_meta, save_npy, write_json
+from .checkpoint import latest_checkpoint, load_model
 from .config import Config
 from .data import corpus_for, token_stream
 from .datastore import Datastore, stride_of
@@ -63,7 +63,10 @@ def load_search(folder: Path) -> dict[str, np.ndarray]:
 
 def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) -> dict:
     """The expensive part: LM scores, query keys and k_max neighbours of every token of `split` (cached)."""
-    model, train_cfg, ckpt_meta = load_model(run)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise UserError(f"{run}: no complete checkpoint (run `knnlm train` into this folder first)")
+    ckpt_meta = {**read_meta(ckpt, "checkpoint"), "path": str(ckpt)}  # the model itself only if we must score
     ds = Datastore(run / "datastore")
     ds.check_model(ckpt_meta)
     e = cfg.eval
@@ -75,6 +78,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     if _search_is_cached(folder, ds, index, e.k_max, rerank):
         return read_json(_meta_path(folder), "evaluation meta")
 
+    model, train_cfg, ckpt_meta = load_model(run)
     corpus = corpus_for(cfg)
     if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
         raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}")
