@@ -76,7 +76,7 @@ class DatastoreConfig:
 
 @dataclass
 class EvalConfig:
-    index: str = "Flat"  # FAISS index_factory string; "auto" = knnlm exact bf16 search with fp32 re-ranking
+    index: str = "auto"  # "auto" (exact: amx-exact on AMX CPUs, bf16-exact on GPUs, else FAISS Flat), "Flat", "amx-exact", "bf16-exact" or a FAISS index_factory string
     k_max: int = 256  # neighbours searched and stored per token
     k: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256])  # grid tuned on valid
     temperature: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])

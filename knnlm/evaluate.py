@@ -27,7 +27,7 @@ from .checkpoint import latest_checkpoint, load_model
 from .config import Config
 from .data import corpus_for, token_stream
 from .datastore import Datastore, stride_of
-from .knn import interpolate, knn_logprob, make_searcher, perplexity, resolve_index, search_all
+from .knn import EXACT, interpolate, knn_logprob, make_searcher, perplexity, resolve_index, search_all
 from .model import score_stream
 
 ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
@@ -43,7 +43,8 @@ def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int, reran
     if not _meta_path(folder).is_file():
         return False
     meta = read_json(_meta_path(folder), "evaluation meta")
-    return (meta.get("model_sha256") == ds.meta["model_sha256"] and meta.get("index") == index
+    same_index = meta.get("index") == index or (meta.get("index") in EXACT and index in EXACT)  # exact = exact
+    return (meta.get("model_sha256") == ds.meta["model_sha256"] and same_index
             and meta.get("k_max", 0) >= k_max and meta.get("rerank", True) == rerank)
 
 
@@ -74,7 +75,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
         raise UserError(f"eval.k_max: {e.k_max} is larger than the datastore ({len(ds)} keys)")
     index = resolve_index(e.index)
     folder = run / "eval" / split
-    rerank = e.rerank or index.strip() in ("Flat", "bf16-exact")  # exact searches need no re-ranking
+    rerank = e.rerank or index in EXACT  # exact searches need no re-ranking
     if _search_is_cached(folder, ds, index, e.k_max, rerank):
         return read_json(_meta_path(folder), "evaluation meta")
 

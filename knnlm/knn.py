@@ -1,13 +1,14 @@
 """Nearest-neighbour search over the datastore, and the kNN distribution p_kNN.
 
 Search backends, one interface (`search(queries, k) -> (distances, ids)`, squared L2, nearest first):
+- `amx-exact`: knnlm's exact search on CPUs with AMX (`fastsearch.py`): bf16 tile products with fp32 accumulation
+  pick `k + margin` candidates per query, fused with the selection; exact fp32 distances re-rank them.
+  8-9x FAISS Flat at k = 64 and 4-5x at k = 1024 on WikiText-2's 2.09M keys (`benchmarks/search.py`).
+- `bf16-exact`: the same two passes written with PyTorch ops, for GPUs (tensor cores).
 - `Flat`, `IVF4096,PQ32`, ... : any FAISS `index_factory` string (FAISS is imported here only);
   approximate indexes are re-ranked with exact distances read from the stored keys, as kNN-LM found helpful.
-- `bf16-exact`: a blocked search in PyTorch whose candidate distances come from bf16 matrix products (AMX on
-  CPU, tensor cores on GPU); it keeps `k + margin` candidates and re-ranks them with exact fp32 distances.
-- `auto`: `bf16-exact` on a GPU, FAISS `Flat` on CPU. (On a 2-core AMX CPU the bf16 products themselves are 6x
-  faster than fp32, but selecting candidates with separate PyTorch ops is memory-bound: 56 queries/s against
-  FAISS Flat's 230 on WikiText-2's 2.09M keys, so FAISS stays the CPU default until selection is fused.)
+- `auto` (the default): `bf16-exact` on a GPU, `amx-exact` on a CPU that has AMX and a C++ compiler, else FAISS
+  `Flat`.
 
 p_kNN: with d the squared distance, p_kNN(w) = Σ_{neighbours with value w} softmax(−d / temperature).
 Only the target's probability is computed, O(N·k), never a vector over the vocabulary.
@@ -26,9 +27,17 @@ from tqdm import tqdm
 from .artifacts import UserError
 
 
+EXACT = ("Flat", "bf16-exact", "amx-exact")  # searches whose neighbours and distances are the exact ones
+
+
 def resolve_index(name: str) -> str:
+    from . import fastsearch
+
+    name = name.strip()
     if name == "auto":
-        return "bf16-exact" if torch.cuda.is_available() else "Flat"
+        return "bf16-exact" if torch.cuda.is_available() else "amx-exact" if fastsearch.available() else "Flat"
+    if name == "amx-exact" and not fastsearch.available():
+        raise UserError("eval.index: 'amx-exact' needs a CPU with AMX (amx_bf16) and a C++ compiler; use 'auto' or 'Flat'")
     return name
 
 
@@ -151,6 +160,10 @@ def make_searcher(keys: np.ndarray, index: str, nprobe: int = 32, ds_folder: Pat
     name = resolve_index(index)
     if name == "bf16-exact":
         return TorchExactSearch(keys)
+    if name == "amx-exact":
+        from .fastsearch import AmxExactSearch
+
+        return AmxExactSearch(keys)
     if name.strip() != "Flat" and ds_folder is not None:
         built = load_or_build_index(ds_folder, keys, name, model_sha256)
         return FaissSearch(keys, name, nprobe=nprobe, index=built, rerank_factor=rerank_factor)
