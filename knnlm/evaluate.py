@@ -27,7 +27,7 @@ from .checkpoint import latest_checkpoint, load_model
 from .config import Config
 from .data import corpus_for, token_stream
 from .datastore import Datastore, stride_of
-from .knn import EXACT, interpolate, knn_logprob, make_searcher, perplexity, resolve_index, search_all
+from .knn import EXACT, SEARCHED, interpolate, knn_logprob, make_searcher, perplexity, resolve_index, search_all
 from .model import score_stream
 
 ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
@@ -101,14 +101,15 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     searcher = make_searcher(ds.keys, index, e.nprobe, ds.folder, ds.meta["model_sha256"],
                              rerank_factor=e.rerank_factor if e.rerank else 0)
     t_index = time.time() - t0
-    t0 = time.time()
+    t0, searched = time.time(), SEARCHED[0]
     D, I = search_all(searcher, q, e.k_max, progress=progress)
-    t_search = time.time() - t0
+    t_search, searched = time.time() - t0, SEARCHED[0] - searched
 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "k_max": e.k_max, "tokens": len(targets),
               "words": corpus.words(split, len(targets)), "rerank": rerank,
-              "datastore_size": len(ds), "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
+              "datastore_size": len(ds), "searched_queries": searched,
+              "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
     with atomic_dir(folder) as tmp:
         for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q),
                           ("neighbors", I.astype(id_dtype)), ("distances", D)):
@@ -166,7 +167,8 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         "knnlm_word_ppl": math.exp(-float(np.sum(mixed, dtype=np.float64)) / words),
         "lambda": best["lambda"], "k": best["k"], "temperature": best["temperature"],
         "target_in_neighbors": float(found.mean()),
-        "index": record["index"], "datastore_size": record["datastore_size"], "seconds": record["seconds"],
+        "index": record["index"], "datastore_size": record["datastore_size"],
+        "searched_queries": record.get("searched_queries"), "seconds": record["seconds"],
     }
     write_json(folder / "summary.json", summary)
     return summary

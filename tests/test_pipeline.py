@@ -21,6 +21,7 @@ def test_readme_pipeline_tiny(tiny_run):
     assert "valid kNN-LM ppl" in stdout
     v = json.loads((out / "eval" / "valid" / "summary.json").read_text())
     assert v["tokens"] == 10000 and v["knnlm_ppl"] < v["lm_ppl"]
+    assert v["searched_queries"] == v["tokens"]  # one search per token; the tuning grid reuses it
     for name in ("targets", "query_keys", "lm_logprobs", "knn_logprobs", "neighbors", "distances"):
         assert (out / "eval" / "valid" / f"{name}.npy").is_file()
     meta = json.loads((out / "datastore" / "meta.json").read_text())

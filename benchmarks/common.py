@@ -1,0 +1,45 @@
+"""What every benchmark records beside its figures: the command, the machine, and a JSON + Markdown writer."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from knnlm.artifacts import atomic_path, write_json
+
+
+def machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def bf16_matmul_tflops(m: int = 1024, n: int = 8192, k: int = 1024, reps: int = 20) -> dict:
+    """The machine's measured matrix-product rate, bf16 and fp32, in TFLOP/s (output buffer reused)."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        c = torch.empty(m, n, dtype=dtype)
+        torch.mm(a, b, out=c)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=c)
+        out[str(dtype).split(".")[1]] = 2 * m * n * k * reps / (time.perf_counter() - t) / 1e12
+    return out
+
+
+def write_results(out_dir: str | Path, name: str, record: dict, markdown: list[str]) -> None:
+    """results/benchmarks/NAME.json and NAME.md, each replaced atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"command": "python " + " ".join(sys.argv), "machine": machine(), **record}
+    write_json(out_dir / f"{name}.json", record)
+    with atomic_path(out_dir / f"{name}.md") as tmp:
+        tmp.write_text(f"`{record['command']}` on {record['machine']['cpu']} ({record['machine']['cores']} cores)\n\n"
+                       + "\n".join(markdown) + "\n")

@@ -1,0 +1,131 @@
+"""kNN-LM evaluation of a whole split as a user runs it, against LM-only evaluation; tuning cost; peak memory.
+
+    python benchmarks/evaluation.py --run runs/wt2 [--split valid] [--index auto]
+
+In one run, on a scratch copy of RUN (its checkpoints linked, never modified):
+1. `knnlm datastore` into the copy (subprocess): wall time and peak resident memory, against keys.npy's size;
+2. `knnlm evaluate` of the whole split (subprocess): wall time, its parts, peak resident memory, and the number of
+   queries sent to the search (must equal the number of tokens: one search per token);
+3. LM-only evaluation of the same split (the same sliding windows, no keys, no search): wall time, and the ratio;
+4. tuning from the saved neighbours: a 100-setting grid of (λ, k, temperature) and the full default grid, with the
+   number of searches they cause (must be 0).
+Writes results/benchmarks/evaluation.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import write_results
+from knnlm import knn
+from knnlm.checkpoint import load_model
+from knnlm.config import apply_overrides, read_run_config
+from knnlm.data import corpus_for, token_stream
+from knnlm.datastore import Datastore, stride_of
+from knnlm.evaluate import load_search, tune
+from knnlm.model import score_stream
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default="runs/wt2")
+    p.add_argument("--split", default="valid")
+    p.add_argument("--index", default="auto")
+    p.add_argument("--out", default="results/benchmarks")
+    a = p.parse_args()
+    run = Path(a.run).resolve()
+    knnlm_cmd = [sys.executable, "-m", "knnlm.cli"]
+    res: dict = {"run": str(a.run), "split": a.split, "index": a.index}
+    with tempfile.TemporaryDirectory(dir=run.parent) as tmp:
+        scratch = Path(tmp) / "run"
+        scratch.mkdir()
+        shutil.copy(run / "config.json", scratch / "config.json")
+        (scratch / "checkpoints").symlink_to(run / "checkpoints")
+
+        # 1. datastore building
+        ds = rusage_run(knnlm_cmd + ["datastore", "--out", str(scratch)])
+        keys_bytes = (scratch / "datastore" / "keys.npy").stat().st_size
+        res["datastore"] = {**ds, "keys_bytes": keys_bytes, "rss_over_keys": ds["max_rss_bytes"] / keys_bytes,
+                            "N": Datastore(scratch / "datastore").meta["N"]}
+        print(f"datastore: {ds['seconds']:.0f} s, peak RSS {ds['max_rss_bytes'] / 2**30:.2f} GiB "
+              f"(keys {keys_bytes / 2**30:.2f} GiB)", flush=True)
+
+        # 2. kNN-LM evaluation of the whole split
+        ev = rusage_run(knnlm_cmd + ["evaluate", "--out", str(scratch), "--split", a.split,
+                                     "data.max_eval_tokens=0", f"eval.index={a.index}"])
+        summary = json.loads((scratch / "eval" / a.split / "summary.json").read_text())
+        res["evaluate"] = {**ev, "rss_over_keys": ev["max_rss_bytes"] / keys_bytes, "summary": summary}
+        print(f"kNN-LM evaluation: {ev['seconds']:.0f} s, parts {summary['seconds']}, "
+              f"{summary['searched_queries']} queries searched for {summary['tokens']} tokens", flush=True)
+
+        # 3. LM-only evaluation of the same split, in this process
+        cfg = apply_overrides(read_run_config(scratch), ["data.max_eval_tokens=0"])
+        corpus = corpus_for(cfg)
+        t = time.perf_counter()
+        model, train_cfg, _ = load_model(scratch)
+        s = token_stream(corpus.splits[a.split], corpus.eos_id)
+        lp = np.concatenate([x[2].numpy() for x in score_stream(model, s, stride_of(train_cfg), cfg.datastore.batch_size,
+                                                                 train_cfg.train.bf16, want_keys=False)])
+        lm_seconds = time.perf_counter() - t
+        res["lm_only"] = {"seconds": lm_seconds, "tokens": len(lp), "ppl": float(np.exp(-lp.astype(np.float64).mean()))}
+        res["knnlm_over_lm_only"] = ev["seconds"] / lm_seconds
+        print(f"LM-only evaluation: {lm_seconds:.0f} s; kNN-LM / LM-only = {res['knnlm_over_lm_only']:.2f}", flush=True)
+
+        # 4. tuning from the saved neighbours
+        arrays = load_search(scratch / "eval" / a.split)
+        targets, lm = arrays["targets"], arrays["lm_logprobs"]
+        dists = np.asarray(arrays["distances"])
+        nvals = Datastore(scratch / "datastore").vals[np.asarray(arrays["neighbors"])]
+        res["tuning"] = []
+        grids = {"100 settings": ["eval.k=16,32,64,128,256", "eval.temperature=1,3,10,30", "eval.lmbda=0.1,0.2,0.25,0.3,0.4"],
+                 "default grid": []}
+        for name, overrides in grids.items():
+            c = apply_overrides(copy.deepcopy(cfg), overrides)
+            before = knn.SEARCHED[0]
+            t = time.perf_counter()
+            rows = tune(lm, dists, nvals, targets, c)
+            res["tuning"].append({"grid": name, "settings": len(rows), "seconds": time.perf_counter() - t,
+                                  "searches": knn.SEARCHED[0] - before, "best_ppl": min(r["ppl"] for r in rows)})
+            print(f"tuning {name}: {res['tuning'][-1]}", flush=True)
+
+    e, sm = res["evaluate"], res["evaluate"]["summary"]
+    md = ["| step | wall time | peak RSS | notes |", "|---|---|---|---|",
+          f"| datastore ({res['datastore']['N']:,} keys) | {res['datastore']['seconds']:.0f} s | "
+          f"{res['datastore']['max_rss_bytes'] / 2**30:.2f} GiB | keys.npy {keys_bytes / 2**30:.2f} GiB on disk |",
+          f"| kNN-LM evaluation, whole {a.split} ({sm['tokens']:,} tokens, index {sm['index']}) | **{e['seconds']:.0f} s** | "
+          f"{e['max_rss_bytes'] / 2**30:.2f} GiB | LM {sm['seconds']['lm']:.0f} s, index {sm['seconds']['index']:.0f} s, "
+          f"search {sm['seconds']['search']:.0f} s; {sm['searched_queries']:,} queries searched; "
+          f"LM ppl {sm['lm_ppl']:.2f} → kNN-LM {sm['knnlm_ppl']:.2f} |",
+          f"| LM-only evaluation, same split | {res['lm_only']['seconds']:.0f} s | | ratio kNN-LM / LM-only "
+          f"**{res['knnlm_over_lm_only']:.2f}** |"]
+    for t in res["tuning"]:
+        md.append(f"| tuning, {t['grid']} | {t['seconds']:.1f} s | | {t['settings']} settings, {t['searches']} searches |")
+    write_results(a.out, "evaluation", res, md)
+    print("\n".join(md))
+
+
+def rusage_run(cmd: list[str]) -> dict:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    seconds = time.perf_counter() - t
+    err = p.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(cmd)} failed: {err.strip()[-500:]}")
+    return {"seconds": seconds, "max_rss_bytes": usage.ru_maxrss * 1024}
+
+
+if __name__ == "__main__":
+    main()

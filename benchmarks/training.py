@@ -1,0 +1,124 @@
+"""Training throughput: knnlm's model and loop against a same-size Hugging Face GPT-2 written the default way.
+
+    python benchmarks/training.py [--config configs/wikitext-2.toml] [--steps 15]
+
+Both train on the same WikiText-2 batches (batch_size x context tokens per step) with AdamW and gradient clipping:
+- knnlm: adaptive input + tied adaptive softmax, bf16 autocast, the L2 key regularizer on (as in the ω study);
+- GPT-2: `transformers.GPT2LMHeadModel` of the same width, depth, heads, FFN size and context, full softmax over the
+  vocabulary, fp32 (what a user gets by default), and the same with bf16 autocast.
+Model FLOPs per step are counted by `torch.utils.flop_counter` over one forward + backward (the matrix products
+actually executed, so the adaptive softmax is credited only for the bands it computes); utilization is against the
+machine's measured bf16 (and fp32) matrix-product rate. Writes results/benchmarks/training.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import bf16_matmul_tflops, write_results
+from knnlm.config import load_config
+from knnlm.data import corpus_for, epoch_order, num_train_blocks, token_stream, train_batch
+from knnlm.model import autocast, build_model
+from knnlm.regularizers import make_regularizer
+from knnlm.train import Objective
+
+
+def knnlm_step(cfg, vocab_size: int):
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size)
+    reg = make_regularizer(cfg.train, model, model.vocab_size, model.key_dim)
+    objective = Objective(model, reg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(inputs, targets):
+        with autocast("cpu", True):
+            lm, r = objective(inputs, targets)
+        loss = lm + cfg.train.omega * r
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return model, step
+
+
+def gpt2_step(cfg, vocab_size: int, bf16: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = cfg.model
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=m.context, n_embd=m.d_model,
+                                       n_layer=m.n_layers, n_head=m.n_heads, n_inner=m.d_ff, resid_pdrop=m.dropout,
+                                       embd_pdrop=m.dropout, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(inputs, targets):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return model, step
+
+
+def measure(name: str, model, step, batches, warmup: int, peak: dict) -> dict:
+    model.train()
+    with FlopCounterMode(display=False) as fc:
+        step(*batches[0])
+    flops = fc.get_total_flops()
+    for b in batches[1 : 1 + warmup]:
+        step(*b)
+    timed = batches[1 + warmup :]
+    t = time.perf_counter()
+    for b in timed:
+        step(*b)
+    sec = (time.perf_counter() - t) / len(timed)
+    tokens = batches[0][0].numel()
+    r = {"name": name, "params": sum(p.numel() for p in model.parameters()), "seconds_per_step": sec,
+         "tokens_per_s": tokens / sec, "flops_per_step": flops, "tflops": flops / sec / 1e12,
+         "mfu_vs_bf16": flops / sec / 1e12 / peak["bfloat16"], "mfu_vs_fp32": flops / sec / 1e12 / peak["float32"]}
+    print(f"{name}: {r['tokens_per_s']:.0f} tokens/s, {r['tflops']:.3f} TFLOP/s, MFU {100 * r['mfu_vs_bf16']:.1f}% of bf16",
+          flush=True)
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/wikitext-2.toml")
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--omega", type=float, default=1e-4)
+    p.add_argument("--out", default="results/benchmarks")
+    a = p.parse_args()
+    cfg = load_config(a.config, [f"train.omega={a.omega}"])
+    corpus = corpus_for(cfg)
+    s = token_stream(corpus.splits["train"], corpus.eos_id)
+    order = epoch_order(num_train_blocks(len(corpus.splits["train"]), cfg.model.context), 0, 0)
+    bs = cfg.train.batch_size
+    batches = [train_batch(s, order[i * bs : (i + 1) * bs], cfg.model.context) for i in range(1 + a.warmup + a.steps)]
+    peak = bf16_matmul_tflops()
+    print(f"measured matrix-product rate: {peak}", flush=True)
+    rows = [measure("knnlm (adaptive softmax, bf16)", *knnlm_step(cfg, corpus.vocab_size), batches, a.warmup, peak),
+            measure("HF GPT-2 (full softmax, fp32)", *gpt2_step(cfg, corpus.vocab_size, False), batches, a.warmup, peak),
+            measure("HF GPT-2 (full softmax, bf16 autocast)", *gpt2_step(cfg, corpus.vocab_size, True), batches, a.warmup, peak)]
+    base = rows[1]["tokens_per_s"]
+    md = [f"Same batches ({bs} x {cfg.model.context} tokens), d = {cfg.model.d_model}, {cfg.model.n_layers} layers; "
+          f"measured matrix-product rate {peak['bfloat16']:.2f} TFLOP/s bf16, {peak['float32']:.2f} fp32.", "",
+          "| model | params | tokens/s | vs GPT-2 fp32 | model TFLOP/s | MFU (bf16 rate) | MFU (fp32 rate) |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:.0f} | **{r['tokens_per_s'] / base:.2f}x** | "
+                  f"{r['tflops']:.3f} | {100 * r['mfu_vs_bf16']:.1f}% | {100 * r['mfu_vs_fp32']:.1f}% |")
+    write_results(a.out, "training", {"config": a.config, "omega": a.omega, "peak_tflops": peak, "rows": rows}, md)
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
