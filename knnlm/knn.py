@@ -48,30 +48,40 @@ def exact_sq_distances(queries: torch.Tensor, keys: np.ndarray, ids: torch.Tenso
 
 
 class TorchExactSearch:
-    """Blocked search: bf16 candidate distances, then exact fp32 re-ranking of the best `k + margin`."""
+    """Blocked search in PyTorch, for GPUs: low-precision candidate distances, exact fp32 re-ranking of `k + margin`.
 
-    def __init__(self, keys: np.ndarray, device: str | None = None, block: int = 65536, margin: int = 32):
+    Products are fp16 on GPUs (tensor cores; 10 mantissa bits in and out, against bf16's 7, since PyTorch returns a
+    half-precision product in half precision) and bf16 on CPUs; keys are centered on their mean first, which
+    leaves distances unchanged and shrinks rounding errors with the norms. fp16 falls back to fp32 where a product
+    could overflow it."""
+
+    def __init__(self, keys: np.ndarray, device: str | None = None, block: int = 65536, margin: int = 32,
+                 dtype: torch.dtype | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.keys = keys  # (N, d) float16, memory-mapped: the exact values for re-ranking
         self.block, self.margin = block, margin
-        # Keys centered on their mean (distances do not change, bf16 rounding errors shrink with the norms); the
-        # bf16 copy used for candidate products (2 bytes per dimension in memory) and its exact fp32 norms.
         k32 = [torch.from_numpy(np.asarray(keys[i : i + block], dtype=np.float32)) for i in range(0, len(keys), block)]
         self.mean = (sum(k.double().sum(0) for k in k32) / max(len(keys), 1)).float()
-        kb = [(k - self.mean).to(torch.bfloat16) for k in k32]
+        self.max_norm = max((float((k - self.mean).norm(dim=1).max()) for k in k32), default=0.0)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.bfloat16)
+        kb = [(k - self.mean).to(self.dtype) for k in k32]  # 2 bytes per dimension in memory
         del k32
-        self.norms = torch.cat([k.float().pow(2).sum(1) for k in kb]).to(self.device)  # (N,)
+        self.norms = torch.cat([k.float().pow(2).sum(1) for k in kb]).to(self.device)  # (N,) of the rounded keys
         self.kb = torch.cat(kb).to(self.device)  # (N, d)
         self.mean = self.mean.to(self.device)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = torch.from_numpy(np.asarray(queries, dtype=np.float32)).to(self.device)
         C = min(k + max(self.margin, k // 8), len(self.kb))
-        qb = (q - self.mean).to(torch.bfloat16)
+        qc = q - self.mean
+        dtype = self.dtype
+        if dtype == torch.float16 and float(qc.norm(dim=1).max()) * self.max_norm > 30000:
+            dtype = torch.float32  # |q·k| could exceed fp16's range (65504)
+        qb = qc.to(dtype)
         best_d = torch.full((len(q), 0), math.inf, device=self.device)
         best_i = torch.zeros((len(q), 0), dtype=torch.long, device=self.device)
         for lo in range(0, len(self.kb), self.block):
-            kb = self.kb[lo : lo + self.block]
+            kb = self.kb[lo : lo + self.block].to(dtype)
             approx = self.norms[lo : lo + len(kb)][None, :] - 2 * (qb @ kb.t()).float()  # (n, b); ||q||² is constant
             d, i = approx.topk(min(C, approx.shape[1]), dim=1, largest=False)
             best_d, sel = torch.cat([best_d, d], 1).topk(min(C, best_d.shape[1] + d.shape[1]), dim=1, largest=False)

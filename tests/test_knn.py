@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from knnlm import fastsearch
 from knnlm.knn import FaissSearch, TorchExactSearch, interpolate, knn_logprob, make_searcher, resolve_index
@@ -31,9 +32,10 @@ def test_faiss_flat_equals_brute_force(data):
     assert np.allclose(d, bd, rtol=1e-4, atol=1e-3)
 
 
-def test_bf16_exact_search_equals_faiss_flat(data):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # bf16 as on CPUs, fp16 as on GPUs
+def test_torch_exact_search_equals_faiss_flat(data, dtype):
     keys, queries = data
-    s = TorchExactSearch(keys, block=1000)  # several blocks, so candidates are merged across blocks
+    s = TorchExactSearch(keys, block=1000, dtype=dtype)  # several blocks, so candidates are merged across blocks
     d, i = s.search(queries, 20)
     fd, fi = FaissSearch(keys, "Flat").search(queries, 20)
     assert np.array_equal(i, fi)
@@ -105,3 +107,14 @@ def test_lambda_zero_is_the_lm_exactly_and_mixing_is_linear_in_p():
     assert np.array_equal(interpolate(lm, knn, 0.0), lm.astype(np.float64))
     mixed = interpolate(lm, knn, 0.25)
     assert np.allclose(np.exp(mixed), 0.25 * np.exp(knn) + 0.75 * np.exp(lm.astype(np.float64)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_exact_search_on_lm_like_keys_equals_brute_force(dtype):
+    rng = np.random.default_rng(3)
+    keys, scale = lm_like_keys(rng, 5007, 64)
+    queries = (5 + rng.standard_normal((40, 64)) * scale).astype(np.float32)
+    d, i = TorchExactSearch(keys, block=2000, dtype=dtype).search(queries, 300)
+    bd, bi = brute_force(keys, queries, 300)
+    assert np.array_equal(i, bi)
+    assert np.allclose(d, bd, rtol=1e-5, atol=1e-4)
