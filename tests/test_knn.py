@@ -116,5 +116,9 @@ def test_torch_exact_search_on_lm_like_keys_equals_brute_force(dtype):
     queries = (5 + rng.standard_normal((40, 64)) * scale).astype(np.float32)
     d, i = TorchExactSearch(keys, block=2000, dtype=dtype).search(queries, 300)
     bd, bi = brute_force(keys, queries, 300)
-    assert np.array_equal(i, bi)
     assert np.allclose(d, bd, rtol=1e-5, atol=1e-4)
+    # the same neighbours; two of them may swap places where fp32 distances tie (float64 tells them apart)
+    assert all(set(a) == set(b) for a, b in zip(i, bi))
+    d64 = ((queries[:, None, :].astype(np.float64) - keys[i].astype(np.float64)) ** 2).sum(-1)
+    swapped = i != bi
+    assert swapped.mean() < 0.01 and np.allclose(d64[swapped], bd[swapped], rtol=1e-6)
