@@ -114,17 +114,19 @@ class AmxExactSearch:
         for lo in range(0, self.N, block):
             total += np.asarray(keys[lo : lo + block], dtype=np.float64).sum(0)
         self.mean = torch.from_numpy((total / max(self.N, 1)).astype(np.float32))
-        bf = np.zeros((Np, self.D), dtype=np.uint16)
-        norms = np.full(Np, np.inf, dtype=np.float32)  # padding rows are never selected
+        # Centered bf16 keys written straight into AMX's VNNI layout for the B operand:
+        # (Np/16 key groups, D/32 chunks, 16 dimension pairs, 16 keys, 2), block by block (torch copies in parallel).
+        packed = torch.zeros((Np // 16, self.D // 32, 16, 16, 2), dtype=torch.bfloat16)
+        norms = torch.full((Np,), float("inf"))  # padding rows are never selected
+        block = block // 16 * 16
         for lo in range(0, self.N, block):
             x = torch.from_numpy(np.asarray(keys[lo : lo + block], dtype=np.float32)) - self.mean
-            xb = x.to(torch.bfloat16)
-            norms[lo : lo + len(x)] = xb.float().pow(2).sum(1).numpy()  # ||k̃||² of the bf16 key the products use
-            bf[lo : lo + len(x), : self.d] = xb.view(torch.int16).numpy().view(np.uint16)
-        # AMX's VNNI layout for the B operand: (Np/16 key groups, D/32 chunks, 16 dim pairs, 16 keys, 2).
-        self.packed = np.ascontiguousarray(bf.reshape(Np // 16, 16, self.D // 32, 16, 2).transpose(0, 2, 3, 1, 4))
-        del bf
-        self.norms = norms
+            xb = torch.zeros((-(-len(x) // 16) * 16, self.D), dtype=torch.bfloat16)
+            xb[: len(x), : self.d] = x
+            norms[lo : lo + len(x)] = xb[: len(x)].float().pow(2).sum(1)  # ||k̃||² of the bf16 key the products use
+            packed[lo // 16 : lo // 16 + len(xb) // 16] = xb.view(-1, 16, self.D // 32, 16, 2).permute(0, 2, 3, 1, 4)
+        self.packed = packed.view(torch.int16).numpy().view(np.uint16)
+        self.norms = norms.numpy()
         self.keys16 = np.ascontiguousarray(keys) if not isinstance(keys, np.memmap) else keys
         if not self.keys16.flags.c_contiguous:
             self.keys16 = np.ascontiguousarray(self.keys16)
