@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -126,8 +127,8 @@ def plot(stores: list[dict], path: Path) -> None:
         ax.set_xticks(x, [f"k = {k}" for k in ks])
         ax.set_ylabel("queries / s")
         ax.set_title(f"{s['name']}: {s['N'] / 1e6:.1f}M keys x {s['d']}")
-        ax.set_ylim(0, 1.2 * max(r["knnlm_qps"] for r in s["rows"]))
-        ax.legend(loc="upper left", fontsize=8)
+        ax.set_ylim(0, 1.15 * max(r["knnlm_qps"] for r in s["rows"]))
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -140,7 +141,11 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=5)
     p.add_argument("--approx", default="IVF1024,PQ32")
     p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--plot-only", action="store_true", help="redraw search.png from search.json")
     a = p.parse_args()
+    if a.plot_only:
+        plot(json.loads((Path(a.out) / "search.json").read_text())["stores"], Path(a.out) / "search.png")
+        return
     threads = torch.get_num_threads()
     faiss.omp_set_num_threads(threads)
     keys = np.load(Path(a.run) / "datastore" / "keys.npy", mmap_mode="r")
