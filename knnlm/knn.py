@@ -3,7 +3,7 @@
 Search backends, one interface (`search(queries, k) -> (distances, ids)`, squared L2, nearest first):
 - `amx-exact`: knnlm's exact search on CPUs with AMX (`fastsearch.py`): bf16 tile products with fp32 accumulation
   pick `k + margin` candidates per query, fused with the selection; exact fp32 distances re-rank them.
-  8-9x FAISS Flat at k = 64 and 4-5x at k = 1024 on WikiText-2's 2.09M keys (`benchmarks/search.py`).
+  about 9x FAISS Flat at k = 64 and 5x at k = 1024 on WikiText-2's 2.09M keys (`benchmarks/search.py`).
 - `bf16-exact`: the same two passes written with PyTorch ops, for GPUs (tensor cores).
 - `Flat`, `IVF4096,PQ32`, ... : any FAISS `index_factory` string (FAISS is imported here only);
   approximate indexes are re-ranked with exact distances read from the stored keys, as kNN-LM found helpful.
