@@ -137,7 +137,9 @@ def cmd_sweep(args) -> None:
 def cmd_analyze(args) -> None:
     from .analysis import analyze
 
-    analyze(Path(args.out), [Path(r) for r in args.runs], args.labels)
+    if args.gmm_repeats < 1:
+        raise UserError(f"--gmm-repeats: expected at least 1, got {args.gmm_repeats}")
+    analyze(Path(args.out), [Path(r) for r in args.runs], args.labels, gmm_repeats=args.gmm_repeats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     an.add_argument("runs", nargs="+", help="run folders (evaluated)")
     an.add_argument("--labels", nargs="*", help="one label per run")
     an.add_argument("--out", required=True)
+    an.add_argument("--gmm-repeats", type=int, default=3, help="GMM fits per run, each its own sample and seed")
     an.set_defaults(fn=cmd_analyze)
 
     args = p.parse_args(argv)

@@ -137,6 +137,9 @@ def test_analyze_end_to_end_on_fabricated_runs(tmp_path):
         # evaluate saves knn_logprobs as float32 after computing the summary in float64: agree to ~1e-7
         assert buckets[label]["all"]["knnlm_ppl"] == pytest.approx(summary["knnlm_ppl"], rel=1e-6)
         assert gmm[label]["n_high"] + gmm[label]["n_low"] == gmm[label]["scored_keys"] > 0
+        fits = gmm[label]["difference_per_fit"]  # repeated fits: the first is the one tabled and plotted
+        assert len(fits) == 3 and fits[0] == pytest.approx(gmm[label]["difference_low_minus_high"])
+        assert gmm[label]["difference_mean"] == pytest.approx(np.mean(fits))
         # target-in-neighbours share against a direct computation
         found = (vals[arrays["neighbors"][:, : summary["k"]]] == arrays["targets"][:, None]).any(1)
         assert extras[label]["target_in_neighbors"] == pytest.approx(found.mean())
