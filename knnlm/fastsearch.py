@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .artifacts import UserError
+
 SOURCE = Path(__file__).with_name("csrc") / "amx_search.cpp"
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bf16", "-mf16c",
          "-mamx-tile", "-mamx-bf16"]
@@ -82,6 +84,17 @@ def available() -> bool:
     return load_library() is not None
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
@@ -109,6 +122,10 @@ class AmxExactSearch:
         self.query_block, self.key_chunk = query_block, key_chunk
         self.D = -(-self.d // 32) * 32  # dimensions padded to whole 32-wide tiles
         Np = -(-self.N // 32) * 32
+        need, free = Np * self.D * 2, available_memory()
+        if free is not None and need > 0.8 * free:
+            raise UserError(f"eval.index: amx-exact needs a {need / 2**30:.1f} GiB bf16 copy of the keys but only "
+                            f"{free / 2**30:.1f} GiB of memory is available; use an IVF index (e.g. 'IVF4096,PQ64')")
         # Mean key in float64, then centered bf16 keys and their fp32 norms, block by block from the store.
         total = np.zeros(self.d, dtype=np.float64)
         for lo in range(0, self.N, block):

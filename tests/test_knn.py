@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from knnlm import fastsearch
+from knnlm.artifacts import UserError
 from knnlm.knn import FaissSearch, TorchExactSearch, interpolate, knn_logprob, make_searcher, resolve_index
 
 amx = pytest.mark.skipif(not fastsearch.available(), reason="no AMX CPU or no C++ compiler")
@@ -122,3 +123,11 @@ def test_torch_exact_search_on_lm_like_keys_equals_brute_force(dtype):
     d64 = ((queries[:, None, :].astype(np.float64) - keys[i].astype(np.float64)) ** 2).sum(-1)
     swapped = i != bi
     assert swapped.mean() < 0.01 and np.allclose(d64[swapped], bd[swapped], rtol=1e-6)
+
+
+@amx
+def test_amx_exact_refuses_a_store_larger_than_memory(monkeypatch):
+    keys = np.zeros((1000, 64), dtype=np.float16)
+    monkeypatch.setattr(fastsearch, "available_memory", lambda: 100_000)  # bytes: less than the 128 kB bf16 copy
+    with pytest.raises(UserError, match="amx-exact needs .* use an IVF index"):
+        fastsearch.AmxExactSearch(keys)
