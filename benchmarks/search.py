@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from common import write_results
+from knnlm.artifacts import atomic_path
 from knnlm.fastsearch import AmxExactSearch
 from knnlm.knn import FaissSearch
 
@@ -130,7 +131,8 @@ def plot(stores: list[dict], path: Path) -> None:
         ax.set_ylim(0, 1.15 * max(r["knnlm_qps"] for r in s["rows"]))
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
 
 
 def main() -> None:

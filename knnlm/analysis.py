@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots  # noqa: F401  (sets the Agg backend before pyplot is imported below)
-from .artifacts import UserError, atomic_path, load_npy, read_json, read_meta, write_json
+from .artifacts import UserError, load_npy, read_json, read_meta, write_json, write_text
 from .knn import interpolate, perplexity
 
 import matplotlib.pyplot as plt  # noqa: E402
@@ -369,11 +369,6 @@ def _percent(x: float) -> str:
     return "–" if not math.isfinite(x) else f"{100 * x:+.1f}%"
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def _default_labels(runs: list[Path]) -> list[str]:
     names = [r.resolve().name for r in runs]
     return names if len(set(names)) == len(names) else [str(r) for r in runs]
@@ -417,7 +412,7 @@ def analyze(out: Path, runs: list[Path], labels: list[str] | None = None, *, fre
     bucket_table = _markdown_table(
         ["run", "target's training-frequency rank", "tokens", "LM ppl", "kNN-LM ppl", "kNN-LM vs LM"], bucket_rows)
     write_json(out / "buckets.json", buckets_json)
-    _write_text(out / "buckets.md", "# Valid perplexity by training-frequency rank of the target word\n\n"
+    write_text(out / "buckets.md", "# Valid perplexity by training-frequency rank of the target word\n\n"
                 f"{bucket_table}\n")
 
     # Figure 2 ------------------------------------------------------------------------------------------------
@@ -472,7 +467,7 @@ def analyze(out: Path, runs: list[Path], labels: list[str] | None = None, *, fre
     plot_overlaid_histograms(norms, out / "key_norms.png", "squared L2 norm of the query key")
     plot_overlaid_histograms(nn, out / "nn_distances.png", "squared L2 distance to the nearest datastore key")
 
-    _write_text(out / "summary.md", _summary_markdown(loaded, bucket_table, gmm_json, extras_json))
+    write_text(out / "summary.md", _summary_markdown(loaded, bucket_table, gmm_json, extras_json))
     return {"buckets": buckets_json, "gmm": gmm_json, "extras": extras_json}
 
 

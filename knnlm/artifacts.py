@@ -70,6 +70,12 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """A text file (Markdown tables, notes), replaced atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def read_json(path: str | Path, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():

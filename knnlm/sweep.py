@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import UserError, load_npy, read_json, write_json
+from .artifacts import UserError, load_npy, read_json, write_json, write_text
 from .config import Config, load_config
 
 
@@ -146,7 +146,7 @@ def write_tables(records: list[dict], results: Path) -> dict:
     table = omega_table(records, "l2")
     if not table:
         return table
-    (results / "table.md").write_text(table_markdown(table, "L2 activation regularization on WikiText-2 (mean ± std over seeds)"))
+    write_text(results / "table.md", table_markdown(table, "L2 activation regularization on WikiText-2 (mean ± std over seeds)"))
     write_json(results / "table.json", {f"{o:g}": v for o, v in table.items()})
     plot_omega_curve(table, results / "figure1.png", "L2 regularizer: valid perplexity against ω")
     return table
@@ -198,7 +198,7 @@ def write_moco_comparison(records: list[dict], omega: float, results: Path) -> N
     for reg, v in rows.items():
         lines.append(f"| {reg} | " + " | ".join(f"{v[m][0]:.2f} ± {v[m][1]:.2f}" for m in ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl"))
                      + f" | {v['valid_lm_ppl'][2]} |")
-    (results / "moco_vs_l2.md").write_text("\n".join(lines) + "\n")
+    write_text(results / "moco_vs_l2.md", "\n".join(lines) + "\n")
     plot_regularizer_bars(rows, results / "moco_vs_l2.png", f"MOCO vs L2 at ω = {omega:g}")
 
 
@@ -227,5 +227,5 @@ def write_test_results(study: Study, out: Path, results: Path, best: float) -> N
     for o, v in rows.items():
         lines.append(f"| {o} | {v['test_lm_ppl'][0]:.2f} ± {v['test_lm_ppl'][1]:.2f} | "
                      f"{v['test_knnlm_ppl'][0]:.2f} ± {v['test_knnlm_ppl'][1]:.2f} | {v['seeds']} |")
-    (results / "test.md").write_text("\n".join(lines) + "\n")
+    write_text(results / "test.md", "\n".join(lines) + "\n")
 

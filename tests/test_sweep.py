@@ -1,0 +1,64 @@
+"""The ω study machinery on a tiny study: the tables are the records' mean ± std, every stage writes its outputs,
+and a rerun reuses what is recorded and what is trained."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY, knnlm, snapshot
+
+OVERRIDES = ["data.max_train_tokens=20000", "data.max_eval_tokens=2000", "model.context=32", "train.batch_size=8",
+             "train.epochs=1", "train.warmup_steps=2", "eval.k_max=16", "eval.k=4,16"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    path = root / "study.toml"
+    path.write_text(f'base = "{TINY}"\noverrides = {json.dumps(OVERRIDES)}\nomegas = [0.0, 0.01]\nseeds = [0, 1]\n'
+                    f'moco = true\nmoco_overrides = ["train.queue_len=4", "train.momentum=0.9"]\n'
+                    f'results = "{root / "results"}"\n')
+    knnlm("sweep", path, "--out", root / "runs")
+    return path, root / "runs", root / "results"
+
+
+def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(study):
+    _, runs, results = study
+    records = {p.stem: json.loads(p.read_text()) for p in (results / "runs").glob("*.json")}
+    assert sorted(records) == sorted(f"{reg}_omega{o}_seed{s}" for reg, o in
+                                     [("l2", "0"), ("l2", "0.01"), ("moco", "0.01")] for s in (0, 1))
+    for name in ("table.md", "table.json", "figure1.png", "moco_vs_l2.md", "moco_vs_l2.json", "moco_vs_l2.png",
+                 "test.md", "test.json"):
+        assert (results / name).stat().st_size > 0, name
+    table = json.loads((results / "table.json").read_text())
+    for omega in ("0", "0.01"):
+        xs = [records[f"l2_omega{omega}_seed{s}"]["valid_knnlm_ppl"] for s in (0, 1)]
+        mean, std, n = table[omega]["valid_knnlm_ppl"]
+        assert n == 2 and mean == pytest.approx(np.mean(xs)) and std == pytest.approx(np.std(xs, ddof=1))
+        assert f"{mean:.2f} ± {std:.2f}" in (results / "table.md").read_text()
+    # MOCO runs are MOCO runs, at the best (only) ω > 0, and record the queue settings they were trained with
+    moco = records["moco_omega0.01_seed0"]
+    assert moco["config"]["train"]["regularizer"] == "moco" and moco["config"]["train"]["queue_len"] == 4
+    # test perplexities reuse valid's λ / k / temperature for each model
+    test = json.loads((results / "test.json").read_text())
+    assert set(test) == {"0", "0.01"} and test["0"]["seeds"] == 2
+    for s in (0, 1):
+        valid = json.loads((runs / f"l2_omega0.01_seed{s}" / "eval" / "valid" / "summary.json").read_text())
+        tst = json.loads((runs / f"l2_omega0.01_seed{s}" / "eval" / "test" / "summary.json").read_text())
+        assert (tst["lambda"], tst["k"], tst["temperature"]) == (valid["lambda"], valid["k"], valid["temperature"])
+
+
+def test_rerun_reuses_records_and_trained_models(study):
+    path, runs, results = study
+    lost = results / "runs" / "l2_omega0.01_seed1.json"
+    before = json.loads(lost.read_text())
+    lost.unlink()  # as if the sweep had been killed after training this model but before recording it
+    others = snapshot(results / "runs")
+    checkpoints = snapshot(runs / "l2_omega0.01_seed1" / "checkpoints")
+    proc = knnlm("sweep", path, "--out", runs)
+    assert "== l2_omega0.01_seed1" in proc.stdout and proc.stdout.count("== ") == 1  # only the missing one ran
+    assert snapshot(runs / "l2_omega0.01_seed1" / "checkpoints") == checkpoints  # not retrained
+    after = json.loads(lost.read_text())
+    assert after["valid_knnlm_ppl"] == before["valid_knnlm_ppl"]
+    assert {k: v for k, v in snapshot(results / "runs").items() if k != lost.name} == others
