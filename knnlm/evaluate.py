@@ -14,7 +14,6 @@ reads the saved neighbours and never searches again.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from .checkpoint import latest_checkpoint, load_model
 from .config import Config
 from .data import corpus_for, token_stream
 from .datastore import Datastore, stride_of
-from .knn import EXACT, SEARCHED, interpolate, knn_logprob, make_searcher, perplexity, resolve_index, search_all
+from .knn import EXACT, SEARCHED, interpolate, knn_logprob, knn_logprobs, make_searcher, perplexity, resolve_index, search_all
 from .model import score_stream
 
 ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
@@ -121,10 +120,10 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
 def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config) -> list[dict]:
     """kNN-LM perplexity for every (k, temperature, λ) of the grid, from the cached neighbours only."""
     rows = []
-    for k, tau in itertools.product(cfg.eval.k, cfg.eval.temperature):
-        knn = knn_logprob(dists, nvals, targets, k, tau)
-        for lmbda in cfg.eval.lmbda:
-            rows.append({"k": k, "temperature": tau, "lambda": lmbda, "ppl": perplexity(interpolate(lm, knn, lmbda))})
+    for k in cfg.eval.k:
+        for tau, knn in zip(cfg.eval.temperature, knn_logprobs(dists, nvals, targets, k, cfg.eval.temperature)):
+            for lmbda in cfg.eval.lmbda:
+                rows.append({"k": k, "temperature": tau, "lambda": lmbda, "ppl": perplexity(interpolate(lm, knn, lmbda))})
     return rows
 
 

@@ -206,10 +206,21 @@ def knn_logprob(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.nd
 
     Uses the k nearest of the K stored neighbours; −inf where no neighbour carries the target.
     """
-    d = torch.from_numpy(np.ascontiguousarray(distances[:, :k])).double()
-    logw = torch.log_softmax(-d / temperature, dim=1)  # (n, k)
-    match = torch.from_numpy(np.ascontiguousarray(neighbor_vals[:, :k]) == targets[:, None])
-    return torch.logsumexp(logw.masked_fill(~match, -math.inf), dim=1).numpy()
+    return knn_logprobs(distances, neighbor_vals, targets, k, [temperature])[0]
+
+
+def knn_logprobs(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.ndarray, k: int,
+                 temperatures: list[float]) -> list[np.ndarray]:
+    """`knn_logprob` for several temperatures at one k, reading and comparing the neighbours once:
+    log p_kNN = logsumexp over matching neighbours of −d/τ  −  logsumexp over all k of −d/τ."""
+    d = torch.from_numpy(np.ascontiguousarray(distances[:, :k])).double()  # (n, k)
+    miss = torch.from_numpy(np.ascontiguousarray(neighbor_vals[:, :k]) != targets[:, None])  # (n, k)
+    out = []
+    for tau in temperatures:
+        scores = d / -tau
+        total = torch.logsumexp(scores, dim=1)
+        out.append((torch.logsumexp(scores.masked_fill_(miss, -math.inf), dim=1) - total).numpy())
+    return out
 
 
 def interpolate(lm_logprob: np.ndarray, knn_lp: np.ndarray, lmbda: float) -> np.ndarray:
