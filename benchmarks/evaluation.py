@@ -33,7 +33,7 @@ from knnlm.checkpoint import load_model
 from knnlm.config import apply_overrides, read_run_config
 from knnlm.data import corpus_for, token_stream
 from knnlm.datastore import Datastore, stride_of
-from knnlm.evaluate import load_search, tune
+from knnlm.evaluate import tune, tuning_arrays
 from knnlm.model import score_stream
 
 
@@ -83,10 +83,7 @@ def main() -> None:
         print(f"LM-only evaluation: {lm_seconds:.0f} s; kNN-LM / LM-only = {res['knnlm_over_lm_only']:.2f}", flush=True)
 
         # 4. tuning from the saved neighbours
-        arrays = load_search(scratch / "eval" / a.split)
-        targets, lm = arrays["targets"], arrays["lm_logprobs"]
-        dists = np.asarray(arrays["distances"])
-        nvals = Datastore(scratch / "datastore").vals[np.asarray(arrays["neighbors"])]
+        targets, lm, dists, nvals = tuning_arrays(scratch, a.split)
         res["tuning"] = []
         grids = {"100 settings": ["eval.k=16,32,64,128,256", "eval.temperature=1,3,10,30", "eval.lmbda=0.1,0.2,0.25,0.3,0.4"],
                  "default grid": []}

@@ -369,6 +369,15 @@ def _percent(x: float) -> str:
     return "–" if not math.isfinite(x) else f"{100 * x:+.1f}%"
 
 
+def _frequent_key_fit(run: EvaluatedRun, frequent: np.ndarray, losses: np.ndarray, threshold: float, seed: int,
+                      max_points: int) -> GmmSplit:
+    """`gmm_loglik_split` on a seed's sample of the frequent-word tokens; only the sampled rows of the memory-mapped
+    (n, d) query keys are read."""
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(frequent), size=min(len(frequent), max_points), replace=False))
+    return gmm_loglik_split(run.query_keys[frequent[picked]], losses[picked], threshold, seed=seed, max_points=max_points)
+
+
 def _default_labels(runs: list[Path]) -> list[str]:
     names = [r.resolve().name for r in runs]
     return names if len(set(names)) == len(names) else [str(r) for r in runs]
@@ -425,19 +434,13 @@ def analyze(out: Path, runs: list[Path], labels: list[str] | None = None, *, fre
         losses = run.knnlm_losses[frequent]
         threshold = float(np.median(losses)) if len(losses) else math.nan  # median over all frequent tokens
         # One fit per seed (its own sample and initialisation): the spread of the difference over fits says how much
-        # of it is EM's and the sample's noise. Sampling here reads only ≤ gmm_max_points rows of the (n, d) keys.
-        diffs = []
-        for r in range(gmm_repeats):
-            rng = np.random.default_rng(seed + r)
-            picked = np.sort(rng.choice(len(frequent), size=min(len(frequent), gmm_max_points), replace=False))
-            fit = gmm_loglik_split(run.query_keys[frequent[picked]], losses[picked], threshold, seed=seed + r,
-                                   max_points=gmm_max_points)
-            diffs.append(fit.difference)
-            if r == 0:
-                split = fit  # the figure shows the first fit
+        # of it is EM's and the sample's noise. The figure and the first columns show the first fit.
+        fits = [_frequent_key_fit(run, frequent, losses, threshold, seed + r, gmm_max_points) for r in range(gmm_repeats)]
+        split, diffs = fits[0], [f.difference for f in fits]
         splits.append((run.label, split))
         gmm_json[run.label] = {
-            "frequent_words": frequent_words, "frequent_tokens": int(len(frequent)), "scored_keys": int(len(picked)),
+            "frequent_words": frequent_words, "frequent_tokens": int(len(frequent)),
+            "scored_keys": int(len(split.loglik_high) + len(split.loglik_low)),
             "threshold": _json_number(split.threshold), "n_high": int(len(split.loglik_high)),
             "n_low": int(len(split.loglik_low)), "mean_loglik_high": _json_number(split.mean_high),
             "mean_loglik_low": _json_number(split.mean_low), "difference_low_minus_high": _json_number(split.difference),

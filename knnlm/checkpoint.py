@@ -98,17 +98,22 @@ def load_training_state(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer
     return state
 
 
-def load_model(run: str | Path, vocab_size: int | None = None) -> tuple[TransformerLM, Config, dict]:
-    """The run's latest model for inference (eval mode), its config and checkpoint meta."""
+def latest_meta(run: str | Path) -> dict:
+    """The meta.json of the run's latest complete checkpoint, with its folder as "path" (the weights unread)."""
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise UserError(f"{run}: no complete checkpoint (run `knnlm train` into this folder first)")
-    meta = read_meta(ckpt, "checkpoint")
+    return {**read_meta(ckpt, "checkpoint"), "path": str(ckpt)}
+
+
+def load_model(run: str | Path, vocab_size: int | None = None) -> tuple[TransformerLM, Config, dict]:
+    """The run's latest model for inference (eval mode), its config and checkpoint meta."""
+    meta = latest_meta(run)
+    ckpt = Path(meta["path"])
     cfg = from_dict(meta["config"], str(ckpt / "meta.json"))
     if vocab_size is not None and meta["vocab_size"] != vocab_size:
         raise UserError(f"{ckpt}: checkpoint is for a vocabulary of {meta['vocab_size']} types, the corpus has {vocab_size}")
     model = build_model(cfg.model, meta["vocab_size"])
     _load_safetensors_into(model, ckpt / "model.safetensors")
     model.eval()
-    meta["path"] = str(ckpt)
     return model, cfg, meta

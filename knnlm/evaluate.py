@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, atomic_dir, load_npy, read_json, read_meta, save_npy, write_json
-from .checkpoint import latest_checkpoint, load_model
+from .artifacts import UserError, atomic_dir, load_npy, read_json, save_npy, write_json
+from .checkpoint import latest_meta, load_model
 from .config import Config
 from .data import corpus_for, token_stream
 from .datastore import Datastore, stride_of
@@ -63,10 +63,7 @@ def load_search(folder: Path) -> dict[str, np.ndarray]:
 
 def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) -> dict:
     """The expensive part: LM scores, query keys and k_max neighbours of every token of `split` (cached)."""
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise UserError(f"{run}: no complete checkpoint (run `knnlm train` into this folder first)")
-    ckpt_meta = {**read_meta(ckpt, "checkpoint"), "path": str(ckpt)}  # the model itself only if we must score
+    ckpt_meta = latest_meta(run)  # the model itself is loaded only if the split must be scored
     ds = Datastore(run / "datastore")
     ds.check_model(ckpt_meta)
     e = cfg.eval
@@ -117,6 +114,14 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     return record
 
 
+def tuning_arrays(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What tuning reads from a saved search: targets (n,), LM log-probs (n,), neighbour distances (n, K) and
+    the neighbours' values (n, K)."""
+    arrays = load_search(Path(run) / "eval" / split)
+    nvals = Datastore(Path(run) / "datastore").vals[np.asarray(arrays["neighbors"])]
+    return arrays["targets"], arrays["lm_logprobs"], np.asarray(arrays["distances"]), nvals
+
+
 def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config) -> list[dict]:
     """kNN-LM perplexity for every (k, temperature, λ) of the grid, from the cached neighbours only."""
     rows = []
@@ -134,10 +139,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         raise UserError(f"--split: expected valid or test, got {split!r}")
     record = score_and_search(run, cfg, split, progress)
     folder = run / "eval" / split
-    arrays = load_search(folder)
-    targets, lm = arrays["targets"], arrays["lm_logprobs"]
-    dists = np.asarray(arrays["distances"])
-    nvals = Datastore(run / "datastore").vals[np.asarray(arrays["neighbors"])]  # (n, K) values of the neighbours
+    targets, lm, dists, nvals = tuning_arrays(run, split)
     if max(cfg.eval.k) > dists.shape[1]:
         raise UserError(f"eval.k: {max(cfg.eval.k)} is more than the {dists.shape[1]} neighbours stored in {folder}")
 

@@ -95,6 +95,14 @@ def available_memory() -> int | None:
     return None
 
 
+def centering_vector(keys: np.ndarray, rows: int = 65536) -> torch.Tensor:
+    """The mean of up to `rows` evenly spaced keys, fp32 (d,): what the low-precision searches subtract from keys
+    and queries. Any vector leaves distances unchanged; one near the mean makes the vectors, and so their rounding
+    errors, small. A sample spares a second pass over a large store."""
+    step = max(1, len(keys) // rows)
+    return torch.from_numpy(np.asarray(keys[::step], dtype=np.float64).mean(0).astype(np.float32))
+
+
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
@@ -117,7 +125,7 @@ class AmxExactSearch:
             raise RuntimeError("AMX search is not available on this machine")
         if keys.dtype != np.float16 or keys.ndim != 2:
             raise ValueError(f"keys: expected a 2-d float16 array, got {keys.dtype} {keys.shape}")
-        self.keys, (self.N, self.d) = keys, keys.shape
+        self.N, self.d = keys.shape
         self.margin, self.margin_fraction = margin, margin_fraction
         self.query_block, self.key_chunk = query_block, key_chunk
         self.D = -(-self.d // 32) * 32  # dimensions padded to whole 32-wide tiles
@@ -126,11 +134,7 @@ class AmxExactSearch:
         if free is not None and need > 0.8 * free:
             raise UserError(f"eval.index: amx-exact needs a {need / 2**30:.1f} GiB bf16 copy of the keys but only "
                             f"{free / 2**30:.1f} GiB of memory is available; use an IVF index (e.g. 'IVF4096,PQ64')")
-        # Mean key in float64, then centered bf16 keys and their fp32 norms, block by block from the store.
-        total = np.zeros(self.d, dtype=np.float64)
-        for lo in range(0, self.N, block):
-            total += np.asarray(keys[lo : lo + block], dtype=np.float64).sum(0)
-        self.mean = torch.from_numpy((total / max(self.N, 1)).astype(np.float32))
+        self.mean = centering_vector(keys)
         # Centered bf16 keys written straight into AMX's VNNI layout for the B operand:
         # (Np/16 key groups, D/32 chunks, 16 dimension pairs, 16 keys, 2), block by block (torch copies in parallel).
         packed = torch.zeros((Np // 16, self.D // 32, 16, 16, 2), dtype=torch.bfloat16)
@@ -144,9 +148,7 @@ class AmxExactSearch:
             packed[lo // 16 : lo // 16 + len(xb) // 16] = xb.view(-1, 16, self.D // 32, 16, 2).permute(0, 2, 3, 1, 4)
         self.packed = packed.view(torch.int16).numpy().view(np.uint16)
         self.norms = norms.numpy()
-        self.keys16 = np.ascontiguousarray(keys) if not isinstance(keys, np.memmap) else keys
-        if not self.keys16.flags.c_contiguous:
-            self.keys16 = np.ascontiguousarray(self.keys16)
+        self.keys16 = keys if keys.flags.c_contiguous else np.ascontiguousarray(keys)  # exact distances, read in place
 
     def candidates(self, k: int) -> int:
         return min(self.N, k + max(self.margin, int(k * self.margin_fraction)))

@@ -25,18 +25,17 @@ import torch
 from tqdm import tqdm
 
 from .artifacts import UserError
+from .fastsearch import AmxExactSearch, available as amx_available, centering_vector
 
 
 EXACT = ("Flat", "bf16-exact", "amx-exact")  # searches whose neighbours and distances are the exact ones
 
 
 def resolve_index(name: str) -> str:
-    from . import fastsearch
-
     name = name.strip()
     if name == "auto":
-        return "bf16-exact" if torch.cuda.is_available() else "amx-exact" if fastsearch.available() else "Flat"
-    if name == "amx-exact" and not fastsearch.available():
+        return "bf16-exact" if torch.cuda.is_available() else "amx-exact" if amx_available() else "Flat"
+    if name == "amx-exact" and not amx_available():
         raise UserError("eval.index: 'amx-exact' needs a CPU with AMX (amx_bf16) and a C++ compiler; use 'auto' or 'Flat'")
     return name
 
@@ -60,14 +59,16 @@ class TorchExactSearch:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.keys = keys  # (N, d) float16, memory-mapped: the exact values for re-ranking
         self.block, self.margin = block, margin
-        k32 = [torch.from_numpy(np.asarray(keys[i : i + block], dtype=np.float32)) for i in range(0, len(keys), block)]
-        self.mean = (sum(k.double().sum(0) for k in k32) / max(len(keys), 1)).float()
-        self.max_norm = max((float((k - self.mean).norm(dim=1).max()) for k in k32), default=0.0)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.bfloat16)
-        kb = [(k - self.mean).to(self.dtype) for k in k32]  # 2 bytes per dimension in memory
-        del k32
-        self.norms = torch.cat([k.float().pow(2).sum(1) for k in kb]).to(self.device)  # (N,) of the rounded keys
+        self.mean = centering_vector(keys)
+        kb, norms, self.max_norm = [], [], 0.0
+        for lo in range(0, len(keys), block):  # one block of the (memory-mapped) store in fp32 at a time
+            x = torch.from_numpy(np.asarray(keys[lo : lo + block], dtype=np.float32)) - self.mean
+            self.max_norm = max(self.max_norm, float(x.norm(dim=1).max()))
+            kb.append(x.to(self.dtype))  # 2 bytes per dimension in memory
+            norms.append(kb[-1].float().pow(2).sum(1))  # of the rounded keys the products use
         self.kb = torch.cat(kb).to(self.device)  # (N, d)
+        self.norms = torch.cat(norms).to(self.device)  # (N,)
         self.mean = self.mean.to(self.device)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,10 +176,8 @@ def make_searcher(keys: np.ndarray, index: str, nprobe: int = 32, ds_folder: Pat
     if name == "bf16-exact":
         return TorchExactSearch(keys)
     if name == "amx-exact":
-        from .fastsearch import AmxExactSearch
-
         return AmxExactSearch(keys)
-    if name.strip() != "Flat" and ds_folder is not None:
+    if name != "Flat" and ds_folder is not None:
         built = load_or_build_index(ds_folder, keys, name, model_sha256)
         return FaissSearch(keys, name, nprobe=nprobe, index=built, rerank_factor=rerank_factor)
     return FaissSearch(keys, name, nprobe=nprobe, rerank_factor=rerank_factor)
