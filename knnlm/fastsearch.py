@@ -9,7 +9,7 @@ search built from separate PyTorch ops spends its time writing and re-reading di
    running threshold while they are still in registers; each query keeps its `k + margin` best candidates;
 2. exact fp32 distances from the stored float16 keys for those candidates; the k nearest are returned.
 
-Keys and queries are centered on the mean key before rounding to bf16 (distances do not change; rounding errors
+Keys and queries are centered on the (sampled) mean key before rounding to bf16 (distances do not change; rounding errors
 shrink with the vectors' norms). The margin absorbs what is left: `tests/test_knn.py` checks the neighbours equal
 an exact search, and `benchmarks/search.py` reports recall against FAISS and a float64 brute force.
 

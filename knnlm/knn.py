@@ -50,7 +50,7 @@ class TorchExactSearch:
     """Blocked search in PyTorch, for GPUs: low-precision candidate distances, exact fp32 re-ranking of `k + margin`.
 
     Products are fp16 on GPUs (tensor cores; 10 mantissa bits in and out, against bf16's 7, since PyTorch returns a
-    half-precision product in half precision) and bf16 on CPUs; keys are centered on their mean first, which
+    half-precision product in half precision) and bf16 on CPUs; keys are centered on a sampled mean first, which
     leaves distances unchanged and shrinks rounding errors with the norms. fp16 falls back to fp32 where a product
     could overflow it."""
 
