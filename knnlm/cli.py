@@ -178,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     an.add_argument("--gmm-repeats", type=int, default=3, help="GMM fits per run, each its own sample and seed")
     an.set_defaults(fn=cmd_analyze)
 
-    args = p.parse_args(argv)
+    # overrides may also follow an option (`knnlm sweep STUDY --out DIR eval.k=64`), where argparse has already
+    # filled the positionals
+    args, extra = p.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if getattr(args, "debug", False) or "--debug" in (argv or sys.argv):
         args.fn(args)
         return 0

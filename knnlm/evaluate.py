@@ -15,6 +15,7 @@ reads the saved neighbours and never searches again.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -132,6 +133,17 @@ def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarr
     return rows
 
 
+def grid_edges(best: dict, cfg: Config) -> list[str]:
+    """Tuned values that sit at an open end of their grid (k at its largest, the temperature at either end);
+    λ's grid is the whole of [0, 1], so it has none."""
+    e, edges = cfg.eval, []
+    if len(e.k) > 1 and best["k"] == max(e.k):
+        edges.append(f"tuned k = {best['k']} is the largest of eval.k")
+    if len(e.temperature) > 1 and best["temperature"] in (min(e.temperature), max(e.temperature)):
+        edges.append(f"tuned temperature = {best['temperature']:g} is at an end of eval.temperature")
+    return edges
+
+
 def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool = True) -> dict:
     """LM and kNN-LM perplexity of `split`; hyper-parameters tuned here on valid, reused from valid on test."""
     run = Path(run)
@@ -147,6 +159,8 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         grid = tune(lm, dists, nvals, targets, cfg)
         write_json(folder / "tuning.json", grid)
         best = min(grid, key=lambda r: r["ppl"])
+        for edge in grid_edges(best, cfg):
+            print(f"warning: {folder}: {edge}; the optimum may lie outside the grid, widen it", file=sys.stderr)
     else:
         valid_summary = run / "eval" / "valid" / "summary.json"
         if not valid_summary.is_file():
@@ -168,6 +182,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         "knnlm_word_ppl": math.exp(-float(np.sum(mixed, dtype=np.float64)) / words),
         "lambda": best["lambda"], "k": best["k"], "temperature": best["temperature"],
         "target_in_neighbors": float(found.mean()),
+        "grid_edges": grid_edges(best, cfg) if split == "valid" else [],
         "index": record["index"], "datastore_size": record["datastore_size"],
         "searched_queries": record.get("searched_queries"), "seconds": record["seconds"],
     }

@@ -3,7 +3,8 @@
 One model per (regularizer, ω, seed): each is trained, its datastore built and its kNN-LM evaluated on valid
 (λ, k, temperature tuned per model) by the same `run_pipeline` as `knnlm run`. Each finished run's numbers are
 written at once to `RESULTS/runs/<name>.json` (commit them: a stopped sweep continues from what is recorded and
-reuses finished models). When every run of a stage is done the sweep writes, under RESULTS:
+reuses finished models; a record made with other evaluation settings, e.g. a wider k grid, is evaluated again
+from its trained model, and one made with other training settings stops the sweep). When every run of a stage is done the sweep writes, under RESULTS:
 
 - `table.md` / `table.json`: the paper's Table 1 form, rows train LM / valid LM / valid kNN-LM ppl, columns ω,
   cells mean ± std over seeds;
@@ -88,11 +89,19 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
 
     name = run_name(regularizer, omega, seed)
     record_path = results / "runs" / f"{name}.json"
-    if record_path.is_file():
-        return read_json(record_path)
     cfg = load_config(study.base, [*study.overrides, *extra, f"train.regularizer={regularizer}",
                                    f"train.omega={omega}", f"train.seed={seed}"])
-    print(f"== {name}", flush=True)
+    if record_path.is_file():
+        record = read_json(record_path, "study record")
+        changed = changed_settings(record.get("config", {}), cfg.to_dict())
+        if not changed:
+            return record
+        if any(not c.startswith("eval.") for c in changed):
+            raise UserError(f"{record_path}: recorded with other settings ({', '.join(changed)}); "
+                            "move the record away to redo the run")
+        print(f"== {name}: evaluating again ({', '.join(changed)} changed)", flush=True)
+    else:
+        print(f"== {name}", flush=True)
     res = run_pipeline(cfg, out / name)
     v = res["valid"]
     record = {
@@ -106,6 +115,20 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
     }
     write_json(record_path, record)
     return record
+
+
+def changed_settings(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """The `section.key` settings whose values differ; settings a record lacks (added to knnlm since) count as
+    unchanged. Only evaluation settings may change under a finished run: its model is reused."""
+    changed = []
+    for key, value in current.items():
+        if key not in recorded:
+            continue
+        if isinstance(value, dict) and isinstance(recorded[key], dict):
+            changed += changed_settings(recorded[key], value, f"{prefix}{key}.")
+        elif recorded[key] != value:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

@@ -59,6 +59,27 @@ def test_evaluate_reuses_the_search(tiny_run, tmp_path):
     knnlm("evaluate", "--out", out)  # restore the tuned summary for other tests
 
 
+def test_tuned_values_at_an_open_end_of_their_grid_are_reported(tiny_run):
+    from knnlm.config import Config
+    from knnlm.evaluate import grid_edges
+
+    cfg = Config()
+    cfg.eval.k, cfg.eval.temperature = [8, 64, 256], [0.3, 1.0, 3.0]
+    assert grid_edges({"k": 64, "temperature": 1.0, "lambda": 1.0}, cfg) == []  # λ's grid is all of [0, 1]
+    assert len(grid_edges({"k": 256, "temperature": 3.0, "lambda": 0.2}, cfg)) == 2
+    assert "eval.temperature" in grid_edges({"k": 8, "temperature": 0.3, "lambda": 0.2}, cfg)[0]
+    cfg.eval.k = [256]  # a single value is a choice, not a grid
+    assert grid_edges({"k": 256, "temperature": 1.0, "lambda": 0.2}, cfg) == []
+    # the command line warns exactly when the summary lists an edge
+    out, _ = tiny_run
+    proc = knnlm("evaluate", "--out", out, "eval.k=8,16", "eval.temperature=0.5,1000")
+    summary = json.loads(proc.stdout)
+    cfg.eval.k, cfg.eval.temperature = [8, 16], [0.5, 1000.0]
+    assert summary["grid_edges"] == grid_edges(summary, cfg) != []  # a 2-value temperature grid has only ends
+    assert ("warning:" in proc.stderr) == bool(summary["grid_edges"])
+    knnlm("evaluate", "--out", out)  # restore the tuned summary for other tests
+
+
 def _weights(run):
     return load_file(str(latest_checkpoint(run) / "model.safetensors"))
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TINY, knnlm, snapshot
+from conftest import TINY, fails, knnlm, snapshot
 
 OVERRIDES = ["data.max_train_tokens=20000", "data.max_eval_tokens=2000", "model.context=32", "train.batch_size=8",
              "train.epochs=1", "train.warmup_steps=2", "eval.k_max=16", "eval.k=4,16"]
@@ -62,3 +62,22 @@ def test_rerun_reuses_records_and_trained_models(study):
     after = json.loads(lost.read_text())
     assert after["valid_knnlm_ppl"] == before["valid_knnlm_ppl"]
     assert {k: v for k, v in snapshot(results / "runs").items() if k != lost.name} == others
+
+
+def test_changed_evaluation_settings_reevaluate_records_and_other_changes_are_refused(study):
+    path, runs, results = study
+    names = sorted(p.stem for p in (results / "runs").glob("*.json"))
+    checkpoints = {n: snapshot(runs / n / "checkpoints") for n in names}
+    proc = knnlm("sweep", path, "--out", runs, "eval.k=4,8")
+    assert proc.stdout.count("evaluating again (eval.k changed)") == len(names) == 6
+    for n in names:
+        assert snapshot(runs / n / "checkpoints") == checkpoints[n]  # the models are reused, not retrained
+        record = json.loads((results / "runs" / f"{n}.json").read_text())
+        grid = json.loads((runs / n / "eval" / "valid" / "tuning.json").read_text())
+        assert record["config"]["eval"]["k"] == [4, 8] and {row["k"] for row in grid} == {4, 8}
+        assert record["valid_knnlm_ppl"] == pytest.approx(min(row["ppl"] for row in grid))
+
+    before = snapshot(results)
+    proc = knnlm("sweep", path, "--out", runs, "eval.k=4,8", "train.lr=0.001", check=False)
+    fails(proc, "l2_omega0_seed0.json", "train.lr", "move the record away")
+    assert snapshot(results) == before
