@@ -4,7 +4,8 @@ One model per (regularizer, ω, seed): each is trained, its datastore built and 
 (λ, k, temperature tuned per model) by the same `run_pipeline` as `knnlm run`. Each finished run's numbers are
 written at once to `RESULTS/runs/<name>.json` (commit them: a stopped sweep continues from what is recorded and
 reuses finished models; a record made with other evaluation settings, e.g. a wider k grid, is evaluated again
-from its trained model, and one made with other training settings stops the sweep). When every run of a stage is done the sweep writes, under RESULTS:
+from its trained model, and one made with other training settings stops the sweep). When every run of a stage
+is done the sweep writes, under RESULTS:
 
 - `table.md` / `table.json`: the paper's Table 1 form, rows train LM / valid LM / valid kNN-LM ppl, columns ω,
   cells mean ± std over seeds;
