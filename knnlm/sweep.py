@@ -147,13 +147,18 @@ def omega_table(records: list[dict], regularizer: str = "l2") -> dict:
     return table
 
 
+def _cell(mean: float, std: float, n: int) -> str:
+    """mean ± std over n seeds; a single seed has no spread to show."""
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
 def table_markdown(table: dict, title: str) -> str:
     labels = {"train_lm_ppl": "Train ppl LM", "valid_lm_ppl": "Valid ppl LM", "valid_knnlm_ppl": "Valid ppl kNN-LM"}
     omegas = list(table)
     head = "| | " + " | ".join(f"ω = {o:g}" for o in omegas) + " |"
     lines = [f"### {title}", "", head, "|---" * (len(omegas) + 1) + "|"]
     for m, label in labels.items():
-        lines.append(f"| {label} | " + " | ".join(f"{table[o][m][0]:.2f} ± {table[o][m][1]:.2f}" for o in omegas) + " |")
+        lines.append(f"| {label} | " + " | ".join(_cell(*table[o][m]) for o in omegas) + " |")
     lines.append("| seeds | " + " | ".join(str(table[o]["valid_lm_ppl"][2]) for o in omegas) + " |")
     return "\n".join(lines) + "\n"
 
@@ -220,7 +225,7 @@ def write_moco_comparison(records: list[dict], omega: float, results: Path) -> N
     lines = [f"### MOCO vs L2 at ω = {omega:g} (mean ± std over seeds)", "",
              "| regularizer | train LM | valid LM | valid kNN-LM | seeds |", "|---|---|---|---|---|"]
     for reg, v in rows.items():
-        lines.append(f"| {reg} | " + " | ".join(f"{v[m][0]:.2f} ± {v[m][1]:.2f}" for m in ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl"))
+        lines.append(f"| {reg} | " + " | ".join(_cell(*v[m]) for m in ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl"))
                      + f" | {v['valid_lm_ppl'][2]} |")
     write_text(results / "moco_vs_l2.md", "\n".join(lines) + "\n")
     plot_regularizer_bars(rows, results / "moco_vs_l2.png", f"MOCO vs L2 at ω = {omega:g}")
@@ -249,7 +254,6 @@ def write_test_results(study: Study, out: Path, results: Path, best: float) -> N
     lines = ["### Test perplexity (λ, k, temperature chosen on valid; mean ± std over seeds)", "",
              "| ω | test LM | test kNN-LM | seeds |", "|---|---|---|---|"]
     for o, v in rows.items():
-        lines.append(f"| {o} | {v['test_lm_ppl'][0]:.2f} ± {v['test_lm_ppl'][1]:.2f} | "
-                     f"{v['test_knnlm_ppl'][0]:.2f} ± {v['test_knnlm_ppl'][1]:.2f} | {v['seeds']} |")
+        lines.append(f"| {o} | {_cell(*v['test_lm_ppl'], v['seeds'])} | {_cell(*v['test_knnlm_ppl'], v['seeds'])} | {v['seeds']} |")
     write_text(results / "test.md", "\n".join(lines) + "\n")
 
