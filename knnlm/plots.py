@@ -53,3 +53,21 @@ def plot_regularizer_bars(rows: dict, path: Path, title: str) -> None:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     save(fig, path)
+
+
+def plot_ppl_by_k(curves: dict, path: Path, title: str) -> None:
+    """Best valid kNN-LM perplexity at each k, one line per ω: {label: {k: (mean, std)}}, k on a log axis."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, by_k in curves.items():
+        ks = sorted(by_k)
+        mean = np.array([by_k[k][0] for k in ks])
+        std = np.array([by_k[k][1] for k in ks])
+        line, = ax.plot(ks, mean, "o-", ms=3, label=label)
+        ax.fill_between(ks, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (neighbours; temperature and λ tuned at each k)")
+    ax.set_ylabel("valid kNN-LM perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="ω")
+    save(fig, path)

@@ -24,6 +24,7 @@ The study file (TOML) names a base config and the grid:
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,15 @@ def key_statistics(run: Path, cfg: Config) -> dict:
     return stats
 
 
+def best_by_k(grid: list[dict]) -> dict[str, float]:
+    """The best perplexity at each k of a tuning grid (temperature and λ tuned at that k)."""
+    best: dict[str, float] = {}
+    for row in grid:
+        k = str(row["k"])
+        best[k] = min(best.get(k, math.inf), row["ppl"])
+    return best
+
+
 def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: float, seed: int,
             extra: list[str] = ()) -> dict:
     """Train/datastore/evaluate one model unless its record exists; write the record as soon as it is done."""
@@ -110,6 +120,7 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
         "train_lm_ppl": res["train"]["train_ppl"], "valid_lm_ppl": v["lm_ppl"], "valid_knnlm_ppl": v["knnlm_ppl"],
         "lambda": v["lambda"], "k": v["k"], "temperature": v["temperature"],
         "target_in_neighbors": v["target_in_neighbors"], "epochs": res["train"]["epochs"],
+        "valid_knnlm_ppl_by_k": best_by_k(read_json(out / name / "eval" / "valid" / "tuning.json", "tuning grid")),
         "seconds": {**res["seconds"], "train_compute": res["train"]["train_seconds"]},
         **key_statistics(out / name, cfg),
         "config": cfg.to_dict(),
@@ -170,7 +181,7 @@ def best_omega(table: dict) -> float | None:
 
 
 def write_tables(records: list[dict], results: Path) -> dict:
-    from .plots import plot_omega_curve
+    from .plots import plot_omega_curve, plot_ppl_by_k
 
     table = omega_table(records, "l2")
     if not table:
@@ -178,6 +189,16 @@ def write_tables(records: list[dict], results: Path) -> dict:
     write_text(results / "table.md", table_markdown(table, "L2 activation regularization on WikiText-2 (mean ± std over seeds)"))
     write_json(results / "table.json", {f"{o:g}": v for o, v in table.items()})
     plot_omega_curve(table, results / "figure1.png", "L2 regularizer: valid perplexity against ω")
+    # how each ω's kNN-LM improves with k (records made before this was recorded have no curve)
+    curves = {}
+    for omega in table:
+        rs = [r["valid_knnlm_ppl_by_k"] for r in records
+              if r["regularizer"] == "l2" and r["omega"] == omega and "valid_knnlm_ppl_by_k" in r]
+        ks = set.intersection(*(set(map(int, r)) for r in rs)) if rs else set()
+        if ks:
+            curves[f"{omega:g}"] = {k: _mean_std([r[str(k)] for r in rs]) for k in ks}
+    if curves:
+        plot_ppl_by_k(curves, results / "ppl_by_k.png", "L2 regularizer: kNN-LM perplexity against k")
     return table
 
 
