@@ -212,7 +212,7 @@ def knn_logprobs(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.n
                  temperatures: list[float]) -> list[np.ndarray]:
     """`knn_logprob` for several temperatures at one k, reading and comparing the neighbours once:
     log p_kNN = logsumexp over matching neighbours of −d/τ  −  logsumexp over all k of −d/τ."""
-    d = torch.from_numpy(np.ascontiguousarray(distances[:, :k])).double()  # (n, k)
+    d = torch.from_numpy(np.array(distances[:, :k], dtype=np.float64))  # (n, k), a writable copy even of a mmap
     miss = torch.from_numpy(np.ascontiguousarray(neighbor_vals[:, :k]) != targets[:, None])  # (n, k)
     out = []
     for tau in temperatures:
