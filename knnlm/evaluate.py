@@ -27,7 +27,7 @@ from .checkpoint import latest_meta, load_model
 from .config import Config
 from .data import corpus_for, token_stream
 from .datastore import Datastore, stride_of
-from .knn import EXACT, SEARCHED, interpolate, knn_logprob, knn_logprobs, make_searcher, perplexity, resolve_index, search_all
+from .knn import EXACT, SEARCHED, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexity, resolve_index, search_all
 from .model import score_stream
 
 ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
@@ -125,12 +125,9 @@ def tuning_arrays(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config) -> list[dict]:
     """kNN-LM perplexity for every (k, temperature, λ) of the grid, from the cached neighbours only."""
-    rows = []
-    for k in cfg.eval.k:
-        for tau, knn in zip(cfg.eval.temperature, knn_logprobs(dists, nvals, targets, k, cfg.eval.temperature)):
-            for lmbda in cfg.eval.lmbda:
-                rows.append({"k": k, "temperature": tau, "lambda": lmbda, "ppl": perplexity(interpolate(lm, knn, lmbda))})
-    return rows
+    knn = knn_logprob_grid(dists, nvals, targets, cfg.eval.k, cfg.eval.temperature)
+    return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": perplexity(interpolate(lm, knn[(k, tau)], lmbda))}
+            for k in cfg.eval.k for tau in cfg.eval.temperature for lmbda in cfg.eval.lmbda]
 
 
 def grid_edges(best: dict, cfg: Config) -> list[str]:

@@ -205,20 +205,45 @@ def knn_logprob(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.nd
 
     Uses the k nearest of the K stored neighbours; −inf where no neighbour carries the target.
     """
-    return knn_logprobs(distances, neighbor_vals, targets, k, [temperature])[0]
+    return knn_logprob_grid(distances, neighbor_vals, targets, [k], [temperature])[(k, temperature)]
 
 
-def knn_logprobs(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.ndarray, k: int,
-                 temperatures: list[float]) -> list[np.ndarray]:
-    """`knn_logprob` for several temperatures at one k, reading and comparing the neighbours once:
-    log p_kNN = logsumexp over matching neighbours of −d/τ  −  logsumexp over all k of −d/τ."""
-    d = torch.from_numpy(np.array(distances[:, :k], dtype=np.float64))  # (n, k), a writable copy even of a mmap
-    miss = torch.from_numpy(np.ascontiguousarray(neighbor_vals[:, :k]) != targets[:, None])  # (n, k)
-    out = []
-    for tau in temperatures:
-        scores = d / -tau
-        total = torch.logsumexp(scores, dim=1)
-        out.append((torch.logsumexp(scores.masked_fill_(miss, -math.inf), dim=1) - total).numpy())
+def knn_logprob_grid(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.ndarray, ks: list[int],
+                     temperatures: list[float], rows: int = 0) -> dict[tuple[int, float], np.ndarray]:
+    """`knn_logprob` for every (k, temperature) of a grid, reading the neighbours once per temperature.
+
+    Neighbours come sorted by distance, so the sums over the first k of every k in the grid are running sums:
+        log p_kNN = log Σ_{matching j<k} exp((d_m − d_j)/τ) − log Σ_{j<k} exp((d_0 − d_j)/τ) + (d_0 − d_m)/τ
+    with d_0 the nearest distance and d_m the nearest matching one, so every exp is ≤ 1 and the sums ≥ 1 where
+    they are not empty (no overflow, no underflow of the leading term). Rows are processed in blocks of `rows`
+    (default: about 8 MB of float64 distances).
+    """
+    ks = sorted(set(ks))
+    K, n = ks[-1], len(targets)
+    if K > distances.shape[1]:
+        raise ValueError(f"k = {K} is more than the {distances.shape[1]} stored neighbours")
+    out = {(k, tau): np.empty(n) for k in ks for tau in temperatures}
+    bounds = [0, *ks]
+    rows = rows or max(1, 2**20 // K)  # blocks of ~8 MB per float64 array: faster than one block or tiny ones
+    for lo in range(0, n, rows):
+        d = torch.from_numpy(np.array(distances[lo : lo + rows, :K], dtype=np.float64))  # a writable copy
+        if bool((d[:, 1:] < d[:, :-1]).any()):
+            raise ValueError("neighbour distances must be sorted in ascending order")
+        match = torch.from_numpy(np.asarray(neighbor_vals[lo : lo + rows, :K]) == targets[lo : lo + rows, None])
+        first = match.to(torch.uint8).argmax(1, keepdim=True)  # nearest matching column (0 if none)
+        d0, dm = d[:, :1], d.gather(1, first)
+        gap = d0 - d  # ≤ 0
+        gap_match = (dm - d).masked_fill_(~match, -math.inf)  # ≤ 0 where matching (columns before `first` do not)
+        buf = torch.empty_like(d)
+        for tau in temperatures:
+            sums = []
+            for g in (gap, gap_match):
+                torch.div(g, tau, out=buf).exp_()
+                sums.append(torch.stack([buf[:, a:b].sum(1) for a, b in zip(bounds, bounds[1:])], 1).cumsum_(1))
+            total, hit = sums
+            logp = torch.log(hit) - torch.log(total) + (d0 - dm) / tau  # log 0 = −inf: no match among the first k
+            for i, k in enumerate(ks):
+                out[(k, tau)][lo : lo + rows] = logp[:, i].numpy()
     return out
 
 

@@ -6,7 +6,7 @@ import torch
 
 from knnlm import fastsearch
 from knnlm.artifacts import UserError
-from knnlm.knn import FaissSearch, TorchExactSearch, interpolate, knn_logprob, make_searcher, resolve_index
+from knnlm.knn import FaissSearch, TorchExactSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher, resolve_index
 
 amx = pytest.mark.skipif(not fastsearch.available(), reason="no AMX CPU or no C++ compiler")
 
@@ -86,18 +86,30 @@ def test_ivf_pq_reranked_distances_are_exact(data):
     assert np.all(np.diff(d, axis=1) >= 0)
 
 
-def test_knn_logprob_equals_brute_force_numpy():
+def _log_p_knn(d, v, target, tau):
+    """log Σ_match exp(−d/τ) − log Σ exp(−d/τ), by numpy's logaddexp (finite wherever a neighbour matches)."""
+    s = -d.astype(np.float64) / tau
+    return np.logaddexp.reduce(s[v == target]) - np.logaddexp.reduce(s) if (v == target).any() else -math.inf
+
+
+@pytest.mark.parametrize("scale", [50.0, 5000.0])  # 5000: exp(−d/τ) underflows, the log-probabilities must not
+def test_knn_logprob_grid_equals_brute_force_numpy(scale):
     rng = np.random.default_rng(2)
     n, K, V = 30, 12, 7
-    dists = np.sort(rng.uniform(0, 50, (n, K)), axis=1).astype(np.float32)
+    dists = np.sort(rng.uniform(0, scale, (n, K)), axis=1).astype(np.float32)
     vals = rng.integers(0, V, (n, K))
     targets = rng.integers(0, V, n)
-    for k, tau in [(12, 10.0), (5, 1.0), (1, 3.0)]:
-        got = knn_logprob(dists, vals, targets, k, tau)
-        for j in range(n):
-            w = np.exp(-dists[j, :k].astype(np.float64) / tau)
-            p = w[vals[j, :k] == targets[j]].sum() / w.sum()
-            assert (got[j] == -math.inf) if p == 0 else math.isclose(got[j], math.log(p), rel_tol=1e-9)
+    ks, taus = [1, 5, 12], [0.3, 1.0, 10.0]
+    grid = knn_logprob_grid(dists, vals, targets, ks, taus, rows=7)  # row blocks that do not divide n
+    for k in ks:
+        for tau in taus:
+            for j in range(n):
+                want = _log_p_knn(dists[j, :k], vals[j, :k], targets[j], tau)
+                got = grid[(k, tau)][j]
+                assert got == want if want == -math.inf else math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
+            assert np.allclose(knn_logprob(dists, vals, targets, k, tau), grid[(k, tau)], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="sorted"):
+        knn_logprob_grid(dists[:, ::-1], vals, targets, [12], [1.0])
 
 
 def test_lambda_zero_is_the_lm_exactly_and_mixing_is_linear_in_p():
