@@ -1,8 +1,9 @@
 """kNN-LM evaluation of a whole split as a user runs it, against LM-only evaluation; tuning cost; peak memory.
 
-    python benchmarks/evaluation.py --run runs/wt2 [--split valid] [--index auto]
+    python benchmarks/evaluation.py --run runs/wt2 [--config configs/wikitext-2.toml] [--split valid] [--index auto]
 
-In one run, on a scratch copy of RUN (its checkpoints linked, never modified):
+In one run, on a scratch copy of RUN (its checkpoints linked, never modified), with the datastore and evaluation
+settings of --config (as `knnlm run --config` uses them; the run's own config.json may be older):
 1. `knnlm datastore` into the copy (subprocess): wall time and peak resident memory, against keys.npy's size;
 2. `knnlm evaluate` of the whole split (subprocess): wall time, its parts, peak resident memory, and the number of
    queries sent to the search (must equal the number of tokens: one search per token);
@@ -30,7 +31,7 @@ import numpy as np
 from common import write_results
 from knnlm import knn
 from knnlm.checkpoint import load_model
-from knnlm.config import apply_overrides, read_run_config
+from knnlm.config import apply_overrides, load_config
 from knnlm.data import corpus_for, token_stream
 from knnlm.datastore import Datastore, stride_of
 from knnlm.evaluate import tune, tuning_arrays
@@ -40,13 +41,15 @@ from knnlm.model import score_stream
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="runs/wt2")
+    p.add_argument("--config", default="configs/wikitext-2.toml")
     p.add_argument("--split", default="valid")
     p.add_argument("--index", default="auto")
     p.add_argument("--out", default="results/benchmarks")
     a = p.parse_args()
     run = Path(a.run).resolve()
     knnlm_cmd = [sys.executable, "-m", "knnlm.cli"]
-    res: dict = {"run": str(a.run), "split": a.split, "index": a.index}
+    res: dict = {"run": str(a.run), "config": a.config, "split": a.split, "index": a.index}
+    config = str(Path(a.config).resolve())
     with tempfile.TemporaryDirectory(dir=run.parent) as tmp:
         scratch = Path(tmp) / "run"
         scratch.mkdir()
@@ -54,7 +57,7 @@ def main() -> None:
         (scratch / "checkpoints").symlink_to(run / "checkpoints")
 
         # 1. datastore building
-        ds = rusage_run(knnlm_cmd + ["datastore", "--out", str(scratch)])
+        ds = rusage_run(knnlm_cmd + ["datastore", "--config", config, "--out", str(scratch)])
         keys_bytes = (scratch / "datastore" / "keys.npy").stat().st_size
         res["datastore"] = {**ds, "keys_bytes": keys_bytes, "rss_over_keys": ds["max_rss_bytes"] / keys_bytes,
                             "N": Datastore(scratch / "datastore").meta["N"]}
@@ -62,7 +65,7 @@ def main() -> None:
               f"(keys {keys_bytes / 2**30:.2f} GiB)", flush=True)
 
         # 2. kNN-LM evaluation of the whole split
-        ev = rusage_run(knnlm_cmd + ["evaluate", "--out", str(scratch), "--split", a.split,
+        ev = rusage_run(knnlm_cmd + ["evaluate", "--config", config, "--out", str(scratch), "--split", a.split,
                                      "data.max_eval_tokens=0", f"eval.index={a.index}"])
         summary = json.loads((scratch / "eval" / a.split / "summary.json").read_text())
         res["evaluate"] = {**ev, "rss_over_keys": ev["max_rss_bytes"] / keys_bytes, "summary": summary}
@@ -70,7 +73,7 @@ def main() -> None:
               f"{summary['searched_queries']} queries searched for {summary['tokens']} tokens", flush=True)
 
         # 3. LM-only evaluation of the same split, in this process
-        cfg = apply_overrides(read_run_config(scratch), ["data.max_eval_tokens=0"])
+        cfg = load_config(config, ["data.max_eval_tokens=0"])
         corpus = corpus_for(cfg)
         t = time.perf_counter()
         model, train_cfg, _ = load_model(scratch)
