@@ -156,9 +156,11 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         grid = tune(lm, dists, nvals, targets, cfg)
         write_json(folder / "tuning.json", grid)
         best = min(grid, key=lambda r: r["ppl"])
-        for edge in grid_edges(best, cfg):
+        edges = grid_edges(best, cfg)
+        for edge in edges:
             print(f"warning: {folder}: {edge}; the optimum may lie outside the grid, widen it", file=sys.stderr)
     else:
+        edges = []  # test reuses valid's choice: nothing is tuned here
         valid_summary = run / "eval" / "valid" / "summary.json"
         if not valid_summary.is_file():
             evaluate(run, cfg, "valid", progress)
@@ -179,7 +181,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         "knnlm_word_ppl": math.exp(-float(np.sum(mixed, dtype=np.float64)) / words),
         "lambda": best["lambda"], "k": best["k"], "temperature": best["temperature"],
         "target_in_neighbors": float(found.mean()),
-        "grid_edges": grid_edges(best, cfg) if split == "valid" else [],
+        "grid_edges": edges,
         "index": record["index"], "datastore_size": record["datastore_size"],
         "searched_queries": record.get("searched_queries"), "seconds": record["seconds"],
     }
