@@ -110,7 +110,9 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
         if any(not c.startswith("eval.") for c in changed):
             raise UserError(f"{record_path}: recorded with other settings ({', '.join(changed)}); "
                             "move the record away to redo the run")
-        print(f"== {name}: evaluating again ({', '.join(changed)} changed)", flush=True)
+        model_kept = (out / name / "train_summary.json").is_file()
+        print(f"== {name}: {'evaluating again' if model_kept else 'training again (its run folder is gone)'} "
+              f"({', '.join(changed)} changed)", flush=True)
     else:
         print(f"== {name}", flush=True)
     res = run_pipeline(cfg, out / name)
@@ -219,13 +221,30 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = ()) -> N
     table = write_tables(records, results)
 
     best = best_omega(table)
-    if study.moco and best is not None:
+    if best is None:
+        return
+    # the test split first: a few minutes, against ~30 for each MOCO run
+    if not _test_done(results, records, best):
+        write_test_results(study, out, results, best)
+    if study.moco:
         for seed in study.seeds:
             records = _replace(records, run_one(study, out, results, "moco", best, seed, study.moco_overrides))
-        write_moco_comparison(records, best, results)
+            write_moco_comparison(records, best, results)
 
-    if best is not None:
-        write_test_results(study, out, results, best)
+
+def _valid_choice(record: dict) -> list:
+    return [record["lambda"], record["k"], record["temperature"]]
+
+
+def _test_done(results: Path, records: list[dict], best: float) -> bool:
+    """Whether test.json already holds ω = 0 and this best ω, for every recorded seed, with the λ, k and
+    temperature now recorded on valid (a re-evaluated record may have chosen others)."""
+    if not (results / "test.json").is_file():
+        return False
+    rows = read_json(results / "test.json", "test results")
+    want = {f"{o:g}": {r["name"]: _valid_choice(r) for r in records if r["regularizer"] == "l2" and r["omega"] == o}
+            for o in (0.0, best)}
+    return {o: v.get("valid_choice") for o, v in rows.items()} == want
 
 
 def _replace(records: list[dict], rec: dict) -> list[dict]:
@@ -258,18 +277,21 @@ def write_test_results(study: Study, out: Path, results: Path, best: float) -> N
 
     rows = {}
     for omega in (0.0, best):
-        per_seed = []
+        per_seed, choice = [], {}
         for seed in study.seeds:
-            run = out / run_name("l2", omega, seed)
+            name = run_name("l2", omega, seed)
+            run = out / name
             if not (run / "datastore" / "meta.json").is_file():
                 continue
             cfg = load_config(study.base, [*study.overrides, f"train.omega={omega}", f"train.seed={seed}"])
             per_seed.append(evaluate(run, cfg, "test", progress=False))
+            choice[name] = _valid_choice(read_json(results / "runs" / f"{name}.json", "study record"))
         if per_seed:
             rows[f"{omega:g}"] = {
                 "test_lm_ppl": _mean_std([s["lm_ppl"] for s in per_seed]),
                 "test_knnlm_ppl": _mean_std([s["knnlm_ppl"] for s in per_seed]),
                 "seeds": len(per_seed),
+                "valid_choice": choice,  # each run's λ, k, temperature from valid, as used on test
             }
     write_json(results / "test.json", rows)
     lines = ["### Test perplexity (λ, k, temperature chosen on valid; mean ± std over seeds)", "",

@@ -52,6 +52,8 @@ def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(stu
         valid = json.loads((runs / f"l2_omega0.01_seed{s}" / "eval" / "valid" / "summary.json").read_text())
         tst = json.loads((runs / f"l2_omega0.01_seed{s}" / "eval" / "test" / "summary.json").read_text())
         assert (tst["lambda"], tst["k"], tst["temperature"]) == (valid["lambda"], valid["k"], valid["temperature"])
+    assert test["0.01"]["valid_choice"] == {n: [r["lambda"], r["k"], r["temperature"]] for n, r in records.items()
+                                            if n.startswith("l2_omega0.01_")}
 
 
 def test_rerun_reuses_records_and_trained_models(study):
@@ -61,8 +63,10 @@ def test_rerun_reuses_records_and_trained_models(study):
     lost.unlink()  # as if the sweep had been killed after training this model but before recording it
     others = snapshot(results / "runs")
     checkpoints = snapshot(runs / "l2_omega0.01_seed1" / "checkpoints")
+    test_before = (results / "test.json").read_bytes()
     proc = knnlm("sweep", path, "--out", runs)
     assert "== l2_omega0.01_seed1" in proc.stdout and proc.stdout.count("== ") == 1  # only the missing one ran
+    assert (results / "test.json").read_bytes() == test_before  # the same choices: the test split is not redone
     assert snapshot(runs / "l2_omega0.01_seed1" / "checkpoints") == checkpoints  # not retrained
     after = json.loads(lost.read_text())
     assert after["valid_knnlm_ppl"] == before["valid_knnlm_ppl"]
@@ -75,6 +79,14 @@ def test_changed_evaluation_settings_reevaluate_records_and_other_changes_are_re
     checkpoints = {n: snapshot(runs / n / "checkpoints") for n in names}
     proc = knnlm("sweep", path, "--out", runs, "eval.k=4,8")
     assert proc.stdout.count("evaluating again (eval.k changed)") == len(names) == 6
+    # the test split follows what valid now chooses
+    test = json.loads((results / "test.json").read_text())
+    for row in test.values():
+        for n, choice in row["valid_choice"].items():
+            r = json.loads((results / "runs" / f"{n}.json").read_text())
+            assert choice == [r["lambda"], r["k"], r["temperature"]] and choice[1] in (4, 8)
+            tst = json.loads((runs / n / "eval" / "test" / "summary.json").read_text())
+            assert [tst["lambda"], tst["k"], tst["temperature"]] == choice
     for n in names:
         assert snapshot(runs / n / "checkpoints") == checkpoints[n]  # the models are reused, not retrained
         record = json.loads((results / "runs" / f"{n}.json").read_text())
