@@ -9,6 +9,8 @@ is done the sweep writes, under RESULTS:
 
 - `table.md` / `table.json`: the paper's Table 1 form, rows train LM / valid LM / valid kNN-LM ppl, columns ω,
   cells mean ± std over seeds;
+- `paired.md` / `paired.json`: each ω > 0 against ω = 0 of the same seed (same initialisation and data order),
+  mean ± std of the per-seed differences, which the seed-to-seed spread of the table does not blur;
 - `figure1.png`: valid perplexity against ω, LM and kNN-LM with ± std bands;
 - `moco_vs_l2.md` / `.json` / `.png`: MOCO against L2 at the best ω > 0;
 - `test.md` / `test.json`: test perplexities of the best ω and of ω = 0, λ, k, temperature chosen on valid.
@@ -176,6 +178,28 @@ def table_markdown(table: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_differences(records: list[dict], regularizer: str = "l2") -> dict:
+    """{omega: {metric: [mean, std, n]}} of (run at ω) − (run at ω = 0 with the same seed), over the seeds that
+    have both."""
+    runs = {(r["omega"], r["seed"]): r for r in records if r["regularizer"] == regularizer}
+    diffs = {}
+    for omega in sorted({o for o, _ in runs if o > 0}):
+        pairs = [(runs[(omega, s)], runs[(0.0, s)]) for o, s in sorted(runs) if o == omega and (0.0, s) in runs]
+        if pairs:
+            diffs[omega] = {m: [*_mean_std([a[m] - b[m] for a, b in pairs]), len(pairs)]
+                            for m in ("valid_lm_ppl", "valid_knnlm_ppl")}
+    return diffs
+
+
+def paired_markdown(diffs: dict) -> str:
+    lines = ["### Against ω = 0 of the same seed (mean ± std of the per-seed differences; negative = better)", "",
+             "| ω | valid LM | valid kNN-LM | seeds |", "|---|---|---|---|"]
+    for omega, d in diffs.items():
+        cells = [f"{m:+.2f} ± {sd:.2f}" if n > 1 else f"{m:+.2f}" for m, sd, n in (d["valid_lm_ppl"], d["valid_knnlm_ppl"])]
+        lines.append(f"| {omega:g} | {cells[0]} | {cells[1]} | {d['valid_lm_ppl'][2]} |")
+    return "\n".join(lines) + "\n"
+
+
 def best_omega(table: dict) -> float | None:
     """The ω > 0 with the lowest mean valid kNN-LM perplexity."""
     positive = [o for o in table if o > 0]
@@ -190,6 +214,10 @@ def write_tables(records: list[dict], results: Path) -> dict:
         return table
     write_text(results / "table.md", table_markdown(table, "L2 activation regularization on WikiText-2 (mean ± std over seeds)"))
     write_json(results / "table.json", {f"{o:g}": v for o, v in table.items()})
+    diffs = paired_differences(records, "l2")
+    if diffs:
+        write_text(results / "paired.md", paired_markdown(diffs))
+        write_json(results / "paired.json", {f"{o:g}": v for o, v in diffs.items()})
     plot_omega_curve(table, results / "figure1.png", "L2 regularizer: valid perplexity against ω")
     # how each ω's kNN-LM improves with k (records made before this was recorded have no curve)
     curves = {}

@@ -28,7 +28,7 @@ def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(stu
     records = {p.stem: json.loads(p.read_text()) for p in (results / "runs").glob("*.json")}
     assert sorted(records) == sorted(f"{reg}_omega{o}_seed{s}" for reg, o in
                                      [("l2", "0"), ("l2", "0.01"), ("moco", "0.01")] for s in (0, 1))
-    for name in ("table.md", "table.json", "figure1.png", "ppl_by_k.png", "moco_vs_l2.md", "moco_vs_l2.json", "moco_vs_l2.png",
+    for name in ("table.md", "table.json", "paired.md", "paired.json", "figure1.png", "ppl_by_k.png", "moco_vs_l2.md", "moco_vs_l2.json", "moco_vs_l2.png",
                  "test.md", "test.json"):
         assert (results / name).stat().st_size > 0, name
     table = json.loads((results / "table.json").read_text())
@@ -37,6 +37,10 @@ def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(stu
         mean, std, n = table[omega]["valid_knnlm_ppl"]
         assert n == 2 and mean == pytest.approx(np.mean(xs)) and std == pytest.approx(np.std(xs, ddof=1))
         assert f"{mean:.2f} ± {std:.2f}" in (results / "table.md").read_text()
+    # the paired table: each ω > 0 minus ω = 0 of the same seed
+    paired = json.loads((results / "paired.json").read_text())
+    d = [records[f"l2_omega0.01_seed{s}"]["valid_knnlm_ppl"] - records[f"l2_omega0_seed{s}"]["valid_knnlm_ppl"] for s in (0, 1)]
+    assert set(paired) == {"0.01"} and paired["0.01"]["valid_knnlm_ppl"] == pytest.approx([np.mean(d), np.std(d, ddof=1), 2])
     # each record's perplexity is the best of its curve over k, and that curve comes from the run's tuning grid
     for name, r in records.items():
         grid = json.loads((runs / name / "eval" / "valid" / "tuning.json").read_text())
