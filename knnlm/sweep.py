@@ -152,19 +152,28 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+PPL_ROWS = ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl")
+
+
+def _over_seeds(values: dict[str, list[float]]) -> dict[str, list]:
+    """{metric: [mean, std, n]} of each metric's per-seed values."""
+    return {m: [*_mean_std(xs), len(xs)] for m, xs in values.items()}
+
+
+def _runs(records: list[dict], regularizer: str, omega: float) -> list[dict]:
+    return [r for r in records if r["regularizer"] == regularizer and r["omega"] == omega]
+
+
 def omega_table(records: list[dict], regularizer: str = "l2") -> dict:
     """{omega: {metric: [mean, std, n]}} over seeds."""
-    rows = ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl")
-    table = {}
-    for omega in sorted({r["omega"] for r in records if r["regularizer"] == regularizer}):
-        rs = [r for r in records if r["regularizer"] == regularizer and r["omega"] == omega]
-        table[omega] = {m: [*_mean_std([r[m] for r in rs]), len(rs)] for m in rows}
-    return table
+    return {omega: _over_seeds({m: [r[m] for r in _runs(records, regularizer, omega)] for m in PPL_ROWS})
+            for omega in sorted({r["omega"] for r in records if r["regularizer"] == regularizer})}
 
 
-def _cell(mean: float, std: float, n: int) -> str:
+def _cell(mean: float, std: float, n: int, signed: bool = False) -> str:
     """mean ± std over n seeds; a single seed has no spread to show."""
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+    m = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return f"{m} ± {std:.2f}" if n > 1 else m
 
 
 def table_markdown(table: dict, title: str) -> str:
@@ -186,8 +195,7 @@ def paired_differences(records: list[dict], regularizer: str = "l2") -> dict:
     for omega in sorted({o for o, _ in runs if o > 0}):
         pairs = [(runs[(omega, s)], runs[(0.0, s)]) for o, s in sorted(runs) if o == omega and (0.0, s) in runs]
         if pairs:
-            diffs[omega] = {m: [*_mean_std([a[m] - b[m] for a, b in pairs]), len(pairs)]
-                            for m in ("valid_lm_ppl", "valid_knnlm_ppl")}
+            diffs[omega] = _over_seeds({m: [a[m] - b[m] for a, b in pairs] for m in ("valid_lm_ppl", "valid_knnlm_ppl")})
     return diffs
 
 
@@ -195,8 +203,8 @@ def paired_markdown(diffs: dict) -> str:
     lines = ["### Against ω = 0 of the same seed (mean ± std of the per-seed differences; negative = better)", "",
              "| ω | valid LM | valid kNN-LM | seeds |", "|---|---|---|---|"]
     for omega, d in diffs.items():
-        cells = [f"{m:+.2f} ± {sd:.2f}" if n > 1 else f"{m:+.2f}" for m, sd, n in (d["valid_lm_ppl"], d["valid_knnlm_ppl"])]
-        lines.append(f"| {omega:g} | {cells[0]} | {cells[1]} | {d['valid_lm_ppl'][2]} |")
+        lines.append(f"| {omega:g} | {_cell(*d['valid_lm_ppl'], signed=True)} | {_cell(*d['valid_knnlm_ppl'], signed=True)} "
+                     f"| {d['valid_lm_ppl'][2]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -252,8 +260,9 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = ()) -> N
     if best is None:
         return
     # the test split first: a few minutes, against ~30 for each MOCO run
-    if not _test_done(results, records, best):
-        write_test_results(study, out, results, best)
+    inputs = {o: _runs(records, "l2", o) for o in (0.0, best)}
+    if not _test_done(results, inputs):
+        write_test_results(study, out, results, inputs)
     if study.moco:
         for seed in study.seeds:
             records = _replace(records, run_one(study, out, results, "moco", best, seed, study.moco_overrides))
@@ -264,14 +273,13 @@ def _valid_choice(record: dict) -> list:
     return [record["lambda"], record["k"], record["temperature"]]
 
 
-def _test_done(results: Path, records: list[dict], best: float) -> bool:
-    """Whether test.json already holds ω = 0 and this best ω, for every recorded seed, with the λ, k and
-    temperature now recorded on valid (a re-evaluated record may have chosen others)."""
+def _test_done(results: Path, inputs: dict[float, list[dict]]) -> bool:
+    """Whether test.json already holds these runs with the λ, k, temperature their records now choose on valid
+    (a re-evaluated record may have chosen others)."""
     if not (results / "test.json").is_file():
         return False
     rows = read_json(results / "test.json", "test results")
-    want = {f"{o:g}": {r["name"]: _valid_choice(r) for r in records if r["regularizer"] == "l2" and r["omega"] == o}
-            for o in (0.0, best)}
+    want = {f"{o:g}": {r["name"]: _valid_choice(r) for r in rs} for o, rs in inputs.items()}
     return {o: v.get("valid_choice") for o, v in rows.items()} == want
 
 
@@ -282,38 +290,33 @@ def _replace(records: list[dict], rec: dict) -> list[dict]:
 def write_moco_comparison(records: list[dict], omega: float, results: Path) -> None:
     from .plots import plot_regularizer_bars
 
-    rows = {}
-    for reg in ("l2", "moco"):
-        rs = [r for r in records if r["regularizer"] == reg and r["omega"] == omega]
-        rows[reg] = {m: [*_mean_std([r[m] for r in rs]), len(rs)] for m in ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl")}
-    base = [r for r in records if r["regularizer"] == "l2" and r["omega"] == 0]
-    if base:
-        rows["none (ω = 0)"] = {m: [*_mean_std([r[m] for r in base]), len(base)] for m in ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl")}
+    groups = {"l2": _runs(records, "l2", omega), "moco": _runs(records, "moco", omega),
+              "none (ω = 0)": _runs(records, "l2", 0.0)}
+    rows = {label: _over_seeds({m: [r[m] for r in rs] for m in PPL_ROWS}) for label, rs in groups.items() if rs}
     write_json(results / "moco_vs_l2.json", {"omega": omega, "rows": rows})
     lines = [f"### MOCO vs L2 at ω = {omega:g} (mean ± std over seeds)", "",
              "| regularizer | train LM | valid LM | valid kNN-LM | seeds |", "|---|---|---|---|---|"]
     for reg, v in rows.items():
-        lines.append(f"| {reg} | " + " | ".join(_cell(*v[m]) for m in ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl"))
+        lines.append(f"| {reg} | " + " | ".join(_cell(*v[m]) for m in PPL_ROWS)
                      + f" | {v['valid_lm_ppl'][2]} |")
     write_text(results / "moco_vs_l2.md", "\n".join(lines) + "\n")
     plot_regularizer_bars(rows, results / "moco_vs_l2.png", f"MOCO vs L2 at ω = {omega:g}")
 
 
-def write_test_results(study: Study, out: Path, results: Path, best: float) -> None:
-    """Test perplexities of ω = 0 and the best ω, once, with λ, k, temperature chosen on valid."""
+def write_test_results(study: Study, out: Path, results: Path, inputs: dict[float, list[dict]]) -> None:
+    """Test perplexities of the records of ω = 0 and the best ω, once, with λ, k, temperature chosen on valid."""
     from .evaluate import evaluate
 
     rows = {}
-    for omega in (0.0, best):
+    for omega, runs in inputs.items():
         per_seed, choice = [], {}
-        for seed in study.seeds:
-            name = run_name("l2", omega, seed)
-            run = out / name
+        for r in runs:
+            run = out / r["name"]
             if not (run / "datastore" / "meta.json").is_file():
                 continue
-            cfg = load_config(study.base, [*study.overrides, f"train.omega={omega}", f"train.seed={seed}"])
+            cfg = load_config(study.base, [*study.overrides, f"train.omega={omega}", f"train.seed={r['seed']}"])
             per_seed.append(evaluate(run, cfg, "test", progress=False))
-            choice[name] = _valid_choice(read_json(results / "runs" / f"{name}.json", "study record"))
+            choice[r["name"]] = _valid_choice(r)
         if per_seed:
             rows[f"{omega:g}"] = {
                 "test_lm_ppl": _mean_std([s["lm_ppl"] for s in per_seed]),
