@@ -40,18 +40,21 @@ def plot_omega_curve(table: dict, path: Path, title: str) -> None:
     save(fig, path)
 
 
-def plot_regularizer_bars(rows: dict, path: Path, title: str) -> None:
+def plot_regularizer_comparison(rows: dict, path: Path, title: str) -> None:
+    """Mean ± std of valid LM and kNN-LM perplexity per regularizer, one panel each with its own y-range, so that
+    differences of a point or two stay visible: {label: {metric: (mean, std, n)}}."""
     names = list(rows)
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for j, (metric, label) in enumerate((("valid_lm_ppl", "valid LM"), ("valid_knnlm_ppl", "valid kNN-LM"))):
-        ax.bar(x + (j - 0.5) * 0.38, [rows[n][metric][0] for n in names], 0.38,
-               yerr=[rows[n][metric][1] for n in names], capsize=4, label=label)
-    ax.set_xticks(x, names)
-    ax.set_ylabel("perplexity")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    for ax, (metric, label) in zip(axes, (("valid_lm_ppl", "valid LM"), ("valid_knnlm_ppl", "valid kNN-LM"))):
+        ax.errorbar(x, [rows[n][metric][0] for n in names], yerr=[rows[n][metric][1] for n in names],
+                    fmt="o", capsize=5, ms=6)
+        ax.set_xticks(x, names)
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_ylabel(f"{label} perplexity")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title + " (mean ± std over seeds)")
+    fig.tight_layout()
     save(fig, path)
 
 

@@ -288,7 +288,7 @@ def _replace(records: list[dict], rec: dict) -> list[dict]:
 
 
 def write_moco_comparison(records: list[dict], omega: float, results: Path) -> None:
-    from .plots import plot_regularizer_bars
+    from .plots import plot_regularizer_comparison
 
     groups = {"l2": _runs(records, "l2", omega), "moco": _runs(records, "moco", omega),
               "none (ω = 0)": _runs(records, "l2", 0.0)}
@@ -300,7 +300,7 @@ def write_moco_comparison(records: list[dict], omega: float, results: Path) -> N
         lines.append(f"| {reg} | " + " | ".join(_cell(*v[m]) for m in PPL_ROWS)
                      + f" | {v['valid_lm_ppl'][2]} |")
     write_text(results / "moco_vs_l2.md", "\n".join(lines) + "\n")
-    plot_regularizer_bars(rows, results / "moco_vs_l2.png", f"MOCO vs L2 at ω = {omega:g}")
+    plot_regularizer_comparison(rows, results / "moco_vs_l2.png", f"MOCO vs L2 at ω = {omega:g}")
 
 
 def write_test_results(study: Study, out: Path, results: Path, inputs: dict[float, list[dict]]) -> None:
