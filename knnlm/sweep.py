@@ -95,6 +95,12 @@ def best_by_k(grid: list[dict]) -> dict[str, float]:
     return best
 
 
+def run_config(study: Study, regularizer: str, omega: float, seed: int, extra: list[str] = ()) -> Config:
+    """The configuration of one run of the study: its base and overrides, then the run's own settings."""
+    return load_config(study.base, [*study.overrides, *extra, f"train.regularizer={regularizer}",
+                                    f"train.omega={omega}", f"train.seed={seed}"])
+
+
 def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: float, seed: int,
             extra: list[str] = ()) -> dict:
     """Train/datastore/evaluate one model unless its record exists; write the record as soon as it is done."""
@@ -102,8 +108,7 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
 
     name = run_name(regularizer, omega, seed)
     record_path = results / "runs" / f"{name}.json"
-    cfg = load_config(study.base, [*study.overrides, *extra, f"train.regularizer={regularizer}",
-                                   f"train.omega={omega}", f"train.seed={seed}"])
+    cfg = run_config(study, regularizer, omega, seed, extra)
     if record_path.is_file():
         record = read_json(record_path, "study record")
         changed = changed_settings(record.get("config", {}), cfg.to_dict())
@@ -160,13 +165,18 @@ def _over_seeds(values: dict[str, list[float]]) -> dict[str, list]:
     return {m: [*_mean_std(xs), len(xs)] for m, xs in values.items()}
 
 
+def _ppl_over_seeds(runs: list[dict]) -> dict[str, list]:
+    """{metric: [mean, std, n]} of train LM, valid LM and valid kNN-LM perplexity over these runs."""
+    return _over_seeds({m: [r[m] for r in runs] for m in PPL_ROWS})
+
+
 def _runs(records: list[dict], regularizer: str, omega: float) -> list[dict]:
     return [r for r in records if r["regularizer"] == regularizer and r["omega"] == omega]
 
 
 def omega_table(records: list[dict], regularizer: str = "l2") -> dict:
     """{omega: {metric: [mean, std, n]}} over seeds."""
-    return {omega: _over_seeds({m: [r[m] for r in _runs(records, regularizer, omega)] for m in PPL_ROWS})
+    return {omega: _ppl_over_seeds(_runs(records, regularizer, omega))
             for omega in sorted({r["omega"] for r in records if r["regularizer"] == regularizer})}
 
 
@@ -292,7 +302,7 @@ def write_moco_comparison(records: list[dict], omega: float, results: Path) -> N
 
     groups = {"l2": _runs(records, "l2", omega), "moco": _runs(records, "moco", omega),
               "none (ω = 0)": _runs(records, "l2", 0.0)}
-    rows = {label: _over_seeds({m: [r[m] for r in rs] for m in PPL_ROWS}) for label, rs in groups.items() if rs}
+    rows = {label: _ppl_over_seeds(rs) for label, rs in groups.items() if rs}
     write_json(results / "moco_vs_l2.json", {"omega": omega, "rows": rows})
     lines = [f"### MOCO vs L2 at ω = {omega:g} (mean ± std over seeds)", "",
              "| regularizer | train LM | valid LM | valid kNN-LM | seeds |", "|---|---|---|---|---|"]
@@ -314,7 +324,7 @@ def write_test_results(study: Study, out: Path, results: Path, inputs: dict[floa
             run = out / r["name"]
             if not (run / "datastore" / "meta.json").is_file():
                 continue
-            cfg = load_config(study.base, [*study.overrides, f"train.omega={omega}", f"train.seed={r['seed']}"])
+            cfg = run_config(study, r["regularizer"], omega, r["seed"])
             per_seed.append(evaluate(run, cfg, "test", progress=False))
             choice[r["name"]] = _valid_choice(r)
         if per_seed:
