@@ -106,8 +106,9 @@ def latest_meta(run: str | Path) -> dict:
     return {**read_meta(ckpt, "checkpoint"), "path": str(ckpt)}
 
 
-def load_model(run: str | Path, vocab_size: int | None = None) -> tuple[TransformerLM, Config, dict]:
-    """The run's latest model for inference (eval mode), its config and checkpoint meta."""
+def load_model(run: str | Path, device: torch.device | str = "cpu",
+               vocab_size: int | None = None) -> tuple[TransformerLM, Config, dict]:
+    """The run's latest model for inference (eval mode, on `device`), its config and checkpoint meta."""
     meta = latest_meta(run)
     ckpt = Path(meta["path"])
     cfg = from_dict(meta["config"], str(ckpt / "meta.json"))
@@ -115,5 +116,5 @@ def load_model(run: str | Path, vocab_size: int | None = None) -> tuple[Transfor
         raise UserError(f"{ckpt}: checkpoint is for a vocabulary of {meta['vocab_size']} types, the corpus has {vocab_size}")
     model = build_model(cfg.model, meta["vocab_size"])
     _load_safetensors_into(model, ckpt / "model.safetensors")
-    model.eval()
+    model.to(device).eval()
     return model, cfg, meta

@@ -131,7 +131,14 @@ def cmd_run(args) -> None:
 def cmd_sweep(args) -> None:
     from .sweep import run_sweep
 
-    run_sweep(args.study, Path(args.out), args.overrides)
+    if args.jobs < 1:
+        raise UserError(f"--jobs: expected at least 1, got {args.jobs}")
+    if not args.stop_after >= 0:
+        raise UserError(f"--stop-after: expected seconds >= 0, got {args.stop_after}")
+    if args.threads < 0:
+        raise UserError(f"--threads: expected a count >= 0, got {args.threads}")
+    run_sweep(args.study, Path(args.out), args.overrides, jobs=args.jobs, stop_after=args.stop_after,
+              threads=args.threads, prune=args.prune, results=args.results)
 
 
 def cmd_analyze(args) -> None:
@@ -169,6 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     sw = sub.add_parser("sweep", help="the ω study: one model per (regularizer, ω, seed)")
     sw.add_argument("study", help="study config (TOML) under experiments/")
     sw.add_argument("--out", required=True)
+    sw.add_argument("--jobs", type=int, default=1,
+                    help="models trained and evaluated at once, each in its own process (e.g. several on one GPU)")
+    sw.add_argument("--stop-after", type=float, default=0.0,
+                    help="start no new run after this many seconds (0: no limit); a rerun continues")
+    sw.add_argument("--results", help="where the records, tables and figures go (default: the study's `results` "
+                                      "or results/<study name>)")
+    sw.add_argument("--threads", type=int, default=0, help="torch threads per job with --jobs > 1 (0: cores / jobs)")
+    sw.add_argument("--prune", action="store_true",
+                    help="delete the saved valid neighbours of ω > 0 runs once recorded (1.6 GB each at k_max 4096); "
+                         "ω = 0 runs keep theirs for the rescaling control")
     sw.add_argument("overrides", nargs="*")
     sw.set_defaults(fn=cmd_sweep)
     an = sub.add_parser("analyze", help="frequency/loss and clustering analyses of evaluated runs")

@@ -31,7 +31,8 @@ def stride_of(cfg: Config) -> int:
 def build_datastore(run: str | Path, cfg_override: Config | None = None, progress: bool = True) -> Path:
     """Write the datastore of the run's latest checkpoint into RUN/datastore; return that folder."""
     run = Path(run)
-    model, cfg, ckpt_meta = load_model(run)
+    rank, world, device = setup_distributed()
+    model, cfg, ckpt_meta = load_model(run, device)
     if cfg_override is not None:  # datastore/eval options may be changed after training; the model may not
         cfg.datastore, cfg.data = cfg_override.datastore, cfg_override.data
     corpus = corpus_for(cfg)
@@ -45,7 +46,6 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
     assert N < 2**31, "int32 values and row ids assume fewer than 2^31 keys"
 
     folder = run / "datastore"
-    rank, world, _ = setup_distributed()
     stride = stride_of(cfg)
     windows = sliding_windows(N, cfg.model.context, stride)
     # sharding: each rank scores a contiguous run of windows; window (start, end, score_from) fills rows

@@ -8,8 +8,14 @@ query key is searched once for its `k_max` nearest keys; the per-token arrays ar
     summary.json                  tuning.json (kNN-LM ppl for every (k, temperature, λ) of the grid)
     meta.json                     written last: model hash, index, k_max, token count, stage times
 
-λ, k and temperature are chosen on valid; test reuses valid's choice. A second `evaluate` with another grid
-reads the saved neighbours and never searches again.
+Two evaluation protocols are reported side by side, both chosen on valid from the same single search (test reuses
+each protocol's valid choice):
+
+- `tuned`: λ, k and temperature tuned over the grid `eval.lmbda` × `eval.k` × `eval.temperature`;
+- `paper`: the protocol of Khandelwal et al.'s code and of Ton et al. (2022): p_kNN ∝ exp(−d), i.e. temperature 1,
+  k = 1024 (or `eval.k_max` if smaller), only λ tuned over `eval.lmbda`.
+
+A second `evaluate` with another grid reads the saved neighbours and never searches again.
 """
 
 from __future__ import annotations
@@ -31,6 +37,23 @@ from .knn import EXACT, SEARCHED, interpolate, knn_logprob, knn_logprob_grid, ma
 from .model import score_stream
 
 ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
+
+PAPER_K, PAPER_TEMPERATURE = 1024, 1.0
+PROTOCOLS = {
+    "tuned": "λ, k and temperature tuned on valid over eval.lmbda × eval.k × eval.temperature",
+    "paper": "temperature 1 (p_kNN ∝ exp(−d), Khandelwal et al.'s code, Ton et al. 2022), k = 1024 "
+             "(eval.k_max if smaller), λ tuned on valid over eval.lmbda",
+}
+
+
+def paper_k(cfg: Config) -> int:
+    """k of the paper protocol: 1024, or every stored neighbour when fewer are searched."""
+    return min(PAPER_K, cfg.eval.k_max)
+
+
+def device() -> torch.device:
+    """Where the evaluation's model and search run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _meta_path(folder: Path) -> Path:
@@ -76,7 +99,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     if _search_is_cached(folder, ds, index, e.k_max, rerank):
         return read_json(_meta_path(folder), "evaluation meta")
 
-    model, train_cfg, ckpt_meta = load_model(run)
+    model, train_cfg, ckpt_meta = load_model(run, device())
     corpus = corpus_for(cfg)
     if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
         raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}")
@@ -123,11 +146,33 @@ def tuning_arrays(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.nda
     return arrays["targets"], arrays["lm_logprobs"], np.asarray(arrays["distances"]), nvals
 
 
+def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:
+    """The k and temperature values scored on valid: the tuned protocol's grid plus the paper protocol's point."""
+    ks = sorted({*cfg.eval.k, paper_k(cfg)})
+    temperatures = sorted({*cfg.eval.temperature, PAPER_TEMPERATURE})
+    return ks, temperatures
+
+
 def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config) -> list[dict]:
-    """kNN-LM perplexity for every (k, temperature, λ) of the grid, from the cached neighbours only."""
-    knn = knn_logprob_grid(dists, nvals, targets, cfg.eval.k, cfg.eval.temperature)
+    """kNN-LM perplexity for every (k, temperature, λ) of the grid (`tuning_grid`), from the cached neighbours only."""
+    ks, temperatures = tuning_grid(cfg)
+    knn = knn_logprob_grid(dists, nvals, targets, ks, temperatures, device=device())
     return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": perplexity(interpolate(lm, knn[(k, tau)], lmbda))}
-            for k in cfg.eval.k for tau in cfg.eval.temperature for lmbda in cfg.eval.lmbda]
+            for k in ks for tau in temperatures for lmbda in cfg.eval.lmbda]
+
+
+def choose(grid: list[dict], cfg: Config, protocol: str) -> dict:
+    """The best row of a tuning grid under a protocol (see PROTOCOLS)."""
+    if protocol == "tuned":
+        ks, taus = set(cfg.eval.k), set(cfg.eval.temperature)
+        rows = [r for r in grid if r["k"] in ks and r["temperature"] in taus]
+    elif protocol == "paper":
+        rows = [r for r in grid if r["k"] == paper_k(cfg) and r["temperature"] == PAPER_TEMPERATURE]
+    else:
+        raise UserError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if not rows:
+        raise UserError(f"the tuning grid holds no setting of the {protocol} protocol; evaluate valid again")
+    return min(rows, key=lambda r: r["ppl"])
 
 
 def grid_edges(best: dict, cfg: Config) -> list[str]:
@@ -155,32 +200,43 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
     if split == "valid":
         grid = tune(lm, dists, nvals, targets, cfg)
         write_json(folder / "tuning.json", grid)
-        best = min(grid, key=lambda r: r["ppl"])
-        edges = grid_edges(best, cfg)
+        choices = {p: choose(grid, cfg, p) for p in PROTOCOLS}
+        edges = grid_edges(choices["tuned"], cfg)
         for edge in edges:
             print(f"warning: {folder}: {edge}; the optimum may lie outside the grid, widen it", file=sys.stderr)
     else:
-        edges = []  # test reuses valid's choice: nothing is tuned here
+        edges = []  # test reuses valid's choice of each protocol: nothing is tuned here
         valid_summary = run / "eval" / "valid" / "summary.json"
-        if not valid_summary.is_file():
+        if not valid_summary.is_file() or "protocols" not in read_json(valid_summary, "valid summary"):
             evaluate(run, cfg, "valid", progress)
         v = read_json(valid_summary, "valid summary")
-        best = {"k": v["k"], "temperature": v["temperature"], "lambda": v["lambda"]}
-        if best["k"] > dists.shape[1]:
-            raise UserError(f"{folder}: valid chose k={best['k']}, more than the {dists.shape[1]} stored neighbours")
+        choices = {p: {key: v["protocols"][p][key] for key in ("k", "temperature", "lambda")} for p in PROTOCOLS}
+        for p, c in choices.items():
+            if c["k"] > dists.shape[1]:
+                raise UserError(f"{folder}: valid chose k={c['k']} ({p} protocol), more than the {dists.shape[1]} stored neighbours")
 
-    knn = knn_logprob(dists, nvals, targets, best["k"], best["temperature"])
-    save_npy(folder / "knn_logprobs.npy", knn.astype(np.float32))
-    found = (nvals[:, : best["k"]] == targets[:, None]).any(1)
-    mixed = interpolate(lm, knn, best["lambda"])
     words = record.get("words", len(targets))  # per-word perplexity: the same total loss over the words
+    protocols = {}
+    for p, c in choices.items():
+        knn = knn_logprob(dists, nvals, targets, c["k"], c["temperature"])
+        if p == "tuned":
+            save_npy(folder / "knn_logprobs.npy", knn.astype(np.float32))
+        mixed = interpolate(lm, knn, c["lambda"])
+        protocols[p] = {
+            "knnlm_ppl": perplexity(mixed), "knnlm_word_ppl": math.exp(-float(np.sum(mixed, dtype=np.float64)) / words),
+            "lambda": c["lambda"], "k": c["k"], "temperature": c["temperature"],
+            "target_in_neighbors": float((nvals[:, : c["k"]] == targets[:, None]).any(1).mean()),
+            "description": PROTOCOLS[p],
+        }
+    best = protocols["tuned"]
     summary = {
         "split": split, "tokens": int(len(targets)), "words": int(words),
-        "lm_ppl": perplexity(lm), "knnlm_ppl": perplexity(mixed),
+        "lm_ppl": perplexity(lm), "knnlm_ppl": best["knnlm_ppl"],  # the tuned protocol; both are under "protocols"
         "lm_word_ppl": math.exp(-float(np.sum(lm, dtype=np.float64)) / words),
-        "knnlm_word_ppl": math.exp(-float(np.sum(mixed, dtype=np.float64)) / words),
+        "knnlm_word_ppl": best["knnlm_word_ppl"],
         "lambda": best["lambda"], "k": best["k"], "temperature": best["temperature"],
-        "target_in_neighbors": float(found.mean()),
+        "target_in_neighbors": best["target_in_neighbors"],
+        "protocols": protocols,
         "grid_edges": edges,
         "index": record["index"], "datastore_size": record["datastore_size"],
         "searched_queries": record.get("searched_queries"), "seconds": record["seconds"],

@@ -40,38 +40,70 @@ def resolve_index(name: str) -> str:
     return name
 
 
-def exact_sq_distances(queries: torch.Tensor, keys: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
-    """Exact fp32 squared L2 distances between each query (n, d) and its candidate rows ids (n, C) of keys."""
-    cand = torch.from_numpy(np.asarray(keys[ids.reshape(-1).numpy()], dtype=np.float32)).view(*ids.shape, -1)
-    return (cand - queries[:, None, :]).pow(2).sum(-1)
+def exact_sq_distances(queries: torch.Tensor, keys: np.ndarray | torch.Tensor, ids: torch.Tensor,
+                       chunk_bytes: int = 2**28) -> torch.Tensor:
+    """Exact fp32 squared L2 distances between each query (n, d) and its candidate rows ids (n, C) of keys.
+
+    `keys` is the store itself (a memory-mapped array, read on the CPU) or a copy of it on the queries' device (a
+    tensor of the same values); queries are taken in chunks so the gathered candidates stay near `chunk_bytes`."""
+    n, C = ids.shape
+    d = keys.shape[1]
+    out = torch.empty((n, C), dtype=torch.float32, device=queries.device)
+    rows = max(1, chunk_bytes // max(1, C * d * 4))
+    for lo in range(0, n, rows):
+        idx = ids[lo : lo + rows]
+        if isinstance(keys, torch.Tensor):
+            cand = keys[idx.reshape(-1)].float().view(*idx.shape, d)
+        else:
+            cand = torch.from_numpy(np.asarray(keys[idx.reshape(-1).cpu().numpy()], dtype=np.float32)).view(*idx.shape, d)
+            cand = cand.to(queries.device)
+        out[lo : lo + rows] = (cand - queries[lo : lo + rows, None, :]).pow(2).sum(-1)
+    return out
 
 
 class TorchExactSearch:
-    """Blocked search in PyTorch, for GPUs: low-precision candidate distances, exact fp32 re-ranking of `k + margin`.
+    """Blocked exact search in PyTorch, for GPUs: low-precision candidate distances, exact fp32 re-ranking of
+    `k + margin` candidates, everything on the device.
 
-    Products are fp16 on GPUs (tensor cores; 10 mantissa bits in and out, against bf16's 7, since PyTorch returns a
-    half-precision product in half precision) and bf16 on CPUs; keys are centered on a sampled mean first, which
-    leaves distances unchanged and shrinks rounding errors with the norms. fp16 falls back to fp32 where a product
-    could overflow it."""
+    The store is copied to the device twice, as float16 each (N × d × 2 bytes apiece): keys centered on a sampled
+    mean and rounded to the product precision for the candidate pass (centering leaves distances unchanged and
+    shrinks rounding errors with the norms), and the stored keys themselves, whose fp32 differences with the query
+    give the exact distances of the re-ranking. Products are fp16 on GPUs (tensor cores; 10 mantissa bits in and
+    out, against bf16's 7, since PyTorch returns a half-precision product in half precision) and bf16 on CPUs; fp16
+    falls back to fp32 where a product could overflow it. On a CPU (`resident=False`, its default there) the
+    re-ranking reads the candidates from the memory-mapped store instead of a second copy.
+    """
 
-    def __init__(self, keys: np.ndarray, device: str | None = None, block: int = 65536, margin: int = 32,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, keys: np.ndarray, device: str | torch.device | None = None, block: int = 65536,
+                 margin: int = 32, dtype: torch.dtype | None = None, resident: bool | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.keys = keys  # (N, d) float16, memory-mapped: the exact values for re-ranking
         self.block, self.margin = block, margin
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.bfloat16)
         self.mean = centering_vector(keys)
-        kb, norms, self.max_norm = [], [], 0.0
-        for lo in range(0, len(keys), block):  # one block of the (memory-mapped) store in fp32 at a time
-            x = torch.from_numpy(np.asarray(keys[lo : lo + block], dtype=np.float32)) - self.mean
+        N, d = keys.shape
+        resident = self.device.type == "cuda" if resident is None else resident
+        self.kb = torch.empty((N, d), dtype=self.dtype, device=self.device)
+        self.norms = torch.empty((N,), dtype=torch.float32, device=self.device)
+        store_dtype = torch.from_numpy(np.empty(0, dtype=keys.dtype)).dtype  # float16 for a knnlm datastore
+        self.keys = torch.empty((N, d), dtype=store_dtype, device=self.device) if resident else keys
+        self.max_norm = 0.0
+        mean = self.mean.to(self.device)
+        for lo in range(0, N, block):  # one block of the (memory-mapped) store at a time
+            raw = torch.from_numpy(np.ascontiguousarray(keys[lo : lo + block])).to(self.device)
+            if resident:
+                self.keys[lo : lo + len(raw)] = raw
+            x = raw.float() - mean
             self.max_norm = max(self.max_norm, float(x.norm(dim=1).max()))
-            kb.append(x.to(self.dtype))  # 2 bytes per dimension in memory
-            norms.append(kb[-1].float().pow(2).sum(1))  # of the rounded keys the products use
-        self.kb = torch.cat(kb).to(self.device)  # (N, d)
-        self.norms = torch.cat(norms).to(self.device)  # (N,)
-        self.mean = self.mean.to(self.device)
+            self.kb[lo : lo + len(raw)] = x.to(self.dtype)
+            self.norms[lo : lo + len(raw)] = self.kb[lo : lo + len(raw)].float().pow(2).sum(1)  # of the rounded keys
+        self.mean = mean
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest keys of each query; `rows` queries at a time, so that a (rows × block) fp32 distance block (256 MB
+        by default) is the largest temporary: several searches can share one GPU."""
+        if len(queries) > rows:
+            parts = [self.search(queries[lo : lo + rows], k, rows) for lo in range(0, len(queries), rows)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         q = torch.from_numpy(np.asarray(queries, dtype=np.float32)).to(self.device)
         C = min(k + max(self.margin, k // 8), len(self.kb))
         qc = q - self.mean
@@ -87,9 +119,17 @@ class TorchExactSearch:
             d, i = approx.topk(min(C, approx.shape[1]), dim=1, largest=False)
             best_d, sel = torch.cat([best_d, d], 1).topk(min(C, best_d.shape[1] + d.shape[1]), dim=1, largest=False)
             best_i = torch.cat([best_i, i + lo], 1).gather(1, sel)
-        exact = exact_sq_distances(q.cpu(), self.keys, best_i.cpu())  # (n, C) fp32 from the stored fp16 keys
+        exact = exact_sq_distances(q, self.keys, best_i)  # (n, C) fp32 from the stored fp16 values
         d, order = exact.topk(k, dim=1, largest=False)
-        return d.numpy(), best_i.cpu().gather(1, order).numpy()
+        return d.cpu().numpy(), best_i.gather(1, order).cpu().numpy()
+
+
+def gpu_faiss(faiss) -> bool:
+    """Whether this FAISS build can search on a GPU: faiss-cpu on a CUDA machine has the GPU names but no GPUs."""
+    try:
+        return faiss.get_num_gpus() > 0
+    except AttributeError:
+        return False
 
 
 class FaissSearch:
@@ -112,7 +152,7 @@ class FaissSearch:
             faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
         except RuntimeError:
             pass  # not an IVF index
-        if torch.cuda.is_available() and hasattr(faiss, "index_cpu_to_all_gpus"):
+        if gpu_faiss(faiss):
             self.index = faiss.index_cpu_to_all_gpus(self.index)
 
     @staticmethod
@@ -138,7 +178,7 @@ class FaissSearch:
             return self.index.search(q, k)
         _, i = self.index.search(q, min(k * self.rerank_factor, self.index.ntotal))
         missing = i < 0  # an IVF probe that found fewer candidates pads with -1
-        exact = exact_sq_distances(torch.from_numpy(q), self.keys, torch.from_numpy(np.where(missing, 0, i)))
+        exact = exact_sq_distances(torch.from_numpy(q), self.keys, torch.from_numpy(np.where(missing, 0, i).astype(np.int64)))
         exact[torch.from_numpy(missing)] = math.inf
         d, order = exact.topk(k, dim=1, largest=False)
         return d.numpy(), np.take_along_axis(i, order.numpy(), 1)
@@ -209,7 +249,8 @@ def knn_logprob(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.nd
 
 
 def knn_logprob_grid(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.ndarray, ks: list[int],
-                     temperatures: list[float], rows: int = 0) -> dict[tuple[int, float], np.ndarray]:
+                     temperatures: list[float], rows: int = 0,
+                     device: torch.device | str = "cpu") -> dict[tuple[int, float], np.ndarray]:
     """`knn_logprob` for every (k, temperature) of a grid, reading the neighbours once per temperature.
 
     Neighbours come sorted by distance, so the sums over the first k of every k in the grid are running sums:
@@ -224,12 +265,13 @@ def knn_logprob_grid(distances: np.ndarray, neighbor_vals: np.ndarray, targets: 
         raise ValueError(f"k = {K} is more than the {distances.shape[1]} stored neighbours")
     out = {(k, tau): np.empty(n) for k in ks for tau in temperatures}
     bounds = [0, *ks]
-    rows = rows or max(1, 2**20 // K)  # blocks of ~8 MB per float64 array: faster than one block or tiny ones
+    device = torch.device(device)
+    rows = rows or max(1, (2**24 if device.type == "cuda" else 2**20) // K)  # ~8 MB blocks on a CPU: faster than one block or tiny ones
     for lo in range(0, n, rows):
-        d = torch.from_numpy(np.array(distances[lo : lo + rows, :K], dtype=np.float64))  # a writable copy
+        d = torch.from_numpy(np.array(distances[lo : lo + rows, :K], dtype=np.float64)).to(device)  # a writable copy
         if bool((d[:, 1:] < d[:, :-1]).any()):
             raise ValueError("neighbour distances must be sorted in ascending order")
-        match = torch.from_numpy(np.asarray(neighbor_vals[lo : lo + rows, :K]) == targets[lo : lo + rows, None])
+        match = torch.from_numpy(np.asarray(neighbor_vals[lo : lo + rows, :K]) == targets[lo : lo + rows, None]).to(device)
         first = match.to(torch.uint8).argmax(1, keepdim=True)  # nearest matching column (0 if none)
         d0, dm = d[:, :1], d.gather(1, first)
         gap = d0 - d  # ≤ 0
@@ -241,7 +283,7 @@ def knn_logprob_grid(distances: np.ndarray, neighbor_vals: np.ndarray, targets: 
                 torch.div(g, tau, out=buf).exp_()
                 sums.append(torch.stack([buf[:, a:b].sum(1) for a, b in zip(bounds, bounds[1:])], 1).cumsum_(1))
             total, hit = sums
-            logp = torch.log(hit) - torch.log(total) + (d0 - dm) / tau  # log 0 = −inf: no match among the first k
+            logp = (torch.log(hit) - torch.log(total) + (d0 - dm) / tau).cpu()  # log 0 = −inf: no match among the first k
             for i, k in enumerate(ks):
                 out[(k, tau)][lo : lo + rows] = logp[:, i].numpy()
     return out

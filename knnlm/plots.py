@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -19,24 +20,65 @@ def save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_omega_curve(table: dict, path: Path, title: str) -> None:
-    """Valid LM and kNN-LM perplexity against ω (the paper's Figure 1), mean ± std over seeds.
+def omega_positions(omegas: list[float]) -> tuple[np.ndarray, list[str]]:
+    """x positions of ω on a log10 axis; ω = 0 sits one decade left of the smallest ω > 0 (the axis is broken there)."""
+    positive = [o for o in omegas if o > 0]
+    zero_at = (math.log10(min(positive)) - 1) if positive else 0.0
+    return np.array([math.log10(o) if o > 0 else zero_at for o in omegas]), [f"{o:g}" for o in omegas]
 
-    ω values sit at evenly spaced positions (the grid is logarithmic and includes 0)."""
+
+def plot_omega_curve(table: dict, path: Path, title: str) -> None:
+    """Valid LM perplexity and kNN-LM perplexity under both evaluation protocols against ω (the paper's Figure 1),
+    mean ± std over seeds as error bars; ω on a log axis, ω = 0 set apart at its left."""
     omegas = list(table)
-    x = np.arange(len(omegas))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for metric, label, color in (("valid_lm_ppl", "LM", "tab:blue"), ("valid_knnlm_ppl", "kNN-LM", "tab:orange")):
-        mean = np.array([table[o][metric][0] for o in omegas])
-        std = np.array([table[o][metric][1] for o in omegas])
-        ax.plot(x, mean, "o-", color=color, label=label)
-        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25)
-    ax.set_xticks(x, [f"{o:g}" for o in omegas])
-    ax.set_xlabel("ω (regularizer weight)")
-    ax.set_ylabel("valid perplexity")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    x, labels = omega_positions(omegas)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    series = (("valid_knnlm_ppl_paper", "kNN-LM, paper protocol (T = 1, k = 1024, λ tuned)", "tab:red", axes[0]),
+              ("valid_knnlm_ppl", "kNN-LM, tuned (λ, k, T tuned)", "tab:orange", axes[0]),
+              ("valid_lm_ppl", "LM alone", "tab:blue", axes[1]))
+    for metric, label, color, ax in series:
+        os_ = [o for o in omegas if metric in table[o]]
+        if not os_:
+            continue
+        xs = x[[omegas.index(o) for o in os_]]
+        ax.errorbar(xs, [table[o][metric][0] for o in os_], yerr=[table[o][metric][1] for o in os_], fmt="o-",
+                    color=color, capsize=4, label=label)
+    n = max(table[o]["valid_lm_ppl"][2] for o in omegas)
+    for ax, name in zip(axes, ("kNN-LM", "LM")):
+        ax.set_xticks(x, labels)
+        if any(o == 0 for o in omegas) and len(omegas) > 1:
+            ax.axvline((x[0] + x[1]) / 2, color="grey", lw=0.8, ls=":")  # the break between ω = 0 and the log axis
+        ax.set_xlabel("ω (regularizer weight; log scale right of the dotted break)")
+        ax.set_ylabel(f"valid {name} perplexity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}\n(points: mean over {n} seeds; bars: ± 1 std across seeds)", fontsize=10)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_temperature_vs_norm(points: list[tuple[float, float, float]], fit: dict, path: Path, title: str) -> None:
+    """Tuned kNN temperature against mean squared key norm, one point per model (log-log), with the fitted line
+    and the slope-1 line (T ∝ ‖r‖²) through the points' mean."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    omegas = sorted({p[2] for p in points})
+    cmap = plt.get_cmap("viridis", max(2, len(omegas)))
+    for i, o in enumerate(omegas):
+        ps = [p for p in points if p[2] == o]
+        ax.scatter([p[0] for p in ps], [p[1] for p in ps], color=cmap(i), label=f"ω = {o:g}", zorder=3)
+    xs = np.array([p[0] for p in points])
+    grid = np.geomspace(xs.min() / 1.5, xs.max() * 1.5, 50)
+    if math.isfinite(fit["slope"]):
+        ax.plot(grid, 10 ** fit["intercept"] * grid ** fit["slope"], "k--", lw=1, label=f"fit: slope {fit['slope']:.2f}")
+    c = np.exp(np.mean(np.log([p[1] / p[0] for p in points])))
+    ax.plot(grid, c * grid, color="grey", lw=1, ls=":", label="T ∝ ‖r‖² (slope 1)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("mean ‖r‖² of the valid keys (log scale)")
+    ax.set_ylabel("tuned temperature T* (log scale)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
     save(fig, path)
 
 
@@ -58,19 +100,23 @@ def plot_regularizer_comparison(rows: dict, path: Path, title: str) -> None:
     save(fig, path)
 
 
-def plot_ppl_by_k(curves: dict, path: Path, title: str) -> None:
-    """Best valid kNN-LM perplexity at each k, one line per ω: {label: {k: (mean, std)}}, k on a log axis."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, by_k in curves.items():
-        ks = sorted(by_k)
-        mean = np.array([by_k[k][0] for k in ks])
-        std = np.array([by_k[k][1] for k in ks])
-        line, = ax.plot(ks, mean, "o-", ms=3, label=label)
-        ax.fill_between(ks, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (neighbours; temperature and λ tuned at each k)")
-    ax.set_ylabel("valid kNN-LM perplexity")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(title="ω")
+def plot_ppl_by_k(panels: dict, path: Path, title: str) -> None:
+    """Valid kNN-LM perplexity at each k, one panel per protocol and one line per ω: {panel: {ω label: {k: (mean,
+    std)}}}; k on a log axis, bands ± 1 std across seeds."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (panel, curves) in zip(axes[0], panels.items()):
+        for label, by_k in curves.items():
+            ks = sorted(by_k)
+            mean = np.array([by_k[k][0] for k in ks])
+            std = np.array([by_k[k][1] for k in ks])
+            line, = ax.plot(ks, mean, "o-", ms=3, label=label)
+            ax.fill_between(ks, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k (neighbours)")
+        ax.set_ylabel("valid kNN-LM perplexity")
+        ax.set_title(panel, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(title="ω", fontsize=7)
+    fig.suptitle(title + " (bands: ± 1 std across seeds)", fontsize=10)
+    fig.tight_layout()
     save(fig, path)

@@ -27,14 +27,32 @@ The study file (TOML) names a base config and the grid:
 from __future__ import annotations
 
 import math
+import os
+import platform
+import time
 import tomllib
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .artifacts import UserError, load_npy, read_json, write_json, write_text
 from .config import Config, load_config
+from .evaluate import PAPER_TEMPERATURE, paper_k, tuning_arrays
+from .knn import interpolate, knn_logprob, perplexity
+
+
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo names it (records and benchmarks say which machine measured them)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -46,6 +64,7 @@ class Study:
     moco: bool = True
     moco_overrides: list[str] = field(default_factory=list)
     results: str = ""  # where the committed numbers go (default results/<study name>)
+    title: str = "WikiText-2"  # what the tables and figures say the study is about
 
 
 def load_study(path: Path) -> Study:
@@ -86,13 +105,25 @@ def key_statistics(run: Path, cfg: Config) -> dict:
     return stats
 
 
-def best_by_k(grid: list[dict]) -> dict[str, float]:
-    """The best perplexity at each k of a tuning grid (temperature and λ tuned at that k)."""
+def best_by(grid: list[dict], key: str) -> dict[str, float]:
+    """The best perplexity at each value of `key` ("k" or "temperature") of tuning-grid rows, the others tuned."""
     best: dict[str, float] = {}
     for row in grid:
-        k = str(row["k"])
-        best[k] = min(best.get(k, math.inf), row["ppl"])
+        v = f"{row[key]:g}"
+        best[v] = min(best.get(v, math.inf), row["ppl"])
     return best
+
+
+def protocol_curves(grid: list[dict], cfg: Config) -> dict[str, dict[str, float]]:
+    """What a record keeps of its tuning grid, for both protocols:
+    - `valid_knnlm_ppl_by_k`: the best perplexity at every k of eval.k (temperature and λ tuned at that k);
+    - `valid_knnlm_ppl_t1_by_k`: at temperature 1 (the paper protocol's), the best over λ at every k;
+    - `valid_knnlm_ppl_by_temperature`: the best over eval.k and λ at every temperature."""
+    ks, taus = set(cfg.eval.k), set(cfg.eval.temperature)
+    tuned = [r for r in grid if r["k"] in ks and r["temperature"] in taus]
+    return {"valid_knnlm_ppl_by_k": best_by(tuned, "k"),
+            "valid_knnlm_ppl_t1_by_k": best_by([r for r in grid if r["temperature"] == PAPER_TEMPERATURE], "k"),
+            "valid_knnlm_ppl_by_temperature": best_by([r for r in grid if r["k"] in ks], "temperature")}
 
 
 def run_config(study: Study, regularizer: str, omega: float, seed: int, extra: list[str] = ()) -> Config:
@@ -101,8 +132,11 @@ def run_config(study: Study, regularizer: str, omega: float, seed: int, extra: l
                                     f"train.omega={omega}", f"train.seed={seed}"])
 
 
+RECORD_FIELDS = ("valid_knnlm_ppl_paper", "valid_knnlm_ppl_t1_by_k", "valid_knnlm_ppl_by_temperature")
+
+
 def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: float, seed: int,
-            extra: list[str] = ()) -> dict:
+            extra: list[str] = (), progress: bool = True, prune: bool = False) -> dict:
     """Train/datastore/evaluate one model unless its record exists; write the record as soon as it is done."""
     from .cli import run_pipeline
 
@@ -112,8 +146,10 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
     if record_path.is_file():
         record = read_json(record_path, "study record")
         changed = changed_settings(record.get("config", {}), cfg.to_dict())
-        if not changed:
+        if not changed and all(f in record for f in RECORD_FIELDS):
             return record
+        if not changed:
+            changed = ["eval.protocols"]  # recorded before both protocols were: evaluated again
         if any(not c.startswith("eval.") for c in changed):
             raise UserError(f"{record_path}: recorded with other settings ({', '.join(changed)}); "
                             "move the record away to redo the run")
@@ -122,20 +158,34 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
               f"({', '.join(changed)} changed)", flush=True)
     else:
         print(f"== {name}", flush=True)
-    res = run_pipeline(cfg, out / name)
+    res = run_pipeline(cfg, out / name, progress=progress)
     v = res["valid"]
+    paper = v["protocols"]["paper"]
     record = {
         "name": name, "regularizer": regularizer, "omega": omega, "seed": seed,
-        "train_lm_ppl": res["train"]["train_ppl"], "valid_lm_ppl": v["lm_ppl"], "valid_knnlm_ppl": v["knnlm_ppl"],
+        "train_lm_ppl": res["train"]["train_ppl"], "valid_lm_ppl": v["lm_ppl"],
+        "valid_knnlm_ppl": v["knnlm_ppl"],  # the tuned protocol (λ, k, temperature tuned on valid)
         "lambda": v["lambda"], "k": v["k"], "temperature": v["temperature"],
+        "valid_knnlm_ppl_paper": paper["knnlm_ppl"],  # temperature 1, k = 1024, λ tuned on valid
+        "paper_lambda": paper["lambda"], "paper_k": paper["k"],
         "target_in_neighbors": v["target_in_neighbors"], "epochs": res["train"]["epochs"],
-        "valid_knnlm_ppl_by_k": best_by_k(read_json(out / name / "eval" / "valid" / "tuning.json", "tuning grid")),
+        **protocol_curves(read_json(out / name / "eval" / "valid" / "tuning.json", "tuning grid"), cfg),
+        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu: " + cpu_name(),
         "seconds": {**res["seconds"], "train_compute": res["train"]["train_seconds"]},
         **key_statistics(out / name, cfg),
         "config": cfg.to_dict(),
     }
     write_json(record_path, record)
+    if prune and omega > 0:
+        prune_search(out / name / "eval" / "valid")
     return record
+
+
+def prune_search(folder: Path) -> None:
+    """Remove a recorded run's saved valid neighbours (N × k_max ids and distances: 1.6 GB at 50,000 tokens and
+    k_max 4096), keeping its summary and tuning grid; meta.json goes first, so the folder never looks complete."""
+    for name in ("meta.json", "neighbors.npy", "distances.npy"):
+        (folder / name).unlink(missing_ok=True)
 
 
 def changed_settings(recorded: dict, current: dict, prefix: str = "") -> list[str]:
@@ -157,17 +207,23 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-PPL_ROWS = ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl")
+# the rows of the study tables: LM perplexities and the kNN-LM under both evaluation protocols
+PPL_ROWS = ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl", "valid_knnlm_ppl_paper")
+LABELS = {"train_lm_ppl": "Train ppl LM", "valid_lm_ppl": "Valid ppl LM",
+          "valid_knnlm_ppl": "Valid ppl kNN-LM, tuned (λ, k, temperature tuned on valid)",
+          "valid_knnlm_ppl_paper": "Valid ppl kNN-LM, paper protocol (temperature 1, k = 1024, λ tuned)",
+          "temperature": "Tuned temperature", "key_sq_norm_mean": "Mean ‖r‖² (valid keys)"}
 
 
 def _over_seeds(values: dict[str, list[float]]) -> dict[str, list]:
     """{metric: [mean, std, n]} of each metric's per-seed values."""
-    return {m: [*_mean_std(xs), len(xs)] for m, xs in values.items()}
+    return {m: [*_mean_std(xs), len(xs)] for m, xs in values.items() if xs}
 
 
-def _ppl_over_seeds(runs: list[dict]) -> dict[str, list]:
-    """{metric: [mean, std, n]} of train LM, valid LM and valid kNN-LM perplexity over these runs."""
-    return _over_seeds({m: [r[m] for r in runs] for m in PPL_ROWS})
+def _ppl_over_seeds(runs: list[dict], metrics=PPL_ROWS) -> dict[str, list]:
+    """{metric: [mean, std, n]} over these runs, of each metric every run records (records made before a metric
+    was recorded lack it)."""
+    return _over_seeds({m: [r[m] for r in runs] for m in metrics if runs and all(m in r for r in runs)})
 
 
 def _runs(records: list[dict], regularizer: str, omega: float) -> list[dict]:
@@ -176,116 +232,211 @@ def _runs(records: list[dict], regularizer: str, omega: float) -> list[dict]:
 
 def omega_table(records: list[dict], regularizer: str = "l2") -> dict:
     """{omega: {metric: [mean, std, n]}} over seeds."""
-    return {omega: _ppl_over_seeds(_runs(records, regularizer, omega))
+    return {omega: _ppl_over_seeds(_runs(records, regularizer, omega), (*PPL_ROWS, "temperature", "key_sq_norm_mean"))
             for omega in sorted({r["omega"] for r in records if r["regularizer"] == regularizer})}
 
 
 def _cell(mean: float, std: float, n: int, signed: bool = False) -> str:
     """mean ± std over n seeds; a single seed has no spread to show."""
+    if not math.isfinite(mean):
+        return "n/a"
     m = f"{mean:+.2f}" if signed else f"{mean:.2f}"
     return f"{m} ± {std:.2f}" if n > 1 else m
 
 
+def markdown_table(title: str, head: list[str], rows: list[list[str]], note: str = "") -> str:
+    """The one Markdown table writer of the study outputs."""
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
+
+
 def table_markdown(table: dict, title: str) -> str:
-    labels = {"train_lm_ppl": "Train ppl LM", "valid_lm_ppl": "Valid ppl LM", "valid_knnlm_ppl": "Valid ppl kNN-LM"}
     omegas = list(table)
-    head = "| | " + " | ".join(f"ω = {o:g}" for o in omegas) + " |"
-    lines = [f"### {title}", "", head, "|---" * (len(omegas) + 1) + "|"]
-    for m, label in labels.items():
-        lines.append(f"| {label} | " + " | ".join(_cell(*table[o][m]) for o in omegas) + " |")
-    lines.append("| seeds | " + " | ".join(str(table[o]["valid_lm_ppl"][2]) for o in omegas) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[label] + [_cell(*table[o][m]) if m in table[o] else "–" for o in omegas] for m, label in LABELS.items()
+            if any(m in table[o] for o in omegas)]
+    rows.append(["seeds"] + [str(table[o]["valid_lm_ppl"][2]) for o in omegas])
+    return markdown_table(title, [""] + [f"ω = {o:g}" for o in omegas], rows,
+                          "Cells: mean ± std over seeds (sample std, n − 1). Both kNN-LM rows come from the same "
+                          "search of each model's valid tokens.")
+
+
+PAIRED_METRICS = ("valid_lm_ppl", "valid_knnlm_ppl", "valid_knnlm_ppl_paper")
 
 
 def paired_differences(records: list[dict], regularizer: str = "l2") -> dict:
-    """{omega: {metric: [mean, std, n]}} of (run at ω) − (run at ω = 0 with the same seed), over the seeds that
-    have both."""
+    """{omega: {metric: [mean, std, n], "per_seed": {metric: {seed: difference}}}} of (run at ω) − (run at ω = 0
+    with the same seed), over the seeds that have both."""
     runs = {(r["omega"], r["seed"]): r for r in records if r["regularizer"] == regularizer}
     diffs = {}
     for omega in sorted({o for o, _ in runs if o > 0}):
-        pairs = [(runs[(omega, s)], runs[(0.0, s)]) for o, s in sorted(runs) if o == omega and (0.0, s) in runs]
+        pairs = {s: (runs[(omega, s)], runs[(0.0, s)]) for o, s in sorted(runs) if o == omega and (0.0, s) in runs}
+        metrics = [m for m in PAIRED_METRICS if all(m in a and m in b for a, b in pairs.values())]
         if pairs:
-            diffs[omega] = _over_seeds({m: [a[m] - b[m] for a, b in pairs] for m in ("valid_lm_ppl", "valid_knnlm_ppl")})
+            per_seed = {m: {str(s): a[m] - b[m] for s, (a, b) in pairs.items()} for m in metrics}
+            diffs[omega] = {**_over_seeds({m: list(v.values()) for m, v in per_seed.items()}), "per_seed": per_seed}
     return diffs
 
 
 def paired_markdown(diffs: dict) -> str:
-    lines = ["### Against ω = 0 of the same seed (mean ± std of the per-seed differences; negative = better)", "",
-             "| ω | valid LM | valid kNN-LM | seeds |", "|---|---|---|---|"]
+    names = {"valid_lm_ppl": "valid LM", "valid_knnlm_ppl": "kNN-LM, tuned", "valid_knnlm_ppl_paper": "kNN-LM, paper protocol"}
+    rows = []
     for omega, d in diffs.items():
-        lines.append(f"| {omega:g} | {_cell(*d['valid_lm_ppl'], signed=True)} | {_cell(*d['valid_knnlm_ppl'], signed=True)} "
-                     f"| {d['valid_lm_ppl'][2]} |")
-    return "\n".join(lines) + "\n"
+        for m, label in names.items():
+            if m in d:
+                seeds = ", ".join(f"{v:+.2f}" for v in d["per_seed"][m].values())
+                rows.append([f"{omega:g}", label, _cell(*d[m], signed=True), seeds, str(d[m][2])])
+    return markdown_table("Against ω = 0 of the same seed (perplexity difference; negative = ω > 0 is better)",
+                          ["ω", "perplexity", "mean ± std of the differences", "per seed", "seeds"], rows)
 
 
-def best_omega(table: dict) -> float | None:
-    """The ω > 0 with the lowest mean valid kNN-LM perplexity."""
-    positive = [o for o in table if o > 0]
-    return min(positive, key=lambda o: table[o]["valid_knnlm_ppl"][0]) if positive else None
+def best_omega(table: dict, metric: str = "valid_knnlm_ppl") -> float | None:
+    """The ω > 0 with the lowest mean valid kNN-LM perplexity under a protocol's metric."""
+    positive = [o for o in table if o > 0 and metric in table[o]]
+    return min(positive, key=lambda o: table[o][metric][0]) if positive else None
 
 
-def write_tables(records: list[dict], results: Path) -> dict:
-    from .plots import plot_omega_curve, plot_ppl_by_k
+def write_tables(records: list[dict], results: Path, study: Study) -> dict:
+    from .plots import plot_omega_curve, plot_ppl_by_k, plot_temperature_vs_norm
 
     table = omega_table(records, "l2")
     if not table:
         return table
-    write_text(results / "table.md", table_markdown(table, "L2 activation regularization on WikiText-2 (mean ± std over seeds)"))
+    write_text(results / "table.md", table_markdown(table, f"L2 key regularizer, {study.title}"))
     write_json(results / "table.json", {f"{o:g}": v for o, v in table.items()})
     diffs = paired_differences(records, "l2")
     if diffs:
         write_text(results / "paired.md", paired_markdown(diffs))
         write_json(results / "paired.json", {f"{o:g}": v for o, v in diffs.items()})
-    plot_omega_curve(table, results / "figure1.png", "L2 regularizer: valid perplexity against ω")
-    # how each ω's kNN-LM improves with k (records made before this was recorded have no curve)
-    curves = {}
-    for omega in table:
-        rs = [r["valid_knnlm_ppl_by_k"] for r in records
-              if r["regularizer"] == "l2" and r["omega"] == omega and "valid_knnlm_ppl_by_k" in r]
-        ks = set.intersection(*(set(map(int, r)) for r in rs)) if rs else set()
-        if ks:
-            curves[f"{omega:g}"] = {k: _mean_std([r[str(k)] for r in rs]) for k in ks}
-    if curves:
-        plot_ppl_by_k(curves, results / "ppl_by_k.png", "L2 regularizer: kNN-LM perplexity against k")
+    plot_omega_curve(table, results / "figure1.png", f"L2 key regularizer, {study.title}: valid perplexity against ω")
+    # how each ω's kNN-LM improves with k, under each protocol (records made before a curve was kept lack it)
+    panels = {}
+    for field_, label in (("valid_knnlm_ppl_by_k", "tuned: temperature and λ tuned at each k"),
+                          ("valid_knnlm_ppl_t1_by_k", "paper protocol's temperature 1: λ tuned at each k")):
+        curves = {}
+        for omega in table:
+            rs = [r[field_] for r in _runs(records, "l2", omega) if field_ in r]
+            ks = set.intersection(*(set(map(int, r)) for r in rs)) if rs else set()
+            if ks:
+                curves[f"{omega:g}"] = {k: _mean_std([r[str(k)] for r in rs]) for k in ks}
+        if curves:
+            panels[label] = curves
+    if panels:
+        plot_ppl_by_k(panels, results / "ppl_by_k.png", f"L2 key regularizer, {study.title}: kNN-LM perplexity against k")
+    points = [(r["key_sq_norm_mean"], r["temperature"], r["omega"]) for r in records
+              if r["regularizer"] == "l2" and "key_sq_norm_mean" in r]
+    if len(points) >= 2:
+        x, y = np.log10([p[0] for p in points]), np.log10([p[1] for p in points])
+        slope, intercept = np.polyfit(x, y, 1) if len(set(x)) > 1 else (float("nan"), float("nan"))
+        fit = {"slope": float(slope), "intercept": float(intercept), "models": len(points),
+               "ratio_T_over_sq_norm": {"min": float(min(p[1] / p[0] for p in points)),
+                                        "max": float(max(p[1] / p[0] for p in points))},
+               "points": [{"key_sq_norm_mean": p[0], "temperature": p[1], "omega": p[2]} for p in points]}
+        write_json(results / "temperature_vs_norm.json", fit)
+        plot_temperature_vs_norm(points, fit, results / "temperature_vs_norm.png",
+                                 f"L2 key regularizer, {study.title}: tuned temperature against key scale")
     return table
 
 
-def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = ()) -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# running many models: one after another, or several at once (`--jobs`, e.g. several trainings sharing one GPU)
+
+def _run_task(task: tuple) -> dict:
+    *args, threads, prune = task
+    torch.set_num_threads(threads)
+    return run_one(*args, progress=False, prune=prune)
+
+
+class Runner:
+    """Runs `run_one` tasks in order, `jobs` at a time in their own processes (spawned: CUDA does not survive a
+    fork), and starts none after the deadline (`--stop-after`): a stopped sweep continues from its records."""
+
+    def __init__(self, jobs: int = 1, stop_after: float = 0.0, threads: int = 0, prune: bool = False):
+        self.jobs, self.t0, self.stop_after = max(1, jobs), time.time(), stop_after
+        self.threads = threads or max(1, (os.cpu_count() or 1) // self.jobs)
+        self.prune, self.skipped = prune, 0
+
+    def out_of_time(self) -> bool:
+        return bool(self.stop_after) and time.time() - self.t0 > self.stop_after
+
+    def run(self, tasks: list[tuple], done) -> None:
+        """Run the tasks; call `done(record)` in this process as each finishes."""
+        if self.jobs == 1:
+            for i, task in enumerate(tasks):
+                if self.out_of_time():
+                    self.skipped += len(tasks) - i
+                    return
+                done(run_one(*task, prune=self.prune))
+            return
+        import multiprocessing
+
+        pending, running = list(tasks), set()
+        with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                while pending or running:
+                    while pending and len(running) < self.jobs and not self.out_of_time():
+                        running.add(pool.submit(_run_task, (*pending.pop(0), self.threads, self.prune)))
+                    if not running:
+                        break
+                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        done(f.result())
+            finally:
+                self.skipped += len(pending)
+                for f in running:
+                    f.cancel()
+
+
+def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs: int = 1, stop_after: float = 0.0,
+              threads: int = 0, prune: bool = False, results: str | None = None) -> None:
     study_path = Path(study_path)
     study = load_study(study_path)
     study.overrides = [*study.overrides, *overrides]
-    results = Path(study.results) if study.results else Path("results") / study_path.stem
+    results = Path(results or study.results or Path("results") / study_path.stem)
     (results / "runs").mkdir(parents=True, exist_ok=True)
     load_config(study.base, study.overrides)  # fail early on a bad base config or override
+    runner = Runner(jobs, stop_after, threads, prune)
 
     records = [read_json(p) for p in sorted((results / "runs").glob("*.json"))]
+
+    def done(rec: dict) -> None:
+        nonlocal records
+        records = _replace(records, rec)
+        write_tables(records, results, study)
+
     # seed-major order: a stopped study already has every ω at the first seeds
-    for seed in study.seeds:
-        for omega in study.omegas:
-            records = _replace(records, run_one(study, out, results, "l2", omega, seed))
-            write_tables(records, results)
-    table = write_tables(records, results)
-
-    best = best_omega(table)
-    if best is None:
+    runner.run([(study, out, results, "l2", omega, seed) for seed in study.seeds for omega in study.omegas], done)
+    table = write_tables(records, results, study)
+    if runner.skipped:
+        print(f"stopped after {stop_after:g} s: {runner.skipped} runs not started; rerun the same command to continue",
+              flush=True)
         return
+
+    if all(o > 0 for o in table) or not any(o > 0 for o in table):
+        return
+    best = {"tuned": best_omega(table, "valid_knnlm_ppl"), "paper": best_omega(table, "valid_knnlm_ppl_paper")}
     # the test split first: a few minutes, against ~30 for each MOCO run
-    inputs = {o: _runs(records, "l2", o) for o in (0.0, best)}
+    inputs = {o: _runs(records, "l2", o) for o in sorted({0.0, *best.values()})}
     if not _test_done(results, inputs):
-        write_test_results(study, out, results, inputs)
-    if study.moco:
-        for seed in study.seeds:
-            records = _replace(records, run_one(study, out, results, "moco", best, seed, study.moco_overrides))
-            write_moco_comparison(records, best, results)
+        write_test_results(study, out, results, inputs, best)
+    write_rescale_control(records, out, results, study)
+    if study.moco and not runner.out_of_time():
+        # MOCO at the ω > 0 that the paper protocol favours: where the paper saw its regularizers help
+        runner.run([(study, out, results, "moco", best["paper"], seed, study.moco_overrides) for seed in study.seeds],
+                   lambda rec: (done(rec), write_moco_comparison(records, best["paper"], results, study)))
+        write_moco_comparison(records, best["paper"], results, study)
+        if runner.skipped:
+            print(f"stopped after {stop_after:g} s: {runner.skipped} MOCO runs not started; rerun to continue", flush=True)
 
 
-def _valid_choice(record: dict) -> list:
-    return [record["lambda"], record["k"], record["temperature"]]
+def _valid_choice(record: dict) -> dict:
+    return {"tuned": [record["lambda"], record["k"], record["temperature"]],
+            "paper": [record["paper_lambda"], record["paper_k"], PAPER_TEMPERATURE]}
 
 
 def _test_done(results: Path, inputs: dict[float, list[dict]]) -> bool:
-    """Whether test.json already holds these runs with the λ, k, temperature their records now choose on valid
-    (a re-evaluated record may have chosen others)."""
+    """Whether test.json already holds these runs with the choices their records now make on valid (a
+    re-evaluated record may have chosen others)."""
     if not (results / "test.json").is_file():
         return False
     rows = read_json(results / "test.json", "test results")
@@ -297,24 +448,26 @@ def _replace(records: list[dict], rec: dict) -> list[dict]:
     return [r for r in records if r["name"] != rec["name"]] + [rec]
 
 
-def write_moco_comparison(records: list[dict], omega: float, results: Path) -> None:
+def write_moco_comparison(records: list[dict], omega: float, results: Path, study: Study) -> None:
     from .plots import plot_regularizer_comparison
 
     groups = {"l2": _runs(records, "l2", omega), "moco": _runs(records, "moco", omega),
               "none (ω = 0)": _runs(records, "l2", 0.0)}
     rows = {label: _ppl_over_seeds(rs) for label, rs in groups.items() if rs}
+    if "moco" not in rows:
+        return
+    metrics = [m for m in PPL_ROWS if all(m in v for v in rows.values())]
     write_json(results / "moco_vs_l2.json", {"omega": omega, "rows": rows})
-    lines = [f"### MOCO vs L2 at ω = {omega:g} (mean ± std over seeds)", "",
-             "| regularizer | train LM | valid LM | valid kNN-LM | seeds |", "|---|---|---|---|---|"]
-    for reg, v in rows.items():
-        lines.append(f"| {reg} | " + " | ".join(_cell(*v[m]) for m in PPL_ROWS)
-                     + f" | {v['valid_lm_ppl'][2]} |")
-    write_text(results / "moco_vs_l2.md", "\n".join(lines) + "\n")
-    plot_regularizer_comparison(rows, results / "moco_vs_l2.png", f"MOCO vs L2 at ω = {omega:g}")
+    write_text(results / "moco_vs_l2.md", markdown_table(
+        f"MOCO vs L2 at ω = {omega:g}, {study.title} (mean ± std over seeds)",
+        ["regularizer", *(LABELS[m] for m in metrics), "seeds"],
+        [[reg, *(_cell(*v[m]) for m in metrics), str(v["valid_lm_ppl"][2])] for reg, v in rows.items()]))
+    plot_regularizer_comparison(rows, results / "moco_vs_l2.png", f"MOCO vs L2 at ω = {omega:g}, {study.title}")
 
 
-def write_test_results(study: Study, out: Path, results: Path, inputs: dict[float, list[dict]]) -> None:
-    """Test perplexities of the records of ω = 0 and the best ω, once, with λ, k, temperature chosen on valid."""
+def write_test_results(study: Study, out: Path, results: Path, inputs: dict[float, list[dict]], best: dict) -> None:
+    """Test perplexities of ω = 0 and of the best ω of each protocol, once; each protocol uses its own choice
+    of λ, k, temperature from valid."""
     from .evaluate import evaluate
 
     rows = {}
@@ -330,14 +483,76 @@ def write_test_results(study: Study, out: Path, results: Path, inputs: dict[floa
         if per_seed:
             rows[f"{omega:g}"] = {
                 "test_lm_ppl": _mean_std([s["lm_ppl"] for s in per_seed]),
-                "test_knnlm_ppl": _mean_std([s["knnlm_ppl"] for s in per_seed]),
+                "test_knnlm_ppl": _mean_std([s["protocols"]["tuned"]["knnlm_ppl"] for s in per_seed]),
+                "test_knnlm_ppl_paper": _mean_std([s["protocols"]["paper"]["knnlm_ppl"] for s in per_seed]),
                 "seeds": len(per_seed),
-                "valid_choice": choice,  # each run's λ, k, temperature from valid, as used on test
+                "best_under": [p for p, o in best.items() if o == omega],
+                "valid_choice": choice,  # each run's [λ, k, temperature] from valid, per protocol, as used on test
             }
+    if not rows:
+        return
     write_json(results / "test.json", rows)
-    lines = ["### Test perplexity (λ, k, temperature chosen on valid; mean ± std over seeds)", "",
-             "| ω | test LM | test kNN-LM | seeds |", "|---|---|---|---|"]
-    for o, v in rows.items():
-        lines.append(f"| {o} | {_cell(*v['test_lm_ppl'], v['seeds'])} | {_cell(*v['test_knnlm_ppl'], v['seeds'])} | {v['seeds']} |")
-    write_text(results / "test.md", "\n".join(lines) + "\n")
+    write_text(results / "test.md", markdown_table(
+        f"Test perplexity, {study.title} (each protocol's λ, k, temperature chosen on valid; mean ± std over seeds)",
+        ["ω", "chosen as the best ω > 0 by", "test LM", "test kNN-LM, tuned", "test kNN-LM, paper protocol", "seeds"],
+        [[o, ", ".join(v["best_under"]) or "–", *(_cell(*v[m], v["seeds"]) for m in
+                                                   ("test_lm_ppl", "test_knnlm_ppl", "test_knnlm_ppl_paper")),
+          str(v["seeds"])] for o, v in rows.items()]))
 
+
+def rescaled_ppl(run: Path, cfg: Config, temperature: float) -> float:
+    """Valid kNN-LM perplexity of a run at k = 1024 (the paper protocol's k) and a given temperature, λ tuned, from
+    its saved neighbours. Dividing distances by T is what scaling every key (stored and query) by 1/√T does."""
+    targets, lm, dists, nvals = tuning_arrays(run, "valid")
+    knn = knn_logprob(dists, nvals, targets, paper_k(cfg), temperature)
+    return min(perplexity(interpolate(lm, knn, lmbda)) for lmbda in cfg.eval.lmbda)
+
+
+def write_rescale_control(records: list[dict], out: Path, results: Path, study: Study) -> None:
+    """The rescaling control: does a uniform rescaling of the ω = 0 model's keys give what ω > 0 gives at
+    temperature 1?
+
+    For each ω > 0 and seed, the ω = 0 model of the same seed is evaluated at T = ‖r_0‖² / ‖r_ω‖² (mean squared key
+    norms on valid), which is temperature 1 after scaling its keys to the regularized model's scale. `recovered` is
+    (ppl_0(T=1) − ppl_0(T)) / (ppl_0(T=1) − ppl_ω(T=1)): the share of the temperature-1 gain of ω > 0 that the
+    rescaling alone gives. Needs the ω = 0 runs' saved neighbours (their run folders)."""
+    base = {r["seed"]: r for r in _runs(records, "l2", 0.0)}
+    pairs = [(r, base[r["seed"]]) for r in records if r["regularizer"] == "l2" and r["omega"] > 0 and r["seed"] in base
+             and all(f in x for x in (r, base[r["seed"]]) for f in ("key_sq_norm_mean", "valid_knnlm_ppl_paper"))]
+    want = {r["name"]: [r0["name"], r["key_sq_norm_mean"], r0["key_sq_norm_mean"]] for r, r0 in pairs}
+    path = results / "rescale.json"
+    if path.is_file() and read_json(path, "rescaling control").get("inputs") == want:
+        return
+    per_run = {}
+    for r, r0 in pairs:
+        run0 = out / r0["name"]
+        if not (run0 / "eval" / "valid" / "meta.json").is_file() or not (run0 / "datastore" / "meta.json").is_file():
+            continue
+        cfg = run_config(study, "l2", 0.0, r0["seed"])
+        T = r0["key_sq_norm_mean"] / r["key_sq_norm_mean"]
+        p0_T = rescaled_ppl(run0, cfg, T)
+        p0_1, pw_1 = r0["valid_knnlm_ppl_paper"], r["valid_knnlm_ppl_paper"]
+        gain = p0_1 - pw_1
+        per_run[r["name"]] = {"omega": r["omega"], "seed": r["seed"], "temperature_match": T,
+                              "omega0_t1": p0_1, "omega0_rescaled": p0_T, "omega_t1": pw_1,
+                              "omega0_tuned": r0["valid_knnlm_ppl"], "omega_tuned": r["valid_knnlm_ppl"],
+                              "recovered": (p0_1 - p0_T) / gain if gain > 0 else float("nan")}
+    if not per_run:
+        return
+    summary = {}
+    for omega in sorted({v["omega"] for v in per_run.values()}):
+        vs = [v for v in per_run.values() if v["omega"] == omega]
+        summary[f"{omega:g}"] = _over_seeds({m: [v[m] for v in vs] for m in
+                                             ("temperature_match", "omega0_t1", "omega0_rescaled", "omega_t1", "recovered")})
+    write_json(path, {"inputs": {n: want[n] for n in per_run}, "per_run": per_run, "summary": summary,
+                      "note": write_rescale_control.__doc__.split("\n\n")[1].strip()})
+    write_text(results / "rescale.md", markdown_table(
+        f"Rescaling control, {study.title}: the ω = 0 model at the temperature that matches ω's key scale "
+        "(k = 1024, λ tuned; mean ± std over seeds)",
+        ["ω", "T = ‖r_0‖²/‖r_ω‖²", "ω = 0 at T = 1", "ω = 0 rescaled (at T)", "ω at T = 1",
+         "share of ω's T = 1 gain recovered", "seeds"],
+        [[o, *(_cell(*v[m]) for m in ("temperature_match", "omega0_t1", "omega0_rescaled", "omega_t1", "recovered")),
+          str(v["omega0_t1"][2])] for o, v in summary.items()],
+        "Cells: perplexity on the valid tokens the study evaluates. `share recovered` = (ω=0 at T=1 − ω=0 rescaled) / "
+        "(ω=0 at T=1 − ω at T=1); 1 means a plain rescaling of the unregularized keys gives all of ω's gain at "
+        "temperature 1; it is undefined (nan) where ω does not beat ω = 0 at temperature 1."))

@@ -122,12 +122,13 @@ def test_lambda_zero_is_the_lm_exactly_and_mixing_is_linear_in_p():
     assert np.allclose(np.exp(mixed), 0.25 * np.exp(knn) + 0.75 * np.exp(lm.astype(np.float64)))
 
 
+@pytest.mark.parametrize("resident", [False, True])  # True: the GPU path (store copied to the device), run on the CPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_torch_exact_search_on_lm_like_keys_equals_brute_force(dtype):
+def test_torch_exact_search_on_lm_like_keys_equals_brute_force(dtype, resident):
     rng = np.random.default_rng(3)
     keys, scale = lm_like_keys(rng, 5007, 64)
     queries = (5 + rng.standard_normal((40, 64)) * scale).astype(np.float32)
-    d, i = TorchExactSearch(keys, block=2000, dtype=dtype).search(queries, 300)
+    d, i = TorchExactSearch(keys, device="cpu", block=2000, dtype=dtype, resident=resident).search(queries, 300)
     bd, bi = brute_force(keys, queries, 300)
     assert np.allclose(d, bd, rtol=1e-5, atol=1e-4)
     # the same neighbours; two of them may swap places where fp32 distances tie (float64 tells them apart)
