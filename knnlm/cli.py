@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     rn = add("run", cmd_run, "train, datastore and evaluate in one go")
     for sp in (tr, rn):
         sp.add_argument("--omega", type=float, help="weight ω of the key regularizer (train.omega)")
-        sp.add_argument("--regularizer", choices=["l2", "moco", "zero-queue"], help="train.regularizer")
+        sp.add_argument("--regularizer", choices=["l2", "moco", "zero-queue", "knn", "pull-ratio"], help="train.regularizer")
     sw = sub.add_parser("sweep", help="the ω study: one model per (regularizer, ω, seed)")
     sw.add_argument("study", help="study config (TOML) under experiments/")
     sw.add_argument("--out", required=True)

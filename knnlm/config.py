@@ -59,7 +59,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     omega: float = 0.0
-    regularizer: str = "l2"  # l2 | moco | zero-queue
+    regularizer: str = "l2"  # l2 | moco | zero-queue | knn | pull-ratio (knnlm.regularizers)
     queue_len: int = 8  # L (moco)
     momentum: float = 0.99  # (moco)
     bf16: bool = True  # bf16 autocast on CPU/GPU matrix products
@@ -208,8 +208,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.context: expected at least 2, got {m.context}")
     if t.omega < 0:
         raise UserError(f"train.omega: expected omega >= 0, got {t.omega}")
-    if t.regularizer not in ("l2", "moco", "zero-queue"):
-        raise UserError(f"train.regularizer: expected l2, moco or zero-queue, got {t.regularizer!r}")
+    if t.regularizer not in ("l2", "moco", "zero-queue", "knn", "pull-ratio"):
+        raise UserError(f"train.regularizer: expected l2, moco, zero-queue, knn or pull-ratio, got {t.regularizer!r}")
     if not 0 <= t.momentum < 1:
         raise UserError(f"train.momentum: expected a value in [0, 1), got {t.momentum}")
     if t.queue_len < 1:

@@ -6,6 +6,16 @@
 - `zero-queue`: the MOCO code path with one all-zero, always-full queue slot per word, which is exactly `l2`
   (a check that the MOCO loss is wired as the paper writes it).
 
+Both of the paper's losses can be paid by shrinking every key, which a tuned kNN temperature undoes. Two objectives
+that a uniform rescaling of the keys cannot satisfy, over in-batch memories (the keys of the batch's *other* blocks,
+as a test token's neighbours come from other text; gradients reach both ends):
+- `knn` (kNN-distribution loss, after TRIME, Zhong et al. 2022): reg = mean_j −log Σ_{m: w_m = w_j} softmax_m(−d_jm/τ),
+  d the squared distance, over the positions j with at least one same-word memory; τ is learned (log τ a parameter,
+  started at the batch's median distance), so a uniform rescaling of the keys is absorbed by τ and does nothing,
+  as the evaluation's tuned temperature does nothing with it;
+- `pull-ratio` (the paper's pull toward same-word keys made scale-free): reg = mean_j mean_{m: w_m = w_j} d_jm /
+  mean_{m: w_m ≠ w_j} d_jm, over the positions j with both kinds of memory.
+
 r_j is the model's retrieval key (`Output.key`) at position j and w_j the token that follows it. Stateful parts are
 modules with buffers, so they are saved in checkpoints and move between devices with the model.
 """
@@ -15,6 +25,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .config import TrainConfig
@@ -126,7 +137,80 @@ class ZeroQueueRegularizer(nn.Module):
         pass
 
 
-def make_regularizer(cfg: TrainConfig, model: nn.Module, vocab_size: int, d: int) -> nn.Module:
+def batch_memories(key: torch.Tensor, targets: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Squared distances between all positions of a batch (N, N) fp32, and two masks (N, N): `memory` (m is in
+    another block than j: blocks are runs of `block` positions) and `same` (memory m's word is j's)."""
+    k = key if key.dtype == torch.float64 else key.float()
+    with torch.autocast(device_type=k.device.type, enabled=False):  # bf16 products would swamp near distances
+        sq = k.pow(2).sum(-1)
+        d = (sq[:, None] + sq[None, :] - 2 * (k @ k.t())).clamp_min(0)
+    blocks = torch.arange(len(k), device=k.device) // max(1, block)
+    memory = blocks[:, None] != blocks[None, :]
+    same = memory & (targets[:, None] == targets[None, :])
+    return d, memory, same
+
+
+class KnnDistributionRegularizer(nn.Module):
+    """kNN-distribution loss over in-batch memories with a learned temperature (see the module docstring)."""
+
+    def __init__(self, block: int):
+        super().__init__()
+        self.block = block
+        self.log_tau = nn.Parameter(torch.zeros(()))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        d, memory, same = batch_memories(key, targets, self.block)
+        if not bool(self.started):  # τ starts at the typical distance between memories
+            with torch.no_grad():
+                self.log_tau.copy_(d[memory].median().clamp_min(1e-6).log())
+                if dist.is_available() and dist.is_initialized():  # every rank starts from the same τ
+                    dist.all_reduce(self.log_tau.data)
+                    self.log_tau.data /= dist.get_world_size()
+                self.started.fill_(True)
+        logits = (-d / self.log_tau.exp()).masked_fill(~memory, -torch.inf)
+        has = same.any(1)
+        if not bool(has.any()):
+            return logits.new_zeros(()) * self.log_tau  # no position has a same-word memory in this batch
+        log_all = torch.logsumexp(logits[has], dim=1)
+        log_same = torch.logsumexp(logits[has].masked_fill(~same[has], -torch.inf), dim=1)
+        return (log_all - log_same).mean()
+
+    def after_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        pass
+
+
+class PullRatioRegularizer(nn.Module):
+    """Mean distance to same-word memories over mean distance to other words' memories (scale-free pull)."""
+
+    def __init__(self, block: int):
+        super().__init__()
+        self.block = block
+
+    def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        d, memory, same = batch_memories(key, targets, self.block)
+        other = memory & ~same
+        n_same, n_other = same.sum(1), other.sum(1)
+        has = (n_same > 0) & (n_other > 0)
+        if not bool(has.any()):
+            return d.new_zeros(())
+        mean_same = (d * same).sum(1)[has] / n_same[has]
+        mean_other = (d * other).sum(1)[has] / n_other[has]
+        return (mean_same / mean_other.clamp_min(1e-12)).mean()
+
+    def after_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        pass
+
+
+REGULARIZERS = ("l2", "moco", "zero-queue", "knn", "pull-ratio")
+
+
+def make_regularizer(cfg: TrainConfig, model: nn.Module, vocab_size: int, d: int, block: int = 0) -> nn.Module:
+    """The regularizer `cfg.regularizer` names; `block` is the training block length (in-batch memories)."""
+    if cfg.regularizer == "knn":
+        return KnnDistributionRegularizer(block)
+    if cfg.regularizer == "pull-ratio":
+        return PullRatioRegularizer(block)
     if cfg.regularizer == "moco":
         return MocoRegularizer(model, vocab_size, d, cfg.queue_len, cfg.momentum)
     if cfg.regularizer == "zero-queue":

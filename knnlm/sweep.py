@@ -65,6 +65,9 @@ class Study:
     moco_overrides: list[str] = field(default_factory=list)
     results: str = ""  # where the committed numbers go (default results/<study name>)
     title: str = "WikiText-2"  # what the tables and figures say the study is about
+    # other training objectives (train.regularizer name -> weights tried on the first seed); the best weight under
+    # the tuned protocol is then trained on the other seeds and compared with ω = 0 of the same seed
+    objectives: dict[str, list[float]] = field(default_factory=dict)
 
 
 def load_study(path: Path) -> Study:
@@ -81,6 +84,12 @@ def load_study(path: Path) -> Study:
     study.base = str((path.parent / study.base).resolve())
     if not study.omegas or not study.seeds:
         raise UserError(f"{path}: omegas and seeds must be non-empty")
+    from .regularizers import REGULARIZERS
+
+    for name, weights in study.objectives.items():
+        if name not in REGULARIZERS or not weights or any(not w > 0 for w in weights):
+            raise UserError(f"{path}: objectives.{name}: expected a regularizer of {', '.join(REGULARIZERS)} "
+                            "with a non-empty list of weights > 0")
     return study
 
 
@@ -407,6 +416,8 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs
     # seed-major order: a stopped study already has every ω at the first seeds
     runner.run([(study, out, results, "l2", omega, seed) for seed in study.seeds for omega in study.omegas], done)
     table = write_tables(records, results, study)
+    if study.objectives and not runner.skipped:
+        run_objectives(study, out, results, runner, lambda: records, done)
     if runner.skipped:
         print(f"stopped after {stop_after:g} s: {runner.skipped} runs not started; rerun the same command to continue",
               flush=True)
@@ -556,3 +567,65 @@ def write_rescale_control(records: list[dict], out: Path, results: Path, study: 
         "Cells: perplexity on the valid tokens the study evaluates. `share recovered` = (ω=0 at T=1 − ω=0 rescaled) / "
         "(ω=0 at T=1 − ω at T=1); 1 means a plain rescaling of the unregularized keys gives all of ω's gain at "
         "temperature 1; it is undefined (nan) where ω does not beat ω = 0 at temperature 1."))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# other objectives against ω = 0 (issue: training with kNN in mind that still helps once the temperature is tuned)
+
+def run_objectives(study: Study, out: Path, results: Path, runner: Runner, current, done) -> None:
+    """Each objective's weights on the first seed, then its best weight (tuned protocol) on the other seeds."""
+    first, rest = study.seeds[0], study.seeds[1:]
+    runner.run([(study, out, results, name, w, first) for name, ws in study.objectives.items() for w in ws], done)
+    if runner.skipped:
+        return
+    best = {}
+    for name, ws in study.objectives.items():
+        tried = [r for r in current() if r["regularizer"] == name and r["seed"] == first and r["omega"] in ws]
+        best[name] = min(tried, key=lambda r: r["valid_knnlm_ppl"])["omega"]
+    runner.run([(study, out, results, name, w, seed) for name, w in best.items() for seed in rest], done)
+    write_objectives(current(), best, results, study)
+
+
+def write_objectives(records: list[dict], best: dict[str, float], results: Path, study: Study) -> None:
+    """objectives.md / .json / .png: every weight on the first seed, and each objective's best weight against ω = 0
+    of the same seed over all seeds (both protocols, the LM, and training time against ω = 0)."""
+    from .plots import plot_paired_objectives
+
+    base = {r["seed"]: r for r in _runs(records, "l2", 0.0)}
+    first = study.seeds[0]
+    rows, out = [], {"best": best, "weights": {}, "paired": {}}
+    for name, weights in study.objectives.items():
+        for w in weights:
+            r = next((r for r in records if r["regularizer"] == name and r["omega"] == w and r["seed"] == first), None)
+            if r is not None:
+                out["weights"][f"{name} {w:g}"] = {m: r[m] for m in PPL_ROWS}
+    for name, w in best.items():
+        pairs = [(r, base[r["seed"]]) for r in _runs(records, name, w) if r["seed"] in base]
+        if not pairs:
+            continue
+        per_seed = {m: [a[m] - b[m] for a, b in pairs] for m in PAIRED_METRICS}
+        time_ratio = [a["seconds"]["train_compute"] / b["seconds"]["train_compute"] - 1 for a, b in pairs]
+        lm_rel = [a["valid_lm_ppl"] / b["valid_lm_ppl"] - 1 for a, b in pairs]
+        d = {**_over_seeds(per_seed), "train_time_vs_omega0": list(_mean_std(time_ratio)), "lm_relative": list(_mean_std(lm_rel)),
+             "seeds": [a["seed"] for a, _ in pairs], "per_seed": per_seed,
+             "absolute": _ppl_over_seeds([a for a, _ in pairs])}
+        mean, std, n = d["valid_knnlm_ppl"]
+        d["goal_met"] = bool(n >= 3 and mean < -2 * std and abs(d["lm_relative"][0]) <= 0.01)
+        out["paired"][name] = d
+        rows.append([name, f"{w:g}", _cell(*d["absolute"]["valid_lm_ppl"]), _cell(*d["absolute"]["valid_knnlm_ppl"]),
+                     _cell(*d["absolute"]["valid_knnlm_ppl_paper"]), _cell(*d["valid_lm_ppl"], signed=True),
+                     _cell(*d["valid_knnlm_ppl"], signed=True), _cell(*d["valid_knnlm_ppl_paper"], signed=True),
+                     f"{100 * d['train_time_vs_omega0'][0]:+.0f} %", str(n), "yes" if d["goal_met"] else "no"])
+    write_json(results / "objectives.json", out)
+    weight_rows = [[k, *(_cell(v[m], 0, 1) for m in PPL_ROWS)] for k, v in out["weights"].items()]
+    write_text(results / "objectives.md", markdown_table(
+        f"Objectives against ω = 0 of the same seed, {study.title} (mean ± std over seeds)",
+        ["objective", "weight", "valid LM", "kNN-LM tuned", "kNN-LM paper", "Δ LM", "Δ kNN-LM tuned", "Δ kNN-LM paper",
+         "training time vs ω = 0", "seeds", "goal met"], rows,
+        "Δ: the objective's run minus ω = 0 of the same seed (negative = better). Goal: Δ kNN-LM tuned below −2 std "
+        "of the paired differences over ≥ 3 seeds, with the LM within 1 %.")
+        + "\n" + markdown_table(f"Every weight on seed {first}", ["objective, weight", *(LABELS[m] for m in PPL_ROWS)],
+                                 weight_rows))
+    if out["paired"]:
+        plot_paired_objectives(out["paired"], results / "objectives.png",
+                               f"Objectives against ω = 0 of the same seed, {study.title}")

@@ -111,9 +111,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
 
     torch.manual_seed(t.seed)
     model = build_model(mcfg, corpus.vocab_size).to(device)
-    regularizer = make_regularizer(t, model, model.vocab_size, model.key_dim).to(device)
+    regularizer = make_regularizer(t, model, model.vocab_size, model.key_dim, block=mcfg.context).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # the regularizer's own trained parameters (the `knn` loss's temperature) are not decayed
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2] + [p for p in regularizer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=t.lr, betas=(0.9, 0.98), eps=1e-8)
 

@@ -93,3 +93,113 @@ def test_after_step_enqueues_momentum_keys_of_the_targets():
     for j in range(8):
         assert moco.queue.filled[j] == 1
         assert torch.allclose(moco.queue.keys[j, 0], expected[j])
+
+
+# --- objectives that a uniform rescaling of the keys cannot satisfy -------------------------------------------------
+
+import math
+
+import numpy as np
+import pytest
+
+from knnlm.regularizers import KnnDistributionRegularizer, PullRatioRegularizer
+
+
+def _batch(seed=0, n=24, d=5, vocab=4, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=dtype), torch.randint(0, vocab, (n,), generator=g)
+
+
+def _numpy_knn_loss(key, targets, block, tau):
+    """Loops over positions: −log of the same-word share of softmax(−d/τ) over the other blocks' positions."""
+    k, t, n = key.detach().numpy(), targets.numpy(), len(targets)
+    losses = []
+    for j in range(n):
+        mem = [m for m in range(n) if m // block != j // block]
+        same = [m for m in mem if t[m] == t[j]]
+        if not same:
+            continue
+        logit = {m: -float(np.sum((k[j] - k[m]) ** 2)) / tau for m in mem}
+        lse = lambda ms: np.logaddexp.reduce([logit[m] for m in ms])
+        losses.append(lse(mem) - lse(same))
+    return float(np.mean(losses))
+
+
+def _numpy_pull_ratio(key, targets, block):
+    k, t, n = key.detach().numpy(), targets.numpy(), len(targets)
+    ratios = []
+    for j in range(n):
+        mem = [m for m in range(n) if m // block != j // block]
+        same = [np.sum((k[j] - k[m]) ** 2) for m in mem if t[m] == t[j]]
+        other = [np.sum((k[j] - k[m]) ** 2) for m in mem if t[m] != t[j]]
+        if same and other:
+            ratios.append(np.mean(same) / np.mean(other))
+    return float(np.mean(ratios))
+
+
+def test_knn_distribution_loss_equals_a_brute_force_and_starts_tau_at_the_median_distance():
+    key, targets = _batch()
+    reg = KnnDistributionRegularizer(block=6).double()
+    loss = reg(key, targets)
+    tau = float(reg.log_tau.detach().exp())
+    k = key.numpy()
+    dists = sorted(np.sum((k[j] - k[m]) ** 2) for j in range(24) for m in range(24) if j // 6 != m // 6)
+    med = dists[(len(dists) - 1) // 2]  # torch's median: the lower middle value
+    assert tau == pytest.approx(med, rel=1e-6)
+    assert float(loss) == pytest.approx(_numpy_knn_loss(key, targets, 6, tau), rel=1e-9)
+    with torch.no_grad():
+        reg.log_tau.fill_(math.log(3.0))  # a later step, with a trained τ
+    assert float(reg(key, targets)) == pytest.approx(_numpy_knn_loss(key, targets, 6, 3.0), rel=1e-9)
+
+
+def test_pull_ratio_equals_a_brute_force():
+    key, targets = _batch(1)
+    assert float(PullRatioRegularizer(block=4)(key, targets)) == pytest.approx(_numpy_pull_ratio(key, targets, 4), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["knn", "pull-ratio"])
+def test_gradients_match_finite_differences(name):
+    key, targets = _batch(2, n=12, d=3, vocab=3)
+    reg = (KnnDistributionRegularizer(block=4) if name == "knn" else PullRatioRegularizer(block=4)).double()
+    reg(key, targets)  # starts τ
+    key.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda k: reg(k, targets), (key,), eps=1e-6, atol=1e-6)
+    if name == "knn":  # and the temperature's gradient
+        f = lambda lt: torch.func.functional_call(reg, {"log_tau": lt}, (key.detach(), targets))
+        assert torch.autograd.gradcheck(f, (reg.log_tau.detach().clone().requires_grad_(True),))
+
+
+def test_a_uniform_rescaling_of_the_keys_cannot_pay_these_losses():
+    key, targets = _batch(3)
+    pull = PullRatioRegularizer(block=6).double()
+    assert float(pull(0.1 * key, targets)) == pytest.approx(float(pull(key, targets)), rel=1e-9)
+    knn = KnnDistributionRegularizer(block=6).double()
+    a = float(knn(key, targets))
+    knn_small = KnnDistributionRegularizer(block=6).double()
+    b = float(knn_small(0.1 * key, targets))  # τ starts at the shrunken keys' median: the same loss
+    assert a == pytest.approx(b, rel=1e-9)
+    # whereas the L2 penalty falls 100-fold
+    l2 = L2Regularizer()
+    assert float(l2(0.1 * key, targets)) == pytest.approx(0.01 * float(l2(key, targets)))
+
+
+@pytest.mark.parametrize("name", ["knn", "pull-ratio"])
+def test_zero_weight_gives_exactly_the_lm_loss_and_gradients(name):
+    from knnlm.train import Objective
+
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, context=8, dropout=0.0, cutoffs=[20, 40])
+    torch.manual_seed(0)
+    model = TransformerLM(cfg, 60)
+    inputs = torch.randint(0, 60, (4, 8))
+    targets = torch.randint(0, 60, (4, 8))
+    grads = {}
+    for reg_name in (name, "l2"):
+        model.zero_grad()
+        reg = make_regularizer(TrainConfig(regularizer=reg_name), model, 60, 16, block=8)
+        lm_loss, reg_loss = Objective(model, reg)(inputs, targets)
+        loss = lm_loss + 0.0 * reg_loss
+        loss.backward()
+        grads[reg_name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+        assert torch.isfinite(reg_loss)
+    assert torch.equal(grads[name][0], grads["l2"][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[name][1], grads["l2"][1]))

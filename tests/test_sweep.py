@@ -2,6 +2,7 @@
 and a rerun reuses what is recorded and what is trained."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def study(tmp_path_factory):
     path.write_text(f'base = "{TINY}"\noverrides = {json.dumps(OVERRIDES)}\nomegas = [0.0, 0.01]\nseeds = [0, 1]\n'
                     f'moco = true\nmoco_overrides = ["train.queue_len=4", "train.momentum=0.9"]\n'
                     f'results = "{root / "results"}"\n')
-    knnlm("sweep", path, "--out", root / "runs")
+    knnlm("sweep", path, "--out", root / "runs", "--jobs", "2")  # two models at a time, each in its own process
     return path, root / "runs", root / "results"
 
 
@@ -28,8 +29,9 @@ def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(stu
     records = {p.stem: json.loads(p.read_text()) for p in (results / "runs").glob("*.json")}
     assert sorted(records) == sorted(f"{reg}_omega{o}_seed{s}" for reg, o in
                                      [("l2", "0"), ("l2", "0.01"), ("moco", "0.01")] for s in (0, 1))
-    for name in ("table.md", "table.json", "paired.md", "paired.json", "figure1.png", "ppl_by_k.png", "moco_vs_l2.md", "moco_vs_l2.json", "moco_vs_l2.png",
-                 "test.md", "test.json"):
+    for name in ("table.md", "table.json", "paired.md", "paired.json", "figure1.png", "ppl_by_k.png", "moco_vs_l2.md",
+                 "moco_vs_l2.json", "moco_vs_l2.png", "test.md", "test.json", "rescale.md", "rescale.json",
+                 "temperature_vs_norm.png", "temperature_vs_norm.json"):
         assert (results / name).stat().st_size > 0, name
     table = json.loads((results / "table.json").read_text())
     for omega in ("0", "0.01"):
@@ -41,6 +43,9 @@ def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(stu
     paired = json.loads((results / "paired.json").read_text())
     d = [records[f"l2_omega0.01_seed{s}"]["valid_knnlm_ppl"] - records[f"l2_omega0_seed{s}"]["valid_knnlm_ppl"] for s in (0, 1)]
     assert set(paired) == {"0.01"} and paired["0.01"]["valid_knnlm_ppl"] == pytest.approx([np.mean(d), np.std(d, ddof=1), 2])
+    d = [records[f"l2_omega0.01_seed{s}"]["valid_knnlm_ppl_paper"] - records[f"l2_omega0_seed{s}"]["valid_knnlm_ppl_paper"] for s in (0, 1)]
+    assert paired["0.01"]["valid_knnlm_ppl_paper"] == pytest.approx([np.mean(d), np.std(d, ddof=1), 2])
+    assert paired["0.01"]["per_seed"]["valid_knnlm_ppl_paper"] == pytest.approx({"0": d[0], "1": d[1]})
     # each record's perplexity is the best of its curve over k, and that curve comes from the run's tuning grid
     for name, r in records.items():
         grid = json.loads((runs / name / "eval" / "valid" / "tuning.json").read_text())
@@ -56,8 +61,13 @@ def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(stu
         valid = json.loads((runs / f"l2_omega0.01_seed{s}" / "eval" / "valid" / "summary.json").read_text())
         tst = json.loads((runs / f"l2_omega0.01_seed{s}" / "eval" / "test" / "summary.json").read_text())
         assert (tst["lambda"], tst["k"], tst["temperature"]) == (valid["lambda"], valid["k"], valid["temperature"])
-    assert test["0.01"]["valid_choice"] == {n: [r["lambda"], r["k"], r["temperature"]] for n, r in records.items()
-                                            if n.startswith("l2_omega0.01_")}
+        for p in ("tuned", "paper"):  # each protocol's own choice from valid
+            assert [tst["protocols"][p][x] for x in ("lambda", "k", "temperature")] == \
+                [valid["protocols"][p][x] for x in ("lambda", "k", "temperature")]
+        assert valid["protocols"]["paper"]["temperature"] == 1.0 and valid["protocols"]["paper"]["k"] == 16  # k_max < 1024
+    assert test["0.01"]["valid_choice"] == {n: {"tuned": [r["lambda"], r["k"], r["temperature"]],
+                                                "paper": [r["paper_lambda"], r["paper_k"], 1.0]}
+                                            for n, r in records.items() if n.startswith("l2_omega0.01_")}
 
 
 def test_rerun_reuses_records_and_trained_models(study):
@@ -88,17 +98,87 @@ def test_changed_evaluation_settings_reevaluate_records_and_other_changes_are_re
     for row in test.values():
         for n, choice in row["valid_choice"].items():
             r = json.loads((results / "runs" / f"{n}.json").read_text())
-            assert choice == [r["lambda"], r["k"], r["temperature"]] and choice[1] in (4, 8)
+            assert choice["tuned"] == [r["lambda"], r["k"], r["temperature"]] and choice["tuned"][1] in (4, 8)
             tst = json.loads((runs / n / "eval" / "test" / "summary.json").read_text())
-            assert [tst["lambda"], tst["k"], tst["temperature"]] == choice
+            assert [tst["lambda"], tst["k"], tst["temperature"]] == choice["tuned"]
     for n in names:
         assert snapshot(runs / n / "checkpoints") == checkpoints[n]  # the models are reused, not retrained
         record = json.loads((results / "runs" / f"{n}.json").read_text())
         grid = json.loads((runs / n / "eval" / "valid" / "tuning.json").read_text())
-        assert record["config"]["eval"]["k"] == [4, 8] and {row["k"] for row in grid} == {4, 8}
-        assert record["valid_knnlm_ppl"] == pytest.approx(min(row["ppl"] for row in grid))
+        # the tuned grid, plus the paper protocol's k (k_max = 16 here) at every temperature
+        assert record["config"]["eval"]["k"] == [4, 8] and {row["k"] for row in grid} == {4, 8, 16}
+        assert record["valid_knnlm_ppl"] == pytest.approx(min(row["ppl"] for row in grid if row["k"] in (4, 8)))
+        assert record["valid_knnlm_ppl_paper"] == pytest.approx(
+            min(row["ppl"] for row in grid if row["k"] == 16 and row["temperature"] == 1.0))
 
     before = snapshot(results)
     proc = knnlm("sweep", path, "--out", runs, "eval.k=4,8", "train.lr=0.001", check=False)
     fails(proc, "l2_omega0_seed0.json", "train.lr", "move the record away")
     assert snapshot(results) == before
+
+
+def _numpy_ppl_at(run, k, temperature, lambdas):
+    """kNN-LM perplexity from a run's saved neighbours, computed directly: p_kNN(w) = Σ_{j<k, v_j = w} exp(−d_j / T) /
+    Σ_{j<k} exp(−d_j / T) in float64 log space, mixed with the LM at each λ; the best λ."""
+    ev = run / "eval" / "valid"
+    d = np.load(ev / "distances.npy")[:, :k].astype(np.float64) / temperature
+    vals = np.load(run / "datastore" / "vals.npy")[np.load(ev / "neighbors.npy")[:, :k]]
+    targets, lm = np.load(ev / "targets.npy"), np.load(ev / "lm_logprobs.npy").astype(np.float64)
+    total = np.logaddexp.reduce(-d, axis=1)
+    hit = np.logaddexp.reduce(np.where(vals == targets[:, None], -d, -np.inf), axis=1)
+    knn = hit - total
+    best = math.inf
+    for lam in lambdas:
+        mixed = lm if lam == 0 else np.logaddexp(np.log(lam) + knn, np.log1p(-lam) + lm)
+        best = min(best, float(np.exp(-mixed.mean())))
+    return best
+
+
+def test_temperature_one_figures_equal_a_direct_numpy_computation_from_the_saved_neighbours(study):
+    _, runs, results = study
+    lambdas = [round(0.05 * i, 2) for i in range(21)]
+    for name in ("l2_omega0_seed0", "l2_omega0_seed1"):  # ω = 0 runs keep their neighbours
+        r = json.loads((results / "runs" / f"{name}.json").read_text())
+        for k in (4, 16):
+            assert r["valid_knnlm_ppl_t1_by_k"][str(k)] == pytest.approx(_numpy_ppl_at(runs / name, k, 1.0, lambdas), rel=1e-9)
+        assert r["valid_knnlm_ppl_paper"] == pytest.approx(_numpy_ppl_at(runs / name, 16, 1.0, lambdas), rel=1e-9)
+        assert r["valid_knnlm_ppl"] == pytest.approx(_numpy_ppl_at(runs / name, r["k"], r["temperature"], lambdas), rel=1e-9)
+        # both protocols' choices come from the one search of the run: one query per valid token
+        meta = json.loads((runs / name / "eval" / "valid" / "meta.json").read_text())
+        summary = json.loads((runs / name / "eval" / "valid" / "summary.json").read_text())
+        assert meta["searched_queries"] == meta["tokens"] == summary["tokens"]
+        assert set(summary["protocols"]) == {"tuned", "paper"}
+
+
+def test_rescaling_control_equals_the_omega0_model_at_the_matching_temperature(study):
+    _, runs, results = study
+    rescale = json.loads((results / "rescale.json").read_text())
+    lambdas = [round(0.05 * i, 2) for i in range(21)]
+    assert set(rescale["per_run"]) == {"l2_omega0.01_seed0", "l2_omega0.01_seed1"}
+    for name, row in rescale["per_run"].items():
+        r = json.loads((results / "runs" / f"{name}.json").read_text())
+        r0 = json.loads((results / "runs" / f"l2_omega0_seed{r['seed']}.json").read_text())
+        T = r0["key_sq_norm_mean"] / r["key_sq_norm_mean"]
+        assert row["temperature_match"] == pytest.approx(T)
+        assert row["omega0_rescaled"] == pytest.approx(_numpy_ppl_at(runs / r0["name"], 16, T, lambdas), rel=1e-9)
+        assert row["omega_t1"] == r["valid_knnlm_ppl_paper"] and row["omega0_t1"] == r0["valid_knnlm_ppl_paper"]
+
+
+def test_objectives_study_compares_the_best_weight_with_omega0_of_the_same_seed(tmp_path):
+    path = tmp_path / "objectives.toml"
+    path.write_text(f'base = "{TINY}"\noverrides = {json.dumps(OVERRIDES)}\nomegas = [0.0]\nseeds = [0, 1]\n'
+                    f'moco = false\nobjectives = {{ knn = [0.1, 1.0] }}\nresults = "{tmp_path / "results"}"\n')
+    knnlm("sweep", path, "--out", tmp_path / "runs")
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")}
+    # both weights on the first seed, the best (tuned protocol) on the second
+    best = min((1.0, 0.1), key=lambda w: records[f"knn_omega{w:g}_seed0"]["valid_knnlm_ppl"])
+    assert sorted(records) == sorted(["l2_omega0_seed0", "l2_omega0_seed1", "knn_omega0.1_seed0", "knn_omega1_seed0",
+                                      f"knn_omega{best:g}_seed1"])
+    out = json.loads((tmp_path / "results" / "objectives.json").read_text())
+    assert out["best"] == {"knn": best}
+    d = [records[f"knn_omega{best:g}_seed{s}"]["valid_knnlm_ppl"] - records[f"l2_omega0_seed{s}"]["valid_knnlm_ppl"] for s in (0, 1)]
+    assert out["paired"]["knn"]["valid_knnlm_ppl"] == pytest.approx([np.mean(d), np.std(d, ddof=1), 2])
+    assert out["paired"]["knn"]["goal_met"] is False  # two seeds can never meet a goal that asks for three
+    assert records["knn_omega1_seed0"]["config"]["train"]["regularizer"] == "knn"
+    for name in ("objectives.md", "objectives.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 0
