@@ -112,8 +112,10 @@ def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict:
 
 def format_table(results: dict) -> str:
     tr, va = results["train"], results["valid"]
+    paper = va["protocols"]["paper"]
     rows = [("train LM ppl", f"{tr['train_ppl']:.2f}"), ("valid LM ppl", f"{va['lm_ppl']:.2f}"),
-            ("valid kNN-LM ppl", f"{va['knnlm_ppl']:.2f}")]
+            ("valid kNN-LM ppl, tuned", f"{va['knnlm_ppl']:.2f}"),
+            (f"valid kNN-LM ppl, paper protocol (T = 1, k = {paper['k']}, λ = {paper['lambda']})", f"{paper['knnlm_ppl']:.2f}")]
     if "test" in results:
         rows += [("test LM ppl", f"{results['test']['lm_ppl']:.2f}"), ("test kNN-LM ppl", f"{results['test']['knnlm_ppl']:.2f}")]
     rows.append(("chosen λ, k, temperature", f"{va['lambda']}, {va['k']}, {va['temperature']}"))

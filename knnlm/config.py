@@ -12,6 +12,7 @@ Paper symbols (Khandelwal et al. 2020; Ton et al. 2022):
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -206,8 +207,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.cutoffs: expected strictly increasing positive integers, got {m.cutoffs}")
     if m.context < 2:
         raise UserError(f"model.context: expected at least 2, got {m.context}")
-    if t.omega < 0:
-        raise UserError(f"train.omega: expected omega >= 0, got {t.omega}")
+    if not (t.omega >= 0 and math.isfinite(t.omega)):
+        raise UserError(f"train.omega: expected a finite omega >= 0, got {t.omega}")
     if t.regularizer not in ("l2", "moco", "zero-queue", "knn", "pull-ratio"):
         raise UserError(f"train.regularizer: expected l2, moco, zero-queue, knn or pull-ratio, got {t.regularizer!r}")
     if not 0 <= t.momentum < 1:
@@ -222,8 +223,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"eval.k: expected k > 0, got {e.k} (k_max={e.k_max})")
     if any(k > e.k_max for k in e.k):
         raise UserError(f"eval.k: {max(e.k)} is larger than eval.k_max={e.k_max}")
-    if any(tau <= 0 for tau in e.temperature):
-        raise UserError(f"eval.temperature: expected values > 0, got {e.temperature}")
+    if not e.temperature or any(not (tau > 0 and math.isfinite(tau)) for tau in e.temperature):
+        raise UserError(f"eval.temperature: expected a non-empty list of finite values > 0, got {e.temperature}")
     for s in e.splits:
         if s not in ("valid", "test"):
             raise UserError(f"eval.splits: expected valid and/or test, got {s!r}")

@@ -52,7 +52,7 @@ def plot_omega_curve(table: dict, path: Path, title: str) -> None:
         ax.set_ylabel(f"valid {name} perplexity")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{title}\n(points: mean over {n} seeds; bars: ± 1 std across seeds)", fontsize=10)
+    fig.suptitle(f"{title}\n(points: mean over {n} seed{'s' if n > 1 else ''}; bars: ± 1 std across seeds)", fontsize=10)
     fig.tight_layout()
     save(fig, path)
 
