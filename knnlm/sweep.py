@@ -144,6 +144,19 @@ def run_config(study: Study, regularizer: str, omega: float, seed: int, extra: l
 RECORD_FIELDS = ("valid_knnlm_ppl_paper", "valid_knnlm_ppl_t1_by_k", "valid_knnlm_ppl_by_temperature")
 
 
+def recorded(study: Study, out: Path, results: Path, regularizer: str, omega: float, seed: int,
+             extra: list[str] = ()) -> dict | None:
+    """The run's record if it exists and is up to date (same settings, every field of both protocols)."""
+    record_path = results / "runs" / f"{run_name(regularizer, omega, seed)}.json"
+    if not record_path.is_file():
+        return None
+    record = read_json(record_path, "study record")
+    cfg = run_config(study, regularizer, omega, seed, extra)
+    if changed_settings(record.get("config", {}), cfg.to_dict()) or not all(f in record for f in RECORD_FIELDS):
+        return None
+    return record
+
+
 def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: float, seed: int,
             extra: list[str] = (), progress: bool = True, prune: bool = False) -> dict:
     """Train/datastore/evaluate one model unless its record exists; write the record as soon as it is done."""
@@ -369,7 +382,16 @@ class Runner:
         return bool(self.stop_after) and time.time() - self.t0 > self.stop_after
 
     def run(self, tasks: list[tuple], done) -> None:
-        """Run the tasks; call `done(record)` in this process as each finishes."""
+        """Run the tasks; call `done(record)` in this process as each finishes. Tasks already recorded are taken
+        from their records whatever the deadline."""
+        todo = []
+        for task in tasks:
+            rec = recorded(*task)
+            if rec is not None:
+                done(rec)
+            else:
+                todo.append(task)
+        tasks = todo
         if self.jobs == 1:
             for i, task in enumerate(tasks):
                 if self.out_of_time():
@@ -412,6 +434,7 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs
         nonlocal records
         records = _replace(records, rec)
         write_tables(records, results, study)
+        write_rescale_control(records, out, results, study)  # as soon as a pair with its ω = 0 neighbours exists
 
     # seed-major order: a stopped study already has every ω at the first seeds
     runner.run([(study, out, results, "l2", omega, seed) for seed in study.seeds for omega in study.omegas], done)
