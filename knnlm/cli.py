@@ -76,7 +76,8 @@ def cmd_evaluate(args) -> None:
         if args.k <= 0:
             raise UserError(f"--k: expected k > 0, got {args.k}")
         cfg.eval.k, cfg.eval.k_max = [args.k], max(cfg.eval.k_max, args.k)
-    print(json.dumps(evaluate(args.out, cfg, args.split), indent=2))
+    what_if = args.k is not None or args.lmbda is not None  # never overwrites the run's tuned choice
+    print(json.dumps(evaluate(args.out, cfg, args.split, save=not what_if), indent=2))
 
 
 def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict:

@@ -186,8 +186,11 @@ def grid_edges(best: dict, cfg: Config) -> list[str]:
     return edges
 
 
-def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool = True) -> dict:
-    """LM and kNN-LM perplexity of `split`; hyper-parameters tuned here on valid, reused from valid on test."""
+def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool = True, save: bool = True) -> dict:
+    """LM and kNN-LM perplexity of `split`; hyper-parameters tuned here on valid, reused from valid on test.
+
+    `save=False` is a what-if evaluation (e.g. `knnlm evaluate --k 32`): the numbers are returned, and the run's
+    tuned choices, tuning grid and summaries are left as they were."""
     run = Path(run)
     if split not in ("valid", "test"):
         raise UserError(f"--split: expected valid or test, got {split!r}")
@@ -199,7 +202,8 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
 
     if split == "valid":
         grid = tune(lm, dists, nvals, targets, cfg)
-        write_json(folder / "tuning.json", grid)
+        if save:
+            write_json(folder / "tuning.json", grid)
         choices = {p: choose(grid, cfg, p) for p in PROTOCOLS}
         edges = grid_edges(choices["tuned"], cfg)
         for edge in edges:
@@ -219,7 +223,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
     protocols = {}
     for p, c in choices.items():
         knn = knn_logprob(dists, nvals, targets, c["k"], c["temperature"])
-        if p == "tuned":
+        if p == "tuned" and save:
             save_npy(folder / "knn_logprobs.npy", knn.astype(np.float32))
         mixed = interpolate(lm, knn, c["lambda"])
         protocols[p] = {
@@ -241,7 +245,10 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         "index": record["index"], "datastore_size": record["datastore_size"],
         "searched_queries": record.get("searched_queries"), "seconds": record["seconds"],
     }
-    write_json(folder / "summary.json", summary)
+    if save:
+        write_json(folder / "summary.json", summary)
+    else:
+        summary["what_if"] = "settings given on the command line; the run's summary.json was left as it was"
     return summary
 
 

@@ -49,14 +49,18 @@ def test_datastore_pairs_key_t_with_token_t_plus_1(tiny_run):
     assert torch.allclose(torch.from_numpy(np.asarray(keys[:64], dtype=np.float32)), key.float(), atol=0.05, rtol=0.02)
 
 
-def test_evaluate_reuses_the_search(tiny_run, tmp_path):
+def test_evaluate_reuses_the_search_and_a_what_if_leaves_the_runs_choice(tiny_run, tmp_path):
     out, _ = tiny_run
-    before = (out / "eval" / "valid" / "neighbors.npy").stat().st_mtime_ns
+    valid = out / "eval" / "valid"
+    before = (valid / "neighbors.npy").stat().st_mtime_ns
+    kept = {n: (valid / n).read_bytes() for n in ("summary.json", "tuning.json", "knn_logprobs.npy")}
     proc = knnlm("evaluate", "--out", out, "--lmbda", "0")
     res = json.loads(proc.stdout)
-    assert (out / "eval" / "valid" / "neighbors.npy").stat().st_mtime_ns == before
-    assert res["knnlm_ppl"] == res["lm_ppl"]  # λ = 0 is the LM exactly
-    knnlm("evaluate", "--out", out)  # restore the tuned summary for other tests
+    assert (valid / "neighbors.npy").stat().st_mtime_ns == before
+    assert res["knnlm_ppl"] == res["lm_ppl"] and "what_if" in res  # λ = 0 is the LM exactly
+    proc = knnlm("evaluate", "--out", out, "--k", "8", "--lmbda", "0.25")
+    assert json.loads(proc.stdout)["k"] == 8
+    assert {n: (valid / n).read_bytes() for n in kept} == kept  # the run's tuned choice is untouched
 
 
 def test_tuned_values_at_an_open_end_of_their_grid_are_reported(tiny_run):
