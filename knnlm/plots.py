@@ -43,7 +43,7 @@ def plot_omega_curve(table: dict, path: Path, title: str) -> None:
         xs = x[[omegas.index(o) for o in os_]]
         ax.errorbar(xs, [table[o][metric][0] for o in os_], yerr=[table[o][metric][1] for o in os_], fmt="o-",
                     color=color, capsize=4, label=label)
-    n = max(table[o]["valid_lm_ppl"][2] for o in omegas)
+    labels = [f"{lab}\n(n = {table[o]['valid_lm_ppl'][2]})" for lab, o in zip(labels, omegas)]
     for ax, name in zip(axes, ("kNN-LM", "LM")):
         ax.set_xticks(x, labels)
         if any(o == 0 for o in omegas) and len(omegas) > 1:
@@ -52,7 +52,7 @@ def plot_omega_curve(table: dict, path: Path, title: str) -> None:
         ax.set_ylabel(f"valid {name} perplexity")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{title}\n(points: mean over {n} seed{'s' if n > 1 else ''}; bars: ± 1 std across seeds)", fontsize=10)
+    fig.suptitle(f"{title}\n(points: mean over the n seeds of each ω; bars: ± 1 std across them)", fontsize=10)
     fig.tight_layout()
     save(fig, path)
 
