@@ -161,15 +161,19 @@ def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarr
             for k in ks for tau in temperatures for lmbda in cfg.eval.lmbda]
 
 
-def choose(grid: list[dict], cfg: Config, protocol: str) -> dict:
-    """The best row of a tuning grid under a protocol (see PROTOCOLS)."""
+def protocol_rows(grid: list[dict], cfg: Config, protocol: str) -> list[dict]:
+    """The rows of a tuning grid a protocol chooses among (see PROTOCOLS)."""
     if protocol == "tuned":
         ks, taus = set(cfg.eval.k), set(cfg.eval.temperature)
-        rows = [r for r in grid if r["k"] in ks and r["temperature"] in taus]
-    elif protocol == "paper":
-        rows = [r for r in grid if r["k"] == paper_k(cfg) and r["temperature"] == PAPER_TEMPERATURE]
-    else:
-        raise UserError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        return [r for r in grid if r["k"] in ks and r["temperature"] in taus]
+    if protocol == "paper":
+        return [r for r in grid if r["k"] == paper_k(cfg) and r["temperature"] == PAPER_TEMPERATURE]
+    raise UserError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+
+
+def choose(grid: list[dict], cfg: Config, protocol: str) -> dict:
+    """The best row of a tuning grid under a protocol."""
+    rows = protocol_rows(grid, cfg, protocol)
     if not rows:
         raise UserError(f"the tuning grid holds no setting of the {protocol} protocol; evaluate valid again")
     return min(rows, key=lambda r: r["ppl"])

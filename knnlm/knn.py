@@ -89,7 +89,7 @@ class TorchExactSearch:
         self.max_norm = 0.0
         mean = self.mean.to(self.device)
         for lo in range(0, N, block):  # one block of the (memory-mapped) store at a time
-            raw = torch.from_numpy(np.ascontiguousarray(keys[lo : lo + block])).to(self.device)
+            raw = torch.from_numpy(np.array(keys[lo : lo + block])).to(self.device)  # a writable copy of the block
             if resident:
                 self.keys[lo : lo + len(raw)] = raw
             x = raw.float() - mean

@@ -40,7 +40,7 @@ import torch
 
 from .artifacts import UserError, load_npy, read_json, write_json, write_text
 from .config import Config, load_config
-from .evaluate import PAPER_TEMPERATURE, paper_k, tuning_arrays
+from .evaluate import PAPER_TEMPERATURE, paper_k, protocol_rows, tuning_arrays
 from .knn import interpolate, knn_logprob, perplexity
 
 
@@ -128,9 +128,8 @@ def protocol_curves(grid: list[dict], cfg: Config) -> dict[str, dict[str, float]
     - `valid_knnlm_ppl_by_k`: the best perplexity at every k of eval.k (temperature and λ tuned at that k);
     - `valid_knnlm_ppl_t1_by_k`: at temperature 1 (the paper protocol's), the best over λ at every k;
     - `valid_knnlm_ppl_by_temperature`: the best over eval.k and λ at every temperature."""
-    ks, taus = set(cfg.eval.k), set(cfg.eval.temperature)
-    tuned = [r for r in grid if r["k"] in ks and r["temperature"] in taus]
-    return {"valid_knnlm_ppl_by_k": best_by(tuned, "k"),
+    ks = set(cfg.eval.k)
+    return {"valid_knnlm_ppl_by_k": best_by(protocol_rows(grid, cfg, "tuned"), "k"),
             "valid_knnlm_ppl_t1_by_k": best_by([r for r in grid if r["temperature"] == PAPER_TEMPERATURE], "k"),
             "valid_knnlm_ppl_by_temperature": best_by([r for r in grid if r["k"] in ks], "temperature")}
 
