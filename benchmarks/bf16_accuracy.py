@@ -19,8 +19,9 @@ import torch
 
 from knnlm.artifacts import write_json
 from knnlm.checkpoint import load_model
-from knnlm.data import corpus_for, token_stream
-from knnlm.model import score_stream
+from knnlm.data import token_stream
+from knnlm.models import corpus_for
+from knnlm.scoring import score_stream
 
 
 def main() -> None:

@@ -32,10 +32,11 @@ from common import write_results
 from knnlm import knn
 from knnlm.checkpoint import load_model
 from knnlm.config import apply_overrides, load_config
-from knnlm.data import corpus_for, token_stream
+from knnlm.data import token_stream
 from knnlm.datastore import Datastore, stride_of
 from knnlm.evaluate import tune, tuning_arrays
-from knnlm.model import score_stream
+from knnlm.models import corpus_for
+from knnlm.scoring import score_stream
 
 
 def main() -> None:

@@ -21,8 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import bf16_matmul_tflops, write_results
 from knnlm.config import load_config
-from knnlm.data import corpus_for, epoch_order, num_train_blocks, token_stream, train_batch
-from knnlm.model import autocast, build_model
+from knnlm.data import epoch_order, num_train_blocks, token_stream, train_batch
+from knnlm.lm import autocast
+from knnlm.models import build_model, corpus_for
 from knnlm.regularizers import make_regularizer
 from knnlm.train import Objective
 

@@ -2,12 +2,16 @@
 
 Every artifact (checkpoint, datastore, evaluation) is a folder whose `meta.json` is written last: a folder
 without one is incomplete and is refused. Single files are written to a temporary name in the same folder
-and renamed into place, so a killed job never leaves a half-written file where a good one was.
+and renamed into place, so a killed job never leaves a half-written file where a good one was. `meta.json`
+records the sha256 digest of the arrays beside it (`verify_digests`), and a command that writes into a run folder
+holds the folder's lock for its whole length (`writing_into`), so two writers never interleave.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -71,7 +75,35 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _nan_at(obj: Any, where: str = "") -> str | None:
+    """Where the first NaN of a JSON-able object sits (e.g. `protocols.tuned.knnlm_ppl`), or None."""
+    if isinstance(obj, float):
+        return (where or "the top level") if obj != obj else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        here = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
+        if found := _nan_at(value, here):
+            return found
+    return None
+
+
+def nan_to_null(obj: Any) -> Any:
+    """A copy with every NaN replaced by None, for writers whose values may be undefined (written as null)."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_null(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
+    """Write a JSON file atomically. NaN is refused: it is not JSON, and in this project it only ever means that a
+    computation went wrong. (±inf is written as Python's json does: a tuning grid's λ = 1 rows are legitimately
+    infinite where no neighbour carries the target.)"""
+    if where := _nan_at(obj):
+        raise UserError(f"{path}: refusing to write NaN (at {where}); a value that was computed is not a number")
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
@@ -116,9 +148,103 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def read_meta(folder: str | Path, what: str) -> dict:
-    """The `meta.json` of a complete artifact folder, or a UserError saying the artifact is missing/incomplete."""
+_KINDS = {int: "an integer", float: "a number", str: "a string", dict: "a JSON object", list: "a list"}
+
+
+def check_fields(record: Any, path: str | Path, fields: dict[str, type]) -> dict:
+    """`record` (read from `path`) is a JSON object holding each of `fields` with its type; else a UserError."""
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(record).__name__}")
+    for key, typ in fields.items():
+        if key not in record:
+            raise UserError(f"{path}: no {key!r} entry (the file is damaged or was not written by knnlm)")
+        value = record[key]
+        ok = isinstance(value, (int, float) if typ is float else typ) and not isinstance(value, bool)
+        if not ok:
+            raise UserError(f"{path}: {key!r} should be {_KINDS[typ]}, found {value!r}")
+    return record
+
+
+def read_meta(folder: str | Path, what: str, fields: dict[str, type] | None = None) -> dict:
+    """The `meta.json` of a complete artifact folder, or a UserError saying the artifact is missing/incomplete;
+    `fields` are the entries (name: type) the reader relies on."""
     folder = Path(folder)
     if not (folder / "meta.json").is_file():
         raise UserError(f"{folder}: no complete {what} here (meta.json missing; was the step run to the end?)")
-    return read_json(folder / "meta.json", f"{what} meta")
+    return check_fields(read_json(folder / "meta.json", f"{what} meta"), folder / "meta.json", fields or {})
+
+
+def check_digest(path: str | Path, expected: str) -> None:
+    """The file's sha256 is the one its meta.json recorded, or a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file missing (meta.json records its digest)")
+    if file_sha256(path) != expected:
+        raise UserError(f"{path}: sha256 digest differs from the one meta.json recorded "
+                        "(the file was changed or damaged after it was written)")
+
+
+def verify_digests(folder: str | Path, meta: dict) -> list[str]:
+    """Check every file digest a meta.json records under "sha256" ({file name: hex}); return the names checked."""
+    digests = meta.get("sha256", {})
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise UserError(f"{Path(folder) / 'meta.json'}: 'sha256' should map file names to hex digests")
+    for name, digest in digests.items():
+        check_digest(Path(folder) / name, digest)
+    return list(digests)
+
+
+def _holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    pid = os.read(fd, 32).decode(errors="replace").strip()
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+@contextlib.contextmanager
+def writing_into(run: str | Path, create: bool = True) -> Iterator[Path]:
+    """Hold `RUN/.lock` while a command writes into the run folder: a second writer is refused at once.
+
+    The lock is an advisory `flock`: the OS drops it when its holder dies, even by SIGKILL, so rerunning a killed
+    command just works. The file holds the holder's pid while it is held and is empty otherwise. Under torchrun the
+    ranks of one job share the folder, so only rank 0 takes it. A folder (and lock file) this call created is removed
+    again if the block fails leaving it empty, so a refused command leaves nothing behind. `create=False`: a missing
+    folder is not created (the command will refuse it itself). A folder that cannot be written needs no lock.
+    """
+    run = Path(run)
+    if os.environ.get("RANK", "0") != "0" or (not create and not run.is_dir()):
+        yield run
+        return
+    new_dirs = [p for p in (run, *run.parents) if not p.exists()]  # removed again, deepest first, if left empty
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{run}: folder cannot be created ({e.strerror})") from None
+    lock = run / ".lock"
+    new_lock = not lock.exists()
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield run  # nobody can write here, so nobody needs to be kept out
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise UserError(f"{run} is in use by {holder} (one command at a time writes into a run folder)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield run
+    except BaseException:
+        if new_lock:
+            lock.unlink(missing_ok=True)
+        for folder in new_dirs:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    finally:
+        os.ftruncate(fd, 0)
+        os.close(fd)  # releases the lock

@@ -16,11 +16,14 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .artifacts import UserError, atomic_dir, file_sha256, read_json, read_meta, write_json
+from .artifacts import UserError, atomic_dir, check_fields, file_sha256, read_json, read_meta, write_json
 from .config import Config, from_dict
-from .model import TransformerLM, build_model
+from .lm import LanguageModel
+from .models import build_model
 
 KEEP = 2  # complete checkpoints kept per run
+FIELDS = {"step": int, "model_sha256": str, "vocab_hash": str, "vocab_size": int, "key_site": str, "key_layer": int,
+          "config": dict}  # what readers of a checkpoint's meta.json rely on
 
 
 def checkpoint_dirs(run: Path) -> list[Path]:
@@ -86,8 +89,13 @@ def _load_safetensors_into(module: nn.Module, path: Path) -> None:
 def load_training_state(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, regularizer: nn.Module) -> dict:
     """Restore model, optimizer and regularizer in place; return `state.json`."""
     _load_safetensors_into(model, ckpt / "model.safetensors")
-    state = read_json(ckpt / "state.json", "training state")
-    tensors = safetensors.torch.load_file(str(ckpt / "optimizer.safetensors"))
+    state = check_fields(read_json(ckpt / "state.json", "training state"), ckpt / "state.json",
+                         {"step": int, "optimizer": dict})
+    try:
+        tensors = safetensors.torch.load_file(str(ckpt / "optimizer.safetensors"))  # never unpickles
+    except (safetensors.SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise UserError(f"{ckpt / 'optimizer.safetensors'}: not a safetensors file of optimizer moments "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     per_param: dict[int, dict] = {}
     for name, t in tensors.items():
         idx, key = name.split(".", 1)
@@ -103,11 +111,11 @@ def latest_meta(run: str | Path) -> dict:
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise UserError(f"{run}: no complete checkpoint (run `knnlm train` into this folder first)")
-    return {**read_meta(ckpt, "checkpoint"), "path": str(ckpt)}
+    return {**read_meta(ckpt, "checkpoint", FIELDS), "path": str(ckpt)}
 
 
 def load_model(run: str | Path, device: torch.device | str = "cpu",
-               vocab_size: int | None = None) -> tuple[TransformerLM, Config, dict]:
+               vocab_size: int | None = None) -> tuple[LanguageModel, Config, dict]:
     """The run's latest model for inference (eval mode, on `device`), its config and checkpoint meta."""
     meta = latest_meta(run)
     ckpt = Path(meta["path"])

@@ -1,4 +1,4 @@
-"""The `knnlm` command: train, datastore, evaluate, run (all three), sweep, analyze.
+"""The `knnlm` command: train, datastore, evaluate, run (all three), sweep, analyze, data, score, generate, verify.
 
     knnlm run --config configs/wikitext-2.toml --out runs/wt2          # the whole pipeline
     knnlm train --config configs/tiny.toml --out runs/tiny train.omega=0.01
@@ -6,38 +6,40 @@
 
 Options after the flags are `section.key=value` overrides of the config. Errors in the user's input print one
 line and exit with status 2 (`--debug` shows the traceback).
+
+Each subcommand imports the modules it runs (torch, FAISS) inside its `cmd_*` function, so that `knnlm --help` and
+config errors answer in a quarter of a second instead of two.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import sys
-import tempfile
 from pathlib import Path
 
-from .artifacts import UserError, read_json, write_json
+from . import __version__
+from .artifacts import UserError, check_digest, read_meta, verify_digests, writing_into
 from .config import Config, apply_overrides, load_config, read_run_config, validate
 
 
-def _config_for_run(args) -> Config:
-    """Config for steps after training: --config if given, else the run's own config.json; then overrides."""
+def _config_for_run(args, overrides: list[str]) -> Config:
+    """--config if given, else the run's own config.json; then overrides."""
     if args.config:
-        return load_config(args.config, args.overrides)
-    cfg = apply_overrides(read_run_config(args.out), args.overrides)
+        return load_config(args.config, overrides)
+    cfg = apply_overrides(read_run_config(args.out), overrides)
     validate(cfg)
     return cfg
 
 
-def _writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)  # unique: several ranks may probe at once
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"--out {out}: folder cannot be written ({e.strerror})") from None
+def _training_config(args) -> Config:
+    """`knnlm train` / `knnlm run`: a new run needs --config (the built-in defaults are a full-size model);
+    continuing a run may reuse its config.json."""
+    if not args.config and not (Path(args.out) / "config.json").is_file():
+        raise UserError(f"--config: required to start a run (no {Path(args.out) / 'config.json'} to continue); "
+                        "e.g. configs/tiny.toml (a minute on a laptop) or configs/wikitext-2.toml")
+    return _config_for_run(args, _training_overrides(args))
 
 
 def _training_overrides(args) -> list[str]:
@@ -51,64 +53,44 @@ def _training_overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> None:
+    from .pipeline import check_writable
     from .train import train
 
-    cfg = load_config(args.config, _training_overrides(args))
+    cfg = _training_config(args)  # validated before any file or folder is made
     out = Path(args.out)
-    _writable(out)
-    print(json.dumps(train(cfg, out, resume=args.resume), indent=2))
+    with writing_into(out):
+        check_writable(out)
+        summary = train(cfg, out, resume=args.resume)
+    print(json.dumps(summary, indent=2))
 
 
 def cmd_datastore(args) -> None:
     from .datastore import build_datastore
 
-    cfg = _config_for_run(args)
-    print(build_datastore(args.out, cfg))
+    cfg = _config_for_run(args, args.overrides)
+    with writing_into(args.out, create=False):
+        folder = build_datastore(args.out, cfg)
+    print(folder)
 
 
 def cmd_evaluate(args) -> None:
     from .evaluate import check_lambda, evaluate
 
-    cfg = _config_for_run(args)
+    cfg = _config_for_run(args, args.overrides)
     if args.lmbda is not None:
         cfg.eval.lmbda = [check_lambda(args.lmbda)]
     if args.k is not None:
         if args.k <= 0:
             raise UserError(f"--k: expected k > 0, got {args.k}")
         cfg.eval.k, cfg.eval.k_max = [args.k], max(cfg.eval.k_max, args.k)
-    what_if = args.k is not None or args.lmbda is not None  # never overwrites the run's tuned choice
-    print(json.dumps(evaluate(args.out, cfg, args.split, save=not what_if), indent=2))
-
-
-def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict:
-    """Train (or resume), build the datastore, evaluate valid (and test if asked); skip finished steps."""
-    from .artifacts import read_meta
-    from .checkpoint import latest_checkpoint
-    from .datastore import build_datastore
-    from .evaluate import evaluate
-    from .train import train
-
-    _writable(out)
-    if (out / "train_summary.json").is_file():
-        train_summary = read_json(out / "train_summary.json")
-    else:
-        train_summary = train(cfg, out, resume=latest_checkpoint(out) is not None, progress=progress)
-
-    ckpt = read_meta(latest_checkpoint(out), "checkpoint")
-    ds_meta = out / "datastore" / "meta.json"
-    if not ds_meta.is_file() or read_json(ds_meta)["model_sha256"] != ckpt["model_sha256"]:
-        build_datastore(out, cfg, progress=progress)
-
-    results = {"train": train_summary}
-    for split in ["valid"] + [s for s in cfg.eval.splits if s != "valid"]:
-        results[split] = evaluate(out, cfg, split, progress=progress)
-    # wall time of each stage as recorded when it ran (a rerun skips finished stages but keeps their times)
-    results["seconds"] = {"train": train_summary["train_seconds"],
-                          "datastore": read_json(ds_meta).get("seconds", float("nan"))}
-    for split in ["valid"] + [s for s in cfg.eval.splits if s != "valid"]:
-        results["seconds"][f"evaluate_{split}"] = sum(results[split]["seconds"].values())
-    write_json(out / "results.json", results)
-    return results
+    if args.temperature is not None:
+        if not (args.temperature > 0 and math.isfinite(args.temperature)):
+            raise UserError(f"--temperature: expected a finite value > 0, got {args.temperature}")
+        cfg.eval.temperature = [args.temperature]
+    what_if = any(v is not None for v in (args.k, args.lmbda, args.temperature))  # never overwrites the tuned choice
+    with writing_into(args.out, create=False):  # a what-if evaluation may still save a new search
+        summary = evaluate(args.out, cfg, args.split, save=not what_if)
+    print(json.dumps(summary, indent=2))
 
 
 def format_table(results: dict) -> str:
@@ -120,13 +102,15 @@ def format_table(results: dict) -> str:
     if "test" in results:
         rows += [("test LM ppl", f"{results['test']['lm_ppl']:.2f}"), ("test kNN-LM ppl", f"{results['test']['knnlm_ppl']:.2f}")]
     rows.append(("chosen λ, k, temperature", f"{va['lambda']}, {va['k']}, {va['temperature']}"))
-    rows += [(f"time {name} (s)", f"{sec:.0f}") for name, sec in results["seconds"].items()]
+    rows += [(f"time {name} (s)", "?" if sec is None else f"{sec:.0f}") for name, sec in results["seconds"].items()]
     w = max(len(r[0]) for r in rows)
     return "\n".join([f"| {'':{w}} | value |", f"|{'-' * (w + 2)}|-------|"] + [f"| {a:{w}} | {b} |" for a, b in rows])
 
 
 def cmd_run(args) -> None:
-    cfg = load_config(args.config, _training_overrides(args))
+    from .pipeline import run_pipeline
+
+    cfg = _training_config(args)
     results = run_pipeline(cfg, Path(args.out))
     print(format_table(results))
 
@@ -152,14 +136,85 @@ def cmd_analyze(args) -> None:
     analyze(Path(args.out), [Path(r) for r in args.runs], args.labels, gmm_repeats=args.gmm_repeats)
 
 
+def cmd_data(args) -> None:
+    from .download import fetch
+
+    print(fetch(args.name, args.dest or Path("data") / args.name, url=args.url))
+
+
+def _load_run(args):
+    from .api import load
+
+    settings = {name: getattr(args, name) for name in ("k", "temperature", "lmbda") if getattr(args, name) is not None}
+    return load(args.out, args.protocol, **settings)
+
+
+def cmd_score(args) -> None:
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    scored = _load_run(args).score(text)
+    if args.tokens:
+        print("token\tlm\tknn\tknnlm")
+        for r in scored.rows():
+            print(f"{r['token']}\t{r['lm']:.6f}\t{r['knn']:.6f}\t{r['knnlm']:.6f}")
+    print(json.dumps({"file": str(path), "tokens": len(scored.tokens), "lm_ppl": scored.lm_ppl,
+                      "knnlm_ppl": scored.ppl}, indent=2))
+
+
+def cmd_generate(args) -> None:
+    lm = _load_run(args)
+    text = lm.generate(args.prompt, args.max_tokens, greedy=args.greedy, temperature=args.sample_temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    word_level = lm.tokenizer is None and args.prompt and text and not text.startswith("\n")
+    print(args.prompt + (" " if word_level else "") + text)
+
+
+def cmd_verify(args) -> None:
+    """Check every digest the run's meta.json files record: each checkpoint's weights, the datastore's keys and
+    values, each evaluation's arrays. Reads every file in full (keys.npy: minutes for WikiText-103)."""
+    from .checkpoint import checkpoint_dirs
+
+    out = Path(args.out)
+    if not out.is_dir():
+        raise UserError(f"--out {out}: run folder not found")
+    checked, unrecorded = 0, []
+    for ckpt in checkpoint_dirs(out):
+        check_digest(ckpt / "model.safetensors", read_meta(ckpt, "checkpoint", {"model_sha256": str})["model_sha256"])
+        checked += 1
+    evaluations = sorted((out / "eval").glob("*")) if (out / "eval").is_dir() else []
+    for folder in [out / "datastore", *evaluations]:
+        if (folder / "meta.json").is_file():  # incomplete or pruned folders are no artifact (readers refuse them)
+            names = verify_digests(folder, read_meta(folder, folder.name))
+            checked += len(names)
+            if not names:
+                unrecorded.append(str(folder.relative_to(out)))
+    if not checked and not unrecorded:
+        raise UserError(f"{out}: no complete checkpoint, datastore or evaluation to verify")
+    old = f"; {', '.join(unrecorded)}: no digests recorded (written by an older knnlm)" if unrecorded else ""
+    print(f"OK: {out}: {checked} files match the digests their meta.json recorded{old}")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, where it has one (not for flags, nor options that default to nothing)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="knnlm", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="knnlm", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name, fn, help_, config_required=False):
+    def add(name, fn, help_):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--config", required=config_required, help="TOML config file")
+        sp.add_argument("--config", help="TOML config file (default: the run's config.json, written when it started)")
         sp.add_argument("--out", required=True, help="run folder")
         sp.add_argument("overrides", nargs="*", help="section.key=value")
         sp.set_defaults(fn=fn)
@@ -169,9 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add("datastore", cmd_datastore, "write the (key, next token) datastore of a trained run")
     ev = add("evaluate", cmd_evaluate, "LM and kNN-LM perplexity (tunes λ, k, temperature on valid)")
-    ev.add_argument("--split", default="valid", choices=["valid", "test"])
+    ev.add_argument("--split", default="valid", choices=["valid", "test"],
+                    help="test reuses valid's choice of λ, k, temperature")
     ev.add_argument("--lmbda", type=float, help="fix λ instead of tuning it")
     ev.add_argument("--k", type=int, help="fix k instead of tuning it")
+    ev.add_argument("--temperature", type=float, help="fix the kNN temperature instead of tuning it")
     rn = add("run", cmd_run, "train, datastore and evaluate in one go")
     for sp in (tr, rn):
         sp.add_argument("--omega", type=float, help="weight ω of the key regularizer (train.omega)")
@@ -197,6 +254,39 @@ def main(argv: list[str] | None = None) -> int:
     an.add_argument("--out", required=True)
     an.add_argument("--gmm-repeats", type=int, default=3, help="GMM fits per run, each its own sample and seed")
     an.set_defaults(fn=cmd_analyze)
+    for name, fn, help_ in (("score", cmd_score, "per-token LM and kNN-LM log-probabilities of a text file"),
+                            ("generate", cmd_generate, "continue a prompt with the kNN-LM")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--out", required=True, help="a finished run folder (trained, datastore, valid evaluated)")
+        sp.add_argument("--protocol", default="tuned", choices=["tuned", "paper"],
+                        help="use the run's valid choice of k, temperature and λ under this protocol")
+        sp.add_argument("--k", type=int, help="number of neighbours (instead of the run's choice)")
+        sp.add_argument("--temperature", type=float, help="kNN temperature (instead of the run's choice)")
+        sp.add_argument("--lmbda", type=float, help="interpolation weight λ (instead of the run's choice)")
+        sp.set_defaults(fn=fn)
+        if name == "score":
+            sp.add_argument("file", help="UTF-8 text, read like a corpus file (one end-of-line token per line)")
+            sp.add_argument("--tokens", action="store_true", help="also print one tab-separated line per token")
+        else:
+            sp.add_argument("--prompt", default="", help="text to continue")
+            sp.add_argument("--max-tokens", type=int, default=50, help="tokens to generate")
+            sp.add_argument("--greedy", action="store_true", help="the most likely token at every step")
+            sp.add_argument("--sample-temperature", type=float, default=1.0, help="softmax temperature of sampling")
+            sp.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+            sp.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set holding this mass")
+            sp.add_argument("--seed", type=int, help="random seed of sampling")
+    da = sub.add_parser("data", help="download, verify and unpack a WikiText corpus")
+    da.add_argument("name", choices=["wikitext-2", "wikitext-103"])
+    da.add_argument("--dest", help="corpus folder to create (default: data/NAME)")
+    da.add_argument("--url", help="archive URL, or a base URL the archive name is appended to "
+                                  "(default: $KNNLM_DATA_URL, else the official S3 archive)")
+    da.set_defaults(fn=cmd_data)
+    ve = sub.add_parser("verify", help="check a run's files against the sha256 digests its meta.json files record")
+    ve.add_argument("--out", required=True, help="run folder")
+    ve.set_defaults(fn=cmd_verify)
+    for sp in sub.choices.values():  # `knnlm run --debug ...` as well as `knnlm --debug run ...`
+        sp.formatter_class = _HelpFormatter
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     # overrides may also follow an option (`knnlm sweep STUDY --out DIR eval.k=64`), where argparse has already
     # filled the positionals
@@ -205,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    if getattr(args, "debug", False) or "--debug" in (argv or sys.argv):
+    if args.debug:
         args.fn(args)
         return 0
     try:

@@ -13,13 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import UserError
+from .artifacts import UserError, read_json, write_json
+
+# the names options may take; the code they name (model.py's key sites, regularizers.py's losses) imports this file
+KEY_SITES = {
+    "ffn_input": "input to the block's feed-forward network, after its layer norm (kNN-LM)",
+    "ffn_input_prenorm": "the residual stream entering that layer norm",
+    "block_output": "the residual stream after the block",
+    "final": "the final layer norm's output, the input of the softmax",
+}
+REGULARIZERS = ("l2", "moco", "zero-queue", "knn", "pull-ratio")
 
 
 @dataclass
@@ -40,7 +50,7 @@ class ModelConfig:
     attn_dropout: float = 0.0  # on attention weights; > 0 makes CPU attention several times slower
     cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])  # adaptive input/softmax bands
     div_factor: float = 4.0  # band i has embedding size d_model / div_factor**i
-    key_site: str = "ffn_input"  # ffn_input | ffn_input_prenorm | block_output | final (see model.KEY_SITES)
+    key_site: str = "ffn_input"  # one of KEY_SITES
     key_layer: int = -1  # which block the key is read from
     # a local Hugging Face causal LM instead of the built-in Transformer (knnlm.hf); the fields above then do not apply
     # except `context`
@@ -130,7 +140,10 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         raise UserError(f"{where}: expected an integer, got {value!r}")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float
+                raise UserError(f"{where}: expected a finite number, got {value!r}") from None
         if isinstance(value, str):
             try:
                 return float(value)
@@ -149,7 +162,7 @@ def _apply(obj: Any, values: dict, where: str) -> None:
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in names:
-            raise UserError(f"{where}: unknown config key '{key}' (expected one of {', '.join(sorted(names))})")
+            raise UserError(f"{where}: unknown config key {key!r} (expected one of {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -188,7 +201,7 @@ def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
     """Apply `section.key=value` items in place (type-checked; `validate` is the caller's next step)."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise UserError(f"override '{item}': expected section.key=value, e.g. train.omega=0.1")
+            raise UserError(f"override {item!r}: expected section.key=value, e.g. train.omega=0.1")
         dotted, value = item.split("=", 1)
         *parents, key = dotted.split(".")
         tree: dict = {key: value}
@@ -198,48 +211,96 @@ def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+NAMED_INDEXES = ("auto", "Flat", "amx-exact", "bf16-exact")  # else a FAISS index_factory string (knnlm.knn)
+_FACTORY = re.compile(r"[A-Za-z][A-Za-z0-9_,.()+=-]*")  # what an index_factory string is made of, e.g. IVF4096,PQ32
+_INT64 = 2**63
+
+
+def _expect(ok: bool, where: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise UserError(f"{where}: expected {expected}, got {value!r}")
+
+
+def _finite_numbers(obj: Any, where: str) -> None:
+    """Every float of the config is finite and every integer fits int64 (torch, numpy and JSON need both)."""
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            _finite_numbers(value, name)
+            continue
+        many = isinstance(value, list)
+        for v in value if many else [value]:
+            if isinstance(v, float):
+                _expect(math.isfinite(v), name, value, "finite numbers" if many else "a finite number")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                _expect(-_INT64 < v < _INT64, name, value, "integers of at most 19 digits" if many else
+                        "an integer of at most 19 digits")
+
+
 def validate(cfg: Config) -> None:
-    """Range checks that a type check cannot do; each names the option."""
-    m, t, e = cfg.model, cfg.train, cfg.eval
-    if m.d_model % m.n_heads and not m.hf_path:
-        raise UserError(f"model.n_heads: {m.n_heads} does not divide model.d_model={m.d_model}")
-    if sorted(m.cutoffs) != m.cutoffs or len(set(m.cutoffs)) != len(m.cutoffs) or any(c <= 0 for c in m.cutoffs):
-        raise UserError(f"model.cutoffs: expected strictly increasing positive integers, got {m.cutoffs}")
-    if m.context < 2:
-        raise UserError(f"model.context: expected at least 2, got {m.context}")
-    if not (t.omega >= 0 and math.isfinite(t.omega)):
-        raise UserError(f"train.omega: expected a finite omega >= 0, got {t.omega}")
-    if t.regularizer not in ("l2", "moco", "zero-queue", "knn", "pull-ratio"):
-        raise UserError(f"train.regularizer: expected l2, moco, zero-queue, knn or pull-ratio, got {t.regularizer!r}")
-    if not 0 <= t.momentum < 1:
-        raise UserError(f"train.momentum: expected a value in [0, 1), got {t.momentum}")
-    if t.queue_len < 1:
-        raise UserError(f"train.queue_len: expected at least 1, got {t.queue_len}")
-    if t.epochs < 0 or t.batch_size < 1 or t.lr <= 0:
-        raise UserError("train: epochs must be >= 0 (0 keeps the initial weights), batch_size and lr positive")
-    if any(not 0 <= lm <= 1 for lm in e.lmbda):
-        raise UserError(f"eval.lmbda: expected values in [0, 1], got {e.lmbda}")
-    if any(k <= 0 for k in e.k) or e.k_max <= 0:
-        raise UserError(f"eval.k: expected k > 0, got {e.k} (k_max={e.k_max})")
-    if any(k > e.k_max for k in e.k):
-        raise UserError(f"eval.k: {max(e.k)} is larger than eval.k_max={e.k_max}")
-    if not e.temperature or any(not (tau > 0 and math.isfinite(tau)) for tau in e.temperature):
-        raise UserError(f"eval.temperature: expected a non-empty list of finite values > 0, got {e.temperature}")
-    for s in e.splits:
-        if s not in ("valid", "test"):
-            raise UserError(f"eval.splits: expected valid and/or test, got {s!r}")
+    """Every range a type check cannot see, in one place, before any file is written; errors name `section.key`."""
+    _finite_numbers(cfg, "")
+    d, m, t, s, e = cfg.data, cfg.model, cfg.train, cfg.datastore, cfg.eval
+    _expect(d.max_train_tokens >= 0, "data.max_train_tokens", d.max_train_tokens, "a count >= 0 (0 = whole split)")
+    _expect(d.max_eval_tokens >= 0, "data.max_eval_tokens", d.max_eval_tokens, "a count >= 0 (0 = whole split)")
+
+    for key in ("d_model", "n_layers", "n_heads", "d_ff"):
+        _expect(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an integer >= 1")
+    _expect(m.context >= 2, "model.context", m.context, "at least 2 tokens")
+    for key in ("dropout", "attn_dropout"):
+        _expect(0 <= getattr(m, key) < 1, f"model.{key}", getattr(m, key), "a probability in [0, 1)")
+    _expect(all(c > 0 for c in m.cutoffs) and all(a < b for a, b in zip(m.cutoffs, m.cutoffs[1:])), "model.cutoffs",
+            m.cutoffs, "strictly increasing positive integers")
+    _expect(m.div_factor > 0, "model.div_factor", m.div_factor, "a number > 0")
+    _expect(m.key_io in ("input", "output"), "model.key_io", m.key_io, "input or output")
+
+    if not m.hf_path:  # the built-in Transformer's own options (a Hugging Face model brings its own)
+        _expect(m.key_site in KEY_SITES, "model.key_site", m.key_site, f"one of {', '.join(KEY_SITES)}")
+        _expect(-m.n_layers <= m.key_layer < m.n_layers, "model.key_layer", m.key_layer,
+                f"a block in [-{m.n_layers}, {m.n_layers}) (model.n_layers={m.n_layers})")
+        _expect(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model}")
+
+    _expect(0 <= t.seed < 2**32, "train.seed", t.seed, "an integer in [0, 2^32)")
+    _expect(t.epochs >= 0, "train.epochs", t.epochs, "a finite number >= 0 (0 keeps the initial weights)")
+    _expect(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    _expect(t.lr > 0, "train.lr", t.lr, "a learning rate > 0")
+    _expect(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "a ratio in [0, 1]")
+    _expect(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "a count >= 0")
+    _expect(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
+    _expect(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "a gradient norm > 0")
+    _expect(t.omega >= 0, "train.omega", t.omega, "a finite omega >= 0")
+    _expect(t.regularizer in REGULARIZERS, "train.regularizer", t.regularizer, f"one of {', '.join(REGULARIZERS)}")
+    _expect(t.queue_len >= 1, "train.queue_len", t.queue_len, "an integer >= 1")
+    _expect(0 <= t.momentum < 1, "train.momentum", t.momentum, "a value in [0, 1)")
+    _expect(t.eval_tokens >= 0, "train.eval_tokens", t.eval_tokens, "a count >= 0 (0 = whole split)")
+    _expect(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "a step count >= 1")
+    _expect(0 <= t.threads <= 4096, "train.threads", t.threads, "a thread count in [0, 4096] (0 = torch default)")
+
+    _expect(0 <= s.stride <= m.context, "datastore.stride", s.stride,
+            f"a stride in [0, model.context={m.context}] (0 = context // 2)")
+    _expect(s.batch_size >= 1, "datastore.batch_size", s.batch_size, "an integer >= 1")
+
+    _expect(e.index.strip() in NAMED_INDEXES or bool(_FACTORY.fullmatch(e.index.strip())), "eval.index", e.index,
+            f"{', '.join(NAMED_INDEXES)} or a FAISS index_factory string such as IVF4096,PQ32")
+    _expect(e.k_max >= 1, "eval.k_max", e.k_max, "an integer >= 1")
+    _expect(bool(e.k) and all(1 <= k <= e.k_max for k in e.k), "eval.k", e.k,
+            f"a non-empty list of integers in [1, eval.k_max={e.k_max}]")
+    _expect(bool(e.temperature) and all(tau > 0 for tau in e.temperature), "eval.temperature", e.temperature,
+            "a non-empty list of finite values > 0")
+    _expect(bool(e.lmbda) and all(0 <= lm <= 1 for lm in e.lmbda), "eval.lmbda", e.lmbda,
+            "a non-empty list of values in [0, 1]")
+    _expect(e.nprobe >= 1, "eval.nprobe", e.nprobe, "an integer >= 1")
+    _expect(e.rerank_factor >= 1, "eval.rerank_factor", e.rerank_factor, "an integer >= 1")
+    _expect(bool(e.splits) and all(sp in ("valid", "test") for sp in e.splits), "eval.splits", e.splits,
+            "a non-empty list of valid and/or test")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from .artifacts import write_json
-
     write_json(path, cfg.to_dict())
 
 
 def read_run_config(out: str | Path) -> Config:
     """The resolved config a run folder was trained with."""
-    from .artifacts import read_json
-
     return from_dict(read_json(Path(out) / "config.json", "run config"), str(Path(out) / "config.json"))
 
 

@@ -40,10 +40,17 @@ def default_data_dir() -> Path:
     return repo.parent / "shared" / "data" / "wikitext-2"
 
 
+def cache_root() -> Path:
+    """`$KNNLM_CACHE`, default `~/.cache/knnlm`: what knnlm can rebuild (encoded corpora, the compiled search)."""
+    return Path(os.environ.get("KNNLM_CACHE", Path.home() / ".cache" / "knnlm"))
+
+
 def split_files(folder: Path) -> dict[str, Path]:
     """Map each split to its file, or say which files were expected."""
     if not folder.is_dir():
-        raise UserError(f"{folder}: data folder not found (expected wiki.{{train,valid,test}}.tokens or {{train,valid,test}}.txt)")
+        raise UserError(f"{folder}: data folder not found (expected wiki.{{train,valid,test}}.tokens or "
+                        "{train,valid,test}.txt); fetch WikiText-2 with `knnlm data wikitext-2`, "
+                        "then set KNNLM_DATA=DIR or pass data.path=DIR")
     for pattern in FILE_PATTERNS:
         files = {s: folder / pattern.format(s) for s in SPLITS}
         present = [s for s, f in files.items() if f.is_file()]
@@ -97,6 +104,11 @@ def build_vocab(counts: Counter) -> list[str]:
     return vocab
 
 
+def word_vocab_hash(vocab: list[str]) -> str:
+    """Identity of a word-level vocabulary (its words in id order)."""
+    return hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
+
+
 @dataclass
 class Corpus:
     """Encoded splits (int32 id arrays), the vocabulary and its identity hash.
@@ -121,7 +133,7 @@ class Corpus:
 
     @property
     def vocab_hash(self) -> str:
-        return self.tokenizer_id or hashlib.sha256("\n".join(self.vocab).encode()).hexdigest()[:16]
+        return self.tokenizer_id or word_vocab_hash(self.vocab)
 
     def words(self, split: str, n_tokens: int) -> int:
         """Words in the first n_tokens of a split (= tokens for a word-level corpus)."""
@@ -134,7 +146,18 @@ class Corpus:
         return np.bincount(self.splits["train"], minlength=self.vocab_size)
 
 
-def _cache_key(files: dict[str, Path]) -> str:
+def corpus_files(folder: str | Path | None) -> tuple[Path, dict[str, Path]]:
+    """The corpus folder (None: `default_data_dir()`) and its three non-empty split files."""
+    folder = Path(folder) if folder else default_data_dir()
+    files = split_files(folder)
+    for s, f in files.items():
+        if f.stat().st_size == 0:
+            raise UserError(f"{f}: {s} split is empty")
+    return folder, files
+
+
+def cache_key(files: dict[str, Path]) -> str:
+    """Identity of a corpus's content: its cache folder's name."""
     h = hashlib.sha256(b"knnlm-corpus-v1")
     for s in SPLITS:
         with open(files[s], "rb") as f:
@@ -145,12 +168,8 @@ def _cache_key(files: dict[str, Path]) -> str:
 
 def load_corpus(folder: str | Path | None = None) -> Corpus:
     """Read (or load from cache) the three splits of a corpus folder."""
-    folder = Path(folder) if folder else default_data_dir()
-    files = split_files(folder)
-    for s, f in files.items():
-        if f.stat().st_size == 0:
-            raise UserError(f"{f}: {s} split is empty")
-    cache = Path(os.environ.get("KNNLM_CACHE", Path.home() / ".cache" / "knnlm")) / f"corpus-{_cache_key(files)}"
+    folder, files = corpus_files(folder)
+    cache = cache_root() / f"corpus-{cache_key(files)}"
     if (cache / "meta.json").is_file():
         vocab = read_json(cache / "vocab.json", "vocabulary")
         return Corpus(folder, vocab, {s: load_npy(cache / f"{s}.npy") for s in SPLITS})
@@ -171,43 +190,6 @@ def load_corpus(folder: str | Path | None = None) -> Corpus:
     except OSError:
         pass  # an unwritable cache only costs time
     return Corpus(folder, vocab, splits)
-
-
-def load_hf_corpus(folder: str | Path | None, hf_path: str) -> Corpus:
-    """The splits of a corpus folder tokenized by a local Hugging Face tokenizer (cached like `load_corpus`)."""
-    from .hf import cache_root, encode_split, hf_eos_id, load_tokenizer, tokenizer_hash
-
-    folder = Path(folder) if folder else default_data_dir()
-    files = split_files(folder)
-    for s_, f in files.items():
-        if f.stat().st_size == 0:
-            raise UserError(f"{f}: {s_} split is empty")
-    tok = load_tokenizer(hf_path)
-    tid, eos = tokenizer_hash(tok), hf_eos_id(tok)
-    vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
-    cache = cache_root() / f"corpus-{_cache_key(files)}-hf-{tid}"
-    if (cache / "meta.json").is_file():
-        splits = {s_: load_npy(cache / f"{s_}.npy") for s_ in SPLITS}
-        words = {s_: load_npy(cache / f"{s_}.words.npy") for s_ in SPLITS}
-    else:
-        encoded = {s_: encode_split(files[s_], tok, eos) for s_ in SPLITS}
-        splits = {s_: ids for s_, (ids, _) in encoded.items()}
-        words = {s_: w for s_, (_, w) in encoded.items()}
-        try:
-            for s_ in SPLITS:
-                save_npy(cache / f"{s_}.npy", splits[s_])
-                save_npy(cache / f"{s_}.words.npy", words[s_])
-            write_json(cache / "meta.json", {"folder": str(folder), "tokenizer": hf_path, "tokenizer_id": tid})
-        except OSError:
-            pass
-    return Corpus(folder, vocab, splits, eos_id=eos, word_counts=words, tokenizer_id=tid)
-
-
-def corpus_for(cfg) -> Corpus:
-    """The corpus a config reads: word-level, or tokenized by the Hugging Face model it names."""
-    if cfg.model.hf_path:
-        return load_hf_corpus(cfg.data.path or None, cfg.model.hf_path)
-    return load_corpus(cfg.data.path or None)
 
 
 def token_stream(ids: np.ndarray, eos_id: int) -> torch.Tensor:

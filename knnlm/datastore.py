@@ -10,18 +10,21 @@ contiguous share of the windows and writes it into the same files at offsets kno
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .artifacts import UserError, atomic_dir, load_npy, read_meta, write_json
+from .artifacts import UserError, atomic_dir, check_digest, file_sha256, load_npy, read_meta, write_json
 from .checkpoint import load_model
 from .config import Config
-from .data import corpus_for, sliding_windows, token_stream
+from .data import sliding_windows, token_stream
 from .distributed import barrier, setup_distributed
-from .model import score_stream
+from .models import corpus_for
+from .scoring import score_stream
+from .train import kill_point
 
 
 def stride_of(cfg: Config) -> int:
@@ -61,14 +64,24 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
         vals = np.load(tmp / "vals.npy", mmap_mode="r+")
         t0 = time.time()
         row = share[0][2] if share else N
+        # one process writing every row in order: keys.npy's digest is taken on the way (no second read of a file
+        # that is 200 GB for WikiText-103); with several ranks it is read back afterwards
+        keys_sha256 = None
+        if world == 1 and row == 0:
+            with open(tmp / "keys.npy", "rb") as f:
+                keys_sha256 = hashlib.sha256(f.read(keys.offset))  # the .npy header
         bar = tqdm(total=N, desc="datastore", unit="tok", unit_scale=True, disable=not (progress and main),
                    dynamic_ncols=True)
-        for k, tgt, _ in score_stream(model, s, stride, cfg.datastore.batch_size, cfg.train.bf16, windows=share):
+        for batch, (k, tgt, _) in enumerate(score_stream(model, s, stride, cfg.datastore.batch_size, cfg.train.bf16,
+                                                         windows=share), start=1):
             n = len(tgt)
             keys[row : row + n] = k.numpy()
             vals[row : row + n] = tgt.numpy()
+            if keys_sha256 is not None:
+                keys_sha256.update(keys[row : row + n])  # (n, d) float16, contiguous: the bytes as in the file
             row += n
             bar.update(n * world)
+            kill_point("datastore", batch)
         bar.close()
         assert row == (share[-1][1] if share else N), f"rank {rank} wrote up to row {row}"
         keys.flush()
@@ -76,23 +89,29 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
         del keys, vals
         barrier()
         if main:
+            digests = {"keys.npy": keys_sha256.hexdigest() if keys_sha256 is not None and row == N
+                       else file_sha256(tmp / "keys.npy"), "vals.npy": file_sha256(tmp / "vals.npy")}
             write_json(tmp / "meta.json", {
                 "N": N, "d": d, "keys_dtype": "float16", "vals_dtype": "int32",
                 "key_site": cfg.model.key_site, "key_layer": cfg.model.key_layer,
                 "checkpoint": ckpt_meta["path"], "model_sha256": ckpt_meta["model_sha256"],
-                "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "stride": stride,
+                "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "stride": stride, "bf16": cfg.train.bf16,
                 "context": cfg.model.context, "ranks": world, "seconds": time.time() - t0,
+                "sha256": digests,  # vals checked on every load; keys by `knnlm verify`
             })
     barrier()
     return folder
 
 
 class Datastore:
-    """A complete datastore, checked against its meta: keys (N, d) float16 memory-mapped, vals (N,) int32."""
+    """A complete datastore, checked against its meta: keys (N, d) float16 memory-mapped, vals (N,) int32, and
+    vals against its digest (cheap: 4N bytes; the keys' digest is checked on demand by `knnlm verify`)."""
+
+    FIELDS = {"N": int, "d": int, "model_sha256": str, "key_site": str, "key_layer": int, "checkpoint": str}
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.meta = read_meta(self.folder, "datastore")
+        self.meta = read_meta(self.folder, "datastore", self.FIELDS)
         self.keys = load_npy(self.folder / "keys.npy", mmap=True)
         self.vals = load_npy(self.folder / "vals.npy", mmap=True)
         N, d = self.meta["N"], self.meta["d"]
@@ -101,6 +120,11 @@ class Datastore:
                             f"found {self.keys.dtype} {self.keys.shape}")
         if self.vals.shape != (N,) or self.vals.dtype != np.int32:
             raise UserError(f"{self.folder / 'vals.npy'}: expected {N} int32 values, found {self.vals.dtype} {self.vals.shape}")
+        digests = self.meta.get("sha256", {})  # none in datastores written before digests were recorded
+        if not isinstance(digests, dict) or not isinstance(digests.get("vals.npy", ""), str):
+            raise UserError(f"{self.folder / 'meta.json'}: 'sha256' should map file names to hex digests")
+        if "vals.npy" in digests:
+            check_digest(self.folder / "vals.npy", digests["vals.npy"])
 
     def __len__(self) -> int:
         return self.meta["N"]

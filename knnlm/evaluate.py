@@ -20,6 +20,8 @@ A second `evaluate` with another grid reads the saved neighbours and never searc
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 import time
@@ -28,13 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, atomic_dir, load_npy, read_json, save_npy, write_json
+from .artifacts import UserError, atomic_dir, check_fields, file_sha256, load_npy, read_json, save_npy, write_json
 from .checkpoint import latest_meta, load_model
-from .config import Config
-from .data import corpus_for, token_stream
+from .config import Config, from_dict
+from .data import token_stream
 from .datastore import Datastore, stride_of
 from .knn import EXACT, SEARCHED, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexity, resolve_index, search_all
-from .model import score_stream
+from .models import corpus_for
+from .scoring import score_stream
 
 ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
 
@@ -56,26 +59,45 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _meta_path(folder: Path) -> Path:
-    """meta.json; folders written before it was named so (knnlm < 0.1.1) carry the same record as search.json."""
-    legacy = folder / "search.json"
-    return legacy if legacy.is_file() and not (folder / "meta.json").is_file() else folder / "meta.json"
+def scoring_settings(ds: Datastore, train_cfg: Config) -> tuple[int, bool]:
+    """Stride and precision of the pass that scores a split: the datastore's own, so that query keys come from the
+    same windows and arithmetic as the stored keys (datastores written before knnlm 0.2 used the checkpoint's)."""
+    return ds.meta.get("stride", stride_of(train_cfg)), ds.meta.get("bf16", train_cfg.train.bf16)
 
 
-def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int, rerank: bool) -> bool:
-    if not _meta_path(folder).is_file():
+def datastore_fingerprint(ds: Datastore) -> str:
+    """What identifies a datastore's contents (not where or how fast it was built)."""
+    fields = {k: v for k, v in ds.meta.items() if k not in ("seconds", "checkpoint", "corpus", "ranks")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int, rerank: bool, inputs: dict,
+                      targets: np.ndarray) -> bool:
+    """True only if the saved search answers exactly these inputs: the same datastore and model, the same tokens of
+    the same split with the same vocabulary, stride and precision, and at least k_max neighbours of the same index.
+    The tokens are compared with the saved targets themselves, so any change of the text recomputes."""
+    if not (folder / "meta.json").is_file():
         return False
-    meta = read_json(_meta_path(folder), "evaluation meta")
+    meta = read_json(folder / "meta.json", "evaluation meta")
     same_index = meta.get("index") == index or (meta.get("index") in EXACT and index in EXACT)  # exact = exact
-    return (meta.get("model_sha256") == ds.meta["model_sha256"] and same_index
-            and meta.get("k_max", 0) >= k_max and meta.get("rerank", True) == rerank)
+    if not (meta.get("model_sha256") == ds.meta["model_sha256"] and same_index
+            and meta.get("k_max", 0) >= k_max and meta.get("rerank", True) == rerank
+            and meta.get("tokens") == len(targets) and meta.get("datastore_size") == len(ds)):
+        return False
+    # folders from before these were recorded carry the only settings the code then used: the checkpoint's
+    recorded = meta.get("inputs", {})
+    if any(recorded.get(key, value) != value for key, value in inputs.items()):
+        return False
+    saved = load_search(folder)["targets"]  # a damaged folder is refused, not silently replaced
+    return saved.shape == targets.shape and bool(np.array_equal(saved, targets))
 
 
 def load_search(folder: Path) -> dict[str, np.ndarray]:
     """The saved per-token arrays of an evaluation, checked against its meta.json (written last)."""
-    if not _meta_path(folder).is_file():
+    if not (folder / "meta.json").is_file():
         raise UserError(f"{folder}: no complete evaluation here (meta.json missing; was the step run to the end?)")
-    meta = read_json(_meta_path(folder), "evaluation meta")
+    meta = check_fields(read_json(folder / "meta.json", "evaluation meta"), folder / "meta.json",
+                        {"tokens": int, "k_max": int})
     arrays = {a: load_npy(folder / f"{a}.npy", mmap=a in ("query_keys", "neighbors", "distances")) for a in ARRAYS}
     n, K = meta["tokens"], meta["k_max"]
     for name, arr in arrays.items():
@@ -83,6 +105,13 @@ def load_search(folder: Path) -> dict[str, np.ndarray]:
         if arr.shape[0] != n or (want is not None and arr.shape != want):
             raise UserError(f"{folder / (name + '.npy')}: shape {arr.shape} disagrees with meta.json ({n} tokens, k_max {K})")
     return arrays
+
+
+def searcher_for(ds: Datastore, cfg: Config):
+    """The search backend `cfg.eval` asks for over a datastore (an index is loaded from, or saved to, its folder)."""
+    e = cfg.eval
+    return make_searcher(ds.keys, resolve_index(e.index), e.nprobe, ds.folder, ds.meta["model_sha256"],
+                         rerank_factor=e.rerank_factor if e.rerank else 0)
 
 
 def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) -> dict:
@@ -96,21 +125,25 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     index = resolve_index(e.index)
     folder = run / "eval" / split
     rerank = e.rerank or index in EXACT  # exact searches need no re-ranking
-    if _search_is_cached(folder, ds, index, e.k_max, rerank):
-        return read_json(_meta_path(folder), "evaluation meta")
-
-    model, train_cfg, ckpt_meta = load_model(run, device())
     corpus = corpus_for(cfg)
     if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
         raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}")
     ids = corpus.splits[split]
     if cfg.data.max_eval_tokens:
         ids = ids[: cfg.data.max_eval_tokens]
+    train_cfg = from_dict(ckpt_meta["config"], ckpt_meta["path"])
+    stride, bf16 = scoring_settings(ds, train_cfg)
+    inputs = {"split": split, "vocab_hash": corpus.vocab_hash, "datastore": datastore_fingerprint(ds),
+              "stride": stride, "bf16": bf16, "key_site": ds.meta["key_site"], "key_layer": ds.meta["key_layer"]}
+    if _search_is_cached(folder, ds, index, e.k_max, rerank, inputs, ids):
+        return read_json(folder / "meta.json", "evaluation meta")
+
+    model, train_cfg, ckpt_meta = load_model(run, device())
     s = token_stream(ids, corpus.eos_id)
 
     t0 = time.time()
     keys, targets, lm = [], [], []
-    for k, tgt, lp in score_stream(model, s, stride_of(train_cfg), cfg.datastore.batch_size, train_cfg.train.bf16):
+    for k, tgt, lp in score_stream(model, s, stride, cfg.datastore.batch_size, bf16):
         keys.append(k), targets.append(tgt), lm.append(lp)
     q = torch.cat(keys).numpy()
     targets = torch.cat(targets).numpy().astype(np.int32)
@@ -118,8 +151,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     t_lm = time.time() - t0
 
     t0 = time.time()
-    searcher = make_searcher(ds.keys, index, e.nprobe, ds.folder, ds.meta["model_sha256"],
-                             rerank_factor=e.rerank_factor if e.rerank else 0)
+    searcher = searcher_for(ds, cfg)
     t_index = time.time() - t0
     t0, searched = time.time(), SEARCHED[0]
     D, I = search_all(searcher, q, e.k_max, progress=progress)
@@ -128,12 +160,13 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "k_max": e.k_max, "tokens": len(targets),
               "words": corpus.words(split, len(targets)), "rerank": rerank,
-              "datastore_size": len(ds), "searched_queries": searched,
+              "datastore_size": len(ds), "searched_queries": searched, "inputs": inputs,
               "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
     with atomic_dir(folder) as tmp:
         for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q),
                           ("neighbors", I.astype(id_dtype)), ("distances", D)):
             save_npy(tmp / f"{name}.npy", arr)
+        record["sha256"] = {f"{name}.npy": file_sha256(tmp / f"{name}.npy") for name in ARRAYS}  # `knnlm verify`
         write_json(tmp / "meta.json", record)  # last: marks the folder complete
     return record
 
@@ -142,7 +175,14 @@ def tuning_arrays(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.nda
     """What tuning reads from a saved search: targets (n,), LM log-probs (n,), neighbour distances (n, K) and
     the neighbours' values (n, K)."""
     arrays = load_search(Path(run) / "eval" / split)
-    nvals = Datastore(Path(run) / "datastore").vals[np.asarray(arrays["neighbors"])]
+    ds = Datastore(Path(run) / "datastore")
+    ids = np.asarray(arrays["neighbors"])
+    # row ids of this datastore; -1 pads an IVF probe that found fewer candidates (its distance is inf)
+    if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= len(ds)):
+        bad = int(ids.min()) if int(ids.min()) < -1 else int(ids.max())
+        raise UserError(f"{Path(run) / 'eval' / split / 'neighbors.npy'}: neighbour id {bad} is outside the "
+                        f"datastore's rows [0, {len(ds)}) (the file is damaged or from another datastore)")
+    nvals = ds.vals[ids]
     return arrays["targets"], arrays["lm_logprobs"], np.asarray(arrays["distances"]), nvals
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .artifacts import UserError
+from .data import cache_root
 
 SOURCE = Path(__file__).with_name("csrc") / "amx_search.cpp"
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx512f", "-mavx512bf16", "-mf16c",
@@ -48,7 +49,7 @@ def cpu_has_amx() -> bool:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("KNNLM_CACHE", Path.home() / ".cache" / "knnlm")) / "ext"
+    return cache_root() / "ext"
 
 
 @functools.cache

@@ -1,19 +1,19 @@
-"""Bring your own model: a local Hugging Face causal LM behind the same interface as `TransformerLM`.
+"""Bring your own model: a local Hugging Face causal LM behind the language-model interface of `knnlm.lm`.
 
     pip install 'knnlm[hf]'
-    knnlm run --config configs/hf-tiny.toml --out runs/gpt2 model.hf_path=/models/my-gpt2
+    knnlm run --config configs/hf-example.toml --out runs/gpt2 model.hf_path=/models/my-gpt2
 
 The model and its tokenizer are read from a folder (`local_files_only`: never the network). The retrieval key is
 the input (or output) of one module, named by its path; the defaults are the input of the last block's MLP, as in
 the kNN-LM literature. The corpus is tokenized with the model's tokenizer, one end-of-sequence token per line, so
 `train`, `datastore` and `evaluate` run unchanged; perplexity is reported per token and per word (whitespace words
-plus one per line, the unit of word-level WikiText numbers).
+plus one per line, the unit of word-level WikiText numbers). `knnlm.models` chooses this model or the built-in
+one by `model.hf_path`; `transformers` is imported on first use, so knnlm works without the optional extra.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .artifacts import UserError
+from .artifacts import UserError, load_npy, save_npy, write_json
 from .config import ModelConfig
+from .data import SPLITS, Corpus, cache_key, cache_root, corpus_files, iter_lines
+from .lm import Output
 
 # module whose input is the kNN-LM key, by `config.model_type` ({last} = index of the last block)
 DEFAULT_KEY_MODULES = {
@@ -52,8 +54,7 @@ def load_tokenizer(path: str):
 
 
 class HFCausalLM(nn.Module):
-    """forward(ids) -> Output(hidden, key), target_logprob(hidden, targets): what training, datastore and
-    evaluation call on a `TransformerLM`. The key is captured by a hook on the named module."""
+    """A Hugging Face causal LM as a `knnlm.lm.LanguageModel`; the key is captured by a hook on the named module."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -95,9 +96,7 @@ class HFCausalLM(nn.Module):
     def _capture_output(self, module, args, output):
         self._key = output[0] if isinstance(output, tuple) else output
 
-    def forward(self, ids: torch.Tensor):
-        from .model import Output
-
+    def forward(self, ids: torch.Tensor) -> Output:  # (B, T) -> Output
         hidden = self.hf.base_model(input_ids=ids).last_hidden_state  # (B, T, d), after the final norm
         key, self._key = self._key, None
         return Output(hidden=hidden, key=key)
@@ -105,6 +104,9 @@ class HFCausalLM(nn.Module):
     def target_logprob(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.hf.get_output_embeddings()(hidden)  # (B, T, V)
         return F.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def full_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, V) fp32
+        return F.log_softmax(self.hf.get_output_embeddings()(hidden).float(), dim=-1)
 
     def key_module(self):
         return None  # the key is not a plain LayerNorm output we can inspect generically
@@ -130,8 +132,6 @@ def encode_split(path: Path, tokenizer, eos_id: int) -> tuple[np.ndarray, np.nda
     """Subword ids of a file, an end-of-sequence token after every line, and per token the number of words it
     completes (the line's whitespace words + 1 for the line end, put on the line's last token), so that the words
     of any stretch of tokens can be counted for per-word perplexity."""
-    from .data import iter_lines
-
     ids, words = [], []
     for line_words in iter_lines(path):
         toks = tokenizer.encode(" ".join(line_words), add_special_tokens=False) if line_words else []
@@ -149,5 +149,25 @@ def hf_eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("KNNLM_CACHE", Path.home() / ".cache" / "knnlm"))
+def load_hf_corpus(folder: str | Path | None, hf_path: str) -> Corpus:
+    """The splits of a corpus folder tokenized by a local Hugging Face tokenizer (cached like `data.load_corpus`)."""
+    folder, files = corpus_files(folder)
+    tok = load_tokenizer(hf_path)
+    tid, eos = tokenizer_hash(tok), hf_eos_id(tok)
+    vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
+    cache = cache_root() / f"corpus-{cache_key(files)}-hf-{tid}"
+    if (cache / "meta.json").is_file():
+        splits = {s: load_npy(cache / f"{s}.npy") for s in SPLITS}
+        words = {s: load_npy(cache / f"{s}.words.npy") for s in SPLITS}
+    else:
+        encoded = {s: encode_split(files[s], tok, eos) for s in SPLITS}
+        splits = {s: ids for s, (ids, _) in encoded.items()}
+        words = {s: w for s, (_, w) in encoded.items()}
+        try:
+            for s in SPLITS:
+                save_npy(cache / f"{s}.npy", splits[s])
+                save_npy(cache / f"{s}.words.npy", words[s])
+            write_json(cache / "meta.json", {"folder": str(folder), "tokenizer": hf_path, "tokenizer_id": tid})
+        except OSError:
+            pass  # an unwritable cache only costs time
+    return Corpus(folder, vocab, splits, eos_id=eos, word_counts=words, tokenizer_id=tid)

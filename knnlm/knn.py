@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import UserError
+from .artifacts import UserError, atomic_dir, read_json, write_json
 from .fastsearch import AmxExactSearch, available as amx_available, centering_vector
 
 
@@ -190,8 +190,6 @@ def load_or_build_index(ds_folder: Path, keys: np.ndarray, factory: str, model_s
     Building IVF-PQ over a large store takes hours: it is written once (FAISS's own format, no pickle) with a
     meta.json naming the factory string and the datastore it indexes, and read back on later evaluations."""
     import faiss
-
-    from .artifacts import atomic_dir, read_json, write_json
 
     folder = Path(ds_folder) / "indexes" / "".join(c if c.isalnum() else "_" for c in factory)
     meta_path = folder / "meta.json"

@@ -3,34 +3,23 @@
 Adaptive input embeddings and an adaptive softmax share their weights (logit(w) = input_embedding(w) · h),
 blocks are pre-norm with causal attention through `F.scaled_dot_product_attention`, positions are sinusoidal.
 
-The retrieval key is a named output, `Output.key`, read at one site (`KEY_SITES`); the regularizer, the datastore
-writer and the evaluation queries all use this same tensor. The kNN-LM default is `ffn_input`: the input to the
-last block's feed-forward network, after its layer norm.
+`TransformerLM` implements the language-model interface of `knnlm.lm`. The retrieval key is its named output
+`Output.key`, read at one site (`KEY_SITES`); the regularizer, the datastore writer and the evaluation queries all
+use this same tensor. The kNN-LM default is `ffn_input`: the input to the last block's feed-forward network, after
+its layer norm.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import KEY_SITES, ModelConfig
+from .lm import Output
 
-KEY_SITES = {
-    "ffn_input": "input to the block's feed-forward network, after its layer norm (kNN-LM)",
-    "ffn_input_prenorm": "the residual stream entering that layer norm",
-    "block_output": "the residual stream after the block",
-    "final": "the final layer norm's output, the input of the softmax",
-}
-
-
-@dataclass
-class Output:
-    hidden: torch.Tensor  # (B, T, d) final layer-norm output, the softmax input
-    key: torch.Tensor  # (B, T, d) the retrieval key r at the configured site
 
 
 def padded_rows(idx: torch.Tensor) -> torch.Tensor:
@@ -210,6 +199,9 @@ class TransformerLM(nn.Module):
     def target_logprob(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (B, T, d), (B, T) -> (B, T)
         return self.softmax.target_logprob(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)).view(targets.shape)
 
+    def full_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, V) fp32
+        return self.softmax.full_logprobs(hidden)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -220,51 +212,3 @@ class TransformerLM(nn.Module):
         head = c.d_model * (self.embed.edges[1] + self.softmax.n_tails)  # tails are touched by few tokens
         attn = c.n_layers * 2 * c.context * c.d_model  # QKᵀ and AV, averaged over causal positions
         return 6 * (dense + head) + 6 * attn
-
-
-def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """The built-in Transformer, or a Hugging Face causal LM when `cfg.hf_path` names one."""
-    if cfg.hf_path:
-        from .hf import HFCausalLM
-
-        return HFCausalLM(cfg)
-    return TransformerLM(cfg, vocab_size)
-
-
-def autocast(device: torch.device | str, bf16: bool):
-    """bf16 autocast for matrix products (AMX on CPU, tensor cores on GPU); log-softmax stays fp32."""
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
-
-
-@torch.no_grad()
-def score_stream(model: TransformerLM, s: torch.Tensor, stride: int, batch_size: int, bf16: bool = True,
-                 want_keys: bool = True, windows: list[tuple[int, int, int]] | None = None):
-    """Run the model over a token stream (N+1,) with sliding windows; yield, for each batch of windows, the
-    scored positions' keys (n, d) float16, targets (n,) and LM log-probabilities (n,) fp32, in stream order.
-
-    Input position i predicts s[i+1]; every one of the N positions is scored exactly once (data.sliding_windows).
-    `windows` restricts the pass to a contiguous run of those windows (one rank's share of a sharded pass).
-    """
-    from .data import sliding_windows
-
-    model.eval()
-    device = next(model.parameters()).device
-    T = model.cfg.context
-    n = len(s) - 1
-    if windows is None:
-        windows = sliding_windows(n, T, stride)
-    for b in range(0, len(windows), batch_size):
-        group = windows[b : b + batch_size]
-        length = max(e - a for a, e, _ in group)  # all equal to T unless the stream is shorter than T
-        idx = torch.stack([torch.arange(a, a + length).clamp(max=n - 1) for a, _, _ in group])  # (B, T)
-        inputs, targets = s[idx].to(device), s[idx + 1].to(device)
-        with autocast(device, bf16):
-            out = model(inputs)
-            logp = model.target_logprob(out.hidden, targets)  # (B, T)
-        # scored slice of each window, concatenated in stream order
-        sel = [(j, f - a, e - a) for j, (a, e, f) in enumerate(group)]
-        yield (
-            torch.cat([out.key[j, lo:hi] for j, lo, hi in sel]).to(torch.float16).cpu() if want_keys else None,
-            torch.cat([targets[j, lo:hi] for j, lo, hi in sel]).cpu(),
-            torch.cat([logp[j, lo:hi] for j, lo, hi in sel]).float().cpu(),
-        )

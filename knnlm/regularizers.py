@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import TrainConfig
+from .config import REGULARIZERS, TrainConfig
 from .distributed import gather_cat
 
 
@@ -200,9 +200,6 @@ class PullRatioRegularizer(nn.Module):
 
     def after_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         pass
-
-
-REGULARIZERS = ("l2", "moco", "zero-queue", "knn", "pull-ratio")
 
 
 def make_regularizer(cfg: TrainConfig, model: nn.Module, vocab_size: int, d: int, block: int = 0) -> nn.Module:

@@ -27,6 +27,7 @@ The study file (TOML) names a base config and the grid:
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import platform
 import time
@@ -38,10 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, load_npy, read_json, write_json, write_text
+from .artifacts import UserError, load_npy, nan_to_null, read_json, write_json, write_text
+from .checkpoint import load_model
 from .config import Config, load_config
-from .evaluate import PAPER_TEMPERATURE, paper_k, protocol_rows, tuning_arrays
+from .evaluate import PAPER_TEMPERATURE, evaluate, paper_k, protocol_rows, tuning_arrays
 from .knn import interpolate, knn_logprob, perplexity
+from .pipeline import run_pipeline
+from .plots import (plot_omega_curve, plot_paired_objectives, plot_ppl_by_k, plot_regularizer_comparison,
+                    plot_temperature_vs_norm)
+from .regularizers import REGULARIZERS
 
 
 def cpu_name() -> str:
@@ -84,8 +90,6 @@ def load_study(path: Path) -> Study:
     study.base = str((path.parent / study.base).resolve())
     if not study.omegas or not study.seeds:
         raise UserError(f"{path}: omegas and seeds must be non-empty")
-    from .regularizers import REGULARIZERS
-
     for name, weights in study.objectives.items():
         if name not in REGULARIZERS or not weights or any(not w > 0 for w in weights):
             raise UserError(f"{path}: objectives.{name}: expected a regularizer of {', '.join(REGULARIZERS)} "
@@ -100,8 +104,6 @@ def run_name(regularizer: str, omega: float, seed: int) -> str:
 def key_statistics(run: Path, cfg: Config) -> dict:
     """How the regularizer acted: key norms on valid, and the key layer norm's gain and bias (a penalty on a
     LayerNorm output can be met by shrinking these two vectors instead of changing the representation)."""
-    from .checkpoint import load_model
-
     q = load_npy(run / "eval" / "valid" / "query_keys.npy", mmap=True)
     sq = np.square(np.asarray(q[:50000], dtype=np.float32)).sum(1)
     model, _, _ = load_model(run)
@@ -159,8 +161,6 @@ def recorded(study: Study, out: Path, results: Path, regularizer: str, omega: fl
 def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: float, seed: int,
             extra: list[str] = (), progress: bool = True, prune: bool = False) -> dict:
     """Train/datastore/evaluate one model unless its record exists; write the record as soon as it is done."""
-    from .cli import run_pipeline
-
     name = run_name(regularizer, omega, seed)
     record_path = results / "runs" / f"{name}.json"
     cfg = run_config(study, regularizer, omega, seed, extra)
@@ -318,8 +318,6 @@ def best_omega(table: dict, metric: str = "valid_knnlm_ppl") -> float | None:
 
 
 def write_tables(records: list[dict], results: Path, study: Study) -> dict:
-    from .plots import plot_omega_curve, plot_ppl_by_k, plot_temperature_vs_norm
-
     table = omega_table(records, "l2")
     if not table:
         return table
@@ -353,7 +351,7 @@ def write_tables(records: list[dict], results: Path, study: Study) -> dict:
                "ratio_T_over_sq_norm": {"min": float(min(p[1] / p[0] for p in points)),
                                         "max": float(max(p[1] / p[0] for p in points))},
                "points": [{"key_sq_norm_mean": p[0], "temperature": p[1], "omega": p[2]} for p in points]}
-        write_json(results / "temperature_vs_norm.json", fit)
+        write_json(results / "temperature_vs_norm.json", nan_to_null(fit))  # keys of one scale: no fit (null)
         plot_temperature_vs_norm(points, fit, results / "temperature_vs_norm.png",
                                  f"L2 key regularizer, {study.title}: tuned temperature against key scale")
     return table
@@ -398,8 +396,6 @@ class Runner:
                     return
                 done(run_one(*task, prune=self.prune))
             return
-        import multiprocessing
-
         pending, running = list(tasks), set()
         with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             try:
@@ -482,8 +478,6 @@ def _replace(records: list[dict], rec: dict) -> list[dict]:
 
 
 def write_moco_comparison(records: list[dict], omega: float, results: Path, study: Study) -> None:
-    from .plots import plot_regularizer_comparison
-
     groups = {"l2": _runs(records, "l2", omega), "moco": _runs(records, "moco", omega),
               "none (ω = 0)": _runs(records, "l2", 0.0)}
     rows = {label: _ppl_over_seeds(rs) for label, rs in groups.items() if rs}
@@ -501,8 +495,6 @@ def write_moco_comparison(records: list[dict], omega: float, results: Path, stud
 def write_test_results(study: Study, out: Path, results: Path, inputs: dict[float, list[dict]], best: dict) -> None:
     """Test perplexities of ω = 0 and of the best ω of each protocol, once; each protocol uses its own choice
     of λ, k, temperature from valid."""
-    from .evaluate import evaluate
-
     rows = {}
     for omega, runs in inputs.items():
         per_seed, choice = [], {}
@@ -577,8 +569,8 @@ def write_rescale_control(records: list[dict], out: Path, results: Path, study: 
         vs = [v for v in per_run.values() if v["omega"] == omega]
         summary[f"{omega:g}"] = _over_seeds({m: [v[m] for v in vs] for m in
                                              ("temperature_match", "omega0_t1", "omega0_rescaled", "omega_t1", "recovered")})
-    write_json(path, {"inputs": {n: want[n] for n in per_run}, "per_run": per_run, "summary": summary,
-                      "note": write_rescale_control.__doc__.split("\n\n")[1].strip()})
+    write_json(path, nan_to_null({"inputs": {n: want[n] for n in per_run}, "per_run": per_run, "summary": summary,
+                                  "note": write_rescale_control.__doc__.split("\n\n")[1].strip()}))  # undefined: null
     write_text(results / "rescale.md", markdown_table(
         f"Rescaling control, {study.title}: the ω = 0 model at the temperature that matches ω's key scale "
         "(k = 1024, λ tuned; mean ± std over seeds)",
@@ -611,8 +603,6 @@ def run_objectives(study: Study, out: Path, results: Path, runner: Runner, curre
 def write_objectives(records: list[dict], best: dict[str, float], results: Path, study: Study) -> None:
     """objectives.md / .json / .png: every weight on the first seed, and each objective's best weight against ω = 0
     of the same seed over all seeds (both protocols, the LM, and training time against ω = 0)."""
-    from .plots import plot_paired_objectives
-
     base = {r["seed"]: r for r in _runs(records, "l2", 0.0)}
     first = study.seeds[0]
     rows, out = [], {"best": best, "weights": {}, "paired": {}}

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -23,10 +25,12 @@ from tqdm import tqdm
 from .artifacts import UserError, atomic_path, write_json
 from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from .config import Config, save_config
-from .data import Corpus, corpus_for, epoch_order, num_train_blocks, token_stream, train_batch
+from .data import Corpus, epoch_order, num_train_blocks, token_stream, train_batch
 from .distributed import barrier, setup_distributed
-from .model import TransformerLM, autocast, build_model, score_stream
+from .lm import LanguageModel, autocast
+from .models import build_model, corpus_for
 from .regularizers import make_regularizer
+from .scoring import score_stream
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -36,13 +40,21 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def kill_point(stage: str, count: int) -> None:
+    """A crash at a chosen point, for the tests: with `KNNLM_KILL_AT=<stage>:<count>` set, the process SIGKILLs
+    itself when `stage` reaches `count`: "train" after optimizer step `count` (logged, its checkpoint not yet
+    written), "datastore" after the `count`-th batch of windows is written. Unset, it does nothing."""
+    if os.environ.get("KNNLM_KILL_AT") == f"{stage}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def split_ids(corpus: Corpus, cfg: Config, split: str):
     ids = corpus.splits[split]
     limit = cfg.data.max_train_tokens if split == "train" else cfg.data.max_eval_tokens
     return ids[:limit] if limit else ids
 
 
-def perplexity(model: TransformerLM, corpus: Corpus, cfg: Config, split: str, max_tokens: int = 0) -> float:
+def perplexity(model: LanguageModel, corpus: Corpus, cfg: Config, split: str, max_tokens: int = 0) -> float:
     """LM perplexity on (a prefix of) a split with non-overlapping windows: the cheap per-epoch check."""
     ids = split_ids(corpus, cfg, split)
     ids = ids[:max_tokens] if max_tokens else ids
@@ -71,7 +83,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 class Objective(nn.Module):
     """The two loss terms of one batch. DDP wraps this module, so every parameter it trains is used in forward."""
 
-    def __init__(self, model: TransformerLM, regularizer: nn.Module):
+    def __init__(self, model: LanguageModel, regularizer: nn.Module):
         super().__init__()
         self.model, self.regularizer = model, regularizer
 
@@ -132,6 +144,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         metrics_path.unlink(missing_ok=True)
     if main:
         save_config(cfg, out / "config.json")
+        if not corpus.tokenizer_id:  # word-level: the vocabulary, so that `knnlm.load` need not re-read the corpus
+            write_json(out / "vocab.json", corpus.vocab)
     objective = Objective(model, regularizer)
     if world > 1:
         # tail bands of the adaptive input/softmax are unused in batches without their words; the MOCO queue is
@@ -201,6 +215,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
                    "valid_ppl": perplexity(model, corpus, cfg, "valid", t.eval_tokens)}
             _append_metrics(metrics_path, row)
             bar.write(f"epoch {row['epoch']:.2f}: valid ppl {row['valid_ppl']:.2f}")
+        kill_point("train", step)
         if step % t.checkpoint_every == 0 or step == total_steps:
             last_good = checkpoint(step)
     bar.close()

@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny run trained once per test session (the README pipeline on configs/tiny.toml)."""
+"""Shared fixtures: a tiny run trained once per test session (the README pipeline on configs/tiny.toml).
+
+Plain `pytest` runs the fast unit tests (under a minute on 2 cores); tests marked `slow` (end to end: full runs,
+torchrun, fine-tunes, killed jobs, large indexes; every user of `tiny_run`) run with `--runslow`, as CI does."""
 
 import hashlib
 import os
@@ -17,6 +20,9 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # the tiny run takes minutes: whatever uses it is end to end
+        if "tiny_run" in getattr(item, "fixturenames", ()) and "slow" not in item.keywords:
+            raise pytest.UsageError(f"{item.nodeid} uses the tiny_run fixture: mark it @pytest.mark.slow")
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: pass --runslow")
@@ -46,6 +52,17 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "run"
     proc = knnlm("run", "--config", TINY, "--out", out)
     return out, proc.stdout
+
+
+def main_fails(capsys, *args):
+    """Run the command line in this process (no start-up cost, for input refused before any work); it must exit
+    non-zero with one `knnlm: error:` line on stderr, which is returned."""
+    from knnlm.cli import main
+
+    code = main([str(a) for a in args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("knnlm: error:"), (code, lines)
+    return lines[0]
 
 
 def snapshot(folder):

@@ -148,7 +148,7 @@ def test_analyze_end_to_end_on_fabricated_runs(tmp_path):
     summary_md = (out / "summary.md").read_text()
     assert "ω=0.001" in summary_md and "figure3_gmm_loglik.png" in summary_md
 
-    analyze(tmp_path / "default_labels", runs, None)  # labels default to the run folder names
+    analyze(tmp_path / "default_labels", runs, None, gmm_repeats=1)  # labels default to the run folder names
     assert list(json.loads((tmp_path / "default_labels" / "gmm.json").read_text())) == ["run_a", "run_b"]
 
 

@@ -51,6 +51,7 @@ def make_model(kind, corpus_dir, folder):
     return folder
 
 
+@pytest.mark.slow  # a fine-tune and a full pipeline per model family
 @pytest.mark.parametrize("kind,module", [("gpt2", "transformer.h.1.mlp"), ("llama", "model.layers.1.mlp")])
 def test_finetune_datastore_evaluate_hf(kind, module, corpus_dir, tmp_path):
     base = make_model(kind, corpus_dir, tmp_path / "base")
@@ -75,8 +76,18 @@ def test_finetune_datastore_evaluate_hf(kind, module, corpus_dir, tmp_path):
     assert summary["words"] < summary["tokens"]  # subword tokens: more tokens than words
     assert np.isclose(np.log(summary["lm_word_ppl"]) * summary["words"], np.log(summary["lm_ppl"]) * summary["tokens"])
 
+    # the Python API on the same run folder: scores agree with the evaluation of valid, generation runs
+    from knnlm.api import load as load_run
+
+    api = load_run(run)
+    scored = api.score((corpus_dir / "valid.txt").read_text(encoding="utf-8"))
+    np.testing.assert_allclose(scored.lm, np.load(run / "eval" / "valid" / "lm_logprobs.npy"), atol=1e-4)
+    assert scored.ppl == pytest.approx(summary["knnlm_ppl"], rel=1e-4)
+    assert abs(float(torch.logsumexp(api.next_token_logprobs("the game"), 0))) < 1e-5
+    assert api.generate("the game", max_tokens=3, greedy=True) == api.generate("the game", max_tokens=3, top_k=1, seed=1)
+
     # datastore keys = the input of the last MLP, read directly from the model with our own hook
-    from knnlm.data import load_hf_corpus
+    from knnlm.hf import load_hf_corpus
 
     ids = load_hf_corpus(corpus_dir, str(base)).splits["train"]
     eos = AutoTokenizer.from_pretrained(base, local_files_only=True).eos_token_id
@@ -112,3 +123,25 @@ def test_moco_momentum_copy_of_a_hf_model_captures_its_own_keys(corpus_dir, tmp_
     assert not torch.allclose(own, copy_key)
     assert torch.allclose(moco.queue.keys[torch.arange(16), 0], copy_key[0])
     assert torch.equal(model(x).key, own)  # the original's hook still feeds the original
+
+
+@pytest.mark.slow
+def test_a_hub_id_is_read_from_the_local_hugging_face_cache(corpus_dir, tmp_path):
+    """`model.hf_path=org/name` resolves from $HF_HOME's hub cache (the layout `huggingface_hub` writes), offline."""
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-gpt2" / "snapshots" / "0123abcd"
+    make_model("gpt2", corpus_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    code = ("from knnlm.config import ModelConfig; from knnlm.hf import HFCausalLM, load_tokenizer; "
+            "m = HFCausalLM(ModelConfig(hf_path='tiny-org/tiny-gpt2', context=32)); "
+            "print(m.vocab_size, len(load_tokenizer('tiny-org/tiny-gpt2')))")
+    env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["400", "400"]
+    env["HF_HOME"] = str(tmp_path / "empty")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "no Hugging Face" in proc.stderr

@@ -2,8 +2,11 @@
 memory-mapped store, re-ranked with exact distances, saved and reused."""
 
 import numpy as np
+import pytest
 
 from knnlm.knn import FaissSearch, load_or_build_index
+
+pytestmark = pytest.mark.slow  # tens of thousands of keys, IVF-PQ training
 
 
 class ReadRecorder:

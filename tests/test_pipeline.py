@@ -1,10 +1,12 @@
-"""The README pipeline on the tiny config, the datastore's pairing, resume, and bad input."""
+"""The README pipeline on the tiny config, the datastore's pairing, resume, and bad input: end to end on
+WikiText-2, so marked slow (the same checks in-process on a synthetic corpus: tests/test_small_pipeline.py)."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +17,16 @@ from conftest import REPO, TINY, fails, knnlm, snapshot
 from knnlm.checkpoint import latest_checkpoint, load_model
 from knnlm.data import EOS, load_corpus, token_stream
 
+slow = pytest.mark.slow
 
+
+def own_copy(run, tmp_path):
+    """The tiny run in a folder of the test's own, for a test that writes into it."""
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@slow
 def test_readme_pipeline_tiny(tiny_run):
     out, stdout = tiny_run
     assert "valid kNN-LM ppl" in stdout
@@ -34,6 +45,7 @@ def test_readme_pipeline_tiny(tiny_run):
     assert np.isclose(np.exp(-mixed.mean()), v["knnlm_ppl"], rtol=1e-5)
 
 
+@slow
 def test_datastore_pairs_key_t_with_token_t_plus_1(tiny_run):
     out, _ = tiny_run
     corpus = load_corpus()
@@ -49,8 +61,9 @@ def test_datastore_pairs_key_t_with_token_t_plus_1(tiny_run):
     assert torch.allclose(torch.from_numpy(np.asarray(keys[:64], dtype=np.float32)), key.float(), atol=0.05, rtol=0.02)
 
 
+@slow
 def test_evaluate_reuses_the_search_and_a_what_if_leaves_the_runs_choice(tiny_run, tmp_path):
-    out, _ = tiny_run
+    out = own_copy(tiny_run[0], tmp_path)
     valid = out / "eval" / "valid"
     before = (valid / "neighbors.npy").stat().st_mtime_ns
     kept = {n: (valid / n).read_bytes() for n in ("summary.json", "tuning.json", "knn_logprobs.npy")}
@@ -60,10 +73,12 @@ def test_evaluate_reuses_the_search_and_a_what_if_leaves_the_runs_choice(tiny_ru
     assert res["knnlm_ppl"] == res["lm_ppl"] and "what_if" in res  # λ = 0 is the LM exactly
     proc = knnlm("evaluate", "--out", out, "--k", "8", "--lmbda", "0.25")
     assert json.loads(proc.stdout)["k"] == 8
+    res = json.loads(knnlm("evaluate", "--out", out, "--temperature", "2.5").stdout)
+    assert res["temperature"] == 2.5 and "what_if" in res
     assert {n: (valid / n).read_bytes() for n in kept} == kept  # the run's tuned choice is untouched
 
 
-def test_tuned_values_at_an_open_end_of_their_grid_are_reported(tiny_run):
+def test_tuned_values_at_an_open_end_of_their_grid_are_reported():
     from knnlm.config import Config
     from knnlm.evaluate import grid_edges
 
@@ -74,14 +89,20 @@ def test_tuned_values_at_an_open_end_of_their_grid_are_reported(tiny_run):
     assert "eval.temperature" in grid_edges({"k": 8, "temperature": 0.3, "lambda": 0.2}, cfg)[0]
     cfg.eval.k = [256]  # a single value is a choice, not a grid
     assert grid_edges({"k": 256, "temperature": 1.0, "lambda": 0.2}, cfg) == []
-    # the command line warns exactly when the summary lists an edge
-    out, _ = tiny_run
+
+
+@slow
+def test_the_command_line_warns_exactly_when_the_summary_lists_a_grid_edge(tiny_run, tmp_path):
+    from knnlm.config import Config
+    from knnlm.evaluate import grid_edges
+
+    out = own_copy(tiny_run[0], tmp_path)
     proc = knnlm("evaluate", "--out", out, "eval.k=8,16", "eval.temperature=0.5,1000")
     summary = json.loads(proc.stdout)
+    cfg = Config()
     cfg.eval.k, cfg.eval.temperature = [8, 16], [0.5, 1000.0]
     assert summary["grid_edges"] == grid_edges(summary, cfg) != []  # a 2-value temperature grid has only ends
     assert ("warning:" in proc.stderr) == bool(summary["grid_edges"])
-    knnlm("evaluate", "--out", out)  # restore the tuned summary for other tests
 
 
 def _weights(run):
@@ -92,25 +113,24 @@ RESUME = ["data.max_train_tokens=20000", "data.max_eval_tokens=2000", "model.con
           "train.batch_size=8", "train.epochs=2", "train.checkpoint_every=10", "train.warmup_steps=5"]
 
 
+@slow
 def test_killed_and_resumed_training_ends_with_the_same_weights(tmp_path):
     full = tmp_path / "full"
     knnlm("train", "--config", TINY, "--out", full, *RESUME)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "knnlm.cli", "train", "--config", str(TINY), "--out", str(killed),
-                             *RESUME], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest_checkpoint(killed) is not None
+    proc = subprocess.run([sys.executable, "-m", "knnlm.cli", "train", "--config", str(TINY), "--out", str(killed),
+                           *RESUME], cwd=REPO, capture_output=True,
+                          env={**os.environ, "TQDM_DISABLE": "1", "KNNLM_KILL_AT": "train:25"})  # knnlm.train.kill_point
+    assert proc.returncode == -signal.SIGKILL
     step_killed = json.loads((latest_checkpoint(killed) / "meta.json").read_text())["step"]
+    assert step_killed == 20
     knnlm("train", "--config", TINY, "--out", killed, "--resume", *RESUME)
     a, b = _weights(full), _weights(killed)
     assert step_killed < json.loads((latest_checkpoint(full) / "meta.json").read_text())["step"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@slow
 def test_bad_input_gives_one_line_and_changes_nothing(tiny_run, tmp_path):
     out, _ = tiny_run
     before = snapshot(out)
@@ -126,6 +146,7 @@ def test_bad_input_gives_one_line_and_changes_nothing(tiny_run, tmp_path):
     assert snapshot(out) == before
 
 
+@slow
 def test_datastore_from_another_model_is_refused(tiny_run, tmp_path):
     out, _ = tiny_run
     other = tmp_path / "other"

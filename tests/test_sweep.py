@@ -1,13 +1,63 @@
-"""The ω study machinery on a tiny study: the tables are the records' mean ± std, every stage writes its outputs,
-and a rerun reuses what is recorded and what is trained."""
+"""The ω study machinery: the tables' arithmetic on hand-made records (fast), then a tiny study end to end (slow):
+every stage writes its outputs, and a rerun reuses what is recorded and what is trained."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
 from conftest import TINY, fails, knnlm, snapshot
+from knnlm.sweep import (Study, best_omega, changed_settings, omega_table, paired_differences, table_markdown,
+                          write_tables)
+
+slow = pytest.mark.slow
+
+
+def record(omega, seed, knnlm_ppl, lm_ppl, regularizer="l2"):
+    return {"regularizer": regularizer, "omega": omega, "seed": seed, "valid_knnlm_ppl": knnlm_ppl,
+            "valid_lm_ppl": lm_ppl, "train_lm_ppl": lm_ppl - 20, "valid_knnlm_ppl_paper": knnlm_ppl + 5}
+
+
+def test_tables_on_hand_made_records():
+    records = [record(0.0, 0, 100, 110), record(0.0, 1, 102, 112), record(0.01, 0, 97, 111), record(0.01, 1, 98, 114),
+               record(0.1, 0, 99, 115), record(0.01, 0, 50, 60, regularizer="moco")]  # ω = 0.1: seed 0 only
+    table = omega_table(records)
+    assert list(table) == [0.0, 0.01, 0.1]  # MOCO's record is not in the L2 table
+    assert table[0.0]["valid_knnlm_ppl"] == pytest.approx([101, math.sqrt(2), 2])  # sample std of 100, 102
+    assert table[0.01]["valid_lm_ppl"] == pytest.approx([112.5, math.sqrt(4.5), 2])
+    assert table[0.1]["valid_knnlm_ppl"] == [99, 0.0, 1]
+    md = table_markdown(table, "t")
+    assert "| 101.00 ± 1.41 | 97.50 ± 0.71 | 99.00 |" in md  # one seed: no spread shown
+    assert best_omega(table) == 0.01 and best_omega({0.0: table[0.0]}) is None
+    paired = paired_differences(records)  # (ω, seed) − (0, seed), over the seeds that have both
+    assert paired[0.01]["valid_knnlm_ppl"] == pytest.approx([-3.5, math.sqrt(0.5), 2])
+    assert paired[0.01]["per_seed"]["valid_lm_ppl"] == {"0": 1, "1": 2}
+    assert paired[0.1]["valid_knnlm_ppl"] == [-1, 0.0, 1]
+
+
+def test_written_tables_and_figures_from_hand_made_records(tmp_path):
+    # tuned temperatures exactly proportional to the mean squared key norm: the log-log fit is slope 1, T = ‖r‖²/100
+    records = [{**record(omega, seed, ppl, ppl + 10), "key_sq_norm_mean": norm, "temperature": norm / 100,
+                "valid_knnlm_ppl_by_k": {"8": ppl + 2, "16": ppl}}
+               for omega, seed, ppl, norm in [(0.0, 0, 100, 1000.0), (0.0, 1, 102, 1000.0), (0.01, 0, 97, 100.0),
+                                              (0.01, 1, 98, 100.0), (0.1, 0, 99, 10.0)]]
+    table = write_tables(records, tmp_path, Study(base="", omegas=[0.0, 0.01, 0.1], seeds=[0, 1]))
+    assert json.loads((tmp_path / "table.json").read_text()) == {f"{o:g}": v for o, v in table.items()}
+    assert json.loads((tmp_path / "paired.json").read_text())["0.01"]["valid_knnlm_ppl"] == pytest.approx(
+        [-3.5, math.sqrt(0.5), 2])
+    fit = json.loads((tmp_path / "temperature_vs_norm.json").read_text())
+    assert fit["slope"] == pytest.approx(1.0) and fit["intercept"] == pytest.approx(-2.0) and fit["models"] == 5
+    for name in ("table.md", "paired.md", "figure1.png", "ppl_by_k.png", "temperature_vs_norm.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_changed_settings_names_what_differs_and_ignores_settings_a_record_lacks():
+    recorded = {"eval": {"k": [8, 16], "lmbda": [0.25]}, "train": {"lr": 0.001}}
+    current = {"eval": {"k": [8, 16, 32], "lmbda": [0.25], "rerank": True}, "train": {"lr": 0.001}, "new": {"x": 1}}
+    assert changed_settings(recorded, current) == ["eval.k"]
+    assert changed_settings(recorded, {**current, "train": {"lr": 0.01}}) == ["eval.k", "train.lr"]
 
 OVERRIDES = ["data.max_train_tokens=20000", "data.max_eval_tokens=2000", "model.context=32", "train.batch_size=8",
              "train.epochs=1", "train.warmup_steps=2", "eval.k_max=16", "eval.k=4,16"]
@@ -24,6 +74,17 @@ def study(tmp_path_factory):
     return path, root / "runs", root / "results"
 
 
+def own_copy(study, tmp_path):
+    """The study in a folder of the test's own, so that a test that reruns it changes nothing another test reads."""
+    path, runs, results = study
+    root = tmp_path / "study"
+    shutil.copytree(runs, root / "runs")
+    shutil.copytree(results, root / "results")
+    (root / "study.toml").write_text(path.read_text().replace(str(results), str(root / "results")))
+    return root / "study.toml", root / "runs", root / "results"
+
+
+@slow
 def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(study):
     _, runs, results = study
     records = {p.stem: json.loads(p.read_text()) for p in (results / "runs").glob("*.json")}
@@ -70,8 +131,9 @@ def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(stu
                                             for n, r in records.items() if n.startswith("l2_omega0.01_")}
 
 
-def test_rerun_reuses_records_and_trained_models(study):
-    path, runs, results = study
+@slow
+def test_rerun_reuses_records_and_trained_models(study, tmp_path):
+    path, runs, results = own_copy(study, tmp_path)
     lost = results / "runs" / "l2_omega0.01_seed1.json"
     before = json.loads(lost.read_text())
     lost.unlink()  # as if the sweep had been killed after training this model but before recording it
@@ -87,8 +149,9 @@ def test_rerun_reuses_records_and_trained_models(study):
     assert {k: v for k, v in snapshot(results / "runs").items() if k != lost.name} == others
 
 
-def test_changed_evaluation_settings_reevaluate_records_and_other_changes_are_refused(study):
-    path, runs, results = study
+@slow
+def test_changed_evaluation_settings_reevaluate_records_and_other_changes_are_refused(study, tmp_path):
+    path, runs, results = own_copy(study, tmp_path)
     names = sorted(p.stem for p in (results / "runs").glob("*.json"))
     checkpoints = {n: snapshot(runs / n / "checkpoints") for n in names}
     proc = knnlm("sweep", path, "--out", runs, "eval.k=4,8")
@@ -134,6 +197,7 @@ def _numpy_ppl_at(run, k, temperature, lambdas):
     return best
 
 
+@slow
 def test_temperature_one_figures_equal_a_direct_numpy_computation_from_the_saved_neighbours(study):
     _, runs, results = study
     lambdas = [round(0.05 * i, 2) for i in range(21)]
@@ -150,6 +214,7 @@ def test_temperature_one_figures_equal_a_direct_numpy_computation_from_the_saved
         assert set(summary["protocols"]) == {"tuned", "paper"}
 
 
+@slow
 def test_rescaling_control_equals_the_omega0_model_at_the_matching_temperature(study):
     _, runs, results = study
     rescale = json.loads((results / "rescale.json").read_text())
@@ -164,6 +229,7 @@ def test_rescaling_control_equals_the_omega0_model_at_the_matching_temperature(s
         assert row["omega_t1"] == r["valid_knnlm_ppl_paper"] and row["omega0_t1"] == r0["valid_knnlm_ppl_paper"]
 
 
+@slow
 def test_objectives_study_compares_the_best_weight_with_omega0_of_the_same_seed(tmp_path):
     path = tmp_path / "objectives.toml"
     path.write_text(f'base = "{TINY}"\noverrides = {json.dumps(OVERRIDES)}\nomegas = [0.0]\nseeds = [0, 1]\n'

@@ -1,0 +1,233 @@
+"""Use a finished run from Python: score text, read next-token distributions, generate.
+
+    import knnlm
+    lm = knnlm.load("runs/wt2")                    # model, datastore, search and the run's tuned settings
+    scored = lm.score("the cat sat on the mat")    # per token: LM, kNN and interpolated log-probabilities
+    logp = lm.next_token_logprobs("the cat")       # (V,) interpolated log-probabilities over the vocabulary
+    lm.generate("the cat", max_tokens=20, top_p=0.9, seed=0)
+
+Text is read as a corpus file is: each line's whitespace-separated words (or a Hugging Face tokenizer's pieces of
+them) followed by one end-of-line token, after a leading one. `score` scores every token of the text, line ends
+included, with the same sliding windows, precision and search as `knnlm evaluate`, so its log-probabilities agree
+with an evaluation of the same text. `next_token_logprobs` and `generate` read the context as it stands (no
+end-of-line after its last line).
+
+The kNN distribution over the whole vocabulary spreads softmax(−d / temperature) of the k nearest keys over their
+next tokens: p_kNN(w) = Σ_{j ≤ k: v_j = w} softmax(−d/T)_j, and p = λ p_kNN + (1 − λ) p_LM. The settings (k,
+temperature, λ) are the run's choice on valid under a protocol (`tuned` or `paper`, see `knnlm.evaluate`), or
+given explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import UserError, read_json
+from .checkpoint import load_model
+from .config import read_run_config
+from .data import EOS, UNK, token_stream, word_vocab_hash
+from .datastore import Datastore
+from .evaluate import PROTOCOLS, device, scoring_settings, searcher_for
+from .hf import hf_eos_id, load_tokenizer
+from .knn import interpolate, knn_logprob
+from .lm import autocast
+from .models import corpus_for
+from .scoring import score_stream
+
+
+@dataclass
+class Scored:
+    """Per-token log-probabilities (natural log) of a scored text, in text order."""
+
+    tokens: list[str]
+    lm: np.ndarray  # log p_LM(token)
+    knn: np.ndarray  # log p_kNN(token); −inf where no neighbour carries it
+    logprobs: np.ndarray  # log(λ p_kNN + (1 − λ) p_LM)
+
+    @property
+    def ppl(self) -> float:
+        return float(np.exp(-np.mean(self.logprobs)))
+
+    @property
+    def lm_ppl(self) -> float:
+        return float(np.exp(-np.mean(self.lm)))
+
+    def rows(self) -> list[dict]:
+        return [{"token": t, "lm": float(a), "knn": float(b), "knnlm": float(c)}
+                for t, a, b, c in zip(self.tokens, self.lm, self.knn, self.logprobs)]
+
+
+class KNNLM:
+    """A trained run ready for inference: its model, vocabulary or tokenizer, datastore and search."""
+
+    def __init__(self, run: str | Path, protocol: str = "tuned", k: int | None = None,
+                 temperature: float | None = None, lmbda: float | None = None, index: str | None = None):
+        self.run = Path(run)
+        self.cfg = read_run_config(self.run)
+        if index is not None:
+            self.cfg.eval.index = index
+        self.model, self.train_cfg, ckpt_meta = load_model(self.run, device())
+        self.datastore = Datastore(self.run / "datastore")
+        self.datastore.check_model(ckpt_meta)
+        self.stride, self.bf16 = scoring_settings(self.datastore, self.train_cfg)
+        self.k, self.temperature, self.lmbda = self._settings(protocol, k, temperature, lmbda)
+        if self.k > len(self.datastore):
+            raise UserError(f"k: {self.k} is more than the datastore's {len(self.datastore)} keys")
+        self.searcher = searcher_for(self.datastore, self.cfg)
+        self._vocabulary(ckpt_meta)
+
+    def _settings(self, protocol: str, k, temperature, lmbda) -> tuple[int, float, float]:
+        """Explicit values, else the run's choice on valid under `protocol`."""
+        chosen = {}
+        if None in (k, temperature, lmbda):
+            if protocol not in PROTOCOLS:
+                raise UserError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+            summary = self.run / "eval" / "valid" / "summary.json"
+            if not summary.is_file():
+                raise UserError(f"{summary}: not found; run `knnlm evaluate --out {self.run}` first, "
+                                f"or give k, temperature and lmbda")
+            chosen = read_json(summary, "valid summary").get("protocols", {}).get(protocol)
+            if chosen is None:
+                raise UserError(f"{summary}: holds no choice for the {protocol} protocol; evaluate valid again")
+        k = int(chosen["k"] if k is None else k)
+        temperature = float(chosen["temperature"] if temperature is None else temperature)
+        lmbda = float(chosen["lambda"] if lmbda is None else lmbda)
+        if k < 1 or not temperature > 0 or not math.isfinite(temperature) or not 0 <= lmbda <= 1:
+            raise UserError(f"expected k ≥ 1, a finite temperature > 0 and λ in [0, 1], got {k}, {temperature}, {lmbda}")
+        return k, temperature, lmbda
+
+    def _vocabulary(self, ckpt_meta: dict) -> None:
+        """The word list (word-level runs: RUN/vocab.json, or the corpus for older runs) or the tokenizer."""
+        self.tokenizer = None
+        if self.train_cfg.model.hf_path:
+            self.tokenizer = load_tokenizer(self.train_cfg.model.hf_path)
+            self.vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self.eos_id = hf_eos_id(self.tokenizer)
+            return
+        saved = self.run / "vocab.json"
+        self.vocab = read_json(saved, "vocabulary") if saved.is_file() else corpus_for(self.cfg).vocab
+        if word_vocab_hash(self.vocab) != ckpt_meta["vocab_hash"]:
+            raise UserError(f"{saved}: vocabulary differs from the one the checkpoint was trained with")
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.eos_id, self.unk_id = self.index[EOS], self.index.get(UNK, -1)
+
+    # text <-> ids
+
+    def encode(self, text: str, close_last_line: bool = True) -> np.ndarray:
+        """Token ids of a text read as a corpus file: each line's tokens, then the end-of-line token (after the
+        last line only if `close_last_line`)."""
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        if lines and lines[-1] == "" and len(lines) > 1:
+            lines.pop()  # a final newline ends the last line; it does not open another
+            close_last_line = True
+        ids: list[int] = []
+        for n, line in enumerate(lines):
+            words = line.split()
+            if self.tokenizer is not None:
+                ids.extend(self.tokenizer.encode(" ".join(words), add_special_tokens=False) if words else [])
+            else:
+                for w in words:
+                    if w not in self.index and self.unk_id < 0:
+                        raise UserError(f"{w!r}: not in the vocabulary, which has no {UNK}")
+                    ids.append(self.index.get(w, self.unk_id))
+            if n < len(lines) - 1 or close_last_line:
+                ids.append(self.eos_id)
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        """Text of token ids; the end-of-line token becomes a newline."""
+        lines, line = [], []
+        for i in map(int, ids):
+            if i == self.eos_id:
+                lines.append(line)
+                line = []
+            else:
+                line.append(i)
+        lines.append(line)
+        if self.tokenizer is not None:
+            return "\n".join(self.tokenizer.decode(li) for li in lines)
+        return "\n".join(" ".join(self.vocab[i] for i in li) for li in lines)
+
+    # probabilities
+
+    def _knn_search(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distances (n, k) and next tokens (n, k) of the k nearest stored keys of each query key."""
+        D, I = self.searcher.search(np.asarray(keys, dtype=np.float32), self.k)
+        return D, self.datastore.vals[I]
+
+    def score(self, text: str) -> Scored:
+        """LM, kNN and interpolated log-probabilities of every token of `text` (line ends included)."""
+        ids = self.encode(text)
+        if len(ids) == 0:
+            raise UserError("score: the text has no tokens")
+        keys, targets, lm = [], [], []
+        s = token_stream(ids, self.eos_id)
+        for k, t, lp in score_stream(self.model, s, self.stride, self.cfg.datastore.batch_size, self.bf16):
+            keys.append(k), targets.append(t), lm.append(lp)
+        targets = torch.cat(targets).numpy()
+        lm = torch.cat(lm).numpy().astype(np.float64)
+        D, vals = self._knn_search(torch.cat(keys).numpy())
+        knn = knn_logprob(D, vals, targets, self.k, self.temperature)
+        return Scored([self.vocab[i] for i in targets], lm, knn, interpolate(lm, knn, self.lmbda))
+
+    @torch.no_grad()
+    def next_token_logprobs(self, context: str | np.ndarray) -> torch.Tensor:
+        """log p(w | context) for every w of the vocabulary, (V,) float64: the LM's full softmax mixed with the kNN
+        distribution of the last position's k nearest keys."""
+        ids = self.encode(context, close_last_line=False) if isinstance(context, str) else np.asarray(context)
+        s = token_stream(ids, self.eos_id)[-self.model.cfg.context :]  # the last window of context
+        dev = next(self.model.parameters()).device
+        with autocast(dev, self.bf16):
+            out = self.model(s[None].to(dev))
+            lm = self.model.full_logprobs(out.hidden[0, -1:]).float()[0].double().cpu()
+        key = out.key[0, -1:].to(torch.float16).cpu().numpy()  # stored keys are float16: search the same rounding
+        D, vals = self._knn_search(key)
+        w = torch.softmax(-torch.from_numpy(D[0]).double() / self.temperature, 0)
+        p_knn = torch.zeros(len(lm), dtype=torch.float64).index_add_(0, torch.from_numpy(vals[0].astype(np.int64)), w)
+        if self.lmbda in (0, 1):
+            return lm if self.lmbda == 0 else p_knn.log()
+        return torch.logaddexp(math.log(self.lmbda) + p_knn.log(), math.log1p(-self.lmbda) + lm)
+
+    def generate(self, prompt: str, max_tokens: int = 50, greedy: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = False) -> str:
+        """Continue `prompt` by `max_tokens` tokens of the kNN-LM: greedy, or sampled from its distribution sharpened
+        by `temperature` and cut to the `top_k` most likely tokens and the smallest set holding `top_p` of the mass."""
+        if max_tokens < 0 or not temperature > 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise UserError(f"generate: expected max_tokens ≥ 0, temperature > 0, top_k ≥ 0 and 0 < top_p ≤ 1, got "
+                            f"{max_tokens}, {temperature}, {top_k}, {top_p}")
+        ids = list(self.encode(prompt, close_last_line=False))
+        new: list[int] = []
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for _ in range(max_tokens):
+            logp = self.next_token_logprobs(np.asarray(ids + new, dtype=np.int32))
+            nxt = int(logp.argmax()) if greedy else int(sample(logp, temperature, top_k, top_p, g))
+            new.append(nxt)
+            if stop_at_eos and nxt == self.eos_id:
+                break
+        return self.decode(new)
+
+
+def sample(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> int:
+    """One id drawn from softmax(logp / temperature), restricted to the top_k most likely ids (0: all) and to the
+    smallest set of most likely ids whose probability reaches top_p."""
+    logits = logp.double() / temperature
+    order = torch.argsort(logits, descending=True)
+    keep = len(order) if top_k <= 0 else min(top_k, len(order))
+    probs = torch.softmax(logits[order[:keep]], 0)
+    if top_p < 1:
+        cum = torch.cumsum(probs, 0)
+        keep = int(torch.searchsorted(cum, torch.tensor([top_p], dtype=cum.dtype)).item()) + 1
+        probs = probs[: min(keep, len(probs))]
+    choice = torch.multinomial(probs / probs.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+def load(run: str | Path, protocol: str = "tuned", **settings) -> KNNLM:
+    """A finished run (trained, datastore built, valid evaluated) ready for inference; see `KNNLM`."""
+    return KNNLM(run, protocol, **settings)

@@ -1,0 +1,57 @@
+"""The whole pipeline on one run folder: train (or resume), build the datastore, evaluate; finished steps are skipped.
+
+`knnlm run` and every run of a sweep call `run_pipeline`; it writes `RUN/results.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .artifacts import UserError, read_json, read_meta, write_json, writing_into
+from .checkpoint import latest_checkpoint
+from .config import Config
+from .datastore import build_datastore
+from .evaluate import evaluate
+from .train import train
+
+
+def check_writable(out: Path) -> None:
+    """Create the run folder and write a file into it, so that a read-only --out fails before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)  # unique: several ranks may probe at once
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--out {out}: folder cannot be written ({e.strerror})") from None
+
+
+def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict:
+    """Train (or resume), build the datastore, evaluate valid (and test if asked); skip finished steps. The run
+    folder is locked throughout (`knnlm run` and each run of a sweep)."""
+    out = Path(out)
+    with writing_into(out):
+        check_writable(out)
+        if (out / "train_summary.json").is_file():
+            train_summary = read_json(out / "train_summary.json")
+        else:
+            train_summary = train(cfg, out, resume=latest_checkpoint(out) is not None, progress=progress)
+
+        ckpt = read_meta(latest_checkpoint(out), "checkpoint")
+        ds_meta = out / "datastore" / "meta.json"
+        if not ds_meta.is_file() or read_json(ds_meta)["model_sha256"] != ckpt["model_sha256"]:
+            build_datastore(out, cfg, progress=progress)
+
+        splits = ["valid"] + [s for s in cfg.eval.splits if s != "valid"]
+        results = {"train": train_summary}
+        for split in splits:
+            results[split] = evaluate(out, cfg, split, progress=progress)
+        # wall time of each stage as recorded when it ran (a rerun skips finished stages but keeps their times)
+        results["seconds"] = {"train": train_summary["train_seconds"],
+                              "datastore": read_json(ds_meta).get("seconds")}  # None: not recorded (old datastore)
+        for split in splits:
+            results["seconds"][f"evaluate_{split}"] = sum(results[split]["seconds"].values())
+        write_json(out / "results.json", results)
+        return results

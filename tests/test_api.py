@@ -1,0 +1,164 @@
+"""The Python API (`knnlm.load`): scores agree with `knnlm evaluate`, the next-token distribution with a brute-force
+kNN-LM, generation with its own distribution; and no evaluation cache answers for other inputs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import knnlm
+from conftest import fails, knnlm as cli
+from knnlm.api import sample
+from knnlm.data import default_data_dir
+from knnlm.datastore import Datastore
+from knnlm.evaluate import _search_is_cached
+from knnlm.knn import interpolate
+
+TEXT = ("the game was released in japan in 2010 .\n"
+        "he played for the club until his death , and zzyzxq is not a word .\n"
+        "\n"
+        "the film received positive reviews from critics .\n")
+
+
+@pytest.fixture()
+def run(tiny_run, tmp_path):
+    """A private copy of the tiny run (valid evaluated), so that tests may evaluate other text into it."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out, ignore=shutil.ignore_patterns("test"))
+    return out
+
+
+@pytest.fixture()
+def custom_corpus(tmp_path):
+    """WikiText-2's training split (hence the run's vocabulary) with TEXT as the test split."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    shared = default_data_dir()
+    for split in ("train", "valid"):
+        (folder / f"wiki.{split}.tokens").symlink_to(shared / f"wiki.{split}.tokens")
+    (folder / "wiki.test.tokens").write_text(TEXT)
+    return folder
+
+
+@pytest.mark.slow
+def test_custom_text_after_wikitext_gets_its_own_numbers_and_score_agrees_with_evaluate(run, custom_corpus):
+    wiki = json.loads(cli("evaluate", "--out", run, "--split", "test").stdout)
+    assert wiki["tokens"] == 10000
+    mine = json.loads(cli("evaluate", "--out", run, "--split", "test", f"data.path={custom_corpus}").stdout)
+    lm = knnlm.load(run)
+    scored = lm.score(TEXT)
+    assert mine["tokens"] == len(scored.tokens) == len(TEXT.split()) + TEXT.count("\n")  # not the cached 10000
+    assert "<unk>" in scored.tokens and scored.tokens.count("<eos>") == 4
+    folder = run / "eval" / "test"
+    saved_lm = np.load(folder / "lm_logprobs.npy")
+    saved_knn = np.load(folder / "knn_logprobs.npy").astype(np.float64)
+    assert (lm.k, lm.temperature, lm.lmbda) == (mine["k"], mine["temperature"], mine["lambda"])
+    np.testing.assert_allclose(scored.lm, saved_lm, atol=1e-4)
+    finite = np.isfinite(saved_knn)
+    assert np.array_equal(finite, np.isfinite(scored.knn))
+    np.testing.assert_allclose(scored.knn[finite], saved_knn[finite], atol=1e-4)
+    np.testing.assert_allclose(scored.logprobs, interpolate(saved_lm, saved_knn, mine["lambda"]), atol=1e-4)
+    assert scored.ppl == pytest.approx(mine["knnlm_ppl"], rel=1e-4)
+    # the command-line wrapper prints the same perplexity
+    out = json.loads(cli("score", custom_corpus / "wiki.test.tokens", "--out", run).stdout)
+    assert out["tokens"] == mine["tokens"] and out["knnlm_ppl"] == pytest.approx(scored.ppl, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_next_token_distribution_is_the_brute_force_knnlm(run):
+    lm = knnlm.load(run)
+    context = "the game was released in"
+    logp = lm.next_token_logprobs(context)
+    assert logp.shape == (len(lm.vocab),) and abs(float(torch.logsumexp(logp, 0))) < 1e-5
+    # independent kNN part: float64 distances to every stored key, the k nearest, softmax(−d/T) summed per token
+    ids = lm.encode(context, close_last_line=False)
+    s = torch.from_numpy(np.concatenate([[lm.eos_id], ids]).astype(np.int64))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=lm.bf16):
+        out = lm.model(s[None])
+        lm_logp = lm.model.full_logprobs(out.hidden[0, -1:]).float()[0].double()
+    q = out.key[0, -1].to(torch.float16).double().numpy()
+    ds = Datastore(run / "datastore")
+    d = ((np.asarray(ds.keys, dtype=np.float64) - q) ** 2).sum(1)
+    near = np.argsort(d, kind="stable")[: lm.k]
+    w = np.exp(-(d[near] - d[near].min()) / lm.temperature)
+    p_knn = np.bincount(ds.vals[near], weights=w / w.sum(), minlength=len(lm.vocab))
+    with np.errstate(divide="ignore"):  # log 0 where no neighbour carries the word
+        want = np.logaddexp(np.log(lm.lmbda) + np.log(p_knn), np.log1p(-lm.lmbda) + lm_logp.numpy())
+    np.testing.assert_allclose(logp.numpy(), want, atol=1e-4)
+    # and the score of the next word, by the scoring path (band-wise LM log-probability, batched search)
+    nxt = "the"
+    scored = lm.score(context + " " + nxt)
+    assert scored.tokens[-2] == nxt
+    assert float(logp[lm.index[nxt]]) == pytest.approx(scored.logprobs[-2], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_generate_follows_the_distribution(run):
+    lm = knnlm.load(run)
+    prompt = "the film"
+    greedy = lm.generate(prompt, max_tokens=4, greedy=True)
+    ids = list(lm.encode(prompt, close_last_line=False))
+    for _ in range(4):  # greedy = the argmax chain of next_token_logprobs
+        ids.append(int(lm.next_token_logprobs(np.asarray(ids, dtype=np.int32)).argmax()))
+    assert greedy == lm.decode(ids[-4:])
+    assert lm.generate(prompt, max_tokens=4, top_k=1, seed=3) == greedy  # top-1 sampling is greedy
+    a = lm.generate(prompt, max_tokens=6, top_p=0.9, seed=7)
+    assert a == lm.generate(prompt, max_tokens=6, top_p=0.9, seed=7)  # a seed reproduces the sample
+    proc = cli("generate", "--out", run, "--prompt", prompt, "--max-tokens", "4", "--greedy")
+    assert proc.stdout.strip() == (prompt + " " + greedy).strip()
+    fails(cli("generate", "--out", run, "--top-p", "0", check=False), "top_p")
+    fails(cli("score", run / "no-such-file", "--out", run, check=False), "no-such-file")
+
+
+def test_sampling_follows_temperature_top_k_and_top_p():
+    logp = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    draws = np.bincount([sample(logp, generator=g) for _ in range(20000)], minlength=4) / 20000
+    np.testing.assert_allclose(draws, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    sharp = torch.softmax(logp / 0.5, 0).numpy()  # temperature 0.5 squares and renormalizes
+    draws = np.bincount([sample(logp, 0.5, generator=g) for _ in range(20000)], minlength=4) / 20000
+    np.testing.assert_allclose(draws, sharp, atol=0.015)
+    assert {sample(logp, top_k=2, generator=g) for _ in range(500)} == {0, 1}
+    assert {sample(logp, top_p=0.75, generator=g) for _ in range(500)} == {0, 1}  # 0.5 + 0.3 ≥ 0.75
+    assert {sample(logp, top_p=0.5, generator=g) for _ in range(200)} == {0}
+    assert {sample(logp, top_k=1, generator=g) for _ in range(50)} == {0}
+
+
+@pytest.mark.slow
+def test_the_search_cache_answers_only_its_own_inputs(tiny_run):
+    out = tiny_run[0]
+    folder = out / "eval" / "valid"
+    meta = json.loads((folder / "meta.json").read_text())
+    ds = Datastore(out / "datastore")
+    targets = np.load(folder / "targets.npy")
+    inputs = meta["inputs"]
+    assert inputs["split"] == "valid" and inputs["stride"] == ds.meta["stride"] and inputs["bf16"] == ds.meta["bf16"]
+
+    def cached(index=meta["index"], k_max=meta["k_max"], t=targets, **changed):
+        return _search_is_cached(folder, ds, index, k_max, True, {**inputs, **changed}, t)
+
+    assert cached()
+    assert cached(k_max=8)  # fewer neighbours than saved: a prefix of the same search
+    assert not cached(k_max=meta["k_max"] + 1)
+    assert not cached(index="IVF1024,PQ16")
+    other = targets.copy()
+    other[5] += 1
+    assert not cached(t=other)  # the text itself
+    assert not cached(t=targets[:-1])
+    for key, value in (("split", "test"), ("vocab_hash", "0" * 16), ("datastore", "f" * 16), ("stride", 7),
+                       ("bf16", not inputs["bf16"]), ("key_site", "final"), ("key_layer", 0)):
+        assert not cached(**{key: value}), key
+
+
+@pytest.mark.slow
+def test_a_datastore_rebuilt_with_another_stride_is_searched_again(run):
+    valid = run / "eval" / "valid"
+    before, searched = json.loads((valid / "meta.json").read_text()), (valid / "neighbors.npy").stat().st_mtime_ns
+    cli("datastore", "--out", run, "datastore.stride=16")
+    cli("evaluate", "--out", run)
+    after = json.loads((valid / "meta.json").read_text())
+    assert after["inputs"]["stride"] == 16 != before["inputs"]["stride"]
+    assert after["inputs"]["datastore"] != before["inputs"]["datastore"]
+    assert (valid / "neighbors.npy").stat().st_mtime_ns != searched  # searched anew, not served from the old cache

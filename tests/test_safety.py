@@ -1,0 +1,330 @@
+"""Nothing lost, round two: every option is range-checked before a file is made, NaN never reaches a JSON file,
+array digests catch files changed after they were written, one writer at a time per run folder, and damaged
+artifacts are refused with one line. Refusals of bad options run in this process (fast); checks on a micro run
+(a few seconds to build) are marked slow."""
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import REPO, TINY, knnlm, snapshot
+from knnlm.artifacts import UserError, file_sha256, nan_to_null, write_json, writing_into
+from knnlm.cli import main
+from knnlm.config import Config, from_dict, load_config
+
+slow = pytest.mark.slow
+
+MICRO = ["data.max_train_tokens=5000", "data.max_eval_tokens=500", "train.epochs=1", "model.d_model=32",
+         "model.d_ff=64", "eval.k_max=16", "eval.k=4,16"]
+
+
+def refused(capsys, *args) -> str:
+    """Run the command line in this process: exit status 2, one `knnlm: error:` line and no traceback."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and lines[-1].startswith("knnlm: error:") and "Traceback" not in err, (code, err)
+    assert sum(line.startswith("knnlm: error:") for line in lines) == 1, err
+    return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. every option validated in one place, before anything is written
+
+ISSUE_CASES = [  # (override, what the one line must say): the cases of the issue
+    ("model.n_heads=0", "model.n_heads"), ("model.n_layers=0", "model.n_layers"),
+    ("model.key_site=foo", "model.key_site"), ("model.dropout=1.5", "model.dropout"),
+    ("model.d_model=-64", "model.d_model"), ("train.threads=-1", "train.threads"),
+    ("train.epochs=inf", "train.epochs"), ("train.epochs=nan", "train.epochs"),
+    ("datastore.stride=1000", "datastore.stride"), ("datastore.batch_size=0", "datastore.batch_size"),
+    ("eval.k=", "eval.k"), ("eval.temperature=", "eval.temperature"), ("eval.temperature=nan", "eval.temperature"),
+]
+MORE_CASES = [
+    ("model.n_heads=3", "model.n_heads"),  # does not divide d_model = 64
+    ("model.d_ff=0", "model.d_ff"), ("model.context=1", "model.context"),
+    ("model.attn_dropout=-0.1", "model.attn_dropout"), ("model.key_layer=2", "model.key_layer"),
+    ("model.key_io=middle", "model.key_io"), ("model.div_factor=0", "model.div_factor"),
+    ("model.cutoffs=5000,1000", "model.cutoffs"), ("train.batch_size=0", "train.batch_size"),
+    ("train.epochs=-1", "train.epochs"), ("train.lr=0", "train.lr"), ("train.lr=inf", "train.lr"),
+    ("train.grad_clip=0", "train.grad_clip"), ("train.regularizer=l3", "train.regularizer"),
+    ("train.seed=-1", "train.seed"), ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.omega=1e400", "train.omega"), ("train.min_lr_ratio=2", "train.min_lr_ratio"),
+    ("train.queue_len=0", "train.queue_len"), ("train.momentum=1", "train.momentum"),
+    ("data.max_train_tokens=-5", "data.max_train_tokens"), ("datastore.stride=-1", "datastore.stride"),
+    ("eval.k_max=0", "eval.k_max"), ("eval.k=4,128", "eval.k"), ("eval.lmbda=", "eval.lmbda"),
+    ("eval.lmbda=0.5,nan", "eval.lmbda"), ("eval.index=IVF 16", "eval.index"), ("eval.index=", "eval.index"),
+    ("eval.nprobe=0", "eval.nprobe"), ("eval.splits=", "eval.splits"), ("eval.splits=train", "eval.splits"),
+    ("model.n_layers=99999999999999999999", "model.n_layers"),
+]
+
+
+@pytest.mark.parametrize("override,key", ISSUE_CASES + MORE_CASES)
+def test_bad_option_is_one_line_naming_it_and_nothing_is_created(override, key, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = refused(capsys, "train", "--config", TINY, "--out", out, override)
+    assert line.startswith(f"knnlm: error: {key}: expected ") and ", got " in line, line  # option, range, value
+    assert not out.exists()
+
+
+def test_the_line_says_what_was_expected():
+    with pytest.raises(UserError) as e:
+        load_config(TINY, ["model.dropout=1.5"])
+    assert str(e.value) == "model.dropout: expected a probability in [0, 1), got 1.5"
+
+
+def test_a_failed_train_leaves_no_folder_behind(tmp_path, capsys):
+    out = tmp_path / "new" / "run"  # neither folder exists: both were made for the run, both go again
+    assert "data folder not found" in refused(capsys, "train", "--config", TINY, "--out", out,
+                                              f"data.path={tmp_path / 'no-data'}")
+    assert not (tmp_path / "new").exists()
+
+
+# every key of the config dataclasses, a few that do not exist, and values of every kind
+KEYS = [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(getattr(Config(), s.name))]
+VALUES = st.one_of(
+    st.sampled_from(["", "nan", "-nan", "inf", "-inf", "1e400", "-1e400", "0", "-1", "1.5", "true", "foo", ",", "1,,2",
+                     "nan,1", "[1]", "Flat", "IVF16,PQ8", "l2", "ffn_input", "valid,test", "=", " ", "0x10"]),
+    st.integers(-3, 3).map(str),
+    st.integers(-(2**70), 2**70).map(str),
+    st.floats().map(repr),
+    st.lists(st.one_of(st.integers(-10**6, 10**6), st.floats(), st.text(max_size=3)), max_size=4).map(
+        lambda xs: ",".join(map(str, xs))),
+    st.text(max_size=20),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.one_of(st.sampled_from(KEYS), st.text(max_size=12)), value=VALUES)
+def test_any_override_is_accepted_or_refused_as_user_error(key, value):
+    try:
+        cfg = load_config(TINY, [f"{key}={value}"])
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    json.dumps(cfg.to_dict(), allow_nan=False)  # what is accepted holds no nan/inf: it can be written as JSON
+
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.integers(-(2**80), 2**80), st.just(10**400),
+                    st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, 1.5]), st.floats(),
+                    st.text(max_size=8))
+JSON_VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(KEYS), value=JSON_VALUES)
+def test_any_config_file_value_is_accepted_or_refused_as_user_error(key, value):
+    section, name = key.split(".")  # a config.json or TOML table holding values of any JSON type
+    try:
+        cfg = from_dict({section: {name: value}})
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    json.dumps(cfg.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("override", ["model.n_heads=0", "train.epochs=nan", "eval.k=", "model.key_site=foo"])
+def test_bad_option_through_the_real_command_line(override, tmp_path):
+    out = tmp_path / "D"
+    proc = knnlm("train", "--config", TINY, "--out", out, override, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("knnlm: error: "), proc.stderr
+    assert override.split("=")[0] in lines[0] and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. NaN never reaches a JSON file
+
+def test_write_json_refuses_nan_naming_the_file_and_place(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text('{"old": 1}\n')
+    with pytest.raises(UserError, match=r"summary\.json: refusing to write NaN \(at protocols\.tuned\[1\]\)"):
+        write_json(path, {"protocols": {"tuned": [1.0, float("nan")]}})
+    assert path.read_text() == '{"old": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    write_json(path, {"ppl": float("inf")})  # a λ = 1 row of a tuning grid: infinite where p_kNN = 0
+    assert json.loads(path.read_text()) == {"ppl": float("inf")}
+    assert nan_to_null({"a": [float("nan"), 1.0], "b": (2, float("nan"))}) == {"a": [None, 1.0], "b": [2, None]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. one writer per run folder
+
+def test_second_writer_is_refused_by_another_process_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with writing_into(run):
+        before = snapshot(run)
+        proc = knnlm("train", "--config", TINY, "--out", run, check=False)
+        assert snapshot(run) == before
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines == [f"knnlm: error: {run} is in use by process {os.getpid()} "
+                                              "(one command at a time writes into a run folder)"], proc.stderr
+    assert (run / ".lock").read_text() == ""  # released: empty
+
+
+def test_lock_of_a_killed_holder_is_released_and_only_rank_0_takes_it(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    holder = ("import os, sys\nfrom knnlm.artifacts import writing_into\n"
+              "held = writing_into(sys.argv[1])\nheld.__enter__()\nos.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", holder, str(run)], cwd=REPO)
+    assert proc.returncode == -9 and (run / ".lock").read_text().strip().isdigit()  # its pid is still written
+    with writing_into(run):  # ...but the OS released its lock
+        assert (run / ".lock").read_text() == f"{os.getpid()}\n"
+        monkeypatch.setenv("RANK", "1")  # another rank of the same torchrun job shares the folder
+        with writing_into(run):
+            pass
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(UserError, match="is in use by process"):
+            with writing_into(run):
+                pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end on a micro run
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro") / "run"
+    knnlm("run", "--config", TINY, "--out", out, *MICRO)
+    return out
+
+
+@pytest.fixture
+def run(micro_run, tmp_path):
+    """A private copy of the micro run, to damage."""
+    copy = tmp_path / "run"
+    shutil.copytree(micro_run, copy)
+    return copy
+
+
+def edit_json(path, change):
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+@slow
+@pytest.mark.parametrize("override", ["eval.temperature=", "eval.lmbda=", "eval.temperature=nan", "eval.k=0"])
+def test_bad_grid_on_evaluate_leaves_the_tuning_untouched(override, run, capsys):
+    before = snapshot(run)
+    assert override.split("=")[0] in refused(capsys, "evaluate", "--out", run, override)
+    assert snapshot(run) == before
+
+
+@slow
+@pytest.mark.parametrize("command", [["evaluate"], ["datastore"], ["run", "--config", TINY, *MICRO]])
+def test_commands_are_refused_while_another_writes_the_run(command, run, capsys):
+    with writing_into(run):
+        before = snapshot(run)
+        assert f"{run} is in use by process {os.getpid()}" in refused(capsys, command[0], "--out", run, *command[1:])
+        assert snapshot(run) == before
+
+
+# 4. integrity digests
+
+@slow
+def test_datastore_records_digests_and_verify_checks_every_array(run, capsys):
+    meta = json.loads((run / "datastore" / "meta.json").read_text())
+    # keys' digest is taken while writing: it must be the file's
+    assert meta["sha256"] == {name: file_sha256(run / "datastore" / name) for name in ("keys.npy", "vals.npy")}
+    assert main(["verify", "--out", str(run)]) == 0
+    assert capsys.readouterr().out.startswith(f"OK: {run}: 8 files match")  # weights, keys, vals, 5 eval arrays
+    keys = run / "datastore" / "keys.npy"
+    data = bytearray(keys.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last key: same shape, other contents
+    keys.write_bytes(bytes(data))
+    line = refused(capsys, "verify", "--out", run)
+    assert str(keys) in line and "digest" in line
+
+
+@slow
+def test_shuffled_vals_are_refused_on_load(run, capsys):
+    path = run / "datastore" / "vals.npy"
+    vals = np.load(path)
+    shuffled = np.random.default_rng(0).permutation(vals)
+    assert not np.array_equal(shuffled, vals)
+    np.save(path, shuffled)
+    before = snapshot(run)
+    line = refused(capsys, "evaluate", "--out", run)
+    assert line == (f"knnlm: error: {path}: sha256 digest differs from the one meta.json recorded "
+                    "(the file was changed or damaged after it was written)")
+    assert snapshot(run) == before
+
+
+@slow
+def test_datastore_without_digests_loads_as_before(run, capsys):
+    edit_json(run / "datastore" / "meta.json", lambda m: m.pop("sha256"))  # as the datastores of knnlm < 0.2
+    assert main(["evaluate", "--out", str(run), "eval.k=4"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "6 files match" in out and "; datastore: no digests recorded" in out
+
+
+# 6. damaged artifacts
+
+@slow
+@pytest.mark.parametrize("damage,expect", [
+    (lambda m: m.pop("N"), "no 'N' entry"),
+    (lambda m: m.update(N=[]), "'N' should be an integer, found []"),
+    (lambda m: m.update(d="32"), "'d' should be an integer, found '32'"),
+])
+def test_damaged_datastore_meta_is_refused(damage, expect, run, capsys):
+    edit_json(run / "datastore" / "meta.json", damage)
+    before = snapshot(run)
+    line = refused(capsys, "evaluate", "--out", run)
+    assert str(run / "datastore" / "meta.json") in line and expect in line
+    assert snapshot(run) == before
+
+
+@slow
+def test_evaluation_meta_without_tokens_is_refused(run):
+    from knnlm.evaluate import tuning_arrays
+
+    edit_json(run / "eval" / "valid" / "meta.json", lambda m: m.pop("tokens"))
+    with pytest.raises(UserError, match=r"valid/meta\.json: no 'tokens' entry"):
+        tuning_arrays(run, "valid")
+
+
+@slow
+@pytest.mark.parametrize("bad", [10**6, -2])
+def test_neighbour_id_out_of_range_is_refused(bad, run, capsys):
+    path = run / "eval" / "valid" / "neighbors.npy"
+    ids = np.load(path)
+    ids[3, 1] = bad
+    np.save(path, ids)
+    before = snapshot(run)
+    line = refused(capsys, "evaluate", "--out", run)
+    assert str(path) in line and f"neighbour id {bad} is outside" in line
+    assert snapshot(run) == before
+
+
+class Payload:
+    """Unpickling it would create a file: proof that the optimizer file was never unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@slow
+def test_pickle_in_place_of_the_optimizer_is_refused_on_resume(run, tmp_path, capsys):
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    marker = tmp_path / "executed"
+    (ckpt / "optimizer.safetensors").write_bytes(pickle.dumps(Payload(str(marker))))
+    before = snapshot(run)
+    line = refused(capsys, "train", "--config", TINY, "--out", run, "--resume", *MICRO)
+    assert str(ckpt / "optimizer.safetensors") in line and "not a safetensors file" in line
+    assert not marker.exists() and snapshot(run) == before

@@ -1,0 +1,159 @@
+"""The whole pipeline in-process on a 30-word synthetic corpus (a few seconds): `knnlm run` through `cli.main`,
+its datastore and evaluation checked against direct references (the model's own keys, a full softmax, brute-force
+neighbours and a numpy kNN-LM), training stopped at a step and resumed.
+
+The end-to-end tests on WikiText-2 (tests/test_pipeline.py, tests/test_faults.py) are marked slow."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY
+from knnlm.checkpoint import latest_checkpoint, load_model
+from knnlm.cli import main
+from knnlm.data import load_corpus, sliding_windows, token_stream
+
+MICRO = ["data.max_train_tokens=0", "data.max_eval_tokens=0", "model.d_model=16", "model.n_layers=1",
+         "model.n_heads=2", "model.d_ff=32", "model.context=16", "model.cutoffs=8,16", "model.dropout=0.1",
+         "train.epochs=1", "train.batch_size=8", "train.warmup_steps=2", "train.checkpoint_every=5",
+         "train.omega=0.01", "train.bf16=false", "train.eval_tokens=0", "train.threads=1",
+         "eval.k_max=16", "eval.k=4,16", "eval.temperature=1,3", "eval.index=Flat"]
+
+
+def micro_corpus(folder):
+    """40 sentence types over 30 words, repeated at random: ~2,700 training tokens with things to retrieve."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(30)]
+    sentences = [" ".join(rng.choice(words, rng.integers(3, 9))) for _ in range(40)]
+    folder.mkdir()
+    for split, lines in (("train", 400), ("valid", 40), ("test", 40)):
+        (folder / f"{split}.txt").write_text("\n".join(sentences[i] for i in rng.integers(0, 40, lines)) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    root = tmp_path_factory.mktemp("micro")
+    args = [f"data.path={micro_corpus(root / 'corpus')}", *MICRO]
+    assert main(["run", "--config", str(TINY), "--out", str(root / "run"), *args]) == 0
+    return root / "run", args
+
+
+def test_datastore_row_i_is_the_models_key_at_i_and_the_token_after_it(micro):
+    run, _ = micro
+    model, cfg, _ = load_model(run)
+    corpus = load_corpus(cfg.data.path)
+    ids = corpus.splits["train"]
+    keys = np.load(run / "datastore" / "keys.npy")
+    vals = np.load(run / "datastore" / "vals.npy")
+    assert keys.shape == (len(ids), 16) and np.array_equal(vals, ids)  # key t ↔ token t+1 (the stream's ids[t])
+    s = token_stream(ids, corpus.eos_id)
+    for a, e, f in sliding_windows(len(ids), 16, 8)[:4]:  # the first window and three with half a window of context
+        with torch.no_grad():
+            key = model(s[None, a:e]).key[0, f - a :]  # (e - f, d) in fp32, read directly from the model
+        assert np.allclose(keys[f:e].astype(np.float32), key.numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_evaluation_equals_a_full_softmax_brute_force_neighbours_and_a_numpy_knnlm(micro):
+    run, _ = micro
+    ev = run / "eval" / "valid"
+    model, cfg, _ = load_model(run)
+    corpus = load_corpus(cfg.data.path)
+    targets, lm = np.load(ev / "targets.npy"), np.load(ev / "lm_logprobs.npy").astype(np.float64)
+    assert np.array_equal(targets, corpus.splits["valid"])
+    # the first window's LM log-probabilities from the full softmax over the vocabulary
+    s = token_stream(corpus.splits["valid"], corpus.eos_id)
+    with torch.no_grad():
+        full = model.softmax.full_logprobs(model(s[None, :16]).hidden[0])  # (16, V)
+    assert np.allclose(lm[:16], full[torch.arange(16), s[1:17]].numpy(), atol=1e-5)
+
+    # neighbours: the 16 nearest stored keys by float64 brute force (ids may swap only at tied distances)
+    keys = np.load(run / "datastore" / "keys.npy").astype(np.float64)
+    q = np.load(ev / "query_keys.npy").astype(np.float64)
+    d_all = ((q[:, None, :] - keys[None]) ** 2).sum(-1)  # (n, N)
+    dists, nbrs = np.load(ev / "distances.npy"), np.load(ev / "neighbors.npy")
+    assert np.allclose(dists, np.sort(d_all, axis=1)[:, :16], rtol=1e-4, atol=1e-4)
+    assert np.allclose(np.take_along_axis(d_all, nbrs.astype(np.int64), 1), dists, rtol=1e-4, atol=1e-4)
+
+    # the summary's perplexity: p_kNN(w) = Σ_{j<k, v_j = w} exp(−d_j/T) / Σ_{j<k} exp(−d_j/T), mixed at λ
+    summary = json.loads((ev / "summary.json").read_text())
+    k, T, lam = summary["k"], summary["temperature"], summary["lambda"]
+    logits = -dists[:, :k].astype(np.float64) / T
+    hit = np.where(np.load(run / "datastore" / "vals.npy")[nbrs[:, :k]] == targets[:, None], logits, -np.inf)
+    knn = np.logaddexp.reduce(hit, axis=1) - np.logaddexp.reduce(logits, axis=1)
+    mixed = lm if lam == 0 else np.logaddexp(np.log(lam) + knn, np.log1p(-lam) + lm)
+    assert summary["knnlm_ppl"] == pytest.approx(math.exp(-mixed.mean()), rel=1e-6)
+    assert summary["lm_ppl"] == pytest.approx(math.exp(-lm.mean()), rel=1e-6)
+    grid = json.loads((ev / "tuning.json").read_text())
+    assert summary["knnlm_ppl"] == pytest.approx(min(r["ppl"] for r in grid if r["k"] in (4, 16)), rel=1e-12)
+
+
+def test_training_interrupted_at_a_step_and_resumed_ends_with_the_same_weights(micro, tmp_path, monkeypatch):
+    """Stopped at a step count (the slow tests SIGKILL a subprocess there instead), then resumed from step 10."""
+    import knnlm.train
+
+    run, args = micro
+    lr_at = knnlm.train.lr_at
+
+    def stop_at_step_13(step, total, cfg):  # called once at the start of every step
+        if step == 13:
+            raise KeyboardInterrupt
+        return lr_at(step, total, cfg)
+
+    stopped = tmp_path / "run"
+    monkeypatch.setattr(knnlm.train, "lr_at", stop_at_step_13)
+    assert main(["train", "--config", str(TINY), "--out", str(stopped), *args]) == 130
+    monkeypatch.undo()
+    assert json.loads((latest_checkpoint(stopped) / "meta.json").read_text())["step"] == 10
+    assert main(["train", "--config", str(TINY), "--out", str(stopped), "--resume", *args]) == 0
+    a = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(stopped) / "model.safetensors"))
+    assert latest_checkpoint(run).name == latest_checkpoint(stopped).name
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_python_api_agrees_with_the_evaluation_and_a_brute_force_knnlm(micro):
+    import knnlm
+    from knnlm.config import read_run_config
+    from knnlm.knn import interpolate
+
+    run, _ = micro
+    lm = knnlm.load(run)
+    summary = json.loads((run / "eval" / "valid" / "summary.json").read_text())
+    assert (lm.k, lm.temperature, lm.lmbda) == (summary["k"], summary["temperature"], summary["lambda"])
+    text = (Path(read_run_config(run).data.path) / "valid.txt").read_text()
+    scored = lm.score(text)  # the whole valid split, scored through the API
+    ev = run / "eval" / "valid"
+    saved_lm, saved_knn = np.load(ev / "lm_logprobs.npy"), np.load(ev / "knn_logprobs.npy").astype(np.float64)
+    np.testing.assert_allclose(scored.lm, saved_lm, atol=1e-5)
+    np.testing.assert_allclose(scored.logprobs, interpolate(saved_lm, saved_knn, lm.lmbda), atol=1e-5)
+    assert scored.ppl == pytest.approx(summary["knnlm_ppl"], rel=1e-5)
+
+    # the full next-token distribution = a numpy kNN-LM over every stored key
+    context = " ".join(text.split()[:5])
+    logp = lm.next_token_logprobs(context)
+    ids = lm.encode(context, close_last_line=False)
+    model, _, _ = load_model(run)
+    with torch.no_grad():
+        out = model(token_stream(ids, lm.eos_id)[None])
+        p_lm = model.softmax.full_logprobs(out.hidden[0, -1:])[0].double().exp().numpy()
+    keys = np.load(run / "datastore" / "keys.npy").astype(np.float64)
+    vals = np.load(run / "datastore" / "vals.npy")
+    d = ((keys - out.key[0, -1].to(torch.float16).double().numpy()) ** 2).sum(1)
+    near = np.argsort(d, kind="stable")[: lm.k]
+    w = np.exp(-(d[near] - d[near].min()) / lm.temperature)
+    p_knn = np.bincount(vals[near], weights=w / w.sum(), minlength=len(lm.vocab))
+    np.testing.assert_allclose(logp.exp().numpy(), lm.lmbda * p_knn + (1 - lm.lmbda) * p_lm, atol=1e-6)
+
+    # generation: greedy is the argmax chain; top-1 sampling is greedy; a seed reproduces a sample
+    chain = list(ids)
+    for _ in range(5):
+        chain.append(int(lm.next_token_logprobs(np.asarray(chain, dtype=np.int32)).argmax()))
+    greedy = lm.generate(context, max_tokens=5, greedy=True)
+    assert greedy == lm.decode(chain[-5:]) == lm.generate(context, max_tokens=5, top_k=1, seed=0)
+    assert lm.generate(context, max_tokens=8, top_p=0.8, seed=3) == lm.generate(context, max_tokens=8, top_p=0.8, seed=3)
