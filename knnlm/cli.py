@@ -87,9 +87,10 @@ def cmd_evaluate(args) -> None:
         if not (args.temperature > 0 and math.isfinite(args.temperature)):
             raise UserError(f"--temperature: expected a finite value > 0, got {args.temperature}")
         cfg.eval.temperature = [args.temperature]
-    what_if = any(v is not None for v in (args.k, args.lmbda, args.temperature))  # never overwrites the tuned choice
+    fixed = {key: v for key, v in (("k", args.k), ("lambda", args.lmbda), ("temperature", args.temperature))
+             if v is not None}  # a what-if: never overwrites the run's tuned choice or its summaries
     with writing_into(args.out, create=False):  # a what-if evaluation may still save a new search
-        summary = evaluate(args.out, cfg, args.split, save=not what_if)
+        summary = evaluate(args.out, cfg, args.split, save=not fixed, fixed=fixed)
     print(json.dumps(summary, indent=2))
 
 

@@ -230,11 +230,13 @@ def grid_edges(best: dict, cfg: Config) -> list[str]:
     return edges
 
 
-def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool = True, save: bool = True) -> dict:
+def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool = True, save: bool = True,
+             fixed: dict | None = None) -> dict:
     """LM and kNN-LM perplexity of `split`; hyper-parameters tuned here on valid, reused from valid on test.
 
     `save=False` is a what-if evaluation (e.g. `knnlm evaluate --k 32`): the numbers are returned, and the run's
-    tuned choices, tuning grid and summaries are left as they were."""
+    tuned choices, tuning grid and summaries are left as they were. `fixed` ({"k", "temperature", "lambda"}: any of
+    them) replaces the tuned protocol's choice on test; on valid, `cfg.eval`'s grid holds the given values."""
     run = Path(run)
     if split not in ("valid", "test"):
         raise UserError(f"--split: expected valid or test, got {split!r}")
@@ -259,6 +261,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
             evaluate(run, cfg, "valid", progress)
         v = read_json(valid_summary, "valid summary")
         choices = {p: {key: v["protocols"][p][key] for key in ("k", "temperature", "lambda")} for p in PROTOCOLS}
+        choices["tuned"].update(fixed or {})
         for p, c in choices.items():
             if c["k"] > dists.shape[1]:
                 raise UserError(f"{folder}: valid chose k={c['k']} ({p} protocol), more than the {dists.shape[1]} stored neighbours")

@@ -43,6 +43,7 @@ def custom_corpus(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.wikitext
 def test_custom_text_after_wikitext_gets_its_own_numbers_and_score_agrees_with_evaluate(run, custom_corpus):
     wiki = json.loads(cli("evaluate", "--out", run, "--split", "test").stdout)
     assert wiki["tokens"] == 10000

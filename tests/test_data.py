@@ -5,6 +5,7 @@ from knnlm.artifacts import UserError
 from knnlm.data import load_corpus, sliding_windows, token_stream, train_batch
 
 
+@pytest.mark.wikitext
 def test_wikitext2_counts_and_vocabulary():
     c = load_corpus()  # the shared copy is found by default
     assert {s: len(a) for s, a in c.splits.items()} == {"train": 2088628, "valid": 217646, "test": 245569}

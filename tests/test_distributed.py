@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import REPO, TINY, knnlm
 from knnlm.checkpoint import latest_checkpoint
 
-pytestmark = pytest.mark.slow  # torchrun launches and full training runs
+pytestmark = [pytest.mark.slow, pytest.mark.wikitext]  # torchrun launches and full training runs
 
 ARGS = ["data.max_train_tokens=8192", "data.max_eval_tokens=1000", "model.context=32", "model.dropout=0.0",
         "train.batch_size=8", "train.epochs=1", "train.warmup_steps=2", "train.bf16=false", "train.eval_tokens=1000",

@@ -172,6 +172,7 @@ def test_full_disk_keeps_the_last_good_checkpoint(small_run, tmp_path):
 
 
 @slow
+@pytest.mark.wikitext
 def test_nan_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     proc = knnlm("train", "--config", TINY, "--out", out, *SMALL, "train.lr=1e12", "train.grad_clip=1e30",

@@ -76,6 +76,14 @@ def test_evaluate_reuses_the_search_and_a_what_if_leaves_the_runs_choice(tiny_ru
     res = json.loads(knnlm("evaluate", "--out", out, "--temperature", "2.5").stdout)
     assert res["temperature"] == 2.5 and "what_if" in res
     assert {n: (valid / n).read_bytes() for n in kept} == kept  # the run's tuned choice is untouched
+    # on test: the valid choice by default; a what-if uses the given settings and leaves the test summary alone
+    test = json.loads(knnlm("evaluate", "--out", out, "--split", "test").stdout)
+    assert (test["k"], test["lambda"]) == (json.loads(kept["summary.json"])["k"], json.loads(kept["summary.json"])["lambda"])
+    saved = (out / "eval" / "test" / "summary.json").read_bytes()
+    res = json.loads(knnlm("evaluate", "--out", out, "--split", "test", "--k", "8", "--lmbda", "0.5").stdout)
+    assert (res["k"], res["lambda"]) == (8, 0.5) and "what_if" in res
+    assert (out / "eval" / "test" / "summary.json").read_bytes() == saved
+    assert json.loads(knnlm("evaluate", "--out", out, "--split", "test").stdout) == json.loads(saved)
 
 
 def test_tuned_values_at_an_open_end_of_their_grid_are_reported():
@@ -114,6 +122,7 @@ RESUME = ["data.max_train_tokens=20000", "data.max_eval_tokens=2000", "model.con
 
 
 @slow
+@pytest.mark.wikitext
 def test_killed_and_resumed_training_ends_with_the_same_weights(tmp_path):
     full = tmp_path / "full"
     knnlm("train", "--config", TINY, "--out", full, *RESUME)

@@ -230,6 +230,7 @@ def test_rescaling_control_equals_the_omega0_model_at_the_matching_temperature(s
 
 
 @slow
+@pytest.mark.wikitext
 def test_objectives_study_compares_the_best_weight_with_omega0_of_the_same_seed(tmp_path):
     path = tmp_path / "objectives.toml"
     path.write_text(f'base = "{TINY}"\noverrides = {json.dumps(OVERRIDES)}\nomegas = [0.0]\nseeds = [0, 1]\n'
