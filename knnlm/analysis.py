@@ -1,42 +1,51 @@
 """Analyses of the learned representations (the paper's section 4.4), from saved artifacts only.
 
     knnlm analyze RUN_A RUN_B --labels ω=0 ω=0.001 --out results/analysis
+    python -m knnlm.analysis --redraw results/analysis     # figures and Markdown again, from the JSON records alone
 
 Every number here is read from what `knnlm evaluate` saved in RUN/eval/valid/ and from the datastore's values;
-the model is never loaded and the search is never rerun. Per run (V words, n valid tokens, d key dimensions):
+the model is never loaded and the search is never rerun. `analyze` computes the JSON records below, one entry per
+run label; `redraw` then makes every figure (`knnlm/plots.py`) and the Markdown from those records only, so a
+committed results folder can be redrawn after its run folders are gone. Per run (n valid tokens, d key dimensions):
 
-- Frequency buckets: valid LM and kNN-LM perplexity of the tokens whose target is among the top 100 words by
-  training frequency, ranks 100–1k, 1k–10k and the rest (`buckets.md`, `buckets.json`).
-- Figure 2 analogue: a histogram of training frequency over the valid target words, each bar coloured by the mean
-  per-token kNN-LM loss of its words (`figure2_frequency_loss.png`).
-- Figure 3 analogue: the query keys of frequent-word tokens, split at a loss threshold into high- and low-loss
-  groups, scored by a 10-component Gaussian mixture; higher log-likelihood means closer to a cluster
-  (`figure3_gmm_loglik.png`, `gmm.json`).
-- Extras: key squared norms, nearest-neighbour distances and how often the target is among the k neighbours
-  (`key_norms.png`, `nn_distances.png`, `extras.json`).
+- `runs.json`: where the numbers come from: the run folder's name (never an absolute path), the machine, split,
+  tokens, protocol, seed and the evaluation's λ, k, temperature and perplexities.
+- Frequency buckets (`buckets.json`, `buckets.md`): valid LM and kNN-LM perplexity of the tokens whose target is
+  among the top 100 words by training frequency, ranks 100–1k, 1k–10k and the rest. Figure 2 analogue
+  (`figure2_gain_by_frequency.png`): the kNN-LM's relative change in perplexity against the LM per bucket, one bar
+  per run.
+- GMM (`gmm.json`): the query keys of frequent-word tokens, split at the median loss into high- and low-loss
+  groups, scored by a 10-component Gaussian mixture (higher log-likelihood = closer to a cluster), fitted several
+  times. Figure 3 analogue (`figure3_gmm_loglik.png`): the low − high difference per run, mean ± std over the fits.
+- Extras (`extras.json`): key norms, nearest-neighbour distances, how often the target is among the k neighbours,
+  and the histograms of the first two (`key_norms.png`, `nn_distances.png`).
 
 `summary.md` collects the tables and links the figures.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import plots  # noqa: F401  (sets the Agg backend before pyplot is imported below)
-from .artifacts import UserError, load_npy, read_json, read_meta, write_json, write_text
+from . import plots
+from .artifacts import UserError, load_npy, markdown_table, read_json, read_meta, write_json, write_text
 from .knn import interpolate, perplexity
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
 
 RANK_EDGES = (100, 1000, 10000)  # frequency-rank bucket boundaries: top 100, 100–1k, 1k–10k, the rest
 FREQUENT_WORDS = 100  # "the most frequent words" of the GMM analysis
 ROW_CHUNK = 16384  # rows per chunk when streaming (n, d) or (n, K) arrays from memory-mapped files
+PROTOCOL = "tuned (λ, k, T tuned on valid)"  # the evaluation settings every analysis reads (summary.json's)
+RECORDS = ("runs", "buckets", "gmm", "extras")  # the JSON records `redraw` reads: OUT/<name>.json
+FIGURE2, FIGURE3 = "figure2_gain_by_frequency.png", "figure3_gmm_loglik.png"
+HISTOGRAMS = (  # extras.json histogram → its figure and x label
+    ("key_sq_norm_histogram", "key_norms.png", "squared L2 norm of the query key"),
+    ("nn_distance_histogram", "nn_distances.png", "squared L2 distance to the nearest datastore key"),
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -50,6 +59,7 @@ class EvaluatedRun:
     label: str
     folder: Path
     summary: dict  # RUN/eval/valid/summary.json: lm_ppl, knnlm_ppl, lambda, k, temperature, ...
+    config: dict  # RUN/config.json as saved by training ({} if the folder has none)
     train_counts: np.ndarray  # (V,) int64 training frequency of each word id
     targets: np.ndarray  # (n,) int32
     lm_logprobs: np.ndarray  # (n,) float64, natural log
@@ -62,6 +72,11 @@ class EvaluatedRun:
     @property
     def knnlm_losses(self) -> np.ndarray:
         return -self.knnlm_logprobs  # (n,) nats
+
+    @property
+    def name(self) -> str:
+        """The run folder as `study/run` (its last two path parts): records never hold one machine's absolute paths."""
+        return "/".join(self.folder.resolve().parts[-2:])
 
 
 def training_counts(vals: np.ndarray, vocab_size: int = 0, chunk: int = 1 << 24) -> np.ndarray:
@@ -103,8 +118,9 @@ def load_run(folder: Path, label: str) -> EvaluatedRun:
     if summary["k"] > neighbors.shape[1]:
         raise UserError(f"{valid}: summary's k={summary['k']} exceeds the {neighbors.shape[1]} stored neighbours")
     vocab_size = int(targets.max()) + 1 if n else 0  # valid words unseen in training get count 0
+    config = read_json(folder / "config.json", "run config") if (folder / "config.json").is_file() else {}
     return EvaluatedRun(
-        label=label, folder=folder, summary=summary, train_counts=training_counts(vals, vocab_size),
+        label=label, folder=folder, summary=summary, config=config, train_counts=training_counts(vals, vocab_size),
         targets=targets, lm_logprobs=lm, knnlm_logprobs=interpolate(lm, knn, summary["lambda"]),
         query_keys=query_keys, distances=distances, neighbors=neighbors, vals=vals,
     )
@@ -156,35 +172,6 @@ def frequency_buckets(train_counts: np.ndarray, targets: np.ndarray, lm_lp: np.n
         "rank_lo": np.array((0, *edges)), "rank_hi": np.array((*edges, -1)), "tokens": tokens,
         "lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "relative_change": relative_change,
     }
-
-
-def word_frequency_loss(train_counts: np.ndarray, targets: np.ndarray, losses: np.ndarray) -> dict[str, np.ndarray]:
-    """Per distinct target word of valid (u words): its id, training frequency, valid occurrences and accumulated loss.
-
-    losses (n,) per-token losses in nats; accumulated loss of word w = Σ losses of the tokens whose target is w.
-    """
-    words, which = np.unique(targets, return_inverse=True)  # (u,), (n,)
-    return {
-        "words": words,
-        "train_freq": train_counts[words],
-        "occurrences": np.bincount(which, minlength=len(words)),
-        "accumulated_loss": np.bincount(which, weights=losses.astype(np.float64), minlength=len(words)),
-    }
-
-
-def frequency_loss_histogram(train_freq: np.ndarray, occurrences: np.ndarray, accumulated_loss: np.ndarray,
-                             bin_edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Figure 2's bars: (bins,) number of words per training-frequency bin and (bins,) the bar's colour value.
-
-    The colour value is the mean loss per token of the bar's words: Σ accumulated loss / Σ valid occurrences
-    (NaN for an empty bar). Unlike the raw accumulated loss it does not grow with how many words or tokens a bar
-    holds, so bars and runs compare on one scale.
-    """
-    words_per_bin = np.histogram(train_freq, bin_edges)[0]
-    loss_per_bin = np.histogram(train_freq, bin_edges, weights=accumulated_loss)[0]
-    tokens_per_bin = np.histogram(train_freq, bin_edges, weights=occurrences)[0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return words_per_bin, np.where(tokens_per_bin > 0, loss_per_bin / tokens_per_bin, np.nan)
 
 
 @dataclass
@@ -266,88 +253,23 @@ def target_in_neighbors(neighbors: np.ndarray, vals: np.ndarray, targets: np.nda
     return found
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Figures (matplotlib, Agg backend)
+def log_histograms(series: list[np.ndarray], n_bins: int = 60) -> list[dict]:
+    """Histograms of positive quantities on n_bins log-spaced edges shared by every array (so runs compare).
 
-
-def _log_bins(values: list[np.ndarray], n_bins: int) -> np.ndarray:
-    """n_bins log-spaced edges covering the positive entries of all arrays (shared across runs)."""
-    positive = [v[v > 0] for v in values]
+    Per array: bin_edges (n_bins + 1,), share (n_bins,) = the share of all its values in each bin (bins are equally
+    wide in log x, so this is a density in log x), nonpositive = how many values (zeros) no log axis can show.
+    """
+    positive = [np.asarray(v, dtype=np.float64)[np.asarray(v) > 0] for v in series]
     lo = min((v.min() for v in positive if len(v)), default=1.0)
     hi = max((v.max() for v in positive if len(v)), default=10.0)
-    return np.logspace(math.log10(lo), math.log10(hi * 1.0001) if hi > lo else math.log10(lo) + 1, n_bins + 1)
-
-
-def plot_frequency_loss(runs: list[EvaluatedRun], path: Path, n_bins: int = 30) -> None:
-    """Figure 2: number of valid target words per training-frequency bin, bars coloured by mean kNN-LM loss."""
-    per_word = [word_frequency_loss(r.train_counts, r.targets, r.knnlm_losses) for r in runs]
-    # log-spaced bins from frequency 1: words never seen in training cannot sit on a log axis and are counted apart
-    edges = _log_bins([w["train_freq"].astype(np.float64) for w in per_word], n_bins)
-    edges[0] = min(edges[0], 1.0)
-    bars = [frequency_loss_histogram(w["train_freq"], w["occurrences"], w["accumulated_loss"], edges) for w in per_word]
-    colour_values = np.concatenate([c[np.isfinite(c)] for _, c in bars]) if bars else np.array([])
-    norm = Normalize(*((colour_values.min(), colour_values.max()) if len(colour_values) else (0, 1)), clip=True)
-    cmap = plt.get_cmap("viridis_r")  # as in the paper: darker violet = higher loss
-
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4), sharey=True, squeeze=False)
-    for ax, run, w, (counts, colour) in zip(axes[0], runs, per_word, bars):
-        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=cmap(norm(np.nan_to_num(colour))),
-               edgecolor="white", linewidth=0.3)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.invert_xaxis()  # the paper puts frequent words on the left
-        ax.set_xlabel("training frequency (frequent words left)")
-        unseen = int((w["train_freq"] == 0).sum())
-        ax.set_title(run.label + (f"\n({unseen} words unseen in training not shown)" if unseen else ""), fontsize=10)
-        ax.grid(alpha=0.2)
-    axes[0, 0].set_ylabel("number of valid target words")
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[0]),
-                 label="mean kNN-LM loss per token of the bar's words (nats)")
-    plots.save(fig, path)
-
-
-def plot_gmm_loglik(splits: list[tuple[str, GmmSplit]], path: Path, n_bins: int = 60) -> None:
-    """Figure 3: normalized histograms of GMM log-likelihood, high-loss (blue) vs low-loss (orange) keys."""
-    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.6), squeeze=False)
-    for ax, (label, s) in zip(axes[0], splits):
-        both = np.concatenate([s.loglik_high, s.loglik_low])
-        # a few far-away keys have very low likelihood; clip the range so the bulk stays readable
-        lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) else (0.0, 1.0)
-        bins = np.linspace(lo, hi if hi > lo else lo + 1, n_bins + 1)
-        for values, name, colour in ((s.loglik_high, "high loss", "tab:blue"), (s.loglik_low, "low loss", "tab:orange")):
-            if len(values):
-                ax.hist(values, bins=bins, density=True, alpha=0.55, color=colour,
-                        label=f"{name} (n={len(values)}, mean {values.mean():.1f})")
-        ax.set_title(f"{label}: mean low − mean high = {s.difference:.2f}")
-        ax.set_xlabel("log-likelihood under the GMM (0.5–99.5 percentile range)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.2)
-    axes[0, 0].set_ylabel("normalized histogram")
-    plots.save(fig, path)
-
-
-def plot_overlaid_histograms(series: list[tuple[str, np.ndarray]], path: Path, xlabel: str, n_bins: int = 60) -> None:
-    """Step histograms of one positive quantity per run on shared log-spaced bins, as the share of tokens per bin.
-
-    Bins are equally wide in log x, so the share per bin is a density in log x; `density=True` would divide by
-    the linear bin width and pile everything onto the smallest bins."""
-    bins = _log_bins([v for _, v in series], n_bins)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, values in series:
-        zeros = int((values <= 0).sum())
-        positive = values[values > 0]
-        ax.hist(positive, bins=bins, weights=np.full(len(positive), 1 / max(len(values), 1)), histtype="step",
-                linewidth=1.5, label=label + (f" ({zeros} zeros not shown)" if zeros else ""))
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("share of tokens per bin")
-    ax.legend()
-    ax.grid(alpha=0.2)
-    plots.save(fig, path)
+    edges = np.logspace(math.log10(lo), math.log10(hi * 1.0001) if hi > lo else math.log10(lo) + 1, n_bins + 1)
+    edges[0] = lo  # 10 ** log10(lo) can round above lo and drop the smallest value from every bin
+    return [{"bin_edges": edges.tolist(), "share": (np.histogram(p, edges)[0] / max(len(v), 1)).tolist(),
+             "nonpositive": int(len(v) - len(p))} for v, p in zip(series, positive)]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Tables and the driver
+# Records: one JSON entry per run label, everything the figures and the Markdown need
 
 
 def _json_number(x) -> float | int | None:
@@ -356,17 +278,33 @@ def _json_number(x) -> float | int | None:
     return x if isinstance(x, int) or math.isfinite(x) else None
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
+def run_record(run: EvaluatedRun, machine: str) -> dict:
+    """runs.json: what was analysed, and where."""
+    return {
+        "run": run.name, "machine": machine, "split": "valid", "tokens": int(len(run.targets)),
+        "max_eval_tokens": run.config.get("data", {}).get("max_eval_tokens"),  # 0: the whole split; None: no config
+        "seed": run.config.get("train", {}).get("seed"), "protocol": PROTOCOL,
+        "lambda": run.summary["lambda"], "k": run.summary["k"], "temperature": run.summary.get("temperature"),
+        "lm_ppl": _json_number(run.summary.get("lm_ppl", math.nan)),
+        "knnlm_ppl": _json_number(run.summary.get("knnlm_ppl", math.nan)),
+    }
 
 
-def _fmt(x: float, spec: str = ".2f") -> str:
-    return "–" if x is None or not math.isfinite(x) else format(x, spec)
-
-
-def _percent(x: float) -> str:
-    return "–" if not math.isfinite(x) else f"{100 * x:+.1f}%"
+def buckets_record(run: EvaluatedRun) -> dict:
+    """buckets.json: perplexities per training-frequency rank bucket of the target, and over all tokens."""
+    names = bucket_names(RANK_EDGES)
+    b = frequency_buckets(run.train_counts, run.targets, run.lm_logprobs, run.knnlm_logprobs, RANK_EDGES)
+    lm_all, knnlm_all = perplexity(run.lm_logprobs), perplexity(run.knnlm_logprobs)
+    return {
+        "rank_edges": list(RANK_EDGES),
+        "buckets": [{"bucket": names[i], "rank_lo": int(b["rank_lo"][i]),
+                     "rank_hi": None if b["rank_hi"][i] < 0 else int(b["rank_hi"][i]),
+                     "tokens": int(b["tokens"][i]), "lm_ppl": _json_number(b["lm_ppl"][i]),
+                     "knnlm_ppl": _json_number(b["knnlm_ppl"][i]),
+                     "relative_change": _json_number(b["relative_change"][i])} for i in range(len(names))],
+        "all": {"tokens": int(len(run.targets)), "lm_ppl": _json_number(lm_all), "knnlm_ppl": _json_number(knnlm_all),
+                "relative_change": _json_number(knnlm_all / lm_all - 1)},
+    }
 
 
 def _frequent_key_fit(run: EvaluatedRun, frequent: np.ndarray, losses: np.ndarray, threshold: float, seed: int,
@@ -378,14 +316,137 @@ def _frequent_key_fit(run: EvaluatedRun, frequent: np.ndarray, losses: np.ndarra
     return gmm_loglik_split(run.query_keys[frequent[picked]], losses[picked], threshold, seed=seed, max_points=max_points)
 
 
+def gmm_record(run: EvaluatedRun, frequent_words: int, max_points: int, repeats: int, seed: int) -> dict:
+    """gmm.json: the GMM split of the frequent-word keys, fitted `repeats` times (seeds seed, seed + 1, ...).
+
+    One fit per seed (its own sample and initialisation): the spread of the difference over fits says how much of it
+    is EM's and the sample's noise. The unsuffixed means and difference are the first fit's; `*_per_fit` hold all.
+    """
+    frequent = np.flatnonzero(frequency_ranks(run.train_counts)[run.targets] < frequent_words)  # token indices
+    losses = run.knnlm_losses[frequent]
+    threshold = float(np.median(losses)) if len(losses) else math.nan  # median over all frequent tokens
+    fits = [_frequent_key_fit(run, frequent, losses, threshold, seed + r, max_points) for r in range(repeats)]
+    first, diffs = fits[0], [f.difference for f in fits]
+    return {
+        "frequent_words": frequent_words, "frequent_tokens": int(len(frequent)),
+        "scored_keys": int(len(first.loglik_high) + len(first.loglik_low)),
+        "threshold": _json_number(first.threshold), "n_high": int(len(first.loglik_high)),
+        "n_low": int(len(first.loglik_low)), "mean_loglik_high": _json_number(first.mean_high),
+        "mean_loglik_low": _json_number(first.mean_low), "difference_low_minus_high": _json_number(first.difference),
+        "mean_loglik_high_per_fit": [_json_number(f.mean_high) for f in fits],
+        "mean_loglik_low_per_fit": [_json_number(f.mean_low) for f in fits],
+        "difference_per_fit": [_json_number(d) for d in diffs], "difference_mean": _json_number(np.mean(diffs)),
+        "difference_std": _json_number(np.std(diffs)),  # population std (ddof 0) over the fits
+        "n_components": first.n_components, "covariance_type": first.covariance_type, "seed": seed,
+        "key_dim": int(run.query_keys.shape[1]),
+    }
+
+
+def extras_records(runs: list[EvaluatedRun]) -> dict:
+    """extras.json: key norms, nearest-neighbour distances (with their histograms on bins shared by all runs) and how
+    often the target is among the k neighbours."""
+    norms, nearest, found = [], [], []
+    for run in runs:
+        norms.append(key_squared_norms(run.query_keys))  # (n,)
+        nearest.append(np.asarray(run.distances[:, 0], dtype=np.float64))  # (n,) squared distance to the nearest key
+        found.append(target_in_neighbors(run.neighbors, run.vals, run.targets, int(run.summary["k"])))
+    return {run.label: {
+        "key_sq_norm_mean": float(sq.mean()), "key_sq_norm_std": float(sq.std()),
+        "key_norm_mean": float(np.sqrt(sq).mean()), "key_norm_std": float(np.sqrt(sq).std()),
+        "nn_distance_median": float(np.median(nn)), "k": int(run.summary["k"]), "target_in_neighbors": float(f.mean()),
+        "key_sq_norm_histogram": norm_hist, "nn_distance_histogram": nn_hist,
+    } for run, sq, nn, f, norm_hist, nn_hist in zip(runs, norms, nearest, found, log_histograms(norms),
+                                                     log_histograms(nearest))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Markdown from the records
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "–" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def _percent(x: float | None) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{100 * x:+.1f}%"
+
+
+def buckets_markdown(buckets: dict) -> str:
+    rows = []
+    for label, rec in buckets.items():
+        for b in rec["buckets"]:
+            rows.append([label, b["bucket"], str(b["tokens"]), _fmt(b["lm_ppl"]), _fmt(b["knnlm_ppl"]),
+                         _percent(b["relative_change"])])
+        a = rec["all"]
+        rows.append([label, "**all**", str(a["tokens"]), _fmt(a["lm_ppl"]), _fmt(a["knnlm_ppl"]),
+                     _percent(a["relative_change"])])
+    return markdown_table("Valid perplexity by training-frequency rank of the target word (`buckets.json`)",
+                          ["run", "target's training-frequency rank", "tokens", "LM ppl", "kNN-LM ppl", "kNN-LM vs LM"],
+                          rows, "kNN-LM vs LM: kNN-LM ppl / LM ppl − 1 (negative: the kNN-LM is better).")
+
+
+def summary_markdown(runs: dict, buckets: dict, gmm: dict, extras: dict, figures: set[str]) -> str:
+    """summary.md from the four records; links only the figures in `figures` (those present in the folder)."""
+    def figure(name: str, alt: str) -> str:
+        return f"![{alt}]({name})\n" if name in figures else f"({name}: not drawn)\n"
+
+    stale = [name for key, name, _ in HISTOGRAMS if name in figures and not all(key in e for e in extras.values())]
+    run_rows = [[label, f"`{r['run']}`", str(r["tokens"]), _fmt(r["lm_ppl"]), _fmt(r["knnlm_ppl"]),
+                 f"{r['lambda']:g}", str(r["k"]), _fmt(r["temperature"], "g")] for label, r in runs.items()]
+    gmm_rows = [[label, _fmt(g["threshold"]), f"{g['n_high']} / {g['n_low']}", _fmt(g["mean_loglik_high"], ".1f"),
+                 _fmt(g["mean_loglik_low"], ".1f"), _fmt(g["difference_low_minus_high"], ".1f"),
+                 f"{_fmt(g['difference_mean'], '.1f')} ± {_fmt(g['difference_std'], '.1f')} "
+                 f"({len(g['difference_per_fit'])} fits)"] for label, g in gmm.items()]
+    extra_rows = [[label, _fmt(e["key_norm_mean"]), _fmt(e["key_norm_std"]), _fmt(e["key_sq_norm_mean"]),
+                   _fmt(e["nn_distance_median"], ".3g"), f"{100 * e['target_in_neighbors']:.1f}% (k={e['k']})"]
+                  for label, e in extras.items()]
+    g0 = next(iter(gmm.values()))
+    sections = [
+        "# Representation analyses\n\nMade by `knnlm analyze` from the saved valid-set artifacts of each run (no model, "
+        "no search), and redrawn from the JSON records beside this file by `python -m knnlm.analysis --redraw`.\n",
+        markdown_table("Runs (`runs.json`)", ["run", "folder", "valid tokens", "LM ppl", "kNN-LM ppl", "λ", "k",
+                                              "temperature"], run_rows,
+                       "Numbers: " + plots.describe_runs(runs) + "."),
+        buckets_markdown(buckets),
+        "### kNN-LM gain by training frequency (Figure 2 analogue)\n\nBars: kNN-LM ppl / LM ppl − 1 (%) of the tokens "
+        "in each training-frequency rank bucket of the target, one bar per run; the right-hand group is over all "
+        "tokens. Drawn from `buckets.json` and `runs.json`.\n\n" + figure(FIGURE2, "kNN-LM gain by frequency"),
+        markdown_table(
+            "Clustering of frequent-word keys (Figure 3 analogue, `gmm.json`)",
+            ["run", "loss threshold (nats)", "n high / low", "mean loglik high (fit 1)", "mean loglik low (fit 1)",
+             "low − high (fit 1)", "low − high, mean ± std over fits"], gmm_rows,
+            f"Query keys of tokens whose target is among the {g0['frequent_words']} most frequent training words, "
+            f"split at the median kNN-LM loss; a {g0['n_components']}-component {g0['covariance_type']} Gaussian "
+            "mixture fitted and scored on a fixed-seed sample, repeated with other seeds (each its own sample and "
+            "initialisation). Absolute log-likelihoods depend on the keys' scale; compare the differences, and their "
+            "spread over fits. Figure: the mean over the fits of (mean log-likelihood of the low-loss keys − that of "
+            "the high-loss keys) per run, error bars ± 1 std over the fits (population std), crosses the single "
+            "fits.") + "\n" + figure(FIGURE3, "GMM log-likelihood difference"),
+        markdown_table("Keys and neighbours (`extras.json`)",
+                       ["run", "key norm mean", "key norm std", "key ‖·‖² mean", "nearest distance median (squared)",
+                        "target among k neighbours"], extra_rows,
+                       f"{' and '.join(stale)}: drawn by `knnlm analyze` from the run folders; this extras.json holds "
+                       "no histogram to redraw them from." if stale else "")
+        + "\n" + "\n".join(figure(name, name.removesuffix(".png").replace("_", " ")) for _, name, _ in HISTOGRAMS),
+    ]
+    return "\n".join(sections)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The driver: records from the runs, then everything else from the records
+
+
 def _default_labels(runs: list[Path]) -> list[str]:
-    names = [r.resolve().name for r in runs]
-    return names if len(set(names)) == len(names) else [str(r) for r in runs]
+    names = [r.resolve().name for r in runs]  # the folder names, or `study/run` where two runs share a name
+    return names if len(set(names)) == len(names) else ["/".join(r.resolve().parts[-2:]) for r in runs]
 
 
 def analyze(out: Path, runs: list[Path], labels: list[str] | None = None, *, frequent_words: int = FREQUENT_WORDS,
             gmm_max_points: int = 20000, gmm_repeats: int = 3, seed: int = 0) -> dict:
-    """Write every table and figure of this module into `out` for the evaluated `runs`; return the numbers."""
+    """Write the JSON records of every analysis of the evaluated `runs` into `out`, then the figures and Markdown
+    drawn from them (`redraw`); return the records."""
+    from .sweep import cpu_name  # the sweep's records name their machine the same way
+
     out, runs = Path(out), [Path(r) for r in runs]
     if not runs:
         raise UserError("analyze: give at least one run folder")
@@ -395,134 +456,56 @@ def analyze(out: Path, runs: list[Path], labels: list[str] | None = None, *, fre
     if len(set(labels)) != len(labels):
         raise UserError(f"--labels: labels must differ, got {labels}")
     loaded = [load_run(r, lab) for r, lab in zip(runs, labels)]  # every input checked before anything is written
+    machine = "cpu: " + cpu_name()  # the machine that held the run folders and read them
+    records = {
+        "runs": {run.label: run_record(run, machine) for run in loaded},
+        "buckets": {run.label: buckets_record(run) for run in loaded},
+        "gmm": {run.label: gmm_record(run, frequent_words, gmm_max_points, gmm_repeats, seed) for run in loaded},
+        "extras": extras_records(loaded),
+    }
     out.mkdir(parents=True, exist_ok=True)
-
-    # frequency buckets -------------------------------------------------------------------------------------
-    names = bucket_names(RANK_EDGES)
-    buckets_json, bucket_rows = {}, []
-    for run in loaded:
-        b = frequency_buckets(run.train_counts, run.targets, run.lm_logprobs, run.knnlm_logprobs, RANK_EDGES)
-        lm_all, knnlm_all = perplexity(run.lm_logprobs), perplexity(run.knnlm_logprobs)
-        buckets_json[run.label] = {
-            "folder": str(run.folder), "rank_edges": list(RANK_EDGES),
-            "buckets": [{"bucket": names[i], "rank_lo": int(b["rank_lo"][i]),
-                         "rank_hi": None if b["rank_hi"][i] < 0 else int(b["rank_hi"][i]),
-                         "tokens": int(b["tokens"][i]), "lm_ppl": _json_number(b["lm_ppl"][i]),
-                         "knnlm_ppl": _json_number(b["knnlm_ppl"][i]),
-                         "relative_change": _json_number(b["relative_change"][i])} for i in range(len(names))],
-            "all": {"tokens": int(len(run.targets)), "lm_ppl": _json_number(lm_all), "knnlm_ppl": _json_number(knnlm_all),
-                    "relative_change": _json_number(knnlm_all / lm_all - 1)},
-        }
-        for i, name in enumerate(names):
-            bucket_rows.append([run.label, name, str(b["tokens"][i]), _fmt(b["lm_ppl"][i]), _fmt(b["knnlm_ppl"][i]),
-                                _percent(b["relative_change"][i])])
-        bucket_rows.append([run.label, "**all**", str(len(run.targets)), _fmt(lm_all), _fmt(knnlm_all),
-                            _percent(knnlm_all / lm_all - 1)])
-    bucket_table = _markdown_table(
-        ["run", "target's training-frequency rank", "tokens", "LM ppl", "kNN-LM ppl", "kNN-LM vs LM"], bucket_rows)
-    write_json(out / "buckets.json", buckets_json)
-    write_text(out / "buckets.md", "# Valid perplexity by training-frequency rank of the target word\n\n"
-                f"{bucket_table}\n")
-
-    # Figure 2 ------------------------------------------------------------------------------------------------
-    plot_frequency_loss(loaded, out / "figure2_frequency_loss.png")
-
-    # Figure 3: GMM on the query keys of frequent-word tokens -------------------------------------------------
-    gmm_json, splits = {}, []
-    for run in loaded:
-        frequent = np.flatnonzero(frequency_ranks(run.train_counts)[run.targets] < frequent_words)  # token indices
-        losses = run.knnlm_losses[frequent]
-        threshold = float(np.median(losses)) if len(losses) else math.nan  # median over all frequent tokens
-        # One fit per seed (its own sample and initialisation): the spread of the difference over fits says how much
-        # of it is EM's and the sample's noise. The figure and the first columns show the first fit.
-        fits = [_frequent_key_fit(run, frequent, losses, threshold, seed + r, gmm_max_points) for r in range(gmm_repeats)]
-        split, diffs = fits[0], [f.difference for f in fits]
-        splits.append((run.label, split))
-        gmm_json[run.label] = {
-            "frequent_words": frequent_words, "frequent_tokens": int(len(frequent)),
-            "scored_keys": int(len(split.loglik_high) + len(split.loglik_low)),
-            "threshold": _json_number(split.threshold), "n_high": int(len(split.loglik_high)),
-            "n_low": int(len(split.loglik_low)), "mean_loglik_high": _json_number(split.mean_high),
-            "mean_loglik_low": _json_number(split.mean_low), "difference_low_minus_high": _json_number(split.difference),
-            "difference_per_fit": [_json_number(d) for d in diffs], "difference_mean": _json_number(np.mean(diffs)),
-            "difference_std": _json_number(np.std(diffs)),
-            "n_components": split.n_components, "covariance_type": split.covariance_type, "seed": seed,
-            "key_dim": int(run.query_keys.shape[1]),
-        }
-    write_json(out / "gmm.json", gmm_json)
-    plot_gmm_loglik(splits, out / "figure3_gmm_loglik.png")
-
-    # extras --------------------------------------------------------------------------------------------------
-    extras_json, norms, nn = {}, [], []
-    for run in loaded:
-        sq_norms = key_squared_norms(run.query_keys)  # (n,)
-        nearest = np.asarray(run.distances[:, 0], dtype=np.float64)  # (n,) squared distance to the nearest key
-        k = int(run.summary["k"])
-        found = target_in_neighbors(run.neighbors, run.vals, run.targets, k)
-        norms.append((run.label, sq_norms))
-        nn.append((run.label, nearest))
-        extras_json[run.label] = {
-            "key_sq_norm_mean": float(sq_norms.mean()), "key_sq_norm_std": float(sq_norms.std()),
-            "key_norm_mean": float(np.sqrt(sq_norms).mean()), "key_norm_std": float(np.sqrt(sq_norms).std()),
-            "nn_distance_median": float(np.median(nearest)), "k": k, "target_in_neighbors": float(found.mean()),
-        }
-    write_json(out / "extras.json", extras_json)
-    plot_overlaid_histograms(norms, out / "key_norms.png", "squared L2 norm of the query key")
-    plot_overlaid_histograms(nn, out / "nn_distances.png", "squared L2 distance to the nearest datastore key")
-
-    write_text(out / "summary.md", _summary_markdown(loaded, bucket_table, gmm_json, extras_json))
-    return {"buckets": buckets_json, "gmm": gmm_json, "extras": extras_json}
+    for name in RECORDS:
+        write_json(out / f"{name}.json", records[name])
+    redraw(out)
+    return records
 
 
-def _summary_markdown(runs: list[EvaluatedRun], bucket_table: str, gmm: dict, extras: dict) -> str:
-    run_rows = [[r.label, f"`{r.folder}`", str(len(r.targets)), _fmt(r.summary.get("lm_ppl", math.nan)),
-                 _fmt(r.summary.get("knnlm_ppl", math.nan)), f"{r.summary['lambda']:g}", str(r.summary["k"]),
-                 f"{r.summary.get('temperature', math.nan):g}"] for r in runs]
-    gmm_rows = [[label, _fmt(g["threshold"]), f"{g['n_high']} / {g['n_low']}", _fmt(g["mean_loglik_high"], ".1f"),
-                 _fmt(g["mean_loglik_low"], ".1f"), _fmt(g["difference_low_minus_high"], ".1f"),
-                 f"{_fmt(g['difference_mean'], '.1f')} ± {_fmt(g['difference_std'], '.1f')} ({len(g['difference_per_fit'])} fits)"]
-                for label, g in gmm.items()]
-    extra_rows = [[label, _fmt(e["key_norm_mean"]), _fmt(e["key_norm_std"]), _fmt(e["key_sq_norm_mean"]),
-                   _fmt(e["nn_distance_median"], ".3g"), f"{100 * e['target_in_neighbors']:.1f}% (k={e['k']})"]
-                  for label, e in extras.items()]
-    frequent_words = next(iter(gmm.values()))["frequent_words"]
-    return f"""# Representation analyses
+def redraw(out: Path) -> list[str]:
+    """Rewrite buckets.md, summary.md and every figure in `out` from its JSON records alone (no run folder is read).
 
-Made by `knnlm analyze` from the saved valid-set artifacts of each run (no model, no search).
+    Returns one note per figure left as it was because the records lack its data (extras.json written before the
+    histograms were recorded)."""
+    out = Path(out)
+    runs, buckets, gmm, extras = (read_json(out / f"{name}.json", f"analysis record ({name}.json)") for name in RECORDS)
+    if not list(runs) == list(buckets) == list(gmm) == list(extras):
+        raise UserError(f"{out}: the records' run labels differ: {list(runs)}, {list(buckets)}, {list(gmm)}, "
+                        f"{list(extras)}")
+    write_text(out / "buckets.md", buckets_markdown(buckets))
+    plots.plot_gain_by_frequency(buckets, runs, out / FIGURE2)
+    plots.plot_gmm_separation(gmm, runs, out / FIGURE3)
+    notes = []
+    for key, name, xlabel in HISTOGRAMS:
+        if all(key in e for e in extras.values()):
+            plots.plot_histogram_records({label: e[key] for label, e in extras.items()}, runs, out / name, xlabel)
+        else:
+            notes.append(f"{out / name}: extras.json has no {key!r} for every run; the figure was left as it was")
+    figures = {p.name for p in out.glob("*.png")}
+    write_text(out / "summary.md", summary_markdown(runs, buckets, gmm, extras, figures))
+    return notes
 
-## Runs
 
-{_markdown_table(["run", "folder", "valid tokens", "LM ppl", "kNN-LM ppl", "λ", "k", "temperature"], run_rows)}
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m knnlm.analysis",
+                                     description="Redraw an analysis folder's figures and Markdown from its JSON records.")
+    parser.add_argument("--redraw", required=True, metavar="OUT", help="a folder written by `knnlm analyze`")
+    args = parser.parse_args(argv)
+    try:
+        notes = redraw(Path(args.redraw))
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    for note in notes:
+        print(note)
 
-## Perplexity by training-frequency rank of the target (`buckets.md`, `buckets.json`)
 
-{bucket_table}
-
-## Frequency and loss (Figure 2 analogue)
-
-Bars: number of valid target words per training-frequency bin (log-spaced, frequent words on the left, log y).
-Colour: mean kNN-LM loss per token of the bar's words (Σ accumulated loss / Σ occurrences), one scale for all runs.
-
-![frequency/loss](figure2_frequency_loss.png)
-
-## Clustering of frequent-word keys (Figure 3 analogue, `gmm.json`)
-
-Query keys of tokens whose target is among the {frequent_words} most frequent training words, split at the median
-kNN-LM loss; a 10-component diagonal Gaussian mixture fitted and scored on a fixed-seed sample, repeated with
-other seeds (each its own sample and initialisation; the histograms show the first fit). Absolute
-log-likelihoods depend on the keys' scale; compare the differences, and their spread over fits.
-
-{_markdown_table(["run", "loss threshold (nats)", "n high / low", "mean loglik high", "mean loglik low",
-                  "low − high", "low − high over fits"], gmm_rows)}
-
-![GMM log-likelihood](figure3_gmm_loglik.png)
-
-## Keys and neighbours (`extras.json`)
-
-{_markdown_table(["run", "key norm mean", "key norm std", "key ‖·‖² mean", "nearest distance median (squared)",
-                  "target among k neighbours"], extra_rows)}
-
-![key norms](key_norms.png)
-
-![nearest-neighbour distances](nn_distances.png)
-"""
+if __name__ == "__main__":
+    main()

@@ -114,6 +114,13 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def markdown_table(title: str, head: list[str], rows: list[list[str]], note: str = "") -> str:
+    """The one Markdown table writer of the study and analysis outputs: a `###` title, the table, an optional note."""
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
+
+
 def read_json(path: str | Path, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():

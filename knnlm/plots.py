@@ -1,8 +1,11 @@
-"""Figures from saved numbers (never from a model): the ω curve, regularizer comparisons, analysis histograms."""
+"""Every figure of the project, drawn from saved numbers (never from a model): the sweep's ω curve, regularizer and
+objective comparisons (from its tables), and the representation analyses (from the JSON records of
+`knnlm/analysis.py`: gain by frequency, GMM separation, key-norm and distance histograms)."""
 
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -140,3 +143,110 @@ def plot_paired_objectives(paired: dict, path: Path, title: str) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The representation analyses, from their JSON records only (runs.json, buckets.json, gmm.json, extras.json), so a
+# committed results folder can be redrawn without its run folders. Each returns its Axes, for tests to read.
+
+
+def describe_runs(runs: dict) -> str:
+    """What the analysed numbers are, from runs.json: split, tokens, protocol, seed and machine (each once if every
+    run agrees)."""
+    def shared(key: str) -> str:
+        return ", ".join(dict.fromkeys("not recorded" if r.get(key) is None else str(r[key]) for r in runs.values()))
+
+    recs = list(runs.values())
+    if all(r.get("max_eval_tokens") and r["max_eval_tokens"] == r["tokens"] for r in recs):
+        tokens = f"first {int(recs[0]['tokens']):,} tokens" if len({r["tokens"] for r in recs}) == 1 else \
+            f"first {shared('tokens')} tokens"
+    else:
+        tokens = f"{shared('tokens')} tokens"
+    return f"{shared('split')} split, {tokens}, protocol {shared('protocol')}, seed {shared('seed')}; " \
+           f"machine: {shared('machine')}"
+
+
+def analysis_caption(runs: dict) -> str:
+    """describe_runs, then the run folders, wrapped for a figure title."""
+    lines = [describe_runs(runs), "runs: " + ", ".join(r["run"] for r in runs.values())]
+    return "\n".join(textwrap.fill(line, 130) for line in lines)
+
+
+def plot_gain_by_frequency(buckets: dict, runs: dict, path: Path):
+    """Figure 2 analogue: the kNN-LM's relative change in valid perplexity against the LM (kNN-LM ppl / LM ppl − 1,
+    in %) per training-frequency rank bucket of the target word, one bar per run (ω) in each group, and the same
+    over all tokens in the right-hand group. buckets, runs: buckets.json and runs.json."""
+    labels = list(buckets)
+    names = [b["bucket"] for b in buckets[labels[0]]["buckets"]]
+    assert all([b["bucket"] for b in buckets[lab]["buckets"]] == names for lab in labels), "one bucket set for all"
+    groups = [*names, "all tokens"]
+    tokens = [[b["tokens"] for b in buckets[lab]["buckets"]] + [buckets[lab]["all"]["tokens"]] for lab in labels]
+    ticks = [f"{g}\n({n:,} tokens)" for g, n in zip(groups, tokens[0])] if all(t == tokens[0] for t in tokens) else groups
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(7.0, len(groups) * (1 + 0.2 * len(labels))), 5), layout="constrained")
+    for i, lab in enumerate(labels):
+        rec = buckets[lab]
+        change = [b["relative_change"] for b in rec["buckets"]] + [rec["all"]["relative_change"]]
+        heights = [math.nan if c is None else 100 * c for c in change]  # null: an empty bucket
+        bars = ax.bar(np.arange(len(groups)) + (i - (len(labels) - 1) / 2) * width, heights, width, label=lab)
+        ax.bar_label(bars, labels=[f"{h:.1f}" if math.isfinite(h) else "" for h in heights], fontsize=6, padding=1)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(len(names) - 0.5, color="grey", lw=0.8, ls=":")  # buckets | all tokens
+    ax.set_xticks(np.arange(len(groups)), ticks)
+    ax.set_xlabel("training-frequency rank of the target word (0 = most frequent in training)")
+    ax.set_ylabel("kNN-LM ppl / LM ppl − 1 (%)\n(negative: the kNN-LM is better)")
+    fig.suptitle("kNN-LM gain over the LM by training frequency of the target word (Figure 2 analogue)", fontsize=11)
+    ax.set_title(analysis_caption(runs), fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, title="run")
+    save(fig, path)
+    return ax
+
+
+def plot_gmm_separation(gmm: dict, runs: dict, path: Path):
+    """Figure 3 analogue: per run, the mean GMM log-likelihood of the low-loss frequent-word keys minus that of the
+    high-loss ones: the mean over the fits with ± 1 std over the fits as error bars, each fit as a cross.
+    gmm, runs: gmm.json and runs.json (its difference_mean, difference_std and difference_per_fit)."""
+    labels = list(gmm)
+    x = np.arange(len(labels))
+    mean = [math.nan if gmm[lab]["difference_mean"] is None else gmm[lab]["difference_mean"] for lab in labels]
+    std = [math.nan if gmm[lab]["difference_std"] is None else gmm[lab]["difference_std"] for lab in labels]
+    fits = [[math.nan if d is None else d for d in gmm[lab]["difference_per_fit"]] for lab in labels]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.4 * len(labels) + 2), 5), layout="constrained")
+    ax.errorbar(x, mean, yerr=std, fmt="o", capsize=6, ms=7, color="tab:blue",
+                label="mean over the fits; error bars ± 1 std over the fits")
+    for i, f in enumerate(fits):
+        ax.scatter(np.full(len(f), i + 0.15), f, marker="x", s=25, color="grey", label="one fit" if i == 0 else None)
+        if math.isfinite(mean[i]):
+            ax.annotate(f"{mean[i]:.1f} ± {std[i]:.1f}", (i - 0.08, mean[i]), ha="right", va="center", fontsize=7)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(x, [f"{lab}\n({len(f)} fits)" for lab, f in zip(labels, fits)])
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set_ylabel("mean log-likelihood under the GMM,\nlow-loss − high-loss keys (nats)")
+    g = gmm[labels[0]]
+    fig.suptitle("Clustering of frequent-word keys: low-loss against high-loss keys (Figure 3 analogue)", fontsize=11)
+    ax.set_title(f"keys of tokens whose target is among the {g['frequent_words']} most frequent training words, split "
+                 f"at the median kNN-LM loss; {g['n_components']}-component {g['covariance_type']} GMM fitted and "
+                 f"scored on {g['scored_keys']:,} keys per fit\n(positive: the low-loss keys sit nearer the mixture's "
+                 f"clusters)\n" + analysis_caption(runs), fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, path)
+    return ax
+
+
+def plot_histogram_records(histograms: dict, runs: dict, path: Path, xlabel: str):
+    """Step histograms of one positive quantity per run, from log_histograms records ({"bin_edges", "share",
+    "nonpositive"} in extras.json): the share of the run's tokens per log-spaced bin."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for label, h in histograms.items():
+        zeros = h["nonpositive"]
+        ax.stairs(h["share"], h["bin_edges"], linewidth=1.5, label=label + (f" ({zeros} zeros not shown)" if zeros else ""))
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel + " (log scale)")
+    ax.set_ylabel("share of tokens per bin")
+    ax.set_title(analysis_caption(runs), fontsize=7)
+    ax.legend()
+    ax.grid(alpha=0.2)
+    save(fig, path)
+    return ax

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, load_npy, nan_to_null, read_json, write_json, write_text
+from .artifacts import UserError, load_npy, markdown_table, nan_to_null, read_json, write_json, write_text
 from .checkpoint import load_model
 from .config import Config, load_config
 from .evaluate import PAPER_TEMPERATURE, evaluate, paper_k, protocol_rows, tuning_arrays
@@ -263,13 +263,6 @@ def _cell(mean: float, std: float, n: int, signed: bool = False) -> str:
         return "n/a"
     m = f"{mean:+.2f}" if signed else f"{mean:.2f}"
     return f"{m} ± {std:.2f}" if n > 1 else m
-
-
-def markdown_table(title: str, head: list[str], rows: list[list[str]], note: str = "") -> str:
-    """The one Markdown table writer of the study outputs."""
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
 
 
 def table_markdown(table: dict, title: str) -> str:

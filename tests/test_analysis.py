@@ -1,21 +1,27 @@
-"""The representation analyses on small planted data: bucket table, Figure 2 bars, GMM split, `analyze` end to end.
+"""The representation analyses on small planted data: bucket table, GMM split, histograms, the figures drawn from
+planted JSON records, `analyze` end to end and `redraw` without run folders (also of the committed results).
 
 Run: `OMP_NUM_THREADS=1 python -m pytest -q tests/test_analysis.py` (no training; a few seconds).
 """
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from knnlm.analysis import (analyze, frequency_buckets, frequency_loss_histogram, frequency_ranks, gmm_loglik_split,
-                            word_frequency_loss)
+from knnlm import plots
+from knnlm.analysis import (PROTOCOL, analyze, frequency_buckets, frequency_ranks, gmm_loglik_split, log_histograms,
+                            redraw)
 from knnlm.artifacts import UserError
 from knnlm.knn import interpolate, perplexity
 
-OUTPUTS = ("buckets.md", "buckets.json", "figure2_frequency_loss.png", "figure3_gmm_loglik.png", "gmm.json",
-           "key_norms.png", "nn_distances.png", "extras.json", "summary.md")
+RECORDS = ("runs.json", "buckets.json", "gmm.json", "extras.json")
+FIGURES = ("figure2_gain_by_frequency.png", "figure3_gmm_loglik.png", "key_norms.png", "nn_distances.png")
+OUTPUTS = (*RECORDS, *FIGURES, "buckets.md", "summary.md")
+COMMITTED = Path(__file__).resolve().parent.parent / "results" / "analysis"
 
 
 def test_planted_frequency_pattern_shows_in_bucket_table():
@@ -48,17 +54,92 @@ def test_empty_bucket_has_nan_perplexity():
     assert list(b["tokens"]) == [1, 0, 1] and np.isnan(b["lm_ppl"][1])
 
 
-def test_figure2_bars_count_words_and_average_loss_per_token():
-    train_counts = np.array([1000, 900, 5, 3, 0])
-    targets = np.array([0, 0, 0, 1, 2, 3, 3, 4])
-    losses = np.array([1.0, 1.0, 1.0, 3.0, 5.0, 6.0, 8.0, 9.0])
-    w = word_frequency_loss(train_counts, targets, losses)
-    assert list(w["words"]) == [0, 1, 2, 3, 4] and list(w["occurrences"]) == [3, 1, 1, 2, 1]
-    assert list(w["accumulated_loss"]) == [3.0, 3.0, 5.0, 14.0, 9.0]
-    counts, colour = frequency_loss_histogram(w["train_freq"], w["occurrences"], w["accumulated_loss"],
-                                              np.array([1, 10, 100, 10000]))
-    assert list(counts) == [2, 0, 2]  # the word unseen in training (count 0) falls outside every bin
-    assert colour[0] == pytest.approx((5 + 14) / 3) and np.isnan(colour[1]) and colour[2] == pytest.approx(6 / 4)
+def test_log_histograms_share_bins_and_count_zeros():
+    a, b = np.array([0.0, 1.0, 10.0, 100.0]), np.array([5.0, 50.0])
+    ha, hb = log_histograms([a, b], n_bins=4)
+    assert ha["bin_edges"] == hb["bin_edges"] and len(ha["bin_edges"]) == 5  # one set of bins for every run
+    assert ha["bin_edges"][0] == pytest.approx(1.0) and ha["bin_edges"][-1] == pytest.approx(100 * 1.0001)
+    assert ha["nonpositive"] == 1 and hb["nonpositive"] == 0
+    assert sum(ha["share"]) == pytest.approx(3 / 4) and sum(hb["share"]) == pytest.approx(1.0)  # share of all values
+
+
+def planted_records(gains: dict[str, list[float]], diffs: dict[str, list[float]]) -> dict:
+    """Small runs/buckets/gmm/extras records as `analyze` writes them: per label, the relative change of the three
+    buckets and of all tokens (`gains`), and the GMM difference of each fit (`diffs`)."""
+    names = ["top 2", "2–5", "5+"]
+    runs, buckets, gmm, extras = {}, {}, {}, {}
+    for label, g in gains.items():
+        runs[label] = {"run": f"study/{label}", "machine": "cpu: planted", "split": "valid", "tokens": 100,
+                       "max_eval_tokens": 100, "seed": 0, "protocol": PROTOCOL, "lambda": 0.25, "k": 8,
+                       "temperature": 1.0, "lm_ppl": 20.0, "knnlm_ppl": 20.0 * (1 + g[-1])}
+        buckets[label] = {"rank_edges": [2, 5], "all": {"tokens": 100, "lm_ppl": 20.0, "knnlm_ppl": 20.0 * (1 + g[-1]),
+                                                        "relative_change": g[-1]},
+                          "buckets": [{"bucket": n, "rank_lo": 0, "rank_hi": None, "tokens": t, "lm_ppl": 10.0,
+                                       "knnlm_ppl": None if c is None else 10.0 * (1 + c), "relative_change": c}
+                                      for n, t, c in zip(names, (50, 30, 20), g[:-1])]}
+        d = diffs[label]
+        gmm[label] = {"frequent_words": 2, "frequent_tokens": 50, "scored_keys": 50, "threshold": 1.0, "n_high": 25,
+                      "n_low": 25, "mean_loglik_high": 0.0, "mean_loglik_low": d[0], "difference_low_minus_high": d[0],
+                      "difference_per_fit": d, "difference_mean": float(np.mean(d)), "difference_std": float(np.std(d)),
+                      "n_components": 2, "covariance_type": "diag", "seed": 0, "key_dim": 4}
+        h = log_histograms([np.arange(1.0, 11.0)], n_bins=3)[0]
+        extras[label] = {"key_sq_norm_mean": 1.0, "key_sq_norm_std": 0.1, "key_norm_mean": 1.0, "key_norm_std": 0.1,
+                         "nn_distance_median": 0.5, "k": 8, "target_in_neighbors": 0.9,
+                         "key_sq_norm_histogram": h, "nn_distance_histogram": h}
+    return {"runs": runs, "buckets": buckets, "gmm": gmm, "extras": extras}
+
+
+def test_figure2_bars_are_the_recorded_gains(tmp_path):
+    gains = {"ω=0": [-0.05, -0.15, -0.5, -0.146], "ω=1e-3": [-0.04, None, -0.48, -0.134]}  # None: an empty bucket
+    r = planted_records(gains, {label: [1.0] for label in gains})
+    ax = plots.plot_gain_by_frequency(r["buckets"], r["runs"], tmp_path / "figure2.png")
+    assert (tmp_path / "figure2.png").stat().st_size > 0
+    assert len(ax.containers) == 2  # one group of bars per run
+    for bars, (label, g) in zip(ax.containers, gains.items()):
+        assert bars.get_label() == label
+        heights = [p.get_height() for p in bars]
+        assert heights == pytest.approx([math.nan if c is None else 100 * c for c in g], nan_ok=True)  # in %
+    assert [t.get_text().split("\n")[0] for t in ax.get_xticklabels()] == ["top 2", "2–5", "5+", "all tokens"]
+    caption = ax.get_title()
+    assert "first 100 tokens" in caption and "seed 0" in caption and "cpu: planted" in caption
+    assert "study/ω=0" in caption and "tuned" in caption
+
+
+def test_figure3_points_are_the_mean_over_fits_with_their_std(tmp_path):
+    diffs = {"ω=0": [0.4, -4.0, 5.1], "ω=1e-4": [1.0, 1.3, 0.9]}
+    r = planted_records({label: [0.0] * 4 for label in diffs}, diffs)
+    ax = plots.plot_gmm_separation(r["gmm"], r["runs"], tmp_path / "figure3.png")
+    assert (tmp_path / "figure3.png").stat().st_size > 0
+    line, _, (bars,) = ax.containers[0]  # the error-bar container: points, caps, bar segments
+    assert line.get_ydata() == pytest.approx([np.mean(d) for d in diffs.values()])
+    for seg, d in zip(bars.get_segments(), diffs.values()):
+        assert [y for _, y in seg] == pytest.approx([np.mean(d) - np.std(d), np.mean(d) + np.std(d)])
+    single = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections if c is not bars])
+    assert sorted(single) == pytest.approx(sorted(sum(diffs.values(), [])))  # every fit drawn as well
+    assert "std over the fits" in ax.get_legend().get_texts()[-1].get_text()
+
+
+def test_redraw_needs_only_the_records(tmp_path):
+    for name, record in planted_records({"a": [-0.1, -0.2, -0.3, -0.15]}, {"a": [1.0, 2.0]}).items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    assert redraw(tmp_path) == []
+    for name in (*FIGURES, "buckets.md", "summary.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "-10.0%" in (tmp_path / "buckets.md").read_text()
+    (tmp_path / "gmm.json").unlink()
+    with pytest.raises(UserError, match="gmm.json"):
+        redraw(tmp_path)
+
+
+def test_committed_analysis_redraws_to_its_own_markdown(tmp_path):
+    """results/analysis holds the records of runs that no longer exist: its figures and Markdown come from them."""
+    shutil.copytree(COMMITTED, tmp_path / "analysis")
+    notes = redraw(tmp_path / "analysis")
+    assert len(notes) == 2  # key_norms.png, nn_distances.png: drawn before extras.json recorded histograms
+    for name in ("summary.md", "buckets.md"):
+        assert (tmp_path / "analysis" / name).read_text() == (COMMITTED / name).read_text(), name
+    summary = (COMMITTED / "summary.md").read_text()
+    assert "`omega_study/l2_omega0_seed0`" in summary and "/root" not in summary
 
 
 def planted_keys(low_is_clustered: bool, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -137,17 +218,38 @@ def test_analyze_end_to_end_on_fabricated_runs(tmp_path):
         # evaluate saves knn_logprobs as float32 after computing the summary in float64: agree to ~1e-7
         assert buckets[label]["all"]["knnlm_ppl"] == pytest.approx(summary["knnlm_ppl"], rel=1e-6)
         assert gmm[label]["n_high"] + gmm[label]["n_low"] == gmm[label]["scored_keys"] > 0
-        fits = gmm[label]["difference_per_fit"]  # repeated fits: the first is the one tabled and plotted
+        fits = gmm[label]["difference_per_fit"]  # repeated fits: the first is the one the unsuffixed fields hold
         assert len(fits) == 3 and fits[0] == pytest.approx(gmm[label]["difference_low_minus_high"])
         assert gmm[label]["difference_mean"] == pytest.approx(np.mean(fits))
+        per_fit = np.subtract(gmm[label]["mean_loglik_low_per_fit"], gmm[label]["mean_loglik_high_per_fit"])
+        assert per_fit == pytest.approx(fits)
+        assert sum(extras[label]["key_sq_norm_histogram"]["share"]) == pytest.approx(1.0)  # keys are never zero
         # target-in-neighbours share against a direct computation
         found = (vals[arrays["neighbors"][:, : summary["k"]]] == arrays["targets"][:, None]).any(1)
         assert extras[label]["target_in_neighbors"] == pytest.approx(found.mean())
         assert extras[label]["nn_distance_median"] == pytest.approx(np.median(arrays["distances"][:, 0]))
     assert extras["ω=0.001"]["key_norm_mean"] < extras["ω=0"]["key_norm_mean"]  # keys planted 10× smaller
+    records = json.loads((out / "runs.json").read_text())
+    assert [r["run"] for r in records.values()] == [f"{tmp_path.name}/run_a", f"{tmp_path.name}/run_b"]
+    assert records["ω=0"]["lambda"] == 0.25 and records["ω=0"]["machine"].startswith("cpu: ")
     summary_md = (out / "summary.md").read_text()
     assert "ω=0.001" in summary_md and "figure3_gmm_loglik.png" in summary_md
+    assert str(tmp_path) not in summary_md and "/" + tmp_path.name not in summary_md  # run folders by name only
+    for name in RECORDS:
+        assert str(tmp_path) not in (out / name).read_text(), name
 
+    # the run folders gone, every figure and the Markdown come back from the records alone
+    drawn = {name: (out / name).read_text() for name in ("summary.md", "buckets.md")}
+    for r in runs:
+        shutil.rmtree(r)
+    for name in FIGURES:
+        (out / name).unlink()
+    assert redraw(out) == []
+    assert all((out / name).is_file() for name in FIGURES)
+    assert {name: (out / name).read_text() for name in drawn} == drawn
+
+    for r, seed in zip(runs, (0, 1)):
+        fabricate_run(r, np.random.default_rng(seed), 1.0)
     analyze(tmp_path / "default_labels", runs, None, gmm_repeats=1)  # labels default to the run folder names
     assert list(json.loads((tmp_path / "default_labels" / "gmm.json").read_text())) == ["run_a", "run_b"]
 
