@@ -75,6 +75,22 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def reserve(path: str | Path, what: str) -> None:
+    """Allocate the disk blocks of a file created sparse (a memory-mapped array), so that a full disk is a one-line
+    error now rather than a SIGBUS when a page is first written."""
+    path = Path(path)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        free = shutil.disk_usage(path.parent).free
+        raise UserError(f"{path.parent}: not enough disk space for {what} ({size:,} bytes needed, {free:,} free; "
+                        f"{e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
 def _nan_at(obj: Any, where: str = "") -> str | None:
     """Where the first NaN of a JSON-able object sits (e.g. `protocols.tuned.knnlm_ppl`), or None."""
     if isinstance(obj, float):

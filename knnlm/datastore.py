@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .artifacts import UserError, atomic_dir, check_digest, file_sha256, load_npy, read_meta, write_json
+from .artifacts import UserError, atomic_dir, reserve, check_digest, file_sha256, load_npy, read_meta, write_json
 from .checkpoint import load_model
 from .config import Config
 from .data import sliding_windows, token_stream
@@ -59,6 +59,8 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
         if main:
             np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=np.float16, shape=(N, d)).flush()
             np.lib.format.open_memmap(tmp / "vals.npy", mode="w+", dtype=np.int32, shape=(N,)).flush()
+            reserve(tmp / "vals.npy", "the datastore's values")
+            reserve(tmp / "keys.npy", "the datastore's keys")  # a full disk fails here, not with a SIGBUS later
         barrier()
         keys = np.load(tmp / "keys.npy", mmap_mode="r+")
         vals = np.load(tmp / "vals.npy", mmap_mode="r+")

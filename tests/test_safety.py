@@ -328,3 +328,36 @@ def test_pickle_in_place_of_the_optimizer_is_refused_on_resume(run, tmp_path, ca
     line = refused(capsys, "train", "--config", TINY, "--out", run, "--resume", *MICRO)
     assert str(ckpt / "optimizer.safetensors") in line and "not a safetensors file" in line
     assert not marker.exists() and snapshot(run) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a full disk
+
+@pytest.mark.slow
+def test_a_full_disk_during_the_datastore_is_one_line_and_keeps_the_old_datastore(run, capsys, monkeypatch):
+    """posix_fallocate reserves the memory-mapped arrays' blocks before they are written: with no space left the
+    build stops there with one line (not a SIGBUS on a page fault), removes its temporary folder and keeps the
+    datastore that was there."""
+    import errno
+
+    before = snapshot(run / "datastore")
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    from conftest import main_fails
+
+    line = main_fails(capsys, "datastore", "--out", run)
+    assert "not enough disk space" in line and "bytes needed" in line and str(run) in line
+    assert snapshot(run / "datastore") == before
+    assert not (run / ".datastore.tmp").exists()
+
+
+def test_reserve_allocates_the_whole_file(tmp_path):
+    from knnlm.artifacts import reserve
+
+    path = tmp_path / "a.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(4096, 64)).flush()
+    reserve(path, "a test array")
+    assert os.stat(path).st_blocks * 512 >= 4096 * 64 * 2
