@@ -19,7 +19,7 @@ import torch
 
 from knnlm.artifacts import write_json
 from knnlm.knn import TorchExactSearch, knn_logprob_grid
-from knnlm.sweep import cpu_name
+from knnlm.artifacts import cpu_name
 
 
 def lm_like(rng, n, d):

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .artifacts import UserError, load_npy, markdown_table, read_json, read_meta, write_json, write_text
+from .artifacts import UserError, cpu_name, load_npy, markdown_table, read_json, read_meta, write_json, write_text
 from .knn import interpolate, perplexity
 
 RANK_EDGES = (100, 1000, 10000)  # frequency-rank bucket boundaries: top 100, 100–1k, 1k–10k, the rest
@@ -445,7 +445,6 @@ def analyze(out: Path, runs: list[Path], labels: list[str] | None = None, *, fre
             gmm_max_points: int = 20000, gmm_repeats: int = 3, seed: int = 0) -> dict:
     """Write the JSON records of every analysis of the evaluated `runs` into `out`, then the figures and Markdown
     drawn from them (`redraw`); return the records."""
-    from .sweep import cpu_name  # the sweep's records name their machine the same way
 
     out, runs = Path(out), [Path(r) for r in runs]
     if not runs:

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -271,3 +272,14 @@ def writing_into(run: str | Path, create: bool = True) -> Iterator[Path]:
     finally:
         os.ftruncate(fd, 0)
         os.close(fd)  # releases the lock
+
+
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo names it (records and benchmarks say which machine measured them)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -12,6 +12,7 @@ Paper symbols (Khandelwal et al. 2020; Ton et al. 2022):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import tomllib
@@ -304,3 +305,44 @@ def read_run_config(out: str | Path) -> Config:
     return from_dict(read_json(Path(out) / "config.json", "run config"), str(Path(out) / "config.json"))
 
 
+
+
+def changed_settings(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """The `section.key` settings whose values differ; settings a record lacks (added to knnlm since) count as
+    unchanged."""
+    changed = []
+    for key, value in current.items():
+        if key not in recorded:
+            continue
+        if isinstance(value, dict) and isinstance(recorded[key], dict):
+            changed += changed_settings(recorded[key], value, f"{prefix}{key}.")
+        elif recorded[key] != value:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+# settings that do not change the trained model: a run may be continued or re-evaluated with other values
+NOT_THE_MODEL = {"train.threads", "train.eval_tokens", "train.checkpoint_every", "data.max_eval_tokens"}
+
+
+def check_same_model(out: str | Path, cfg: Config) -> None:
+    """Refuse to continue (or reuse) the model in `out` under training settings other than its own: a finished run
+    asked to run with another config must not print its old results as if they were new."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return
+    recorded = read_json(path, "run config")
+    current = json.loads(json.dumps(cfg.to_dict()))
+    model_sections = {s: current[s] for s in ("data", "model", "train") if s in current}
+    changed = [c for c in changed_settings(recorded, model_sections) if c not in NOT_THE_MODEL]
+    if changed:
+        shown = ", ".join(f"{c}: {_lookup(recorded, c)!r} → {_lookup(current, c)!r}" for c in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UserError(f"{out}: holds a model trained with other settings ({shown}{more}); "
+                        f"choose another --out, or delete the folder to start over")
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .artifacts import UserError, read_json, read_meta, write_json, writing_into
 from .checkpoint import latest_checkpoint
-from .config import Config
+from .config import Config, check_same_model
 from .datastore import build_datastore
 from .evaluate import evaluate
 from .train import train
@@ -34,6 +34,7 @@ def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict:
     out = Path(out)
     with writing_into(out):
         check_writable(out)
+        check_same_model(out, cfg)
         if (out / "train_summary.json").is_file():
             train_summary = read_json(out / "train_summary.json")
         else:

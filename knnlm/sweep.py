@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import platform
 import time
 import tomllib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -39,26 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, load_npy, markdown_table, nan_to_null, read_json, write_json, write_text
+from .artifacts import UserError, cpu_name, load_npy, markdown_table, nan_to_null, read_json, write_json, write_text
 from .checkpoint import load_model
-from .config import Config, load_config
+from .config import Config, changed_settings, load_config
 from .evaluate import PAPER_TEMPERATURE, evaluate, paper_k, protocol_rows, tuning_arrays
 from .knn import interpolate, knn_logprob, perplexity
 from .pipeline import run_pipeline
 from .plots import (plot_omega_curve, plot_paired_objectives, plot_ppl_by_k, plot_regularizer_comparison,
                     plot_temperature_vs_norm)
 from .regularizers import REGULARIZERS
-
-
-def cpu_name() -> str:
-    """The CPU model, as /proc/cpuinfo names it (records and benchmarks say which machine measured them)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -207,20 +195,6 @@ def prune_search(folder: Path) -> None:
     k_max 4096), keeping its summary and tuning grid; meta.json goes first, so the folder never looks complete."""
     for name in ("meta.json", "neighbors.npy", "distances.npy"):
         (folder / name).unlink(missing_ok=True)
-
-
-def changed_settings(recorded: dict, current: dict, prefix: str = "") -> list[str]:
-    """The `section.key` settings whose values differ; settings a record lacks (added to knnlm since) count as
-    unchanged. Only evaluation settings may change under a finished run: its model is reused."""
-    changed = []
-    for key, value in current.items():
-        if key not in recorded:
-            continue
-        if isinstance(value, dict) and isinstance(recorded[key], dict):
-            changed += changed_settings(recorded[key], value, f"{prefix}{key}.")
-        elif recorded[key] != value:
-            changed.append(f"{prefix}{key}")
-    return changed
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

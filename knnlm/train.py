@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .artifacts import UserError, atomic_path, write_json
 from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
-from .config import Config, save_config
+from .config import Config, check_same_model, save_config
 from .data import Corpus, epoch_order, num_train_blocks, token_stream, train_batch
 from .distributed import barrier, setup_distributed
 from .lm import LanguageModel, autocast
@@ -142,6 +142,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             _truncate_metrics(metrics_path, step)
     elif main:
         metrics_path.unlink(missing_ok=True)
+    if ckpt is not None:
+        check_same_model(out, cfg)  # --resume continues the same training, not another one
     if main:
         save_config(cfg, out / "config.json")
         if not corpus.tokenizer_id:  # word-level: the vocabulary, so that `knnlm.load` need not re-read the corpus

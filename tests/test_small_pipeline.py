@@ -157,3 +157,22 @@ def test_the_python_api_agrees_with_the_evaluation_and_a_brute_force_knnlm(micro
     greedy = lm.generate(context, max_tokens=5, greedy=True)
     assert greedy == lm.decode(chain[-5:]) == lm.generate(context, max_tokens=5, top_k=1, seed=0)
     assert lm.generate(context, max_tokens=8, top_p=0.8, seed=3) == lm.generate(context, max_tokens=8, top_p=0.8, seed=3)
+
+
+def test_a_finished_run_asked_to_run_with_another_model_config_says_so_and_changes_nothing(micro, tmp_path, capsys):
+    import shutil
+
+    from conftest import main_fails, snapshot
+
+    run, args = micro
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = snapshot(copy)
+    line = main_fails(capsys, "run", "--config", TINY, "--out", copy, *args, "train.lr=0.01", "model.d_ff=64")
+    assert "other settings" in line and "train.lr" in line and "model.d_ff" in line
+    line = main_fails(capsys, "train", "--resume", "--out", copy, "train.seed=5")
+    assert "train.seed" in line
+    assert snapshot(copy) == before
+    # evaluation settings are not the model's: the same run evaluates again under another grid
+    assert main(["run", "--config", str(TINY), "--out", str(copy), *args, "eval.k=4", "train.threads=2"]) == 0
+    assert json.loads((copy / "eval" / "valid" / "summary.json").read_text())["k"] == 4

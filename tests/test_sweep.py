@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY, fails, knnlm, snapshot
-from knnlm.sweep import (Study, best_omega, changed_settings, omega_table, paired_differences, table_markdown,
+from knnlm.config import changed_settings
+from knnlm.sweep import (Study, best_omega, omega_table, paired_differences, table_markdown,
                           write_tables)
 
 slow = pytest.mark.slow
