@@ -58,6 +58,7 @@ class ModelConfig:
     hf_path: str = ""
     key_module: str = ""  # module path of the key, "{last}" = last block; "" = the family's default (input of its MLP)
     key_io: str = "input"  # the module's input or output
+    hf_allow_pickle: bool = False  # also load pytorch_model.bin (a pickle: can run code); default: *.safetensors only
 
 
 @dataclass

@@ -61,10 +61,12 @@ class HFCausalLM(nn.Module):
         _require_transformers()
         from transformers import AutoModelForCausalLM
 
-        try:
-            self.hf = AutoModelForCausalLM.from_pretrained(cfg.hf_path, local_files_only=True, dtype=torch.float32)
+        try:  # safetensors only unless allowed: a pickled checkpoint runs code when loaded
+            self.hf = AutoModelForCausalLM.from_pretrained(cfg.hf_path, local_files_only=True, dtype=torch.float32,
+                                                           use_safetensors=None if cfg.hf_allow_pickle else True)
         except (OSError, ValueError) as e:
-            raise UserError(f"{cfg.hf_path}: no Hugging Face causal LM here ({str(e).splitlines()[0]})") from None
+            hint = "" if cfg.hf_allow_pickle else "; weights are read from *.safetensors only (model.hf_allow_pickle=true also reads pickles)"
+            raise UserError(f"{cfg.hf_path}: no Hugging Face causal LM here ({str(e).splitlines()[0]}){hint}") from None
         self.cfg = cfg
         model_type = self.hf.config.model_type
         max_pos = getattr(self.hf.config, "max_position_embeddings", None) or getattr(self.hf.config, "n_positions", None)

@@ -145,3 +145,25 @@ def test_a_hub_id_is_read_from_the_local_hugging_face_cache(corpus_dir, tmp_path
     env["HF_HOME"] = str(tmp_path / "empty")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "no Hugging Face" in proc.stderr
+
+
+@pytest.mark.slow
+def test_pickled_weights_are_refused_unless_allowed(corpus_dir, tmp_path):
+    """A pytorch_model.bin is a pickle (loading it can run code): read only with model.hf_allow_pickle=true."""
+    from knnlm.artifacts import UserError
+    from knnlm.config import ModelConfig
+    from knnlm.hf import HFCausalLM
+
+    folder = make_model("gpt2", corpus_dir, tmp_path / "m")
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "bin").mkdir()
+    torch.save(AutoModelForCausalLM.from_pretrained(folder).state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    for f in folder.iterdir():  # config and tokenizer: everything but the safetensors weights
+        if f.suffix != ".safetensors":
+            (tmp_path / "bin" / f.name).write_bytes(f.read_bytes())
+    assert not list((tmp_path / "bin").glob("*.safetensors")) and list((tmp_path / "bin").glob("*.bin"))
+    with pytest.raises(UserError, match="safetensors only"):
+        HFCausalLM(ModelConfig(hf_path=str(tmp_path / "bin"), context=32))
+    model = HFCausalLM(ModelConfig(hf_path=str(tmp_path / "bin"), context=32, hf_allow_pickle=True))
+    assert model.vocab_size == HFCausalLM(ModelConfig(hf_path=str(folder), context=32)).vocab_size
