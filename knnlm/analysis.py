@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .artifacts import UserError, cpu_name, load_npy, markdown_table, read_json, read_meta, write_json, write_text
+from .artifacts import UserError, cpu_name, kill_point, load_npy, markdown_table, read_json, read_meta, write_json, write_text
 from .knn import interpolate, perplexity
 
 RANK_EDGES = (100, 1000, 10000)  # frequency-rank bucket boundaries: top 100, 100–1k, 1k–10k, the rest
@@ -463,8 +463,9 @@ def analyze(out: Path, runs: list[Path], labels: list[str] | None = None, *, fre
         "extras": extras_records(loaded),
     }
     out.mkdir(parents=True, exist_ok=True)
-    for name in RECORDS:
+    for i, name in enumerate(RECORDS, 1):
         write_json(out / f"{name}.json", records[name])
+        kill_point("analyze", i)
     redraw(out)
     return records
 

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -283,3 +284,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def kill_point(stage: str, count: int) -> None:
+    """A crash at a chosen point, for the tests: with `KNNLM_KILL_AT=<stage>:<count>` set, the process SIGKILLs
+    itself when `stage` reaches `count`: "train" after optimizer step `count` (logged, its checkpoint not yet
+    written), "datastore" after the `count`-th batch of windows is written, "evaluate" after the `count`-th batch
+    of windows is scored, "sweep" after the `count`-th run of this invocation is recorded, "analyze" after the
+    `count`-th record file is written. Unset, it does nothing."""
+    if os.environ.get("KNNLM_KILL_AT") == f"{stage}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)

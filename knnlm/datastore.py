@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .artifacts import UserError, atomic_dir, reserve, check_digest, file_sha256, load_npy, read_meta, write_json
+from .artifacts import UserError, atomic_dir, kill_point, reserve, check_digest, file_sha256, load_npy, read_meta, write_json
 from .checkpoint import load_model
 from .config import Config
 from .data import sliding_windows, token_stream
 from .distributed import barrier, setup_distributed
 from .models import corpus_for
 from .scoring import score_stream
-from .train import kill_point
 
 
 def stride_of(cfg: Config) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, atomic_dir, check_fields, file_sha256, load_npy, read_json, save_npy, write_json
+from .artifacts import UserError, atomic_dir, kill_point, check_fields, file_sha256, load_npy, read_json, save_npy, write_json
 from .checkpoint import latest_meta, load_model
 from .config import Config, from_dict
 from .data import token_stream
@@ -143,8 +143,9 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
 
     t0 = time.time()
     keys, targets, lm = [], [], []
-    for k, tgt, lp in score_stream(model, s, stride, cfg.datastore.batch_size, bf16):
+    for batch, (k, tgt, lp) in enumerate(score_stream(model, s, stride, cfg.datastore.batch_size, bf16), 1):
         keys.append(k), targets.append(tgt), lm.append(lp)
+        kill_point("evaluate", batch)
     q = torch.cat(keys).numpy()
     targets = torch.cat(targets).numpy().astype(np.int32)
     lm = torch.cat(lm).numpy()

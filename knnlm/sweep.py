@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, cpu_name, load_npy, markdown_table, nan_to_null, read_json, write_json, write_text
+from .artifacts import UserError, cpu_name, kill_point, load_npy, markdown_table, nan_to_null, read_json, write_json, write_text
 from .checkpoint import load_model
 from .config import Config, changed_settings, load_config
 from .evaluate import PAPER_TEMPERATURE, evaluate, paper_k, protocol_rows, tuning_arrays
@@ -362,6 +362,7 @@ class Runner:
                     self.skipped += len(tasks) - i
                     return
                 done(run_one(*task, prune=self.prune))
+                kill_point("sweep", i + 1)
             return
         pending, running = list(tasks), set()
         with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

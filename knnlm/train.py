@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from .artifacts import UserError, atomic_path, write_json
+from .artifacts import UserError, atomic_path, kill_point, write_json
 from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from .config import Config, check_same_model, save_config
 from .data import Corpus, epoch_order, num_train_blocks, token_stream, train_batch
@@ -38,14 +38,6 @@ def lr_at(step: int, total: int, cfg) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def kill_point(stage: str, count: int) -> None:
-    """A crash at a chosen point, for the tests: with `KNNLM_KILL_AT=<stage>:<count>` set, the process SIGKILLs
-    itself when `stage` reaches `count`: "train" after optimizer step `count` (logged, its checkpoint not yet
-    written), "datastore" after the `count`-th batch of windows is written. Unset, it does nothing."""
-    if os.environ.get("KNNLM_KILL_AT") == f"{stage}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def split_ids(corpus: Corpus, cfg: Config, split: str):

@@ -27,7 +27,7 @@ SMALL = ["data.max_train_tokens=20000", "data.max_eval_tokens=2000", "model.cont
 
 
 def killed_at(point, args):
-    """Run a command that SIGKILLs itself at `point` ("train:<step>" or "datastore:<batch>", knnlm.train.kill_point)."""
+    """Run a command that SIGKILLs itself at `point` ("train:<step>" or "datastore:<batch>", knnlm.artifacts.kill_point)."""
     proc = subprocess.run([sys.executable, "-m", "knnlm.cli", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, env={**os.environ, "TQDM_DISABLE": "1", "KNNLM_KILL_AT": point})
     assert proc.returncode == -signal.SIGKILL, f"not killed at {point}: {proc.returncode}\n{proc.stderr[-2000:]}"
@@ -67,6 +67,35 @@ def test_datastore_killed_at_chosen_batches_ends_with_the_same_files(small_run, 
     got = snapshot(run / "datastore")
     ref_meta = {k: v for k, v in reference.items() if k != "meta.json"}
     assert {k: v for k, v in got.items() if k != "meta.json"} == ref_meta
+
+
+@slow
+def test_evaluation_killed_at_chosen_batches_ends_with_the_same_arrays(small_run, tmp_path):
+    reference = snapshot(small_run / "eval" / "valid")
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("eval"))
+    for point in ("evaluate:1", "evaluate:3"):  # of 8 batches of 16 windows (2,000 tokens, stride 16)
+        killed_at(point, ["evaluate", "--out", run])
+        assert not (run / "eval" / "valid").exists()  # nothing that looks complete
+    knnlm("evaluate", "--out", run)
+    got = snapshot(run / "eval" / "valid")
+    timed = ("meta.json", "summary.json")  # these record stage times; everything else is byte-identical
+    assert {k: v for k, v in got.items() if k not in timed} == {k: v for k, v in reference.items() if k not in timed}
+    drop = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "searched_queries")}  # noqa: E731
+    for name in timed:
+        a = json.loads((run / "eval" / "valid" / name).read_text())
+        b = json.loads((small_run / "eval" / "valid" / name).read_text())
+        assert drop(a) == drop(b), name
+
+
+@slow
+def test_analysis_killed_between_records_ends_with_the_same_files(small_run, tmp_path):
+    args = ["analyze", small_run, "--labels", "ω=0", "--gmm-repeats", "1"]
+    knnlm(*args, "--out", tmp_path / "ref")
+    for point in ("analyze:1", "analyze:3"):
+        killed_at(point, [*args, "--out", tmp_path / "killed"])
+    knnlm(*args, "--out", tmp_path / "killed")
+    assert snapshot(tmp_path / "killed") == snapshot(tmp_path / "ref")
 
 
 # ---- the bad input matrix: one line, non-zero exit, nothing changed -------------------------------------------

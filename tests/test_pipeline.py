@@ -129,7 +129,7 @@ def test_killed_and_resumed_training_ends_with_the_same_weights(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-m", "knnlm.cli", "train", "--config", str(TINY), "--out", str(killed),
                            *RESUME], cwd=REPO, capture_output=True,
-                          env={**os.environ, "TQDM_DISABLE": "1", "KNNLM_KILL_AT": "train:25"})  # knnlm.train.kill_point
+                          env={**os.environ, "TQDM_DISABLE": "1", "KNNLM_KILL_AT": "train:25"})  # knnlm.artifacts.kill_point
     assert proc.returncode == -signal.SIGKILL
     step_killed = json.loads((latest_checkpoint(killed) / "meta.json").read_text())["step"]
     assert step_killed == 20

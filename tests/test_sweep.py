@@ -3,12 +3,16 @@ every stage writes its outputs, and a rerun reuses what is recorded and what is 
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import TINY, fails, knnlm, snapshot
+from conftest import REPO, TINY, fails, knnlm, snapshot
 from knnlm.config import changed_settings
 from knnlm.sweep import (Study, best_omega, omega_table, paired_differences, table_markdown,
                           write_tables)
@@ -250,3 +254,28 @@ def test_objectives_study_compares_the_best_weight_with_omega0_of_the_same_seed(
     assert records["knn_omega1_seed0"]["config"]["train"]["regularizer"] == "knn"
     for name in ("objectives.md", "objectives.png"):
         assert (tmp_path / "results" / name).stat().st_size > 0
+
+
+@slow
+def test_a_sweep_killed_within_and_between_runs_ends_with_the_same_records(study, tmp_path, monkeypatch):
+    """Killed inside a run's training and right after a run is recorded, the rerun ends where an uninterrupted sweep
+    ends: the same records (times aside), from the same models."""
+    path, _, results = study
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread, as each of the fixture's two jobs had
+    root = tmp_path / "killed"
+    root.mkdir()
+    mine = root / "study.toml"
+    mine.write_text(path.read_text().replace(str(results), str(root / "results"))
+                    .replace("seeds = [0, 1]", "seeds = [0]").replace("moco = true", "moco = false"))
+    for point in ("train:5", "sweep:1"):  # within the first run; after the first run is recorded
+        proc = subprocess.run([sys.executable, "-m", "knnlm.cli", "sweep", str(mine), "--out", str(root / "runs")],
+                              cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "TQDM_DISABLE": "1", "KNNLM_KILL_AT": point})
+        assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-2000:])
+    assert [p.stem for p in (root / "results" / "runs").glob("*.json")] == ["l2_omega0_seed0"]
+    knnlm("sweep", mine, "--out", root / "runs")
+    timed = ("seconds", "device")
+    for name in ("l2_omega0_seed0", "l2_omega0.01_seed0"):
+        got = json.loads((root / "results" / "runs" / f"{name}.json").read_text())
+        want = json.loads((results / "runs" / f"{name}.json").read_text())
+        assert {k: v for k, v in got.items() if k not in timed} == {k: v for k, v in want.items() if k not in timed}, name
