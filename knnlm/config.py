@@ -78,6 +78,7 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on CPU/GPU matrix products
     eval_tokens: int = 0  # valid tokens for the per-epoch perplexity (0 = whole split)
     checkpoint_every: int = 500  # steps
+    log_every: int = 50  # optimizer steps between lines of metrics.jsonl
     threads: int = 0  # torch threads (0 = torch default)
 
 
@@ -89,7 +90,7 @@ class DatastoreConfig:
 
 @dataclass
 class EvalConfig:
-    index: str = "auto"  # "auto" (exact: amx-exact on AMX CPUs, bf16-exact on GPUs, else FAISS Flat), "Flat", "amx-exact", "bf16-exact" or a FAISS index_factory string
+    index: str = "auto"  # one of NAMED_INDEXES (auto: the fastest exact search the machine has) or a FAISS index_factory string
     k_max: int = 1024  # neighbours searched and stored per token (Khandelwal et al. use 1024)
     k: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512, 1024])  # grid tuned on valid
     # 0.1 … 100 in steps of 10^(1/6) ≈ 1.47: kNN-LM perplexity moves by several points between steps of 3×
@@ -213,7 +214,7 @@ def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-NAMED_INDEXES = ("auto", "Flat", "amx-exact", "bf16-exact")  # else a FAISS index_factory string (knnlm.knn)
+NAMED_INDEXES = ("auto", "Flat", "amx-exact", "avx512-exact", "avx2-exact", "bf16-exact")  # else a FAISS index_factory string (knnlm.knn)
 _FACTORY = re.compile(r"[A-Za-z][A-Za-z0-9_,.()+=-]*")  # what an index_factory string is made of, e.g. IVF4096,PQ32
 _INT64 = 2**63
 
@@ -276,6 +277,7 @@ def validate(cfg: Config) -> None:
     _expect(0 <= t.momentum < 1, "train.momentum", t.momentum, "a value in [0, 1)")
     _expect(t.eval_tokens >= 0, "train.eval_tokens", t.eval_tokens, "a count >= 0 (0 = whole split)")
     _expect(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "a step count >= 1")
+    _expect(t.log_every >= 1, "train.log_every", t.log_every, "a step count >= 1")
     _expect(0 <= t.threads <= 4096, "train.threads", t.threads, "a thread count in [0, 4096] (0 = torch default)")
 
     _expect(0 <= s.stride <= m.context, "datastore.stride", s.stride,
@@ -323,7 +325,7 @@ def changed_settings(recorded: dict, current: dict, prefix: str = "") -> list[st
 
 
 # settings that do not change the trained model: a run may be continued or re-evaluated with other values
-NOT_THE_MODEL = {"train.threads", "train.eval_tokens", "train.checkpoint_every", "data.max_eval_tokens"}
+NOT_THE_MODEL = {"train.threads", "train.eval_tokens", "train.checkpoint_every", "train.log_every", "data.max_eval_tokens"}
 
 
 def check_same_model(out: str | Path, cfg: Config) -> None:

@@ -192,6 +192,14 @@ def load_corpus(folder: str | Path | None = None) -> Corpus:
     return Corpus(folder, vocab, splits)
 
 
+def split_ids(corpus: Corpus, cfg, split: str) -> np.ndarray:
+    """The ids of a split that a config reads: `data.max_train_tokens` of train, `data.max_eval_tokens` of valid
+    and test (0: all)."""
+    ids = corpus.splits[split]
+    limit = cfg.data.max_train_tokens if split == "train" else cfg.data.max_eval_tokens
+    return ids[:limit] if limit else ids
+
+
 def token_stream(ids: np.ndarray, eos_id: int) -> torch.Tensor:
     """`[<eos>] + ids` as int64, (N+1,): input position i predicts target i+1, so N tokens give N targets."""
     return torch.from_numpy(np.concatenate([np.array([eos_id], dtype=np.int64), ids.astype(np.int64)]))

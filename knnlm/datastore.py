@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .artifacts import UserError, atomic_dir, kill_point, reserve, check_digest, file_sha256, load_npy, read_meta, write_json
 from .checkpoint import load_model
 from .config import Config
-from .data import sliding_windows, token_stream
+from .data import sliding_windows, token_stream, split_ids
 from .distributed import barrier, setup_distributed
 from .models import corpus_for
 from .scoring import score_stream
@@ -40,9 +40,7 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
     corpus = corpus_for(cfg)
     if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
         raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}")
-    ids = corpus.splits["train"]
-    if cfg.data.max_train_tokens:
-        ids = ids[: cfg.data.max_train_tokens]
+    ids = split_ids(corpus, cfg, "train")
     s = token_stream(ids, corpus.eos_id)
     N, d = len(ids), model.key_dim
     assert N < 2**31, "int32 values and row ids assume fewer than 2^31 keys"

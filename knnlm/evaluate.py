@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .artifacts import UserError, atomic_dir, kill_point, check_fields, file_sha256, load_npy, read_json, save_npy, write_json
 from .checkpoint import latest_meta, load_model
 from .config import Config, from_dict
-from .data import token_stream
+from .data import token_stream, split_ids
 from .datastore import Datastore, stride_of
 from .knn import EXACT, SEARCHED, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexity, resolve_index, search_all
 from .models import corpus_for
@@ -128,9 +129,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     corpus = corpus_for(cfg)
     if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
         raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}")
-    ids = corpus.splits[split]
-    if cfg.data.max_eval_tokens:
-        ids = ids[: cfg.data.max_eval_tokens]
+    ids = split_ids(corpus, cfg, split)
     train_cfg = from_dict(ckpt_meta["config"], ckpt_meta["path"])
     stride, bf16 = scoring_settings(ds, train_cfg)
     inputs = {"split": split, "vocab_hash": corpus.vocab_hash, "datastore": datastore_fingerprint(ds),
@@ -143,9 +142,12 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
 
     t0 = time.time()
     keys, targets, lm = [], [], []
+    bar = tqdm(total=len(ids), desc=f"score {split}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     for batch, (k, tgt, lp) in enumerate(score_stream(model, s, stride, cfg.datastore.batch_size, bf16), 1):
         keys.append(k), targets.append(tgt), lm.append(lp)
+        bar.update(len(tgt))
         kill_point("evaluate", batch)
+    bar.close()
     q = torch.cat(keys).numpy()
     targets = torch.cat(targets).numpy().astype(np.int32)
     lm = torch.cat(lm).numpy()

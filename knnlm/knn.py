@@ -1,14 +1,16 @@
 """Nearest-neighbour search over the datastore, and the kNN distribution p_kNN.
 
 Search backends, one interface (`search(queries, k) -> (distances, ids)`, squared L2, nearest first):
-- `amx-exact`: knnlm's exact search on CPUs with AMX (`fastsearch.py`): bf16 tile products with fp32 accumulation
-  pick `k + margin` candidates per query, fused with the selection; exact fp32 distances re-rank them.
-  about 9x FAISS Flat at k = 64 and 5x at k = 1024 on WikiText-2's 2.09M keys (`benchmarks/search.py`).
+- `amx-exact`, `avx512-exact`, `avx2-exact`: knnlm's exact search on CPUs (`fastsearch.py`): bf16 products with
+  fp32 accumulation (AMX tiles, AVX-512 BF16 `vdpbf16ps`, or AVX2 fp32 FMAs over bf16 keys) pick `k + margin`
+  candidates per query, fused with the selection; exact fp32 distances re-rank them. `amx-exact` is about 9x
+  FAISS Flat at k = 64 and 5x at k = 1024 on WikiText-2's 2.09M keys (`benchmarks/search.py`).
 - `bf16-exact`: the same two passes written with PyTorch ops, for GPUs (tensor cores).
 - `Flat`, `IVF4096,PQ32`, ... : any FAISS `index_factory` string (FAISS is imported here only);
   approximate indexes are re-ranked with exact distances read from the stored keys, as kNN-LM found helpful.
-- `auto` (the default): `bf16-exact` on a GPU, `amx-exact` on a CPU that has AMX and a C++ compiler, else FAISS
-  `Flat`.
+- `auto` (the default): `bf16-exact` on a GPU; on a CPU with a C++ compiler, `amx-exact` where it has AMX, else
+  `avx512-exact` where it has AVX-512 BF16, else `avx2-exact` where that was measured faster than FAISS `Flat`
+  (`fastsearch.best_kernel`); else FAISS `Flat`.
 
 p_kNN: with d the squared distance, p_kNN(w) = Σ_{neighbours with value w} softmax(−d / temperature).
 Only the target's probability is computed, O(N·k), never a vector over the vocabulary.
@@ -25,18 +27,25 @@ import torch
 from tqdm import tqdm
 
 from .artifacts import UserError, atomic_dir, read_json, write_json
-from .fastsearch import AmxExactSearch, available as amx_available, centering_vector
+from .fastsearch import KERNELS, CpuExactSearch, available, best_kernel, centering_vector, cpu_flags
 
-
-EXACT = ("Flat", "bf16-exact", "amx-exact")  # searches whose neighbours and distances are the exact ones
+CPU_EXACT = {k.index: k.name for k in KERNELS.values()}  # "avx512-exact" -> the "avx512" kernel
+EXACT = ("Flat", "bf16-exact", *CPU_EXACT)  # searches whose neighbours and distances are the exact ones
 
 
 def resolve_index(name: str) -> str:
     name = name.strip()
     if name == "auto":
-        return "bf16-exact" if torch.cuda.is_available() else "amx-exact" if amx_available() else "Flat"
-    if name == "amx-exact" and not amx_available():
-        raise UserError("eval.index: 'amx-exact' needs a CPU with AMX (amx_bf16) and a C++ compiler; use 'auto' or 'Flat'")
+        if torch.cuda.is_available():
+            return "bf16-exact"
+        kernel = best_kernel()
+        return KERNELS[kernel].index if kernel else "Flat"
+    if name in CPU_EXACT and not available(CPU_EXACT[name]):
+        kernel = KERNELS[CPU_EXACT[name]]
+        missing = sorted(kernel.cpu_flags - cpu_flags())
+        raise UserError(f"eval.index: {name!r} needs a CPU with {', '.join(sorted(kernel.cpu_flags))} and a C++ "
+                        f"compiler" + (f" (this CPU lacks {', '.join(missing)})" if missing else "")
+                        + "; use 'auto' or 'Flat'")
     return name
 
 
@@ -213,8 +222,8 @@ def make_searcher(keys: np.ndarray, index: str, nprobe: int = 32, ds_folder: Pat
     name = resolve_index(index)
     if name == "bf16-exact":
         return TorchExactSearch(keys)
-    if name == "amx-exact":
-        return AmxExactSearch(keys)
+    if name in CPU_EXACT:
+        return CpuExactSearch(keys, CPU_EXACT[name])
     if name != "Flat" and ds_folder is not None:
         built = load_or_build_index(ds_folder, keys, name, model_sha256)
         return FaissSearch(keys, name, nprobe=nprobe, index=built, rerank_factor=rerank_factor)

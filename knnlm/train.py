@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .artifacts import UserError, atomic_path, kill_point, write_json
 from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from .config import Config, check_same_model, save_config
-from .data import Corpus, epoch_order, num_train_blocks, token_stream, train_batch
+from .data import Corpus, epoch_order, num_train_blocks, token_stream, train_batch, split_ids
 from .distributed import barrier, setup_distributed
 from .lm import LanguageModel, autocast
 from .models import build_model, corpus_for
@@ -40,19 +40,15 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def split_ids(corpus: Corpus, cfg: Config, split: str):
-    ids = corpus.splits[split]
-    limit = cfg.data.max_train_tokens if split == "train" else cfg.data.max_eval_tokens
-    return ids[:limit] if limit else ids
-
-
-def perplexity(model: LanguageModel, corpus: Corpus, cfg: Config, split: str, max_tokens: int = 0) -> float:
-    """LM perplexity on (a prefix of) a split with non-overlapping windows: the cheap per-epoch check."""
+def block_perplexity(model: LanguageModel, corpus: Corpus, cfg: Config, split: str, max_tokens: int = 0) -> float:
+    """LM perplexity on (a prefix of) a split in non-overlapping blocks of `model.context` tokens: the cheap check
+    logged during training. Early tokens of each block see little context, so it is higher than the evaluation's
+    sliding-window perplexity (`knnlm evaluate`, every token with at least half a window of context)."""
     ids = split_ids(corpus, cfg, split)
     ids = ids[:max_tokens] if max_tokens else ids
     s = token_stream(ids, corpus.eos_id)
     total, count = 0.0, 0
-    for _, _, logp in score_stream(model, s, model.cfg.context, cfg.datastore.batch_size, cfg.train.bf16, want_keys=False):
+    for _, _, logp in score_stream(model, s, model.cfg.context, cfg.train.batch_size, cfg.train.bf16, want_keys=False):
         total -= logp.double().sum().item()
         count += logp.numel()
     return math.exp(total / count)
@@ -196,7 +192,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         bar.set_postfix(lm=f"{lm_value:.3f}", reg=f"{reg_value:.3g}")
 
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-        if main and (step % 50 == 0 or end_of_epoch):
+        if main and (step % t.log_every == 0 or end_of_epoch):
             dt = time.time() - window["t0"]
             _append_metrics(metrics_path, {
                 "step": step, "epoch": round(step / steps_per_epoch, 4), "lr": opt.param_groups[0]["lr"],
@@ -206,9 +202,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             window = {"lm": 0.0, "reg": 0.0, "n": 0, "t0": time.time()}
         if main and end_of_epoch:
             row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                   "valid_ppl": perplexity(model, corpus, cfg, "valid", t.eval_tokens)}
+                   "valid_ppl": block_perplexity(model, corpus, cfg, "valid", t.eval_tokens)}
             _append_metrics(metrics_path, row)
-            bar.write(f"epoch {row['epoch']:.2f}: valid ppl {row['valid_ppl']:.2f}")
+            bar.write(f"epoch {row['epoch']:.2f}: valid ppl {row['valid_ppl']:.2f} (blocks of {mcfg.context} tokens, no overlap)")
         kill_point("train", step)
         if step % t.checkpoint_every == 0 or step == total_steps:
             last_good = checkpoint(step)
@@ -221,8 +217,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     final = {
         "steps": step, "epochs": step / steps_per_epoch, "train_seconds": elapsed, "ranks": world,
         "tokens_per_s": step * tokens_per_step / max(elapsed, 1e-9),
-        "train_ppl": perplexity(model, corpus, cfg, "train", t.eval_tokens or len(split_ids(corpus, cfg, "valid"))),
-        "valid_ppl": perplexity(model, corpus, cfg, "valid", t.eval_tokens),
+        "train_ppl": block_perplexity(model, corpus, cfg, "train", t.eval_tokens or len(split_ids(corpus, cfg, "valid"))),
+        "valid_ppl": block_perplexity(model, corpus, cfg, "valid", t.eval_tokens),
         "params": model.num_params(),
     }
     if hasattr(model, "save_pretrained"):  # a Hugging Face model: also hand it back in its own format

@@ -1,20 +1,47 @@
+import ctypes
 import math
+import os
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from knnlm import fastsearch
+from knnlm import fastsearch, knn
 from knnlm.artifacts import UserError
-from knnlm.knn import FaissSearch, TorchExactSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher, resolve_index
+from knnlm.config import Config, validate
+from knnlm.knn import (EXACT, FaissSearch, TorchExactSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher,
+                       resolve_index)
 
-amx = pytest.mark.skipif(not fastsearch.available(), reason="no AMX CPU or no C++ compiler")
+# every compiled CPU kernel, skipped with the reason where this machine cannot run it (e.g. no AMX)
+KERNELS = [pytest.param(name, marks=pytest.mark.skipif(
+    not fastsearch.available(name),
+    reason=f"{name}: the CPU lacks {', '.join(sorted(k.cpu_flags - fastsearch.cpu_flags())) or 'nothing'}"
+           f" (or there is no C++ compiler)")) for name, k in fastsearch.KERNELS.items()]
+CXX = shutil.which(os.environ.get("CXX", "g++"))  # the compiler fastsearch uses
 
 
-def brute_force(keys, queries, k):
-    d = ((queries[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
+def brute_force(keys, queries, k, rows=64):
+    """The k nearest keys by float64 differences (stable: ties by index), `rows` queries at a time."""
+    keys64 = np.asarray(keys, dtype=np.float64)
+    d = np.concatenate([((np.asarray(queries[lo : lo + rows], dtype=np.float64)[:, None, :] - keys64[None]) ** 2).sum(-1)
+                        for lo in range(0, len(queries), rows)])
     ids = np.argsort(d, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(d, ids, 1), ids
+
+
+def assert_exact_neighbours(keys, queries, dist, ids, k):
+    """ids and distances of an exact search against the float64 brute force: the same ids, except where two keys'
+    distances tie to fp32 precision (then the ranks' float64 distances still agree); distances to 1e-5 relative."""
+    bd, bi = brute_force(keys, queries, k)
+    assert ids.shape == bi.shape and dist.dtype == np.float32
+    assert all(len(set(row)) == k for row in ids)  # k distinct keys per query
+    d64 = ((np.asarray(queries, dtype=np.float64)[:, None, :] - np.asarray(keys, dtype=np.float64)[ids]) ** 2).sum(-1)
+    assert np.allclose(dist, bd, rtol=1e-5, atol=1e-5)
+    swapped = ids != bi
+    assert swapped.mean() < 0.01 and np.allclose(d64[swapped], bd[swapped], rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture
@@ -49,33 +76,125 @@ def lm_like_keys(rng, n, d):
     return (5 + rng.standard_normal((n, d)) * scale).astype(np.float16), scale
 
 
-@amx
-@pytest.mark.parametrize("n,d,m,k", [(5007, 100, 70, 20), (5007, 64, 33, 300), (40, 32, 5, 40), (2000, 256, 64, 1)])
-def test_amx_exact_search_equals_brute_force(n, d, m, k):
-    # Shapes off the kernel's tiles (n % 32, d % 32, m % 32 != 0), k = N, k = 1, and a margin that forces merging.
+def low_rank_keys(rng, n, d, rank=8):
+    """Keys as LM activations look: a large common mean, a few strong directions of unequal scale, weak noise."""
+    basis = rng.standard_normal((rank, d)) * np.exp(rng.uniform(-1.5, 1.5, (rank, 1)))
+    return (4 + rng.standard_normal(d) + rng.standard_normal((n, rank)) @ basis + 0.1 * rng.standard_normal((n, d))
+            ).astype(np.float16)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("n,d,m,k", [(5007, 100, 70, 20), (5007, 64, 33, 300), (40, 32, 5, 40), (2000, 256, 64, 1),
+                                     (1001, 37, 19, 1001)])
+def test_cpu_exact_search_equals_brute_force(kernel, n, d, m, k):
+    # Shapes off the kernels' tiles (n % 32, d % 32, m % 32 != 0; d odd), k = N, k = 1, and a small key chunk and
+    # query block, so candidates are merged across threads, chunks and blocks.
     rng = np.random.default_rng(n + d + k)
     keys, scale = lm_like_keys(rng, n, d)
     queries = (5 + rng.standard_normal((m, d)) * scale).astype(np.float32)
-    s = fastsearch.AmxExactSearch(keys, query_block=32, key_chunk=64)  # several query blocks and key chunks
-    dist, ids = s.search(queries, k)
-    bd, bi = brute_force(keys, queries, k)
-    assert np.array_equal(ids, bi)
-    assert np.allclose(dist, bd, rtol=1e-5, atol=1e-4)
+    dist, ids = fastsearch.CpuExactSearch(keys, kernel, query_block=32, key_chunk=64).search(queries, k)
+    assert_exact_neighbours(keys, queries, dist, ids, k)
 
 
-@amx
-def test_amx_exact_search_reads_a_memory_map_and_matches_faiss(tmp_path):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cpu_exact_search_on_low_rank_keys_with_near_neighbours(kernel):
+    # queries near stored keys, as an LM's are: the k nearest are close together, where bf16 products err most
+    rng = np.random.default_rng(11)
+    keys = low_rank_keys(rng, 3001, 96)
+    queries = keys[rng.choice(len(keys), 45)].astype(np.float32) + 0.05 * rng.standard_normal((45, 96))
+    s = fastsearch.CpuExactSearch(keys, kernel, query_block=32, key_chunk=96)
+    threads = torch.get_num_threads()
+    try:
+        for k, t in [(1, 1), (64, 1), (64, 3)]:  # 3 threads: uneven shares of the keys, candidates merged across them
+            torch.set_num_threads(t)
+            dist, ids = s.search(queries, k)
+            assert_exact_neighbours(keys, queries, dist, ids, k)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cpu_exact_search_with_duplicate_keys_returns_tied_neighbours(kernel):
+    # every key stored 4 times: approximate distances tie exactly, across threads' shares and compactions; any of the
+    # tied copies is a right answer, so each rank's float64 distance must be the truth's, with k distinct ids
+    rng = np.random.default_rng(5)
+    keys = np.repeat(low_rank_keys(rng, 700, 48), 4, axis=0)[rng.permutation(2800)]
+    queries = keys[:30].astype(np.float32) + 0.1 * rng.standard_normal((30, 48))
+    dist, ids = fastsearch.CpuExactSearch(keys, kernel, query_block=32, key_chunk=64).search(queries, 150)
+    bd, _ = brute_force(keys, queries, 150)
+    d64 = ((queries[:, None, :].astype(np.float64) - keys[ids].astype(np.float64)) ** 2).sum(-1)
+    assert all(len(set(row)) == 150 for row in ids)
+    assert np.allclose(d64, bd, rtol=1e-6, atol=1e-6) and np.allclose(dist, bd, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cpu_exact_search_reads_a_memory_map_and_matches_faiss(tmp_path, kernel):
     rng = np.random.default_rng(7)
-    keys, scale = lm_like_keys(rng, 20000, 256)
+    keys, scale = lm_like_keys(rng, 8000, 256)
     np.save(tmp_path / "keys.npy", keys)
     mm = np.load(tmp_path / "keys.npy", mmap_mode="r")
-    queries = np.asarray(keys[rng.choice(len(keys), 100)], dtype=np.float32) + rng.standard_normal((100, 256)) * scale * 0.3
-    d, i = make_searcher(mm, "amx-exact").search(queries, 64)
+    queries = np.asarray(keys[rng.choice(len(keys), 40)], dtype=np.float32) + rng.standard_normal((40, 256)) * scale * 0.3
+    d, i = make_searcher(mm, f"{kernel}-exact").search(queries, 64)
     fd, fi = FaissSearch(keys, "Flat").search(queries.astype(np.float32), 64)
-    bd, bi = brute_force(keys, queries, 64)
-    assert np.array_equal(i, bi)
+    assert_exact_neighbours(keys, queries, d, i, 64)
     assert (i == fi).mean() > 0.999  # FAISS's own fp32 rounding may swap near-ties; brute force decides
-    assert resolve_index("auto") == "amx-exact"
+
+
+def _ctype(c_type: str):
+    return ctypes.c_void_p if "*" in c_type else {"int64_t": ctypes.c_int64, "int": ctypes.c_int}[c_type.split()[-1]]
+
+
+@pytest.mark.parametrize("kernel", fastsearch.KERNELS)
+def test_kernel_signature_matches_argtypes(kernel):
+    # ctypes trusts argtypes blindly: a parameter added on one side only would shift every argument after it
+    source = (fastsearch.CSRC / fastsearch.KERNELS[kernel].source).read_text()
+    assert re.search(rf"\bint knnlm_{kernel}_init\(\)", source)
+    params = re.search(rf"\bvoid knnlm_{kernel}_search\(([^)]*)\)", source).group(1)
+    types = [re.sub(r"\s*\b\w+$", "", p.strip()) for p in params.split(",")]  # drop each parameter's name
+    assert tuple(_ctype(t) for t in types) == fastsearch.SEARCH_ARGTYPES
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+@pytest.mark.parametrize("kernel", [k for k in fastsearch.KERNELS if not fastsearch.available(k)])
+def test_each_kernel_compiles_with_its_own_flags_only(kernel):
+    # Each kernel builds with its own flags only (AVX-512 without AMX's, AVX2 without AVX-512's), on any CPU: those
+    # this CPU runs were just built and loaded that way by fastsearch.available; the others are compiled here.
+    k = fastsearch.KERNELS[kernel]
+    done = subprocess.run([CXX, "-fsyntax-only", *fastsearch.COMMON_FLAGS, *k.flags, str(fastsearch.CSRC / k.source)],
+                          capture_output=True, text=True)
+    if done.returncode != 0 and "unrecognized command-line option" in done.stderr:
+        pytest.skip(f"this compiler does not know {kernel}'s flags: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr
+
+
+def test_auto_picks_the_fastest_exact_backend(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for runs, avx2_faster, want in [({"amx", "avx512", "avx2"}, True, "amx-exact"),
+                                    ({"avx512", "avx2"}, False, "avx512-exact"),
+                                    ({"avx2"}, True, "avx2-exact"), ({"avx2"}, False, "Flat"), (set(), True, "Flat")]:
+        monkeypatch.setattr(fastsearch, "available", lambda name, runs=runs: name in runs)
+        monkeypatch.setattr(knn, "available", fastsearch.available)
+        monkeypatch.setattr(fastsearch, "faster_than_flat", lambda name, f=avx2_faster: f)
+        assert resolve_index("auto") == want
+    for name in fastsearch.KERNELS:  # an explicit kernel the CPU cannot run is refused, saying why
+        with pytest.raises(UserError, match=f"'{name}-exact' needs a CPU with .* and a C\\+\\+ compiler"):
+            resolve_index(f"{name}-exact")
+
+
+def test_exact_backend_names_pass_config_validation():
+    for name in EXACT:
+        cfg = Config()
+        cfg.eval.index = name
+        validate(cfg)
+
+
+@pytest.mark.skipif(not fastsearch.available("avx2"), reason="the AVX2 kernel cannot run here")
+def test_faster_than_flat_is_measured_once_and_remembered(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNNLM_CACHE", str(tmp_path))
+    first = fastsearch.faster_than_flat("avx2", k=16, n=4096, d=32, queries=32)
+    assert len(list((tmp_path / "ext").glob("vs-flat-avx2-*.json"))) == 1
+    monkeypatch.setattr(fastsearch, "CpuExactSearch", None)  # a second measurement would fail
+    assert fastsearch.faster_than_flat("avx2", k=16, n=4096, d=32, queries=32) == first
 
 
 def test_ivf_pq_reranked_distances_are_exact(data):
@@ -139,9 +258,9 @@ def test_torch_exact_search_on_lm_like_keys_equals_brute_force(dtype, resident):
     assert swapped.mean() < 0.01 and np.allclose(d64[swapped], bd[swapped], rtol=1e-6)
 
 
-@amx
-def test_amx_exact_refuses_a_store_larger_than_memory(monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cpu_exact_refuses_a_store_larger_than_memory(monkeypatch, kernel):
     keys = np.zeros((1000, 64), dtype=np.float16)
     monkeypatch.setattr(fastsearch, "available_memory", lambda: 100_000)  # bytes: less than the 128 kB bf16 copy
-    with pytest.raises(UserError, match="amx-exact needs .* use an IVF index"):
-        fastsearch.AmxExactSearch(keys)
+    with pytest.raises(UserError, match=f"{kernel}-exact needs .* use an IVF index"):
+        fastsearch.CpuExactSearch(keys, kernel)

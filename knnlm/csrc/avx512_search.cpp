@@ -1,0 +1,112 @@
+// Exact k-nearest-neighbour search on CPUs with AVX-512 BF16 and no AMX (AMD Zen 4 and later, Intel Cooper Lake).
+//
+// The same two passes as amx_search.cpp, with VDPBF16PS (16 fp32 lanes, each += the product of a pair of bf16
+// values, fp32 accumulation) in place of AMX tiles:
+// Pass 1 (approximate): for a tile of Q queries x 32 keys, 2Q zmm accumulators hold q̃·k̃ over all dimensions; the
+// keys of a pair of dimensions are one 64-byte load (16 keys x 2 dims), each query's pair is a 32-bit broadcast.
+// The tile's ||k̃||² − 2 q̃·k̃ are compared with each query's running threshold while still in registers, and the few
+// below it are pushed to the query's candidates (exact_search.h). Pass 2 re-ranks them exactly in fp32.
+//
+// Layouts (prepared by knnlm/fastsearch.py):
+//   queries  (Mp, D) bf16 row-major, centered by the key mean; Mp % 32 == 0, D even
+//   packed   (Np / 16, D / 2, 16 keys, 2) bf16: each group of 16 keys, dimension pair by dimension pair; Np % 32 == 0
+//   norms    (Np,) fp32 squared norms of the centered bf16 keys, +inf for padding rows
+//   qf32     (M, Dx) fp32 queries and keys16 (N, Dx) float16 keys, uncentered, for the exact distances
+// Plain C ABI, called through ctypes; the signature is knnlm_amx_search's, so one Python wrapper serves both.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "exact_search.h"
+
+namespace {
+
+using knnlm::Candidates;
+
+constexpr int Q = 8;  // queries per tile: 16 accumulators + 2 key vectors + 1 broadcast of 32 zmm registers
+
+inline __m512bh as_bf16(__m512i x) { return (__m512bh)x; }
+
+inline __m512i broadcast_pair(const uint16_t* p) {  // two bf16 values as one 32-bit lane, in all 16 lanes
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// Queries [q0, q0 + qn) against keys [32 u0, 32 u1), one chunk of keys (chunk_units x 32) at a time so that a chunk
+// stays in L2 while every query tile of the block passes over it.
+void scan_keys(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64_t D, const uint16_t* packed,
+               const float* norms, int64_t u0, int64_t u1, int64_t chunk_units, Candidates* cands) {
+  const int64_t pairs = D / 2, group = 16 * D;  // bf16 values per group of 16 keys
+  const __m512 two = _mm512_set1_ps(2.0f);
+  const uint32_t base = uint32_t(32 * u0);
+  for (int64_t c0 = u0; c0 < u1; c0 += chunk_units) {
+    const int64_t c1 = std::min(u1, c0 + chunk_units);
+    for (int64_t qt = 0; qt < qn; qt += Q) {
+      const int64_t rows = std::min<int64_t>(Q, M - (q0 + qt));
+      if (rows <= 0) break;
+      const uint16_t* qa = queries + (q0 + qt) * D;
+      for (int64_t u = c0; u < c1; ++u) {
+        const uint16_t* b0 = packed + 2 * u * group;
+        const uint16_t* b1 = b0 + group;
+        __m512 acc[Q][2];
+#pragma GCC unroll 8
+        for (int r = 0; r < Q; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < pairs; ++p) {
+          const __m512bh k0 = as_bf16(_mm512_loadu_si512(b0 + 32 * p));
+          const __m512bh k1 = as_bf16(_mm512_loadu_si512(b1 + 32 * p));
+#pragma GCC unroll 8
+          for (int r = 0; r < Q; ++r) {
+            const __m512bh qv = as_bf16(broadcast_pair(qa + r * D + 2 * p));
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qv, k0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qv, k1);
+          }
+        }
+        const __m512 n0 = _mm512_loadu_ps(norms + 32 * u);
+        const __m512 n1 = _mm512_loadu_ps(norms + 32 * u + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < Q; ++r) {
+          if (r >= rows) break;
+          Candidates& cq = cands[qt + r];
+          const __m512 thr = _mm512_set1_ps(cq.refresh());
+          const __m512 d0 = _mm512_fnmadd_ps(two, acc[r][0], n0);  // ||k̃||² − 2 q̃·k̃
+          const __m512 d1 = _mm512_fnmadd_ps(two, acc[r][1], n1);
+          const __mmask16 m0 = _mm512_cmp_ps_mask(d0, thr, _CMP_LT_OQ);
+          const __mmask16 m1 = _mm512_cmp_ps_mask(d1, thr, _CMP_LT_OQ);
+          if (m0 | m1) {
+            alignas(64) float tmp[32];
+            _mm512_store_ps(tmp, d0);
+            _mm512_store_ps(tmp + 16, d1);
+            cq.push_masked(uint32_t(m0) | (uint32_t(m1) << 16), tmp, uint32_t(32 * u) - base);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 where this CPU and OS run the kernel (AVX-512 F and BF16 state enabled), else 0: checked before the first search.
+int knnlm_avx512_init() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+}
+
+void knnlm_avx512_search(const uint16_t* queries, int64_t M, int64_t D, const uint16_t* packed, const float* norms,
+                         int64_t Np, const float* qf32, const uint16_t* keys16, int64_t N, int64_t Dx, int64_t k,
+                         int64_t C, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
+  (void)N;  // the re-ranking reads keys16 only at candidates' indices, all < N (padding rows have norm +inf)
+  const int64_t chunk_units = std::max<int64_t>(1, kchunk / knnlm::kUnit);
+  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, Candidates* cands) {
+    scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);
+  };
+  knnlm::search(scan, M, Np, qf32, keys16, Dx, k, C, nthreads, qblock, out_d, out_i);
+}
+
+}  // extern "C"

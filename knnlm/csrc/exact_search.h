@@ -1,0 +1,189 @@
+// The parts of knnlm's exact CPU searches that do not depend on the instruction set of the candidate pass:
+// per-query candidate buffers filtered against running thresholds, the threads, and the exact re-ranking.
+//
+// A kernel (amx_search.cpp, avx512_search.cpp, avx2_search.cpp) supplies pass 1 as a function
+//   scan(q0, qn, u0, u1, cands)
+// that computes approximate squared distances ||k̃||² − 2 q̃·k̃ for queries [q0, q0 + qn) of the call (qn a multiple
+// of 32; rows at or past M are padding and must not be pushed) against keys [32 u0, 32 u1), and pushes those below
+// each query's threshold into cands[r] (r relative to q0) with key indices relative to 32 u0. `search` runs it on
+// every thread over a share of the keys, merges the threads' candidates, keeps the C best, re-ranks them with exact
+// fp32 distances from the stored float16 keys and writes the k nearest, nearest first.
+//
+// Key stores are padded to whole units of 32 keys (norms +inf on padding rows: never selected).
+
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+namespace knnlm {
+// Internal linkage: every kernel library compiles its own copy of these for its own instruction set, and exports
+// none of them, so two libraries loaded in one process never bind to each other's (e.g. AVX-512 code from AVX2's).
+namespace {
+
+constexpr int64_t kUnit = 32;  // keys per unit of work; packed stores hold a whole number of units
+
+struct Cand {  // 8 bytes: candidate buffers of a query block stay small enough to live in cache
+  float d;
+  uint32_t i;  // key index relative to the thread's first key
+};
+
+struct Ranked {
+  float d;
+  int64_t i;
+};
+
+template <class T>
+inline bool closer(const T& a, const T& b) { return a.d < b.d || (a.d == b.d && a.i < b.i); }
+
+// One thread's `keep` smallest approximate distances seen so far for one query. Anything at or above `thr` cannot
+// enter; `shared` is the smallest `thr` over all threads (each thread's keep-th best bounds the global keep-th best),
+// so a thread also skips keys another thread has already beaten. The buffer fills up to 2 keep, then the keep best
+// are kept (nth_element) and thr drops to the worst of them.
+struct Candidates {
+  std::vector<Cand> buf;
+  size_t keep = 0;
+  float thr = INFINITY;
+  std::atomic<float>* shared = nullptr;
+  void reset(size_t keep_, std::atomic<float>* shared_) {
+    keep = keep_;
+    buf.clear();
+    buf.reserve(2 * keep_);
+    thr = INFINITY;
+    shared = shared_;
+  }
+  const Cand* begin() const { return buf.data(); }
+  const Cand* end() const { return buf.data() + buf.size(); }
+  void compact() {
+    if (buf.size() <= keep) return;
+    std::nth_element(buf.begin(), buf.begin() + (keep - 1), buf.end(), closer<Cand>);
+    buf.resize(keep);
+    thr = buf[keep - 1].d;
+    float cur = shared->load(std::memory_order_relaxed);
+    while (thr < cur && !shared->compare_exchange_weak(cur, thr, std::memory_order_relaxed)) {
+    }
+    thr = std::min(thr, shared->load(std::memory_order_relaxed));
+  }
+  // The threshold to filter the next block against: this thread's own, or a smaller one found by another thread.
+  inline float refresh() {
+    thr = std::min(thr, shared->load(std::memory_order_relaxed));
+    return thr;
+  }
+  inline void push(float d, uint32_t i) {
+    buf.push_back({d, i});
+    if (buf.size() >= 2 * keep) compact();
+  }
+  // Push the keys of a block whose bit is set in `mask` (key j at index base + j, distance d[j]).
+  inline void push_masked(uint32_t mask, const float* d, uint32_t base) {
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (d[j] < thr) push(d[j], base + uint32_t(j));  // a push may have compacted and lowered thr
+    }
+  }
+};
+
+// Exact squared L2 distance between an fp32 query and a float16 key (dim values each).
+inline float exact_sq_distance(const float* q, const uint16_t* key, int64_t dim) {
+  int64_t j = 0;
+  float s = 0.0f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; j + 16 <= dim; j += 16) {
+    __m512 kv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + j)));
+    __m512 diff = _mm512_sub_ps(_mm512_loadu_ps(q + j), kv);
+    acc = _mm512_fmadd_ps(diff, diff, acc);
+  }
+  s = _mm512_reduce_add_ps(acc);
+#else  // AVX2 + FMA + F16C
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= dim; j += 8) {
+    __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(key + j)));
+    __m256 diff = _mm256_sub_ps(_mm256_loadu_ps(q + j), kv);
+    acc = _mm256_fmadd_ps(diff, diff, acc);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  s = _mm_cvtss_f32(h);
+#endif
+  for (; j < dim; ++j) {
+    float kv = _cvtsh_ss(key[j]);
+    float diff = q[j] - kv;
+    s += diff * diff;
+  }
+  return s;
+}
+
+// Both passes for M queries against Np (padded) keys; see the top of this file. qf32 (M, Dx) fp32 queries and
+// keys16 (N, Dx) float16 keys are the uncentered values the exact distances are computed from.
+template <class Scan>
+void search(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const uint16_t* keys16, int64_t Dx, int64_t k,
+            int64_t C, int nthreads, int64_t qblock, float* out_d, int64_t* out_i) {
+  nthreads = std::max(1, nthreads);
+  qblock = std::max<int64_t>(kUnit, qblock / kUnit * kUnit);
+  const int64_t units = Np / kUnit;
+  std::vector<std::vector<Candidates>> cands(nthreads, std::vector<Candidates>(qblock));
+  std::vector<std::atomic<float>> shared(qblock);
+  for (int64_t q0 = 0; q0 < M; q0 += qblock) {
+    const int64_t qn = std::min(qblock, M - q0);
+    const int64_t qn_tiles = (qn + kUnit - 1) / kUnit * kUnit;
+    for (int64_t r = 0; r < qn; ++r) shared[r].store(INFINITY);
+    // Pass 1: the keys are split between threads; each thread keeps its own candidates for every query.
+    std::vector<std::thread> pool;
+    for (int t = 0; t < nthreads; ++t) {
+      pool.emplace_back([&, t] {
+        for (int64_t r = 0; r < qn; ++r) cands[t][r].reset(size_t(C), &shared[r]);
+        const int64_t u0 = units * t / nthreads, u1 = units * (t + 1) / nthreads;
+        scan(q0, qn_tiles, u0, u1, cands[t].data());
+      });
+    }
+    for (auto& th : pool) th.join();
+    pool.clear();
+    // Pass 2: merge the threads' candidates, keep the C best, re-rank them exactly, return the k nearest.
+    for (int t = 0; t < nthreads; ++t) {
+      pool.emplace_back([&, t] {
+        std::vector<Ranked> all;
+        for (int64_t r = t; r < qn; r += nthreads) {
+          all.clear();
+          for (int u = 0; u < nthreads; ++u) {
+            const int64_t base = kUnit * (units * u / nthreads);
+            for (const Cand& c : cands[u][r]) all.push_back({c.d, base + c.i});
+          }
+          if (int64_t(all.size()) > C) {
+            std::nth_element(all.begin(), all.begin() + (C - 1), all.end(), closer<Ranked>);
+            all.resize(C);
+          }
+          const float* q = qf32 + (q0 + r) * Dx;
+          const size_t ahead = 16;  // candidates are scattered over the store: fetch rows before they are needed
+          for (size_t j = 0; j < all.size(); ++j) {
+            if (j + ahead < all.size()) {
+              const char* row = reinterpret_cast<const char*>(keys16 + all[j + ahead].i * Dx);
+              for (int64_t b = 0; b < Dx * 2; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+            }
+            all[j].d = exact_sq_distance(q, keys16 + all[j].i * Dx, Dx);
+          }
+          const int64_t kk = std::min<int64_t>(k, int64_t(all.size()));
+          if (kk < int64_t(all.size())) std::nth_element(all.begin(), all.begin() + (kk - 1), all.end(), closer<Ranked>);
+          std::sort(all.begin(), all.begin() + kk, closer<Ranked>);  // faster than partial_sort's heap for large k
+          float* od = out_d + (q0 + r) * k;
+          int64_t* oi = out_i + (q0 + r) * k;
+          for (int64_t j = 0; j < k; ++j) {
+            od[j] = j < kk ? all[j].d : INFINITY;
+            oi[j] = j < kk ? all[j].i : -1;
+          }
+        }
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+
+}  // namespace
+}  // namespace knnlm
