@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 import torch
 
-from common import bf16_matmul_tflops, write_results
+from common import bf16_matmul_tflops, machine, write_results
 from knnlm.artifacts import atomic_path
 from knnlm.fastsearch import KERNELS, CpuExactSearch, available, available_memory, cpu_flags, cpu_has_amx, lm_like_keys
 from knnlm.knn import FaissSearch, TorchExactSearch
@@ -162,11 +162,11 @@ def synthetic(keys: np.ndarray, scale: int, folder: Path, seed: int = 0) -> np.n
 def _backend_rows(row: dict) -> dict:
     """A row's backends, also from records written before there was more than one (`knnlm_qps`: amx-exact)."""
     if "backends" in row:
-        return row["backends"]
-    return {"amx-exact": {"qps": row["knnlm_qps"], "ratio": row["ratio"]}}
+        return {b: {**v, "recall": v.get("recall_vs_float64")} for b, v in row["backends"].items()}
+    return {"amx-exact": {"qps": row["knnlm_qps"], "ratio": row["ratio"], "recall": row.get("knnlm_recall_vs_float64")}}
 
 
-def plot(stores: list[dict], path: Path) -> None:
+def plot(stores: list[dict], path: Path, machine: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,13 +184,16 @@ def plot(stores: list[dict], path: Path) -> None:
             vals = [_backend_rows(r)[b] for r in s["rows"]]
             ax.bar(xs, [v["qps"] for v in vals], width, label=f"knnlm {b}")
             for xi, v in zip(xs, vals):
-                ax.text(xi, v["qps"], f"{v['ratio']:.1f}x", ha="center", va="bottom", fontsize=7)
+                recall_note = f"\nr={v['recall']:.3f}" if v.get("recall") is not None else ""
+                ax.text(xi, v["qps"], f"{v['ratio']:.1f}x{recall_note}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, [f"k = {k}" for k in ks])
         ax.set_ylabel("queries / s")
         ax.set_title(f"{s['name']}: {s['N'] / 1e6:.2f}M keys x {s['d']}")
         top = max([r["faiss_qps"] for r in s["rows"]] + [v["qps"] for r in s["rows"] for v in _backend_rows(r).values()])
         ax.set_ylim(0, 1.15 * top)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"Exact k-NN search, queries/s (higher is better; label: speed-up over FAISS, r = recall@k vs a float64 "
+                 f"brute force)\n{machine}", fontsize=9)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -212,7 +215,9 @@ def main() -> None:
     p.add_argument("--plot-only", action="store_true", help="redraw search.png from search.json")
     a = p.parse_args()
     if a.plot_only:
-        plot(json.loads((Path(a.out) / "search.json").read_text())["stores"], Path(a.out) / "search.png")
+        record = json.loads((Path(a.out) / "search.json").read_text())
+        machine = f"{record['machine']['cpu']}, {record.get('threads', record['machine'].get('torch_threads'))} threads"
+        plot(record["stores"], Path(a.out) / "search.png", machine)
         return
     threads = torch.get_num_threads()
     faiss.omp_set_num_threads(threads)
@@ -258,7 +263,7 @@ def main() -> None:
     cpu = {"flags": sorted(cpu_flags()), "threads": threads, "matmul_tflops": rates,
            "kernels": {k.index: available(k.name) for k in KERNELS.values()}}
     write_results(a.out, "search", {"threads": threads, "cpu": cpu, "stores": stores}, md)
-    plot(stores, Path(a.out) / "search.png")
+    plot(stores, Path(a.out) / "search.png", f"{machine()['cpu']}, {threads} threads")
     print("\n".join(md))
 
 
