@@ -36,7 +36,7 @@ from .checkpoint import latest_meta, load_model
 from .config import Config, from_dict
 from .data import token_stream, split_ids
 from .datastore import Datastore, stride_of
-from .knn import EXACT, SEARCHED, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexity, resolve_index, search_all
+from .knn import EXACT, CountingSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexity, resolve_index, search_all
 from .models import corpus_for
 from .scoring import score_stream
 
@@ -154,11 +154,11 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     t_lm = time.time() - t0
 
     t0 = time.time()
-    searcher = searcher_for(ds, cfg)
+    searcher = CountingSearch(searcher_for(ds, cfg))
     t_index = time.time() - t0
-    t0, searched = time.time(), SEARCHED[0]
+    t0 = time.time()
     D, I = search_all(searcher, q, e.k_max, progress=progress)
-    t_search, searched = time.time() - t0, SEARCHED[0] - searched
+    t_search, searched = time.time() - t0, searcher.queries
 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "k_max": e.k_max, "tokens": len(targets),
