@@ -64,6 +64,28 @@ class Study:
     objectives: dict[str, list[float]] = field(default_factory=dict)
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _strings(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+# each study key: what it must be, and the check
+_STUDY_TYPES = [
+    ("base", "a config file path", lambda x: isinstance(x, str) and x != ""),
+    ("omegas", "a non-empty list of numbers >= 0", lambda x: isinstance(x, list) and x != [] and all(_number(v) and v >= 0 for v in x)),
+    ("seeds", "a non-empty list of integers >= 0", lambda x: isinstance(x, list) and x != [] and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)),
+    ("overrides", "a list of section.key=value strings", _strings),
+    ("moco", "true or false", lambda x: isinstance(x, bool)),
+    ("moco_overrides", "a list of section.key=value strings", _strings),
+    ("results", "a folder path", lambda x: isinstance(x, str)),
+    ("title", "a string", lambda x: isinstance(x, str)),
+    ("objectives", "a table of regularizer = [weights]", lambda x: isinstance(x, dict) and all(isinstance(v, list) and all(_number(w) for w in v) for v in x.values())),
+]
+
+
 def load_study(path: Path) -> Study:
     if not path.is_file():
         raise UserError(f"{path}: study file not found")
@@ -74,10 +96,13 @@ def load_study(path: Path) -> Study:
     known = set(Study.__dataclass_fields__)
     if unknown := set(raw) - known:
         raise UserError(f"{path}: unknown study key(s) {sorted(unknown)} (expected {sorted(known)})")
+    for key, expect, ok in _STUDY_TYPES:
+        if key in raw and not ok(raw[key]):
+            raise UserError(f"{path}: {key}: expected {expect}, got {raw[key]!r}")
+    if "base" not in raw or "omegas" not in raw or "seeds" not in raw:
+        raise UserError(f"{path}: a study needs base, omegas and seeds")
     study = Study(**raw)
     study.base = str((path.parent / study.base).resolve())
-    if not study.omegas or not study.seeds:
-        raise UserError(f"{path}: omegas and seeds must be non-empty")
     for name, weights in study.objectives.items():
         if name not in REGULARIZERS or not weights or any(not w > 0 for w in weights):
             raise UserError(f"{path}: objectives.{name}: expected a regularizer of {', '.join(REGULARIZERS)} "
@@ -386,7 +411,9 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs
     study_path = Path(study_path)
     study = load_study(study_path)
     study.overrides = [*study.overrides, *overrides]
-    results = Path(results or study.results or Path("results") / study_path.stem)
+    # default: results/<study name> beside the experiments/ folder the study file sits in, wherever the command runs
+    results = Path(results or (study_path.parent / study.results if study.results else
+                               study_path.resolve().parent.parent / "results" / study_path.stem))
     (results / "runs").mkdir(parents=True, exist_ok=True)
     load_config(study.base, study.overrides)  # fail early on a bad base config or override
     runner = Runner(jobs, stop_after, threads, prune)

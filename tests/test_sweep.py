@@ -279,3 +279,34 @@ def test_a_sweep_killed_within_and_between_runs_ends_with_the_same_records(study
         got = json.loads((root / "results" / "runs" / f"{name}.json").read_text())
         want = json.loads((results / "runs" / f"{name}.json").read_text())
         assert {k: v for k, v in got.items() if k not in timed} == {k: v for k, v in want.items() if k not in timed}, name
+
+
+@pytest.mark.parametrize("line,expect", [
+    ('omegas = "0.1"', "omegas: expected a non-empty list of numbers >= 0"),
+    ("omegas = [-1.0]", "omegas"),
+    ("seeds = [0.5]", "seeds: expected a non-empty list of integers"),
+    ("seeds = []", "seeds"),
+    ("moco = 1", "moco: expected true or false"),
+    ("overrides = [1]", "overrides"),
+    ("objectives = { knn = [\"a\"] }", "objectives"),
+])
+def test_a_study_file_is_type_checked(tmp_path, line, expect):
+    from knnlm.artifacts import UserError
+    from knnlm.sweep import load_study
+
+    values = {"base": f'"{TINY}"', "omegas": "[0.0]", "seeds": "[0]"}
+    key = line.split("=")[0].strip()
+    values[key] = line.split("=", 1)[1].strip()
+    path = tmp_path / "study.toml"
+    path.write_text("\n".join(f"{k} = {v}" for k, v in values.items()) + "\n")
+    with pytest.raises(UserError, match=expect):
+        load_study(path)
+
+
+def test_the_committed_studies_pass_the_checks():
+    from knnlm.sweep import load_study
+
+    study = load_study(REPO / "experiments" / "omega_study.toml")
+    assert study.title and study.omegas and study.seeds
+    for name in ("key_site_study", "overfit_study", "objectives_study"):
+        load_study(REPO / "experiments" / f"{name}.toml")
