@@ -128,10 +128,12 @@ def main() -> None:
 def rusage_run(cmd: list[str]) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    seconds = time.perf_counter() - t
-    err = p.stderr.read().decode(errors="replace")
+    with tempfile.TemporaryFile() as log:  # not a pipe: a full pipe buffer (progress bars) would block the child
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - t
+        log.seek(0)
+        err = log.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{' '.join(cmd)} failed: {err.strip()[-500:]}")
     return {"seconds": seconds, "max_rss_bytes": usage.ru_maxrss * 1024}

@@ -216,8 +216,8 @@ def main() -> None:
     a = p.parse_args()
     if a.plot_only:
         record = json.loads((Path(a.out) / "search.json").read_text())
-        machine = f"{record['machine']['cpu']}, {record.get('threads', record['machine'].get('torch_threads'))} threads"
-        plot(record["stores"], Path(a.out) / "search.png", machine)
+        where = f"{record['machine']['cpu']}, {record.get('threads', record['machine'].get('torch_threads'))} threads"
+        plot(record["stores"], Path(a.out) / "search.png", where)
         return
     threads = torch.get_num_threads()
     faiss.omp_set_num_threads(threads)
