@@ -32,7 +32,8 @@ from .checkpoint import load_model
 from .config import read_run_config
 from .data import EOS, UNK, token_stream, word_vocab_hash
 from .datastore import Datastore
-from .evaluate import PROTOCOLS, device, scoring_settings, searcher_for
+from .distributed import default_device
+from .evaluate import PROTOCOLS, scoring_settings, searcher_for
 from .hf import hf_eos_id, load_tokenizer
 from .knn import interpolate, knn_logprob
 from .lm import autocast
@@ -71,7 +72,7 @@ class KNNLM:
         self.cfg = read_run_config(self.run)
         if index is not None:
             self.cfg.eval.index = index
-        self.model, self.train_cfg, ckpt_meta = load_model(self.run, device())
+        self.model, self.train_cfg, ckpt_meta = load_model(self.run, default_device())
         self.datastore = Datastore(self.run / "datastore")
         self.datastore.check_model(ckpt_meta)
         self.stride, self.bf16 = scoring_settings(self.datastore, self.train_cfg)

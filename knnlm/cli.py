@@ -91,7 +91,8 @@ def cmd_evaluate(args) -> None:
              if v is not None}  # a what-if: never overwrites the run's tuned choice or its summaries
     with writing_into(args.out, create=False):  # a what-if evaluation may still save a new search
         summary = evaluate(args.out, cfg, args.split, save=not fixed, fixed=fixed)
-    print(json.dumps(summary, indent=2))
+    if summary is not None:  # None: a rank other than 0 under torchrun
+        print(json.dumps(summary, indent=2))
 
 
 def format_table(results: dict) -> str:
@@ -113,7 +114,8 @@ def cmd_run(args) -> None:
 
     cfg = _training_config(args)
     results = run_pipeline(cfg, Path(args.out))
-    print(format_table(results))
+    if results is not None:  # None: a rank other than 0 under torchrun
+        print(format_table(results))
 
 
 def cmd_sweep(args) -> None:

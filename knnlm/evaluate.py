@@ -36,7 +36,8 @@ from .checkpoint import latest_meta, load_model
 from .config import Config, from_dict
 from .data import token_stream, split_ids
 from .datastore import Datastore, stride_of
-from .knn import EXACT, CountingSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexity, resolve_index, search_all
+from .distributed import barrier, broadcast_array, default_device, setup_distributed
+from .knn import EXACT, CountingSearch, ShardedSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexity, resolve_index, search_all
 from .models import corpus_for
 from .scoring import score_stream
 
@@ -53,11 +54,6 @@ PROTOCOLS = {
 def paper_k(cfg: Config) -> int:
     """k of the paper protocol: 1024, or every stored neighbour when fewer are searched."""
     return min(PAPER_K, cfg.eval.k_max)
-
-
-def device() -> torch.device:
-    """Where the evaluation's model and search run: the GPU when there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def scoring_settings(ds: Datastore, train_cfg: Config) -> tuple[int, bool]:
@@ -108,15 +104,24 @@ def load_search(folder: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def searcher_for(ds: Datastore, cfg: Config):
-    """The search backend `cfg.eval` asks for over a datastore (an index is loaded from, or saved to, its folder)."""
+def searcher_for(ds: Datastore, cfg: Config, sharded: bool = False):
+    """The search backend `cfg.eval` asks for over a datastore (an index is loaded from, or saved to, its folder).
+    `sharded`: under `torchrun`, each rank searches its share of the store with that (exact) backend."""
     e = cfg.eval
+    if sharded:
+        return ShardedSearch(ds.keys, lambda rows: make_searcher(rows, resolve_index(e.index)))
     return make_searcher(ds.keys, resolve_index(e.index), e.nprobe, ds.folder, ds.meta["model_sha256"],
                          rerank_factor=e.rerank_factor if e.rerank else 0)
 
 
-def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) -> dict:
-    """The expensive part: LM scores, query keys and k_max neighbours of every token of `split` (cached)."""
+def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) -> dict | None:
+    """The expensive part: LM scores, query keys and k_max neighbours of every token of `split` (cached).
+
+    Under `torchrun` with an exact index the store is split across the ranks (`ShardedSearch`): rank 0 scores the
+    split and sends the query keys to all, every rank searches its share, rank 0 writes the result and returns it
+    (the other ranks return None). An approximate index is searched by rank 0 alone."""
+    rank, world, dev = setup_distributed()
+    main = rank == 0
     ckpt_meta = latest_meta(run)  # the model itself is loaded only if the split must be scored
     ds = Datastore(run / "datastore")
     ds.check_model(ckpt_meta)
@@ -134,36 +139,47 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     stride, bf16 = scoring_settings(ds, train_cfg)
     inputs = {"split": split, "vocab_hash": corpus.vocab_hash, "datastore": datastore_fingerprint(ds),
               "stride": stride, "bf16": bf16, "key_site": ds.meta["key_site"], "key_layer": ds.meta["key_layer"]}
-    if _search_is_cached(folder, ds, index, e.k_max, rerank, inputs, ids):
-        return read_json(folder / "meta.json", "evaluation meta")
-
-    model, train_cfg, ckpt_meta = load_model(run, device())
-    s = token_stream(ids, corpus.eos_id)
+    if _search_is_cached(folder, ds, index, e.k_max, rerank, inputs, ids):  # every rank reads the same answer
+        return read_json(folder / "meta.json", "evaluation meta") if main else None
+    sharded = world > 1 and index in EXACT
+    if not (main or sharded):
+        barrier()  # rank 0 searches the approximate index alone
+        return None
 
     t0 = time.time()
-    keys, targets, lm = [], [], []
-    bar = tqdm(total=len(ids), desc=f"score {split}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
-    for batch, (k, tgt, lp) in enumerate(score_stream(model, s, stride, cfg.datastore.batch_size, bf16), 1):
-        keys.append(k), targets.append(tgt), lm.append(lp)
-        bar.update(len(tgt))
-        kill_point("evaluate", batch)
-    bar.close()
-    q = torch.cat(keys).numpy()
-    targets = torch.cat(targets).numpy().astype(np.int32)
-    lm = torch.cat(lm).numpy()
+    q = None
+    if main:
+        model, train_cfg, ckpt_meta = load_model(run, dev)
+        s = token_stream(ids, corpus.eos_id)
+        keys, targets, lm = [], [], []
+        bar = tqdm(total=len(ids), desc=f"score {split}", unit="tok", unit_scale=True, disable=not progress,
+                   dynamic_ncols=True)
+        for batch, (k, tgt, lp) in enumerate(score_stream(model, s, stride, cfg.datastore.batch_size, bf16), 1):
+            keys.append(k), targets.append(tgt), lm.append(lp)
+            bar.update(len(tgt))
+            kill_point("evaluate", batch)
+        bar.close()
+        q = torch.cat(keys).numpy()
+        targets = torch.cat(targets).numpy().astype(np.int32)
+        lm = torch.cat(lm).numpy()
+    if sharded:
+        q = broadcast_array(q)
     t_lm = time.time() - t0
 
     t0 = time.time()
-    searcher = CountingSearch(searcher_for(ds, cfg))
+    searcher = CountingSearch(searcher_for(ds, cfg, sharded))
     t_index = time.time() - t0
     t0 = time.time()
-    D, I = search_all(searcher, q, e.k_max, progress=progress)
+    D, I = search_all(searcher, q, e.k_max, progress=progress and main)
     t_search, searched = time.time() - t0, searcher.queries
+    if not main:
+        barrier()  # until rank 0 has written the result
+        return None
 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "k_max": e.k_max, "tokens": len(targets),
               "words": corpus.words(split, len(targets)), "rerank": rerank,
-              "datastore_size": len(ds), "searched_queries": searched, "inputs": inputs,
+              "datastore_size": len(ds), "searched_queries": searched, "inputs": inputs, "search_ranks": world if sharded else 1,
               "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
     with atomic_dir(folder) as tmp:
         for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q),
@@ -171,6 +187,8 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
             save_npy(tmp / f"{name}.npy", arr)
         record["sha256"] = {f"{name}.npy": file_sha256(tmp / f"{name}.npy") for name in ARRAYS}  # `knnlm verify`
         write_json(tmp / "meta.json", record)  # last: marks the folder complete
+    if world > 1:
+        barrier()
     return record
 
 
@@ -199,7 +217,7 @@ def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:
 def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config) -> list[dict]:
     """kNN-LM perplexity for every (k, temperature, λ) of the grid (`tuning_grid`), from the cached neighbours only."""
     ks, temperatures = tuning_grid(cfg)
-    knn = knn_logprob_grid(dists, nvals, targets, ks, temperatures, device=device())
+    knn = knn_logprob_grid(dists, nvals, targets, ks, temperatures, device=default_device())
     return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": perplexity(interpolate(lm, knn[(k, tau)], lmbda))}
             for k in ks for tau in temperatures for lmbda in cfg.eval.lmbda]
 
@@ -234,7 +252,7 @@ def grid_edges(best: dict, cfg: Config) -> list[str]:
 
 
 def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool = True, save: bool = True,
-             fixed: dict | None = None) -> dict:
+             fixed: dict | None = None) -> dict | None:
     """LM and kNN-LM perplexity of `split`; hyper-parameters tuned here on valid, reused from valid on test.
 
     `save=False` is a what-if evaluation (e.g. `knnlm evaluate --k 32`): the numbers are returned, and the run's
@@ -243,7 +261,13 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
     run = Path(run)
     if split not in ("valid", "test"):
         raise UserError(f"--split: expected valid or test, got {split!r}")
+    if split == "test":  # test uses valid's choices: evaluate valid first if that has not been done
+        valid_summary = run / "eval" / "valid" / "summary.json"
+        if not valid_summary.is_file() or "protocols" not in read_json(valid_summary, "valid summary"):
+            evaluate(run, cfg, "valid", progress)
     record = score_and_search(run, cfg, split, progress)
+    if record is None:
+        return None  # a rank other than 0 under torchrun: it took its part of the search; rank 0 reports
     folder = run / "eval" / split
     targets, lm, dists, nvals = tuning_arrays(run, split)
     if max(cfg.eval.k) > dists.shape[1]:
@@ -260,8 +284,6 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
     else:
         edges = []  # test reuses valid's choice of each protocol: nothing is tuned here
         valid_summary = run / "eval" / "valid" / "summary.json"
-        if not valid_summary.is_file() or "protocols" not in read_json(valid_summary, "valid summary"):
-            evaluate(run, cfg, "valid", progress)
         v = read_json(valid_summary, "valid summary")
         choices = {p: {key: v["protocols"][p][key] for key in ("k", "temperature", "lambda")} for p in PROTOCOLS}
         choices["tuned"].update(fixed or {})

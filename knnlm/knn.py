@@ -8,6 +8,8 @@ Search backends, one interface (`search(queries, k) -> (distances, ids)`, square
 - `bf16-exact`: the same two passes written with PyTorch ops, for GPUs (tensor cores).
 - `Flat`, `IVF4096,PQ32`, ... : any FAISS `index_factory` string (FAISS is imported here only);
   approximate indexes are re-ranked with exact distances read from the stored keys, as kNN-LM found helpful.
+- `ShardedSearch`: under `torchrun`, an exact search over a store split across the ranks (each rank holds and
+  searches its share; the exact global k nearest are merged with a collective): a store larger than one GPU.
 - `auto` (the default): `bf16-exact` on a GPU; on a CPU with a C++ compiler, `amx-exact` where it has AMX, else
   `avx512-exact` where it has AVX-512 BF16, else `avx2-exact` where that was measured faster than FAISS `Flat`
   (`fastsearch.best_kernel`); else FAISS `Flat`.
@@ -24,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from .artifacts import UserError, atomic_dir, read_json, write_json
+from .distributed import collective_device, default_device, rank_and_world
 from .fastsearch import KERNELS, CpuExactSearch, available, best_kernel, centering_vector, cpu_flags
 
 CPU_EXACT = {k.index: k.name for k in KERNELS.values()}  # "avx512-exact" -> the "avx512" kernel
@@ -36,7 +40,7 @@ EXACT = ("Flat", "bf16-exact", *CPU_EXACT)  # searches whose neighbours and dist
 def resolve_index(name: str) -> str:
     name = name.strip()
     if name == "auto":
-        if torch.cuda.is_available():
+        if default_device().type == "cuda":
             return "bf16-exact"
         kernel = best_kernel()
         return KERNELS[kernel].index if kernel else "Flat"
@@ -77,15 +81,15 @@ class TorchExactSearch:
     The store is copied to the device twice, as float16 each (N × d × 2 bytes apiece): keys centered on a sampled
     mean and rounded to the product precision for the candidate pass (centering leaves distances unchanged and
     shrinks rounding errors with the norms), and the stored keys themselves, whose fp32 differences with the query
-    give the exact distances of the re-ranking. Products are fp16 on GPUs (tensor cores; 10 mantissa bits in and
-    out, against bf16's 7, since PyTorch returns a half-precision product in half precision) and bf16 on CPUs; fp16
-    falls back to fp32 where a product could overflow it. On a CPU (`resident=False`, its default there) the
+    give the exact distances of the re-ranking. Products take fp16 inputs on GPUs (tensor cores; 10 mantissa bits
+    against bf16's 7) and bf16 on CPUs, and are summed and returned in fp32 (`product_fp32`); fp16 falls back to fp32
+    where a product could overflow it (a PyTorch whose CUDA matmul has no fp32 output). On a CPU (`resident=False`, its default there) the
     re-ranking reads the candidates from the memory-mapped store instead of a second copy.
     """
 
     def __init__(self, keys: np.ndarray, device: str | torch.device | None = None, block: int = 65536,
                  margin: int = 32, dtype: torch.dtype | None = None, resident: bool | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device is not None else default_device()
         self.block, self.margin = block, margin
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.bfloat16)
         self.mean = centering_vector(keys)
@@ -124,13 +128,25 @@ class TorchExactSearch:
         best_i = torch.zeros((len(q), 0), dtype=torch.long, device=self.device)
         for lo in range(0, len(self.kb), self.block):
             kb = self.kb[lo : lo + self.block].to(dtype)
-            approx = self.norms[lo : lo + len(kb)][None, :] - 2 * (qb @ kb.t()).float()  # (n, b); ||q||² is constant
+            approx = self.norms[lo : lo + len(kb)][None, :] - 2 * product_fp32(qb, kb)  # (n, b); ||q||² is constant
             d, i = approx.topk(min(C, approx.shape[1]), dim=1, largest=False)
             best_d, sel = torch.cat([best_d, d], 1).topk(min(C, best_d.shape[1] + d.shape[1]), dim=1, largest=False)
             best_i = torch.cat([best_i, i + lo], 1).gather(1, sel)
         exact = exact_sq_distances(q, self.keys, best_i)  # (n, C) fp32 from the stored fp16 values
         d, order = exact.topk(k, dim=1, largest=False)
         return d.cpu().numpy(), best_i.gather(1, order).cpu().numpy()
+
+
+def product_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T of low-precision inputs with the products summed and returned in fp32. A plain half-precision matmul
+    returns its result rounded to half precision (2^-8 relative for bf16): that rounding, not the inputs', is what
+    can swap near neighbours. CUDA multiplies with fp32 output (`out_dtype`); elsewhere the inputs are upcast."""
+    if a.device.type == "cuda" and a.dtype != torch.float32:
+        try:
+            return torch.mm(a, b.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a PyTorch without out_dtype for this device
+            return (a @ b.t()).float()
+    return a.float() @ b.float().t()
 
 
 def gpu_faiss(faiss) -> bool:
@@ -228,6 +244,48 @@ def make_searcher(keys: np.ndarray, index: str, nprobe: int = 32, ds_folder: Pat
         built = load_or_build_index(ds_folder, keys, name, model_sha256)
         return FaissSearch(keys, name, nprobe=nprobe, index=built, rerank_factor=rerank_factor)
     return FaissSearch(keys, name, nprobe=nprobe, rerank_factor=rerank_factor)
+
+
+def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of an n-row store that rank `rank` of `world` holds: contiguous, sizes differing by at most 1."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def merge_nearest(distances: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of several answers laid side by side ((n, m) each, m >= k), ordered by distance, then row id."""
+    order = np.lexsort((ids, distances))[:, :k]  # along each row: distance first, the id breaking ties
+    return np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
+
+
+class ShardedSearch:
+    """An exact search over a store split across the ranks of a process group (`torchrun`).
+
+    Rank r holds rows `shard_rows(N, r, world)` of the store and its own searcher over them (`make_local(rows)`,
+    any exact backend: `bf16-exact` on its GPU, a CPU kernel, FAISS Flat). Every rank searches the same queries in
+    its shard; the (distance, global id) answers of all ranks are gathered and the k nearest of them kept. Since
+    every key lies in exactly one shard, that is the exact k nearest over the whole store, and only the answers
+    (n × k per rank), never keys, cross between processes. Every rank must call `search` with the same queries.
+    """
+
+    def __init__(self, keys: np.ndarray, make_local, rank: int | None = None, world: int | None = None):
+        r, w = rank_and_world()
+        self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
+        self.lo, self.hi = shard_rows(len(keys), self.rank, self.world)
+        self.local = make_local(keys[self.lo : self.hi]) if self.hi > self.lo else None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n, m = len(queries), min(k, self.hi - self.lo)
+        d = np.full((n, k), np.inf, dtype=np.float32)  # a shard with fewer than k keys pads with (inf, -1)
+        i = np.full((n, k), -1, dtype=np.int64)
+        if m > 0:
+            dl, il = self.local.search(queries, m)
+            d[:, :m], i[:, :m] = dl, il + self.lo
+        dev = collective_device()
+        parts_d = [torch.empty((n, k), dtype=torch.float32, device=dev) for _ in range(self.world)]
+        parts_i = [torch.empty((n, k), dtype=torch.int64, device=dev) for _ in range(self.world)]
+        dist.all_gather(parts_d, torch.from_numpy(d).to(dev))
+        dist.all_gather(parts_i, torch.from_numpy(i).to(dev))
+        return merge_nearest(torch.cat(parts_d, 1).cpu().numpy(), torch.cat(parts_i, 1).cpu().numpy(), k)
 
 
 def search_all(searcher, queries: np.ndarray, k: int, batch: int = 4096, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:

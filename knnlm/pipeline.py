@@ -28,7 +28,7 @@ def check_writable(out: Path) -> None:
         raise UserError(f"--out {out}: folder cannot be written ({e.strerror})") from None
 
 
-def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict:
+def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict | None:
     """Train (or resume), build the datastore, evaluate valid (and test if asked); skip finished steps. The run
     folder is locked throughout (`knnlm run` and each run of a sweep)."""
     out = Path(out)
@@ -49,6 +49,8 @@ def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict:
         results = {"train": train_summary}
         for split in splits:
             results[split] = evaluate(out, cfg, split, progress=progress)
+        if results["valid"] is None:
+            return None  # a rank other than 0 under torchrun: rank 0 writes and reports the results
         # wall time of each stage as recorded when it ran (a rerun skips finished stages but keeps their times)
         results["seconds"] = {"train": train_summary["train_seconds"],
                               "datastore": read_json(ds_meta).get("seconds")}  # None: not recorded (old datastore)

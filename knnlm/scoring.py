@@ -21,6 +21,9 @@ def score_stream(model: LanguageModel, s: torch.Tensor, stride: int, batch_size:
 
     Input position i predicts s[i+1]; every one of the N positions is scored exactly once (data.sliding_windows).
     `windows` restricts the pass to a contiguous run of those windows (one rank's share of a sharded pass).
+
+    No per-batch host synchronisation on a GPU: a batch's results are copied into pinned host memory
+    asynchronously and handed out one batch later, once its copy has finished, while the next batch computes.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -28,6 +31,7 @@ def score_stream(model: LanguageModel, s: torch.Tensor, stride: int, batch_size:
     n = len(s) - 1
     if windows is None:
         windows = sliding_windows(n, T, stride)
+    pending = None  # the previous batch: host tensors and the event that marks their copies done
     for b in range(0, len(windows), batch_size):
         group = windows[b : b + batch_size]
         length = max(e - a for a, e, _ in group)  # all equal to T unless the stream is shorter than T
@@ -38,8 +42,31 @@ def score_stream(model: LanguageModel, s: torch.Tensor, stride: int, batch_size:
             logp = model.target_logprob(out.hidden, targets)  # (B, T)
         # scored slice of each window, concatenated in stream order
         sel = [(j, f - a, e - a) for j, (a, e, f) in enumerate(group)]
-        yield (
-            torch.cat([out.key[j, lo:hi] for j, lo, hi in sel]).to(torch.float16).cpu() if want_keys else None,
-            torch.cat([targets[j, lo:hi] for j, lo, hi in sel]).cpu(),
-            torch.cat([logp[j, lo:hi] for j, lo, hi in sel]).float().cpu(),
-        )
+        results = (torch.cat([out.key[j, lo:hi] for j, lo, hi in sel]).to(torch.float16) if want_keys else None,
+                   torch.cat([targets[j, lo:hi] for j, lo, hi in sel]),
+                   torch.cat([logp[j, lo:hi] for j, lo, hi in sel]).float())
+        host = tuple(None if x is None else to_host(x) for x in results)
+        event = torch.cuda.Event() if device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        if pending is not None:
+            yield finished(*pending)
+        pending = host, event
+    if pending is not None:
+        yield finished(*pending)
+
+
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of x: started asynchronously into pinned memory from a GPU (wait for it with an event)."""
+    if x.device.type != "cuda":
+        return x
+    buffer = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    buffer.copy_(x, non_blocking=True)
+    return buffer
+
+
+def finished(host: tuple, event) -> tuple:
+    """The host tensors of a batch once their asynchronous copies are done."""
+    if event is not None:
+        event.synchronize()
+    return host

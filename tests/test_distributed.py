@@ -1,6 +1,8 @@
-"""Two gloo processes under torchrun train the same weights as one process on the same global batch."""
+"""Two gloo processes under torchrun train the same weights as one process on the same global batch, write the same
+datastore, and find the same neighbours with the store split between them."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY, knnlm
 from knnlm.checkpoint import latest_checkpoint
+from knnlm.knn import merge_nearest
 
 pytestmark = [pytest.mark.slow, pytest.mark.wikitext]  # torchrun launches and full training runs
 
@@ -82,3 +85,28 @@ def test_sharded_datastore_equals_one_process(tmp_path):
     assert meta["ranks"] == 2 and meta["N"] == 8192
     assert np.array_equal(np.load(run / "datastore" / "vals.npy"), vals1)
     assert np.allclose(np.load(run / "datastore" / "keys.npy").astype(np.float32), keys1.astype(np.float32), atol=1e-3)
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    """`knnlm evaluate` under torchrun splits the store across 2 gloo ranks: the same neighbours and perplexities."""
+    run = tmp_path / "run"
+    knnlm("train", "--config", TINY, "--out", run, *ARGS)
+    knnlm("datastore", "--out", run)
+    ev = ["eval.index=Flat", "eval.k_max=64", "eval.k=8,64"]
+    knnlm("evaluate", "--out", run, *ev)
+    folder = run / "eval" / "valid"
+    one = {a: np.load(folder / f"{a}.npy") for a in ("neighbors", "distances", "targets", "lm_logprobs")}
+    one_summary = json.loads((folder / "summary.json").read_text())
+    shutil.rmtree(run / "eval")
+    proc = torchrun("evaluate", "--out", run, *ev)
+    assert proc.stdout.count('"split": "valid"') == 1  # rank 0 alone reports
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["search_ranks"] == 2 and meta["searched_queries"] == meta["tokens"] == len(one["targets"])
+    assert np.array_equal(np.load(folder / "targets.npy"), one["targets"])
+    assert np.array_equal(np.load(folder / "lm_logprobs.npy"), one["lm_logprobs"])
+    d, i = merge_nearest(one["distances"], one["neighbors"].astype(np.int64), 64)  # ties ordered by id, as merged
+    assert np.array_equal(np.load(folder / "neighbors.npy"), i)
+    assert np.allclose(np.load(folder / "distances.npy"), d, rtol=1e-6)
+    two_summary = json.loads((folder / "summary.json").read_text())
+    for p in ("tuned", "paper"):
+        assert math.isclose(two_summary["protocols"][p]["knnlm_ppl"], one_summary["protocols"][p]["knnlm_ppl"], rel_tol=1e-6)

@@ -4,6 +4,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +266,36 @@ def test_cpu_exact_refuses_a_store_larger_than_memory(monkeypatch, kernel):
     monkeypatch.setattr(fastsearch, "available_memory", lambda: 100_000)  # bytes: less than the 128 kB bf16 copy
     with pytest.raises(UserError, match=f"{kernel}-exact needs .* use an IVF index"):
         fastsearch.CpuExactSearch(keys, kernel)
+
+
+
+def test_sharded_search_over_two_gloo_ranks_equals_one_process(tmp_path):
+    """Two processes under torchrun, each holding half the store, give one process's exact neighbours, with every
+    exact backend this machine runs (CPU kernels it cannot run are tested, and skipped with a reason, above)."""
+    backends = ["Flat", "bf16-exact"] + [k.index for name, k in fastsearch.KERNELS.items() if fastsearch.available(name)]
+    ks = [1, 37, 1600]  # 1600: more than one rank's shard of 1500/1501 keys
+    worker = Path(__file__).parent / "workers" / "sharded_search.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(tmp_path), ",".join(backends), ",".join(map(str, ks))],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    assert (int(r0["lo"]), int(r0["hi"]), int(r1["lo"]), int(r1["hi"])) == (0, 1500, 1500, 3001)
+    store = fastsearch.lm_like_keys(3071, d=48, seed=0)
+    keys = store[:3001]
+    queries = store[3001:].astype(np.float32) + np.random.default_rng(1).normal(0, 0.05, (70, 48)).astype(np.float32)
+    for backend in backends:
+        for k in ks:
+            d, i = r0[f"{backend}_{k}_d"], r0[f"{backend}_{k}_i"]
+            assert np.array_equal(i, r1[f"{backend}_{k}_i"]) and np.array_equal(d, r1[f"{backend}_{k}_d"])  # both ranks
+            assert_exact_neighbours(keys, queries, d, i, k)
+            one_d, one_i = knn.merge_nearest(*make_searcher(keys, backend).search(queries, k), k)  # ties ordered by id
+            assert np.array_equal(i, one_i), (backend, k)
+            assert np.allclose(d, one_d, rtol=1e-6), (backend, k)
+
+
+def test_merge_nearest_orders_by_distance_then_id():
+    d = np.array([[3.0, 1.0, 2.0, 1.0, np.inf]], dtype=np.float32)
+    i = np.array([[7, 9, 4, 2, -1]])
+    md, mi = knn.merge_nearest(d, i, 4)
+    assert mi.tolist() == [[2, 9, 4, 7]] and md.tolist() == [[1.0, 1.0, 2.0, 3.0]]
