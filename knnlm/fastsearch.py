@@ -29,6 +29,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -76,6 +77,12 @@ KERNELS = {k.name: k for k in (  # fastest first: `auto` takes the first one the
 # out_d, out_i): one C signature for every kernel (tests/test_knn.py compares it with each source).
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 SEARCH_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, ctypes.c_int, _i64, _i64, _p, _p)
+# knnlm_<kernel>_pruned(queries, M, D, packed, norms, Np, qf32, keys16, N, Dx, k, qnorm2, sqrt_slack, add_slack,
+# rel, start, nthreads, qblock, kchunk, out_d, out_i): the pruned search, in the kernels that have it (not AMX yet).
+PRUNED_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p, ctypes.c_double, _p,
+                   ctypes.c_int, _i64, _i64, _p, _p)
+BF16_UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to nearest)
+FP32_UNIT = 2.0**-24
 
 
 def _cpuinfo(field: str) -> str:
@@ -144,7 +151,17 @@ def load_library(name: str = "amx") -> ctypes.CDLL | None:
     search = getattr(lib, f"knnlm_{name}_search")
     search.argtypes = list(SEARCH_ARGTYPES)
     search.restype = None
+    if hasattr(lib, f"knnlm_{name}_pruned"):
+        pruned = getattr(lib, f"knnlm_{name}_pruned")
+        pruned.argtypes = list(PRUNED_ARGTYPES)
+        pruned.restype = None
     return lib
+
+
+def has_pruned(kernel: str) -> bool:
+    """Whether the compiled `kernel` has the pruned search (`CpuExactSearch(prune=True)`)."""
+    lib = load_library(kernel)
+    return lib is not None and hasattr(lib, f"knnlm_{kernel}_pruned")
 
 
 def available(kernel: str = "amx") -> bool:
@@ -170,6 +187,21 @@ def centering_vector(keys: np.ndarray, rows: int = 65536) -> torch.Tensor:
     return torch.from_numpy(np.asarray(keys[::step], dtype=np.float64).mean(0).astype(np.float32))
 
 
+def principal_directions(keys: np.ndarray, mean: torch.Tensor, m: int, rows: int = 65536) -> torch.Tensor:
+    """An orthonormal basis (d, m) fp32 of the m directions in which up to `rows` evenly spaced keys vary most."""
+    step = max(1, len(keys) // rows)
+    x = torch.from_numpy(np.asarray(keys[::step], dtype=np.float64)) - mean.double()
+    _, vectors = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues
+    return vectors[:, -m:].flip(1).float().contiguous()
+
+
+def project_dims(d: int) -> int:
+    """How many principal directions the pruned search projects onto: all of a small d; a quarter of a large one
+    (at least 64). On WikiText-2's keys (d = 256) 64 directions hold 88 % of the variance, and the projected bound
+    leaves about 0.5 % of the keys to test exactly at k = 1024."""
+    return d if d <= 64 else max(64, d // 4)
+
+
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
@@ -181,70 +213,174 @@ def _bf16_bits(x: torch.Tensor) -> np.ndarray:
 
 class CpuExactSearch:
     """Exact k-NN over a float16 key store (N, d) with one of the compiled kernels (`KERNELS`: "amx", "avx512",
-    "avx2"), with the same interface as `knn.FaissSearch`.
+    "avx2"), with the same interface as `knn.FaissSearch`. Two searches, both returning the fp32 distances from the
+    stored keys:
 
-    Memory: a bf16 copy of the keys (2 bytes per dimension) plus their norms; the float16 keys are read in place
-    (a memory map stays a memory map). `margin` extra candidates per query are re-ranked exactly."""
+    - pruned (the default where the kernel has it: AVX-512 and AVX2): the kernel scans keys and queries projected onto
+      the keys' m = `project_dims(d)` principal directions. A projected distance never exceeds the true one, so
+      a key whose projected distance, less a proven bound on the rounding of everything that computed it, is at or
+      above the query's k-th exact distance so far cannot be among the k nearest and is skipped; every other key
+      gets its exact distance at once. Exact on every query, with no margin to choose. Memory: the projected keys
+      in bf16 (m/d of a full copy). The pruning starts from a guess of the k-th distance, checked
+      (`_speculative`).
+    - margin (`prune=False`; AMX, whose kernel has no pruned search yet): bf16 products of the full vectors pick `k + margin` candidates, re-ranked
+      exactly. Memory: a bf16 copy of the keys.
+    The float16 keys are read in place (a memory map stays a memory map)."""
 
     def __init__(self, keys: np.ndarray, kernel: str = "amx", margin: int = 32, margin_fraction: float = 1 / 16,
-                 block: int = 262144, query_block: int = 1024, key_chunk: int = 1024):
+                 block: int = 262144, query_block: int = 1024, key_chunk: int = 1024, prune: bool | None = None,
+                 dims: int | None = None):
         if kernel not in KERNELS:
             raise ValueError(f"kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
         self.kernel = KERNELS[kernel]
         lib = load_library(kernel)
         if lib is None:
             raise RuntimeError(f"{self.kernel.index} search is not available on this machine")
-        self._search = getattr(lib, f"knnlm_{kernel}_search")
+        self.prune = has_pruned(kernel) if prune is None else prune
+        if self.prune and not has_pruned(kernel):
+            raise ValueError(f"{self.kernel.index} has no pruned search")
+        self._search = getattr(lib, f"knnlm_{kernel}_{'pruned' if self.prune else 'search'}")
         if keys.dtype != np.float16 or keys.ndim != 2:
             raise ValueError(f"keys: expected a 2-d float16 array, got {keys.dtype} {keys.shape}")
         self.N, self.d = keys.shape
         self.margin, self.margin_fraction = margin, margin_fraction
         self.query_block, self.key_chunk = query_block, key_chunk
-        self.D = -(-self.d // self.kernel.dim_multiple) * self.kernel.dim_multiple  # padded dimensions
+        self.mean = centering_vector(keys)
+        self.m = min(self.d, dims or project_dims(self.d)) if self.prune else self.d  # dimensions the kernel scans
+        self.basis = principal_directions(keys, self.mean, self.m) if self.prune else None
+        self.D = -(-self.m // self.kernel.dim_multiple) * self.kernel.dim_multiple  # padded dimensions
         Np = -(-self.N // 32) * 32  # whole units of 32 keys, the work the kernels split between threads
         need, free = Np * self.D * 2, available_memory()
         if free is not None and need > 0.8 * free:
             raise UserError(f"eval.index: {self.kernel.index} needs a {need / 2**30:.1f} GiB bf16 copy of the keys "
                             f"but only {free / 2**30:.1f} GiB of memory is available; use an IVF index "
                             f"(e.g. 'IVF4096,PQ64')")
-        self.mean = centering_vector(keys)
-        # Centered bf16 keys in groups of 16, dimension pair by dimension pair: (Np/16, D/2, 16 keys, 2). This is
-        # the VNNI layout of AMX's B operand (whose 32-dimension chunks are 16 consecutive pairs) and the operand
-        # of vdpbf16ps (16 keys x one pair per 64-byte vector). Written block by block (torch copies in parallel).
+        self.max_key_norm = self.max_centered_norm = 0.0  # of the bf16 keys the products use; of the centered keys
+        self.store = self._pack(keys, block)
+        self.fallbacks = 0  # queries of the last pruned search whose guessed bound was too small (searched again)
+        # the pruned search's guess of each query's k-th distance comes from every `sample`-th key (a strided sample:
+        # a contiguous part of a store is one part of the corpus, nearer to some queries than the whole)
+        self.sample = self._pack(np.ascontiguousarray(keys[:: self.SAMPLE]), block) if self.prune else None
+
+    SAMPLE = 16
+
+    def _pack(self, keys: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(packed, norms, keys16) for the kernel. Packed: centered (and projected) bf16 keys in groups of 16,
+        dimension pair by dimension pair, (Np/16, D/2, 16, 2): the VNNI layout of AMX's B operand (whose
+        32-dimension chunks are 16 consecutive pairs) and the operand of vdpbf16ps (16 keys x one pair per 64-byte
+        vector), written block by block. Norms: fp32 ||k̃||² of the bf16 keys the products use (+inf on padding)."""
+        N = len(keys)
+        Np = -(-N // 32) * 32  # whole units of 32 keys, the work the kernels split between threads
         packed = torch.zeros((Np // 16, self.D // 2, 16, 2), dtype=torch.bfloat16)
         norms = torch.full((Np,), float("inf"))  # padding rows are never selected
         block = block // 16 * 16
-        for lo in range(0, self.N, block):
+        for lo in range(0, N, block):
             x = torch.from_numpy(np.asarray(keys[lo : lo + block], dtype=np.float32)) - self.mean
+            self.max_centered_norm = max(self.max_centered_norm, float(x.double().norm(dim=1).max()))
+            if self.prune:
+                x = x @ self.basis
             xb = torch.zeros((-(-len(x) // 16) * 16, self.D), dtype=torch.bfloat16)
-            xb[: len(x), : self.d] = x
-            norms[lo : lo + len(x)] = xb[: len(x)].float().pow(2).sum(1)  # ||k̃||² of the bf16 key the products use
+            xb[: len(x), : self.m] = x
+            norms[lo : lo + len(x)] = xb[: len(x)].float().pow(2).sum(1)
+            self.max_key_norm = max(self.max_key_norm, float(xb[: len(x)].double().norm(dim=1).max()))
             packed[lo // 16 : lo // 16 + len(xb) // 16] = xb.view(-1, 16, self.D // 2, 2).permute(0, 2, 1, 3)
-        self.packed = packed.view(torch.int16).numpy().view(np.uint16)
-        self.norms = norms.numpy()
-        self.keys16 = keys if keys.flags.c_contiguous else np.ascontiguousarray(keys)  # exact distances, read in place
+        keys16 = keys if keys.flags.c_contiguous else np.ascontiguousarray(keys)  # exact distances, read in place
+        return packed.view(torch.int16).numpy().view(np.uint16), norms.numpy(), keys16
 
     def candidates(self, k: int) -> int:
         return min(self.N, k + max(self.margin, int(k * self.margin_fraction)))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def bounds(self, centered: torch.Tensor, rounded: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """What makes the pruned search's skip test safe, per query (exact_search.h, `Bound`): with a = ||ỹ_q|| of the
+        rounded projected query, b = the largest ||ỹ_j|| of a rounded projected key, and x the largest norms of the
+        centered vectors, a key is skipped only if ||ỹ_q − ỹ_j|| ≥ sqrt(thr (1 + rel)) + sqrt_slack, where
+        - sqrt_slack = u'(a + b) + γ_d √m (||q − μ|| + x): rounding the projections to bf16 moves each by at most
+          u' times its norm; computing them in fp32 by at most γ_d √m times the centered vector's norm;
+        - the scores ||ỹ_j||² − 2 ỹ_q·ỹ_j are summed in fp32: off by at most γ_m (a + b)² (add_slack);
+        - rel covers the fp32 rounding of the exact distances and the basis's departure from orthonormality.
+        Then ||q − k_j||² ≥ ||P^T(q − k_j)||² ≥ thr: the key cannot be nearer than the k-th found."""
+        a = rounded.double().norm(dim=1)
+        qx = centered.double().norm(dim=1)
+        u = BF16_UNIT / (1 - BF16_UNIT) if self.kernel.bf16_queries else 0.0
+        gamma_d, gamma_m = (self.d + 4) * FP32_UNIT, 2 * (self.m + 4) * FP32_UNIT
+        b = self.max_key_norm
+        sqrt_slack = u * a + BF16_UNIT / (1 - BF16_UNIT) * b + gamma_d * self.m**0.5 * (qx + self.max_centered_norm)
+        add_slack = gamma_m * (a + b) ** 2 + 1e-30
+        return (a * a).numpy(), sqrt_slack.numpy(), add_slack.numpy(), 1e-4
+
+    def search(self, queries: np.ndarray, k: int, start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest keys of each query. `start` (pruned search only): an upper bound of each query's k-th exact
+        distance known in advance (never below it), from which the pruning starts; by default it is guessed
+        (`_speculative`)."""
         if not 0 < k <= self.N:
             raise ValueError(f"k: expected 1..{self.N}, got {k}")
         q32 = np.ascontiguousarray(queries, dtype=np.float32)
-        M = len(q32)
-        Mp = -(-M // 32) * 32
         centered = torch.from_numpy(q32) - self.mean
+        x = centered @ self.basis if self.prune else centered
+        qc = self._kernel_queries(x)
+        if not self.prune:
+            D = np.empty((len(q32), k), dtype=np.float32)
+            I = np.empty((len(q32), k), dtype=np.int64)
+            packed, norms, keys16 = self.store
+            self._search(_ptr(qc), len(q32), self.D, _ptr(packed), _ptr(norms), len(norms), _ptr(q32),
+                         _ptr(keys16), self.N, self.d, k, self.candidates(k), torch.get_num_threads(),
+                         self.query_block, self.key_chunk, _ptr(D), _ptr(I))
+            return D, I
+        rounded = x.to(torch.bfloat16).float() if self.kernel.bf16_queries else x
+        bounds = self.bounds(centered, rounded)
+        if start is not None:
+            start = np.ascontiguousarray(start, dtype=np.float32)
+            if start.shape != (len(q32),):
+                raise ValueError(f"start: expected one bound per query, shape ({len(q32)},), got {start.shape}")
+            return self._pruned(self.store, qc, q32, bounds, k, start)
+        return self._speculative(qc, q32, bounds, k)
+
+    def _kernel_queries(self, x: torch.Tensor) -> np.ndarray:
+        """Queries as the kernel reads them: rows padded to a multiple of 32, dimensions to D; bf16 bits or fp32."""
+        Mp = -(-len(x) // 32) * 32
         if self.kernel.bf16_queries:
             qc = np.zeros((Mp, self.D), dtype=np.uint16)
-            qc[:M, : self.d] = _bf16_bits(centered)
+            qc[: len(x), : self.m] = _bf16_bits(x)
         else:
             qc = np.zeros((Mp, self.D), dtype=np.float32)
-            qc[:M, : self.d] = centered.numpy()
+            qc[: len(x), : self.m] = x.numpy()
+        return qc
+
+    def _pruned(self, store: tuple, qc: np.ndarray, q32: np.ndarray, bounds: tuple, k: int,
+                start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One call of the pruned kernel over a packed store (`_pack`); k nearest (−1 ids where fewer are found)."""
+        packed, norms, keys16 = store
+        M = len(q32)
         D = np.empty((M, k), dtype=np.float32)
         I = np.empty((M, k), dtype=np.int64)
-        self._search(_ptr(qc), M, self.D, _ptr(self.packed), _ptr(self.norms), len(self.norms), _ptr(q32),
-                     _ptr(self.keys16), self.N, self.d, k, self.candidates(k), torch.get_num_threads(),
-                     self.query_block, self.key_chunk, _ptr(D), _ptr(I))
+        qnorm2, sqrt_slack, add_slack, rel = bounds
+        self._search(_ptr(qc), M, self.D, _ptr(packed), _ptr(norms), len(norms), _ptr(q32), _ptr(keys16),
+                     len(keys16), self.d, k, _ptr(qnorm2), _ptr(sqrt_slack), _ptr(add_slack), rel,
+                     None if start is None else _ptr(start), torch.get_num_threads(), self.query_block,
+                     self.key_chunk, _ptr(D), _ptr(I))
+        return D, I
+
+    def _speculative(self, qc: np.ndarray, q32: np.ndarray, bounds: tuple, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The pruned search from a guessed bound, checked. Pruning from +inf tests many keys exactly before the
+        running k-th distance falls; a guess of the k-th distance spares them. The guess: the ks-th exact distance
+        among every SAMPLE-th key (searched first, the same way), ks = 1.5 k/SAMPLE + 3 sqrt(k/SAMPLE): a little
+        beyond the k-th in expectation, by more where the sample is small and its order statistics noisy. With the guess as the starting
+        threshold, keys at or below it are tested: if at least k are found, the guess was at least the true k-th
+        distance and the answer is exact; a query with fewer found (a guess too small) is searched again from +inf.
+        `fallbacks` counts those queries."""
+        ks = math.ceil(1.5 * k / self.SAMPLE + 3 * math.sqrt(k / self.SAMPLE))
+        self.fallbacks = 0
+        if len(self.sample[2]) < 4 * ks:  # too small a store to sample: start from +inf
+            return self._pruned(self.store, qc, q32, bounds, k)
+        guess = np.ascontiguousarray(self._pruned(self.sample, qc, q32, bounds, ks)[0][:, ks - 1])  # +inf: < ks found
+        D, I = self._pruned(self.store, qc, q32, bounds, k, guess)
+        failed = np.flatnonzero(I[:, k - 1] < 0)
+        if len(failed):
+            self.fallbacks = len(failed)
+            sub_qc = np.zeros((-(-len(failed) // 32) * 32, qc.shape[1]), dtype=qc.dtype)
+            sub_qc[: len(failed)] = qc[failed]
+            sub_bounds = tuple(np.ascontiguousarray(b[failed]) for b in bounds[:3]) + (bounds[3],)
+            D[failed], I[failed] = self._pruned(self.store, sub_qc, np.ascontiguousarray(q32[failed]), sub_bounds, k)
         return D, I
 
 

@@ -23,6 +23,16 @@ KERNELS = [pytest.param(name, marks=pytest.mark.skipif(
     reason=f"{name}: the CPU lacks {', '.join(sorted(k.cpu_flags - fastsearch.cpu_flags())) or 'nothing'}"
            f" (or there is no C++ compiler)")) for name, k in fastsearch.KERNELS.items()]
 CXX = shutil.which(os.environ.get("CXX", "g++"))  # the compiler fastsearch uses
+# every search of every kernel: (kernel, prune, projected dimensions): the margin search, the pruned search with
+# its default projection, and with a projection far smaller than d (weak bounds: most keys tested exactly)
+MODES = [pytest.param((p.values[0], prune, dims), marks=p.marks, id=f"{p.values[0]}-{label}")
+         for p in KERNELS for prune, dims, label in ((False, None, "margin"), (True, None, "pruned"), (True, 8, "pruned8"))
+         if not prune or f"knnlm_{p.values[0]}_pruned(" in (fastsearch.CSRC / fastsearch.KERNELS[p.values[0]].source).read_text()]
+
+
+def cpu_search(keys, mode, **kw):
+    kernel, prune, dims = mode
+    return fastsearch.CpuExactSearch(keys, kernel, prune=prune, dims=dims, **kw)
 
 
 def brute_force(keys, queries, k, rows=64):
@@ -85,26 +95,26 @@ def low_rank_keys(rng, n, d, rank=8):
             ).astype(np.float16)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n,d,m,k", [(5007, 100, 70, 20), (5007, 64, 33, 300), (40, 32, 5, 40), (2000, 256, 64, 1),
                                      (1001, 37, 19, 1001)])
-def test_cpu_exact_search_equals_brute_force(kernel, n, d, m, k):
+def test_cpu_exact_search_equals_brute_force(mode, n, d, m, k):
     # Shapes off the kernels' tiles (n % 32, d % 32, m % 32 != 0; d odd), k = N, k = 1, and a small key chunk and
     # query block, so candidates are merged across threads, chunks and blocks.
     rng = np.random.default_rng(n + d + k)
     keys, scale = lm_like_keys(rng, n, d)
     queries = (5 + rng.standard_normal((m, d)) * scale).astype(np.float32)
-    dist, ids = fastsearch.CpuExactSearch(keys, kernel, query_block=32, key_chunk=64).search(queries, k)
+    dist, ids = cpu_search(keys, mode, query_block=32, key_chunk=64).search(queries, k)
     assert_exact_neighbours(keys, queries, dist, ids, k)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_cpu_exact_search_on_low_rank_keys_with_near_neighbours(kernel):
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_exact_search_on_low_rank_keys_with_near_neighbours(mode):
     # queries near stored keys, as an LM's are: the k nearest are close together, where bf16 products err most
     rng = np.random.default_rng(11)
     keys = low_rank_keys(rng, 3001, 96)
     queries = keys[rng.choice(len(keys), 45)].astype(np.float32) + 0.05 * rng.standard_normal((45, 96))
-    s = fastsearch.CpuExactSearch(keys, kernel, query_block=32, key_chunk=96)
+    s = cpu_search(keys, mode, query_block=32, key_chunk=96)
     threads = torch.get_num_threads()
     try:
         for k, t in [(1, 1), (64, 1), (64, 3)]:  # 3 threads: uneven shares of the keys, candidates merged across them
@@ -115,14 +125,51 @@ def test_cpu_exact_search_on_low_rank_keys_with_near_neighbours(kernel):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_cpu_exact_search_with_duplicate_keys_returns_tied_neighbours(kernel):
+PRUNED = [m for m in MODES if m.values[0][1]]
+
+
+@pytest.mark.parametrize("mode", PRUNED)
+def test_pruned_search_when_the_sampled_guess_is_too_small_searches_again(mode):
+    # The pruning starts from a guess of the k-th distance taken from every 16th key. Planted: a tight cluster around
+    # the queries. (a) 60 cluster keys, all at sampled positions: the guess lies inside the cluster, but k = 300
+    # reaches beyond it, so fewer than k keys lie within the guess and every query is searched again from +inf.
+    # (b) 960 cluster keys at every position: the sample's guess is beyond the true 300th: no query twice.
+    rng = np.random.default_rng(3)
+    for rows, fallbacks in ((np.arange(60) * 16, 20), (np.arange(960), 0)):
+        keys = low_rank_keys(rng, 4800, 64).astype(np.float32)
+        centre = keys[0].copy()
+        keys[rows] = centre + 0.01 * rng.standard_normal((len(rows), 64))
+        keys = keys.astype(np.float16)
+        queries = centre + 0.01 * rng.standard_normal((20, 64)).astype(np.float32)
+        s = cpu_search(keys, mode, query_block=32, key_chunk=64)
+        dist, ids = s.search(queries, 300)
+        assert s.fallbacks == fallbacks
+        assert_exact_neighbours(keys, queries, dist, ids, 300)
+
+
+@pytest.mark.parametrize("mode", PRUNED)
+def test_pruned_search_from_a_given_bound(mode):
+    # any bound at or above the true k-th distance gives the exact answer (the bound itself, or far above it)
+    rng = np.random.default_rng(4)
+    keys = low_rank_keys(rng, 3000, 48)
+    queries = keys[:25].astype(np.float32) + 0.05 * rng.standard_normal((25, 48))
+    bd, _ = brute_force(keys, queries, 100)
+    s = cpu_search(keys, mode)
+    for start in (bd[:, -1] * (1 + 1e-4), bd[:, -1] * 3, np.full(25, np.inf)):
+        dist, ids = s.search(queries, 100, start=start)
+        assert_exact_neighbours(keys, queries, dist, ids, 100)
+    with pytest.raises(ValueError, match="start: expected one bound per query"):
+        s.search(queries, 100, start=np.ones(3))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_exact_search_with_duplicate_keys_returns_tied_neighbours(mode):
     # every key stored 4 times: approximate distances tie exactly, across threads' shares and compactions; any of the
     # tied copies is a right answer, so each rank's float64 distance must be the truth's, with k distinct ids
     rng = np.random.default_rng(5)
     keys = np.repeat(low_rank_keys(rng, 700, 48), 4, axis=0)[rng.permutation(2800)]
     queries = keys[:30].astype(np.float32) + 0.1 * rng.standard_normal((30, 48))
-    dist, ids = fastsearch.CpuExactSearch(keys, kernel, query_block=32, key_chunk=64).search(queries, 150)
+    dist, ids = cpu_search(keys, mode, query_block=32, key_chunk=64).search(queries, 150)
     bd, _ = brute_force(keys, queries, 150)
     d64 = ((queries[:, None, :].astype(np.float64) - keys[ids].astype(np.float64)) ** 2).sum(-1)
     assert all(len(set(row)) == 150 for row in ids)
@@ -143,7 +190,8 @@ def test_cpu_exact_search_reads_a_memory_map_and_matches_faiss(tmp_path, kernel)
 
 
 def _ctype(c_type: str):
-    return ctypes.c_void_p if "*" in c_type else {"int64_t": ctypes.c_int64, "int": ctypes.c_int}[c_type.split()[-1]]
+    return ctypes.c_void_p if "*" in c_type else {"int64_t": ctypes.c_int64, "int": ctypes.c_int,
+                                                 "double": ctypes.c_double}[c_type.split()[-1]]
 
 
 @pytest.mark.parametrize("kernel", fastsearch.KERNELS)
@@ -154,6 +202,10 @@ def test_kernel_signature_matches_argtypes(kernel):
     params = re.search(rf"\bvoid knnlm_{kernel}_search\(([^)]*)\)", source).group(1)
     types = [re.sub(r"\s*\b\w+$", "", p.strip()) for p in params.split(",")]  # drop each parameter's name
     assert tuple(_ctype(t) for t in types) == fastsearch.SEARCH_ARGTYPES
+    pruned = re.search(rf"\bvoid knnlm_{kernel}_pruned\(([^)]*)\)", source)
+    if pruned:
+        types = [re.sub(r"\s*\b\w+$", "", p.strip()) for p in pruned.group(1).split(",")]
+        assert tuple(_ctype(t) for t in types) == fastsearch.PRUNED_ARGTYPES
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")

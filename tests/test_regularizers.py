@@ -146,7 +146,7 @@ def test_knn_distribution_loss_equals_a_brute_force_and_starts_tau_at_the_median
     dists = sorted(np.sum((k[j] - k[m]) ** 2) for j in range(24) for m in range(24) if j // 6 != m // 6)
     med = dists[(len(dists) - 1) // 2]  # torch's median: the lower middle value
     assert tau == pytest.approx(med, rel=1e-6)
-    assert float(loss) == pytest.approx(_numpy_knn_loss(key, targets, 6, tau), rel=1e-9)
+    assert float(loss.detach()) == pytest.approx(_numpy_knn_loss(key, targets, 6, tau), rel=1e-9)
     with torch.no_grad():
         reg.log_tau.fill_(math.log(3.0))  # a later step, with a trained τ
     assert float(reg(key, targets)) == pytest.approx(_numpy_knn_loss(key, targets, 6, 3.0), rel=1e-9)

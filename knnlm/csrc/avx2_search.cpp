@@ -27,8 +27,9 @@ using knnlm::Candidates;
 
 constexpr int Q = 4;  // queries per tile: 8 accumulators + 4 widened key vectors + 1 broadcast of 16 ymm registers
 
+template <class Cands>  // knnlm::Candidates (approximate) or knnlm::Pruned (exact)
 void scan_keys(const float* queries, int64_t q0, int64_t qn, int64_t M, int64_t D, const uint16_t* packed,
-               const float* norms, int64_t u0, int64_t u1, int64_t chunk_units, Candidates* cands) {
+               const float* norms, int64_t u0, int64_t u1, int64_t chunk_units, Cands* cands) {
   const int64_t pairs = D / 2, group = 16 * D;  // bf16 values per group of 16 keys
   const __m256 two = _mm256_set1_ps(2.0f);
   const __m256i high = _mm256_set1_epi32(int32_t(0xFFFF0000u));
@@ -65,7 +66,7 @@ void scan_keys(const float* queries, int64_t q0, int64_t qn, int64_t M, int64_t 
 #pragma GCC unroll 4
         for (int r = 0; r < Q; ++r) {
           if (r >= rows) break;
-          Candidates& cq = cands[qt + r];
+          Cands& cq = cands[qt + r];
           const __m256 thr = _mm256_set1_ps(cq.refresh());
           const __m256 d0 = _mm256_fnmadd_ps(two, acc[r][0], n0);  // ||k̃||² − 2 q·k̃
           const __m256 d1 = _mm256_fnmadd_ps(two, acc[r][1], n1);
@@ -98,10 +99,26 @@ void knnlm_avx2_search(const float* queries, int64_t M, int64_t D, const uint16_
                        int64_t C, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
   (void)N;  // the re-ranking reads keys16 only at candidates' indices, all < N (padding rows have norm +inf)
   const int64_t chunk_units = std::max<int64_t>(1, kchunk / knnlm::kUnit);
-  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, Candidates* cands) {
+  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {
     scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);
   };
   knnlm::search(scan, M, Np, qf32, keys16, Dx, k, C, nthreads, qblock, out_d, out_i);
+}
+
+
+// The pruned search (exact_search.h, `search_pruned`): `packed`/`norms`/`queries` hold the keys and queries
+// projected onto D principal directions; qf32/keys16 the full vectors the exact distances are computed from.
+void knnlm_avx2_pruned(const float* queries, int64_t M, int64_t D, const uint16_t* packed, const float* norms,
+                         int64_t Np, const float* qf32, const uint16_t* keys16, int64_t N, int64_t Dx, int64_t k,
+                         const double* qnorm2, const double* sqrt_slack, const double* add_slack, double rel,
+                         const float* start, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
+  (void)N;
+  const int64_t chunk_units = std::max<int64_t>(1, kchunk / knnlm::kUnit);
+  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {
+    scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);
+  };
+  knnlm::search_pruned(scan, M, Np, qf32, keys16, Dx, k, qnorm2, sqrt_slack, add_slack, rel, start, nthreads, qblock,
+                       out_d, out_i);
 }
 
 }  // extern "C"

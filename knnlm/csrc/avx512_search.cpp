@@ -38,13 +38,15 @@ inline __m512i broadcast_pair(const uint16_t* p) {  // two bf16 values as one 32
 
 // Queries [q0, q0 + qn) against keys [32 u0, 32 u1), one chunk of keys (chunk_units x 32) at a time so that a chunk
 // stays in L2 while every query tile of the block passes over it.
+template <class Cands>  // knnlm::Candidates (approximate) or knnlm::Pruned (exact)
 void scan_keys(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64_t D, const uint16_t* packed,
-               const float* norms, int64_t u0, int64_t u1, int64_t chunk_units, Candidates* cands) {
+               const float* norms, int64_t u0, int64_t u1, int64_t chunk_units, Cands* cands) {
   const int64_t pairs = D / 2, group = 16 * D;  // bf16 values per group of 16 keys
   const __m512 two = _mm512_set1_ps(2.0f);
   const uint32_t base = uint32_t(32 * u0);
   for (int64_t c0 = u0; c0 < u1; c0 += chunk_units) {
     const int64_t c1 = std::min(u1, c0 + chunk_units);
+    if (qn > 0) cands[0].prepare(uint32_t(32 * c0) - base, uint32_t(32 * c1) - base);
     for (int64_t qt = 0; qt < qn; qt += Q) {
       const int64_t rows = std::min<int64_t>(Q, M - (q0 + qt));
       if (rows <= 0) break;
@@ -70,7 +72,7 @@ void scan_keys(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64
 #pragma GCC unroll 8
         for (int r = 0; r < Q; ++r) {
           if (r >= rows) break;
-          Candidates& cq = cands[qt + r];
+          Cands& cq = cands[qt + r];
           const __m512 thr = _mm512_set1_ps(cq.refresh());
           const __m512 d0 = _mm512_fnmadd_ps(two, acc[r][0], n0);  // ||k̃||² − 2 q̃·k̃
           const __m512 d1 = _mm512_fnmadd_ps(two, acc[r][1], n1);
@@ -103,10 +105,26 @@ void knnlm_avx512_search(const uint16_t* queries, int64_t M, int64_t D, const ui
                          int64_t C, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
   (void)N;  // the re-ranking reads keys16 only at candidates' indices, all < N (padding rows have norm +inf)
   const int64_t chunk_units = std::max<int64_t>(1, kchunk / knnlm::kUnit);
-  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, Candidates* cands) {
+  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {
     scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);
   };
   knnlm::search(scan, M, Np, qf32, keys16, Dx, k, C, nthreads, qblock, out_d, out_i);
+}
+
+
+// The pruned search (exact_search.h, `search_pruned`): `packed`/`norms`/`queries` hold the keys and queries
+// projected onto D principal directions; qf32/keys16 the full vectors the exact distances are computed from.
+void knnlm_avx512_pruned(const uint16_t* queries, int64_t M, int64_t D, const uint16_t* packed, const float* norms,
+                         int64_t Np, const float* qf32, const uint16_t* keys16, int64_t N, int64_t Dx, int64_t k,
+                         const double* qnorm2, const double* sqrt_slack, const double* add_slack, double rel,
+                         const float* start, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
+  (void)N;
+  const int64_t chunk_units = std::max<int64_t>(1, kchunk / knnlm::kUnit);
+  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {
+    scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);
+  };
+  knnlm::search_pruned(scan, M, Np, qf32, keys16, Dx, k, qnorm2, sqrt_slack, add_slack, rel, start, nthreads, qblock,
+                       out_d, out_i);
 }
 
 }  // extern "C"

@@ -10,6 +10,11 @@
 // fp32 distances from the stored float16 keys and writes the k nearest, nearest first.
 //
 // Key stores are padded to whole units of 32 keys (norms +inf on padding rows: never selected).
+//
+// `search_pruned` is the same scan over keys projected onto m principal directions (m < d): the projected distance
+// is a lower bound of the true one, so a key is only a candidate if that bound, less a proven bound on its rounding,
+// is below the query's k-th exact distance so far; candidates get their exact distance at once (`Pruned`). No
+// margin: a key is skipped only where it provably cannot be among the k nearest.
 
 #pragma once
 
@@ -60,6 +65,7 @@ struct Candidates {
   }
   const Cand* begin() const { return buf.data(); }
   const Cand* end() const { return buf.data() + buf.size(); }
+  void prepare(uint32_t, uint32_t) const {}  // keys [lo, hi) come next: nothing to fetch for approximate candidates
   void compact() {
     if (buf.size() <= keep) return;
     std::nth_element(buf.begin(), buf.begin() + (keep - 1), buf.end(), closer<Cand>);
@@ -121,15 +127,100 @@ inline float exact_sq_distance(const float* q, const uint16_t* key, int64_t dim)
   return s;
 }
 
+// What makes a projected-distance bound safe for one query (all in double, see fastsearch.CpuExactSearch):
+// a key whose computed ||ỹ_j||² − 2 ỹ_q·ỹ_j is at or above
+//   (sqrt(thr (1 + rel)) + sqrt_slack)² + add_slack − qnorm2
+// cannot have an exact distance below thr, the query's k-th exact distance so far.
+struct Bound {
+  double qnorm2 = 0, sqrt_slack = 0, add_slack = 0, rel = 0;
+  float threshold(float thr) const {
+    if (!std::isfinite(thr)) return INFINITY;
+    const double r = std::sqrt(double(thr) * (1 + rel)) + sqrt_slack;
+    return std::nextafter(float(r * r + add_slack - qnorm2), INFINITY);  // rounded up: never tighter than proven
+  }
+};
+
+// One thread's k nearest keys so far for one query, by exact distance (the pruned search's candidates). `thr` is
+// the k-th exact distance (or a smaller one another thread found: `shared`); `refresh` turns it into the threshold
+// of the projected scores, recomputed only when thr moves. Survivors of that test get their exact distance here.
+struct Pruned {
+  std::vector<Cand> buf;
+  size_t keep = 0;
+  float thr = INFINITY, scored_for = NAN, score_thr = INFINITY;
+  std::atomic<float>* shared = nullptr;
+  Bound bound;
+  const float* q = nullptr;       // the fp32 query (uncentered)
+  const uint16_t* keys = nullptr;  // float16 keys, row of the thread's first key
+  int64_t dim = 0;
+  uint64_t tested = 0;  // exact distances computed (what pruning could not avoid)
+  void reset(size_t keep_, std::atomic<float>* shared_, const Bound& b, const float* q_, const uint16_t* keys_,
+             int64_t dim_) {
+    keep = keep_;
+    buf.clear();
+    buf.reserve(2 * keep_);
+    thr = INFINITY;
+    scored_for = NAN;
+    score_thr = INFINITY;
+    shared = shared_;
+    bound = b;
+    q = q_;
+    keys = keys_;
+    dim = dim_;
+    tested = 0;
+  }
+  const Cand* begin() const { return buf.data(); }
+  const Cand* end() const { return buf.data() + buf.size(); }
+  // Keys [lo, hi) (relative to the thread's first) come next: fetch their float16 rows towards L2, where every
+  // query of the block that tests one of them finds it.
+  void prepare(uint32_t lo, uint32_t hi) const {
+    const char* a = reinterpret_cast<const char*>(keys + int64_t(lo) * dim);
+    const char* b = reinterpret_cast<const char*>(keys + int64_t(hi) * dim);
+    for (; a < b; a += 64) _mm_prefetch(a, _MM_HINT_T1);
+  }
+  void compact() {
+    if (buf.size() < keep) return;
+    std::nth_element(buf.begin(), buf.begin() + (keep - 1), buf.end(), closer<Cand>);
+    buf.resize(keep);
+    thr = buf[keep - 1].d;
+    float cur = shared->load(std::memory_order_relaxed);
+    while (thr < cur && !shared->compare_exchange_weak(cur, thr, std::memory_order_relaxed)) {
+    }
+    thr = std::min(thr, shared->load(std::memory_order_relaxed));
+  }
+  inline float refresh() {
+    thr = std::min(thr, shared->load(std::memory_order_relaxed));
+    if (!(thr == scored_for)) {
+      scored_for = thr;
+      score_thr = bound.threshold(thr);
+    }
+    return score_thr;
+  }
+  inline void push_masked(uint32_t mask, const float* /*scores*/, uint32_t base) {
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      const uint32_t i = base + uint32_t(j);
+      const float d = exact_sq_distance(q, keys + int64_t(i) * dim, dim);
+      ++tested;
+      if (d < thr) {
+        buf.push_back({d, i});
+        if (buf.size() >= 2 * keep || (buf.size() == keep && thr == INFINITY)) compact();  // the first k: thr finite
+      }
+    }
+  }
+};
+
 // Both passes for M queries against Np (padded) keys; see the top of this file. qf32 (M, Dx) fp32 queries and
-// keys16 (N, Dx) float16 keys are the uncentered values the exact distances are computed from.
-template <class Scan>
-void search(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const uint16_t* keys16, int64_t Dx, int64_t k,
-            int64_t C, int nthreads, int64_t qblock, float* out_d, int64_t* out_i) {
+// keys16 (N, Dx) float16 keys are the uncentered values the exact distances are computed from. `init(c, t, r)` resets
+// thread t's candidates c of query r of the block; `rerank`: candidates hold approximate distances to be replaced by
+// exact ones (`Candidates`), else they are exact already (`Pruned`).
+template <class Cands, class Scan, class Init>
+void run(Scan&& scan, Init&& init, bool rerank, int64_t M, int64_t Np, const float* qf32, const uint16_t* keys16,
+         int64_t Dx, int64_t k, int64_t C, int nthreads, int64_t qblock, float* out_d, int64_t* out_i) {
   nthreads = std::max(1, nthreads);
   qblock = std::max<int64_t>(kUnit, qblock / kUnit * kUnit);
   const int64_t units = Np / kUnit;
-  std::vector<std::vector<Candidates>> cands(nthreads, std::vector<Candidates>(qblock));
+  std::vector<std::vector<Cands>> cands(nthreads, std::vector<Cands>(qblock));
   std::vector<std::atomic<float>> shared(qblock);
   for (int64_t q0 = 0; q0 < M; q0 += qblock) {
     const int64_t qn = std::min(qblock, M - q0);
@@ -139,8 +230,8 @@ void search(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const uint16_
     std::vector<std::thread> pool;
     for (int t = 0; t < nthreads; ++t) {
       pool.emplace_back([&, t] {
-        for (int64_t r = 0; r < qn; ++r) cands[t][r].reset(size_t(C), &shared[r]);
         const int64_t u0 = units * t / nthreads, u1 = units * (t + 1) / nthreads;
+        for (int64_t r = 0; r < qn; ++r) init(cands[t][r], kUnit * u0, q0 + r, &shared[r]);
         scan(q0, qn_tiles, u0, u1, cands[t].data());
       });
     }
@@ -162,7 +253,7 @@ void search(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const uint16_
           }
           const float* q = qf32 + (q0 + r) * Dx;
           const size_t ahead = 16;  // candidates are scattered over the store: fetch rows before they are needed
-          for (size_t j = 0; j < all.size(); ++j) {
+          for (size_t j = 0; rerank && j < all.size(); ++j) {
             if (j + ahead < all.size()) {
               const char* row = reinterpret_cast<const char*>(keys16 + all[j + ahead].i * Dx);
               for (int64_t b = 0; b < Dx * 2; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
@@ -183,6 +274,31 @@ void search(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const uint16_
     }
     for (auto& th : pool) th.join();
   }
+}
+
+// The two passes with `C` approximate candidates per query re-ranked exactly (the margin search).
+template <class Scan>
+void search(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const uint16_t* keys16, int64_t Dx, int64_t k,
+            int64_t C, int nthreads, int64_t qblock, float* out_d, int64_t* out_i) {
+  auto init = [&](Candidates& c, int64_t, int64_t, std::atomic<float>* shared) { c.reset(size_t(C), shared); };
+  run<Candidates>(scan, init, true, M, Np, qf32, keys16, Dx, k, C, nthreads, qblock, out_d, out_i);
+}
+
+// The pruned search: the scan's products are of projected keys and queries; qnorm2 (M,) holds each projected bf16
+// query's ||ỹ_q||² and sqrt_slack/add_slack (M,) its rounding bounds (fastsearch.CpuExactSearch derives them);
+// rel bounds the relative error of the fp32 exact distances and the basis's departure from orthonormality.
+// start (M,), or null: an upper bound of each query's k-th exact distance known in advance (e.g. the k-th of k
+// keys found by an approximate index); keys at or below it are tested, so it must not be below the true k-th.
+template <class Scan>
+void search_pruned(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const uint16_t* keys16, int64_t Dx,
+                   int64_t k, const double* qnorm2, const double* sqrt_slack, const double* add_slack, double rel,
+                   const float* start, int nthreads, int64_t qblock, float* out_d, int64_t* out_i) {
+  auto init = [&](Pruned& c, int64_t first_key, int64_t query, std::atomic<float>* shared) {
+    Bound b{qnorm2[query], sqrt_slack[query], add_slack[query], rel};
+    c.reset(size_t(k), shared, b, qf32 + query * Dx, keys16 + first_key * Dx, Dx);
+    if (start) c.thr = std::nextafter(start[query], INFINITY);  // a key exactly at the bound still enters
+  };
+  run<Pruned>(scan, init, false, M, Np, qf32, keys16, Dx, k, k, nthreads, qblock, out_d, out_i);
 }
 
 }  // namespace
