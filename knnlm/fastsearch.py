@@ -1,22 +1,25 @@
 """knnlm's exact search on CPUs: low-precision products pick candidates, exact fp32 distances rank them.
 
 FAISS's exact index (`IndexFlatL2`) runs at the fp32 matrix-product rate and spends much of a large-k search
-keeping heaps. The kernels in `csrc/` fuse the two passes that matter:
+keeping heaps. The kernels in `csrc/` fuse the passes that matter, in one of two ways (`CpuExactSearch`):
 
-1. candidate distances ||k||² − 2 q·k from low-precision products with fp32 accumulation, filtered against each
-   query's running threshold while they are still in registers; each query keeps its `k + margin` best candidates;
-2. exact fp32 distances from the stored float16 keys for those candidates; the k nearest are returned.
+- pruned (AVX-512, AVX2; the default there): keys and queries projected onto the keys' m principal directions
+  (m = 64 of d = 256), bf16 products with fp32 accumulation; a projected distance never exceeds the true one, so
+  only keys whose projected distance, less a proven bound on the rounding, is below the query's running k-th exact
+  distance get their exact distance (from the stored float16 keys). Exact on every query.
+- margin (AMX): bf16 products of the full vectors, filtered against each query's running threshold while still in
+  registers; each query keeps its `k + margin` best candidates, which exact fp32 distances re-rank.
 
-One kernel per instruction set, each its own shared library compiled with its own flags, all with one C signature
-and the same bf16 key store (`csrc/exact_search.h` holds their common part):
+One kernel per instruction set, each its own shared library compiled with its own flags (`csrc/exact_search.h`
+holds their common part: candidate buffers, threads, exact distances):
 - `amx` (`amx-exact`): AMX tile products of bf16 keys and queries (Intel Sapphire Rapids and later);
 - `avx512` (`avx512-exact`): AVX-512 BF16 dot products (`vdpbf16ps`) of bf16 keys and queries (AMD Zen 4 and
   later, Intel Cooper Lake);
 - `avx2` (`avx2-exact`): fp32 FMAs of fp32 queries and bf16 keys widened to fp32 (any x86-64 CPU since 2013).
 
-Keys and queries are centered on the (sampled) mean key before rounding to bf16 (distances do not change; rounding errors
-shrink with the vectors' norms). The margin absorbs what is left: `tests/test_knn.py` checks the neighbours equal
-a float64 brute force, and `benchmarks/search.py` reports recall against FAISS and a float64 brute force.
+Keys and queries are centered on the (sampled) mean key before rounding to bf16 (distances do not change; rounding
+errors shrink with the vectors' norms). `tests/test_knn.py` checks every search of every kernel against a float64
+brute force, and `benchmarks/search.py` reports recall against FAISS and a float64 brute force.
 
 A kernel is compiled on first use with the system's C++ compiler (about 2 s) and cached under `$KNNLM_CACHE/ext/`;
 where the CPU lacks its instructions (/proc/cpuinfo) or there is no compiler, `available(kernel)` is False and
