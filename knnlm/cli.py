@@ -128,7 +128,7 @@ def cmd_sweep(args) -> None:
     if args.threads < 0:
         raise UserError(f"--threads: expected a count >= 0, got {args.threads}")
     run_sweep(args.study, Path(args.out), args.overrides, jobs=args.jobs, stop_after=args.stop_after,
-              threads=args.threads, prune=args.prune, results=args.results)
+              threads=args.threads, prune=args.prune, results=args.results, tables_only=args.tables_only)
 
 
 def cmd_analyze(args) -> None:
@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="start no new run after this many seconds (0: no limit); a rerun continues")
     sw.add_argument("--results", help="where the records, tables and figures go (default: the study's `results` "
                                       "or results/<study name>)")
+    sw.add_argument("--tables-only", action="store_true",
+                    help="rewrite the study's tables and figures from its recorded runs; train nothing")
     sw.add_argument("--threads", type=int, default=0, help="torch threads per job with --jobs > 1 (0: cores / jobs)")
     sw.add_argument("--prune", action="store_true",
                     help="delete the saved valid neighbours of ω > 0 runs once recorded (1.6 GB each at k_max 4096); "

@@ -278,8 +278,10 @@ PAIRED_METRICS = ("valid_lm_ppl", "valid_knnlm_ppl", "valid_knnlm_ppl_paper")
 
 
 def paired_differences(records: list[dict], regularizer: str = "l2") -> dict:
-    """{omega: {metric: [mean, std, n], "per_seed": {metric: {seed: difference}}}} of (run at ω) − (run at ω = 0
-    with the same seed), over the seeds that have both."""
+    """{omega: {metric: [mean, std, n], "per_seed": {metric: {seed: difference}}, "mixed_devices": [seed, ...]}} of
+    (run at ω) − (run at ω = 0 with the same seed), over the seeds that have both. `mixed_devices` lists the seeds
+    whose two runs were trained on different kinds of device (a CPU and a GPU draw different dropout masks from the
+    same seed, so such a pair shares the initialisation and data order but not the masks)."""
     runs = {(r["omega"], r["seed"]): r for r in records if r["regularizer"] == regularizer}
     diffs = {}
     for omega in sorted({o for o, _ in runs if o > 0}):
@@ -287,8 +289,15 @@ def paired_differences(records: list[dict], regularizer: str = "l2") -> dict:
         metrics = [m for m in PAIRED_METRICS if all(m in a and m in b for a, b in pairs.values())]
         if pairs:
             per_seed = {m: {str(s): a[m] - b[m] for s, (a, b) in pairs.items()} for m in metrics}
-            diffs[omega] = {**_over_seeds({m: list(v.values()) for m, v in per_seed.items()}), "per_seed": per_seed}
+            mixed = [str(s) for s, (a, b) in pairs.items() if _device_kind(a) != _device_kind(b)]
+            diffs[omega] = {**_over_seeds({m: list(v.values()) for m, v in per_seed.items()}), "per_seed": per_seed,
+                            "mixed_devices": mixed}
     return diffs
+
+
+def _device_kind(record: dict) -> str:
+    """"cuda" or "cpu" from a record's device field ("cuda: NVIDIA H200", "cpu: AMD EPYC"); "" where unrecorded."""
+    return str(record.get("device", "")).split(":")[0]
 
 
 def paired_markdown(diffs: dict) -> str:
@@ -297,10 +306,14 @@ def paired_markdown(diffs: dict) -> str:
     for omega, d in diffs.items():
         for m, label in names.items():
             if m in d:
-                seeds = ", ".join(f"{v:+.2f}" for v in d["per_seed"][m].values())
+                mixed = set(d.get("mixed_devices", []))
+                seeds = ", ".join(f"{v:+.2f}" + ("†" if s in mixed else "") for s, v in d["per_seed"][m].items())
                 rows.append([f"{omega:g}", label, _cell(*d[m], signed=True), seeds, str(d[m][2])])
+    note = ("† the two runs of this seed were trained on different kinds of device (CPU and GPU): the same"
+            " initialisation and data order, different dropout masks." if any(d.get("mixed_devices") for d in diffs.values())
+            else "")
     return markdown_table("Against ω = 0 of the same seed (perplexity difference; negative = ω > 0 is better)",
-                          ["ω", "perplexity", "mean ± std of the differences", "per seed", "seeds"], rows)
+                          ["ω", "perplexity", "mean ± std of the differences", "per seed", "seeds"], rows, note)
 
 
 def best_omega(table: dict, metric: str = "valid_knnlm_ppl") -> float | None:
@@ -407,7 +420,9 @@ class Runner:
 
 
 def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs: int = 1, stop_after: float = 0.0,
-              threads: int = 0, prune: bool = False, results: str | None = None) -> None:
+              threads: int = 0, prune: bool = False, results: str | None = None, tables_only: bool = False) -> None:
+    """Run a study (see the top of this file); `tables_only`: rewrite its tables and figures from the recorded runs
+    and train nothing (e.g. after the table code changed, or with records copied from another machine)."""
     study_path = Path(study_path)
     study = load_study(study_path)
     study.overrides = [*study.overrides, *overrides]
@@ -419,6 +434,10 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs
     runner = Runner(jobs, stop_after, threads, prune)
 
     records = [read_json(p) for p in sorted((results / "runs").glob("*.json"))]
+    if tables_only:
+        write_tables(records, results, study)
+        write_rescale_control(records, out, results, study)
+        return
 
     def done(rec: dict) -> None:
         nonlocal records

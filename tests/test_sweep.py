@@ -14,8 +14,8 @@ import pytest
 
 from conftest import REPO, TINY, fails, knnlm, snapshot
 from knnlm.config import changed_settings
-from knnlm.sweep import (Study, best_omega, omega_table, paired_differences, table_markdown,
-                          write_tables)
+from knnlm.sweep import (Study, best_omega, omega_table, paired_differences, paired_markdown, run_sweep,
+                          table_markdown, write_tables)
 
 slow = pytest.mark.slow
 
@@ -40,6 +40,13 @@ def test_tables_on_hand_made_records():
     assert paired[0.01]["valid_knnlm_ppl"] == pytest.approx([-3.5, math.sqrt(0.5), 2])
     assert paired[0.01]["per_seed"]["valid_lm_ppl"] == {"0": 1, "1": 2}
     assert paired[0.1]["valid_knnlm_ppl"] == [-1, 0.0, 1]
+    assert paired[0.01]["mixed_devices"] == [] and "†" not in paired_markdown(paired)
+    records[1]["device"], records[3]["device"] = "cpu: AMD EPYC", "cuda: NVIDIA H200"  # ω = 0.01, seed 1 on a GPU,
+    # its ω = 0 on a CPU: marked, still paired
+    paired = paired_differences(records)
+    assert paired[0.01]["mixed_devices"] == ["1"] and paired[0.01]["valid_knnlm_ppl"][2] == 2
+    md = paired_markdown(paired)
+    assert "+1.00, +2.00†" in md and "† the two runs of this seed were trained on different kinds of device" in md
 
 
 def test_written_tables_and_figures_from_hand_made_records(tmp_path):
@@ -310,3 +317,19 @@ def test_the_committed_studies_pass_the_checks():
     assert study.title and study.omegas and study.seeds
     for name in ("key_site_study", "overfit_study", "objectives_study"):
         load_study(REPO / "experiments" / f"{name}.toml")
+
+
+def test_tables_only_rewrites_the_tables_from_the_records_and_trains_nothing(tmp_path):
+    study = tmp_path / "experiments" / "s.toml"
+    study.parent.mkdir()
+    study.write_text(f'base = "{TINY}"\nomegas = [0.0, 0.01]\nseeds = [0]\n')
+    results = tmp_path / "results" / "s"  # the default: results/<study> beside experiments/
+    (results / "runs").mkdir(parents=True)
+    for omega, ppl, norm in ((0.0, 100, 1000.0), (0.01, 97, 100.0)):
+        rec = {**record(omega, 0, ppl, ppl + 10), "key_sq_norm_mean": norm, "temperature": norm / 100,
+               "valid_knnlm_ppl_by_k": {"8": ppl + 2, "16": ppl}, "name": f"l2_omega{omega:g}_seed0"}
+        (results / "runs" / f"{rec['name']}.json").write_text(json.dumps(rec))
+    run_sweep(study, tmp_path / "runs", tables_only=True)
+    assert "| 100.00 | 97.00 |" in (results / "table.md").read_text()
+    assert "-3.00" in (results / "paired.md").read_text()
+    assert not (tmp_path / "runs").exists()  # no run was started
