@@ -351,3 +351,16 @@ def test_merge_nearest_orders_by_distance_then_id():
     i = np.array([[7, 9, 4, 2, -1]])
     md, mi = knn.merge_nearest(d, i, 4)
     assert mi.tolist() == [[2, 9, 4, 7]] and md.tolist() == [[1.0, 1.0, 2.0, 3.0]]
+
+
+def test_faiss_cpu_on_a_cuda_machine_searches_on_the_cpu(data, monkeypatch):
+    # faiss-cpu has the GPU function names but no GPUs: a CUDA machine must not make FaissSearch move its index
+    import types
+
+    assert not knn.gpu_faiss(types.SimpleNamespace(get_num_gpus=lambda: 0))
+    assert knn.gpu_faiss(types.SimpleNamespace(get_num_gpus=lambda: 2))
+    assert not knn.gpu_faiss(types.SimpleNamespace())  # a build without the GPU functions at all
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine with faiss-cpu installed
+    keys, queries = data
+    d, i = FaissSearch(keys, "Flat").search(queries.astype(np.float32), 10)
+    assert_exact_neighbours(keys, queries, d, i, 10)

@@ -46,7 +46,6 @@ void scan_keys(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64
   const uint32_t base = uint32_t(32 * u0);
   for (int64_t c0 = u0; c0 < u1; c0 += chunk_units) {
     const int64_t c1 = std::min(u1, c0 + chunk_units);
-    if (qn > 0) cands[0].prepare(uint32_t(32 * c0) - base, uint32_t(32 * c1) - base);
     for (int64_t qt = 0; qt < qn; qt += Q) {
       const int64_t rows = std::min<int64_t>(Q, M - (q0 + qt));
       if (rows <= 0) break;

@@ -65,9 +65,8 @@ struct Candidates {
   }
   const Cand* begin() const { return buf.data(); }
   const Cand* end() const { return buf.data() + buf.size(); }
-  void prepare(uint32_t, uint32_t) const {}  // keys [lo, hi) come next: nothing to fetch for approximate candidates
   void compact() {
-    if (buf.size() <= keep) return;
+    if (buf.size() < keep) return;
     std::nth_element(buf.begin(), buf.begin() + (keep - 1), buf.end(), closer<Cand>);
     buf.resize(keep);
     thr = buf[keep - 1].d;
@@ -143,49 +142,21 @@ struct Bound {
 // One thread's k nearest keys so far for one query, by exact distance (the pruned search's candidates). `thr` is
 // the k-th exact distance (or a smaller one another thread found: `shared`); `refresh` turns it into the threshold
 // of the projected scores, recomputed only when thr moves. Survivors of that test get their exact distance here.
-struct Pruned {
-  std::vector<Cand> buf;
-  size_t keep = 0;
-  float thr = INFINITY, scored_for = NAN, score_thr = INFINITY;
-  std::atomic<float>* shared = nullptr;
+struct Pruned : Candidates {
+  float scored_for = NAN, score_thr = INFINITY;
   Bound bound;
   const float* q = nullptr;       // the fp32 query (uncentered)
   const uint16_t* keys = nullptr;  // float16 keys, row of the thread's first key
   int64_t dim = 0;
-  uint64_t tested = 0;  // exact distances computed (what pruning could not avoid)
   void reset(size_t keep_, std::atomic<float>* shared_, const Bound& b, const float* q_, const uint16_t* keys_,
              int64_t dim_) {
-    keep = keep_;
-    buf.clear();
-    buf.reserve(2 * keep_);
-    thr = INFINITY;
+    Candidates::reset(keep_, shared_);
     scored_for = NAN;
     score_thr = INFINITY;
-    shared = shared_;
     bound = b;
     q = q_;
     keys = keys_;
     dim = dim_;
-    tested = 0;
-  }
-  const Cand* begin() const { return buf.data(); }
-  const Cand* end() const { return buf.data() + buf.size(); }
-  // Keys [lo, hi) (relative to the thread's first) come next: fetch their float16 rows towards L2, where every
-  // query of the block that tests one of them finds it.
-  void prepare(uint32_t lo, uint32_t hi) const {
-    const char* a = reinterpret_cast<const char*>(keys + int64_t(lo) * dim);
-    const char* b = reinterpret_cast<const char*>(keys + int64_t(hi) * dim);
-    for (; a < b; a += 64) _mm_prefetch(a, _MM_HINT_T1);
-  }
-  void compact() {
-    if (buf.size() < keep) return;
-    std::nth_element(buf.begin(), buf.begin() + (keep - 1), buf.end(), closer<Cand>);
-    buf.resize(keep);
-    thr = buf[keep - 1].d;
-    float cur = shared->load(std::memory_order_relaxed);
-    while (thr < cur && !shared->compare_exchange_weak(cur, thr, std::memory_order_relaxed)) {
-    }
-    thr = std::min(thr, shared->load(std::memory_order_relaxed));
   }
   inline float refresh() {
     thr = std::min(thr, shared->load(std::memory_order_relaxed));
@@ -201,7 +172,6 @@ struct Pruned {
       mask &= mask - 1;
       const uint32_t i = base + uint32_t(j);
       const float d = exact_sq_distance(q, keys + int64_t(i) * dim, dim);
-      ++tested;
       if (d < thr) {
         buf.push_back({d, i});
         if (buf.size() >= 2 * keep || (buf.size() == keep && thr == INFINITY)) compact();  // the first k: thr finite
