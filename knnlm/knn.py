@@ -4,7 +4,7 @@ Search backends, one interface (`search(queries, k) -> (distances, ids)`, square
 - `amx-exact`, `avx512-exact`, `avx2-exact`: knnlm's exact search on CPUs (`fastsearch.py`): the AVX kernels prune
   with a proven lower bound (keys projected onto their principal directions; only keys that could be among the k
   nearest get an exact distance), AMX picks `k + margin` candidates by bf16 products and re-ranks them exactly.
-  On WikiText-2's 2.09M keys at k = 1024: `amx-exact` 5x FAISS Flat (Intel, 2 cores), `avx512-exact` 5.8x (AMD
+  On WikiText-2's 2.09M keys at k = 1024: `amx-exact` 5x FAISS Flat (Intel, 2 cores), `avx512-exact` 7x (AMD
   Zen 5, 2 cores) (`benchmarks/search.py`).
 - `bf16-exact`: the same two passes written with PyTorch ops, for GPUs (tensor cores).
 - `Flat`, `IVF4096,PQ32`, ... : any FAISS `index_factory` string (FAISS is imported here only);
