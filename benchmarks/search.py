@@ -5,8 +5,8 @@
     python benchmarks/search.py --run runs/wt2 [--queries 2048] [--scale 5]   # a run's datastore, and 5x larger
 
 Backends: FAISS `Flat` (the reference), knnlm's compiled CPU kernels that this CPU can run (`amx-exact`,
-`avx512-exact`, `avx2-exact`, `knnlm/fastsearch.py`; the AVX ones in both their searches: pruned, the default, and
-"(margin)") and the PyTorch bf16 path (`bf16-exact`, `TorchExactSearch`, on
+`avx512-exact`, `avx2-exact`, `knnlm/fastsearch.py`; each in both its searches: its default, and the other one as
+"(margin)" or "(pruned)") and the PyTorch bf16 path (`bf16-exact`, `TorchExactSearch`, on
 the CPU here unless a GPU is present). For k = 64 and 1024: queries/s of each, its ratio to FAISS, and recall@k
 against a float64 brute force on a sample of queries (the truth: FAISS's own fp32 rounding can swap near-ties) and
 against FAISS on all queries. Backends are timed in turns, `--repeats` rounds, best round kept, so a machine's
@@ -73,8 +73,10 @@ def backends() -> dict:
     for kernel in KERNELS.values():
         if available(kernel.name):
             out[kernel.index] = lambda keys, name=kernel.name: CpuExactSearch(keys, name)
-            if has_pruned(kernel.name):  # its default is the pruned search: the margin search beside it
-                out[f"{kernel.index} (margin)"] = lambda keys, name=kernel.name: CpuExactSearch(keys, name, prune=False)
+            if has_pruned(kernel.name):  # the kernel's other search beside its default one
+                other = not kernel.prune_by_default
+                out[f"{kernel.index} ({'pruned' if other else 'margin'})"] = \
+                    lambda keys, name=kernel.name, other=other: CpuExactSearch(keys, name, prune=other)
     out["bf16-exact"] = TorchExactSearch
     return out
 

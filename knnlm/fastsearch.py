@@ -3,11 +3,11 @@
 FAISS's exact index (`IndexFlatL2`) runs at the fp32 matrix-product rate and spends much of a large-k search
 keeping heaps. The kernels in `csrc/` fuse the passes that matter, in one of two ways (`CpuExactSearch`):
 
-- pruned (AVX-512, AVX2; the default there): keys and queries projected onto the keys' m principal directions
+- pruned (the default of AVX-512 and AVX2; AMX has it, its default waits for a measurement): keys and queries projected onto the keys' m principal directions
   (m = 64 of d = 256), bf16 products with fp32 accumulation; a projected distance never exceeds the true one, so
   only keys whose projected distance, less a proven bound on the rounding, is below the query's running k-th exact
   distance get their exact distance (from the stored float16 keys). Exact on every query.
-- margin (AMX): bf16 products of the full vectors, filtered against each query's running threshold while still in
+- margin (AMX's default): bf16 products of the full vectors, filtered against each query's running threshold while still in
   registers; each query keeps its `k + margin` best candidates, which exact fp32 distances re-rank.
 
 One kernel per instruction set, each its own shared library compiled with its own flags (`csrc/exact_search.h`
@@ -62,6 +62,7 @@ class Kernel:
     cpu_flags: frozenset[str]  # what /proc/cpuinfo must report for the library to be loaded at all
     dim_multiple: int  # dimensions padded to a multiple of this (AMX tiles are 32 bf16 wide)
     bf16_queries: bool  # queries rounded to bf16 (AMX, AVX-512 BF16) or kept fp32 (AVX2)
+    prune_by_default: bool  # the pruned search is the default (measured faster; AMX: not measured yet)
 
     @property
     def index(self) -> str:
@@ -70,10 +71,11 @@ class Kernel:
 
 KERNELS = {k.name: k for k in (  # fastest first: `auto` takes the first one the CPU runs
     Kernel("amx", "amx_search.cpp", ("-mavx512f", "-mavx512bf16", "-mf16c", "-mamx-tile", "-mamx-bf16"),
-           frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "f16c"}), 32, True),
+           frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "f16c"}), 32, True, False),
     Kernel("avx512", "avx512_search.cpp", ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mf16c", "-mfma"),
-           frozenset({"avx512f", "avx512bw", "avx512_bf16", "f16c", "fma"}), 2, True),
-    Kernel("avx2", "avx2_search.cpp", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}), 2, False),
+           frozenset({"avx512f", "avx512bw", "avx512_bf16", "f16c", "fma"}), 2, True, True),
+    Kernel("avx2", "avx2_search.cpp", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}), 2, False,
+           True),
 )}
 
 # knnlm_<kernel>_search(queries, M, D, packed, norms, Np, qf32, keys16, N, Dx, k, C, nthreads, qblock, kchunk,
@@ -81,7 +83,7 @@ KERNELS = {k.name: k for k in (  # fastest first: `auto` takes the first one the
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 SEARCH_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, ctypes.c_int, _i64, _i64, _p, _p)
 # knnlm_<kernel>_pruned(queries, M, D, packed, norms, Np, qf32, keys16, N, Dx, k, qnorm2, sqrt_slack, add_slack,
-# rel, start, nthreads, qblock, kchunk, out_d, out_i): the pruned search, in the kernels that have it (not AMX yet).
+# rel, start, nthreads, qblock, kchunk, out_d, out_i): the pruned search.
 PRUNED_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p, ctypes.c_double, _p,
                    ctypes.c_int, _i64, _i64, _p, _p)
 BF16_UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to nearest)
@@ -219,14 +221,14 @@ class CpuExactSearch:
     "avx2"), with the same interface as `knn.FaissSearch`. Two searches, both returning the fp32 distances from the
     stored keys:
 
-    - pruned (the default where the kernel has it: AVX-512 and AVX2): the kernel scans keys and queries projected onto
+    - pruned (the default of the AVX-512 and AVX2 kernels; AMX has it too, not yet measured): the kernel scans keys and queries projected onto
       the keys' m = `project_dims(d)` principal directions. A projected distance never exceeds the true one, so
       a key whose projected distance, less a proven bound on the rounding of everything that computed it, is at or
       above the query's k-th exact distance so far cannot be among the k nearest and is skipped; every other key
       gets its exact distance at once. Exact on every query, with no margin to choose. Memory: the projected keys
       in bf16 (m/d of a full copy). The pruning starts from a guess of the k-th distance, checked
       (`_speculative`).
-    - margin (`prune=False`; AMX, whose kernel has no pruned search yet): bf16 products of the full vectors pick `k + margin` candidates, re-ranked
+    - margin (`prune=False`; AMX's default until its pruned search is measured on an AMX machine): bf16 products of the full vectors pick `k + margin` candidates, re-ranked
       exactly. Memory: a bf16 copy of the keys.
     The float16 keys are read in place (a memory map stays a memory map)."""
 
@@ -239,7 +241,7 @@ class CpuExactSearch:
         lib = load_library(kernel)
         if lib is None:
             raise RuntimeError(f"{self.kernel.index} search is not available on this machine")
-        self.prune = has_pruned(kernel) if prune is None else prune
+        self.prune = has_pruned(kernel) and self.kernel.prune_by_default if prune is None else prune
         if self.prune and not has_pruned(kernel):
             raise ValueError(f"{self.kernel.index} has no pruned search")
         self._search = getattr(lib, f"knnlm_{kernel}_{'pruned' if self.prune else 'search'}")

@@ -25,8 +25,6 @@
 
 namespace {
 
-using knnlm::Candidates;
-
 struct TileConfig {
   uint8_t palette_id;
   uint8_t start_row;
@@ -46,8 +44,9 @@ void configure_tiles() {
 }
 
 // One thread's share of pass 1: queries [q0, q0 + qn) of the block against key pairs [p0, p1) (32 keys each).
+template <class Cands>  // knnlm::Candidates (approximate) or knnlm::Pruned (exact)
 void scan_keys(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64_t D, const uint16_t* packed,
-               const float* norms, int64_t p0, int64_t p1, int64_t kchunk_pairs, Candidates* cands) {
+               const float* norms, int64_t p0, int64_t p1, int64_t kchunk_pairs, Cands* cands) {
   const int64_t nc = D / 32;  // 32-dimension chunks
   alignas(64) float out[32 * 32];
   const __m512 two = _mm512_set1_ps(2.0f);
@@ -83,7 +82,7 @@ void scan_keys(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64
         const __m512 n1 = _mm512_loadu_ps(norms + k0 + 16);
         const int64_t rows = std::min<int64_t>(32, M - (q0 + qp));
         for (int64_t r = 0; r < rows; ++r) {
-          Candidates& cq = cands[qp + r];
+          Cands& cq = cands[qp + r];
           const __m512 thr = _mm512_set1_ps(cq.refresh());
           const __m512 d0 = _mm512_fnmadd_ps(two, _mm512_load_ps(out + r * 32), n0);  // ||k||² − 2 q·k
           const __m512 d1 = _mm512_fnmadd_ps(two, _mm512_load_ps(out + r * 32 + 16), n1);
@@ -117,10 +116,25 @@ void knnlm_amx_search(const uint16_t* queries, int64_t M, int64_t D, const uint1
                       int64_t C, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
   (void)N;  // the re-ranking reads keys16 only at candidates' indices, all < N (padding rows have norm +inf)
   const int64_t kchunk_pairs = std::max<int64_t>(1, kchunk / 32);
-  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, Candidates* cands) {
+  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {
     scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, kchunk_pairs, cands);
   };
   knnlm::search(scan, M, Np, qf32, keys16, Dx, k, C, nthreads, qblock, out_d, out_i);
+}
+
+// The pruned search (exact_search.h, `search_pruned`) on AMX tiles: `packed`/`norms`/`queries` hold the keys and
+// queries projected onto D principal directions; qf32/keys16 the full vectors the exact distances are computed from.
+void knnlm_amx_pruned(const uint16_t* queries, int64_t M, int64_t D, const uint16_t* packed, const float* norms,
+                      int64_t Np, const float* qf32, const uint16_t* keys16, int64_t N, int64_t Dx, int64_t k,
+                      const double* qnorm2, const double* sqrt_slack, const double* add_slack, double rel,
+                      const float* start, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
+  (void)N;
+  const int64_t kchunk_pairs = std::max<int64_t>(1, kchunk / 32);
+  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {
+    scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, kchunk_pairs, cands);
+  };
+  knnlm::search_pruned(scan, M, Np, qf32, keys16, Dx, k, qnorm2, sqrt_slack, add_slack, rel, start, nthreads, qblock,
+                       out_d, out_i);
 }
 
 }  // extern "C"

@@ -23,7 +23,6 @@
 
 namespace {
 
-using knnlm::Candidates;
 
 constexpr int Q = 4;  // queries per tile: 8 accumulators + 4 widened key vectors + 1 broadcast of 16 ymm registers
 

@@ -24,7 +24,6 @@
 
 namespace {
 
-using knnlm::Candidates;
 
 constexpr int Q = 8;  // queries per tile: 16 accumulators + 2 key vectors + 1 broadcast of 32 zmm registers
 
