@@ -149,7 +149,7 @@ def test_knn_distribution_loss_equals_a_brute_force_and_starts_tau_at_the_median
     assert float(loss.detach()) == pytest.approx(_numpy_knn_loss(key, targets, 6, tau), rel=1e-9)
     with torch.no_grad():
         reg.log_tau.fill_(math.log(3.0))  # a later step, with a trained τ
-    assert float(reg(key, targets)) == pytest.approx(_numpy_knn_loss(key, targets, 6, 3.0), rel=1e-9)
+    assert float(reg(key, targets).detach()) == pytest.approx(_numpy_knn_loss(key, targets, 6, 3.0), rel=1e-9)
 
 
 def test_pull_ratio_equals_a_brute_force():

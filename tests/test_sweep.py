@@ -204,7 +204,8 @@ def _numpy_ppl_at(run, k, temperature, lambdas):
     knn = hit - total
     best = math.inf
     for lam in lambdas:
-        mixed = lm if lam == 0 else np.logaddexp(np.log(lam) + knn, np.log1p(-lam) + lm)
+        with np.errstate(divide="ignore"):  # λ = 1: log(1 − λ) = −inf, the LM term drops out
+            mixed = lm if lam == 0 else np.logaddexp(np.log(lam) + knn, np.log1p(-lam) + lm)
         best = min(best, float(np.exp(-mixed.mean())))
     return best
 
