@@ -174,9 +174,9 @@ def test_a_uniform_rescaling_of_the_keys_cannot_pay_these_losses():
     pull = PullRatioRegularizer(block=6).double()
     assert float(pull(0.1 * key, targets)) == pytest.approx(float(pull(key, targets)), rel=1e-9)
     knn = KnnDistributionRegularizer(block=6).double()
-    a = float(knn(key, targets))
+    a = float(knn(key, targets).detach())
     knn_small = KnnDistributionRegularizer(block=6).double()
-    b = float(knn_small(0.1 * key, targets))  # τ starts at the shrunken keys' median: the same loss
+    b = float(knn_small(0.1 * key, targets).detach())  # τ starts at the shrunken keys' median: the same loss
     assert a == pytest.approx(b, rel=1e-9)
     # whereas the L2 penalty falls 100-fold
     l2 = L2Regularizer()
