@@ -214,7 +214,7 @@ def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-NAMED_INDEXES = ("auto", "Flat", "amx-exact", "avx512-exact", "avx2-exact", "bf16-exact")  # else a FAISS index_factory string (knnlm.knn)
+NAMED_INDEXES = ("auto", "Flat", "amx-exact", "avx512-exact", "avx2-exact", "bf16-exact", "bf16-pruned")  # else a FAISS index_factory string (knnlm.knn)
 _FACTORY = re.compile(r"[A-Za-z][A-Za-z0-9_,.()+=-]*")  # what an index_factory string is made of, e.g. IVF4096,PQ32
 _INT64 = 2**63
 

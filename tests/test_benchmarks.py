@@ -21,6 +21,8 @@ def test_gpu_benchmark_runs_on_a_cpu_and_checks_its_search_against_brute_force(t
     assert record["device"] == "CPU" and s["index"] == "bf16-exact" and s["k"] == 16
     assert s["recall"] == 1.0 and s["recall_queries"] == 50 and s["max_rel_distance_error"] < 1e-5
     assert s["queries_per_s_alone"] > 0 and s["queries_per_s_in_evaluation"] > 0
+    assert set(s["torch_searches"]) == {"bf16-exact", "bf16-pruned"}
+    assert all(v["recall"] == 1.0 and v["queries_per_s"] > 0 for v in s["torch_searches"].values())
     assert record["datastore"]["tokens_per_s"] > 0 and record["train"]["flops_per_token"] > 0
     assert set(record["stage_seconds"]) == {"train", "datastore", "evaluate_valid"}
     assert "Device: **CPU**" in (out / "gpu.md").read_text()

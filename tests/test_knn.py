@@ -324,7 +324,8 @@ def test_cpu_exact_refuses_a_store_larger_than_memory(monkeypatch, kernel):
 def test_sharded_search_over_two_gloo_ranks_equals_one_process(tmp_path):
     """Two processes under torchrun, each holding half the store, give one process's exact neighbours, with every
     exact backend this machine runs (CPU kernels it cannot run are tested, and skipped with a reason, above)."""
-    backends = ["Flat", "bf16-exact"] + [k.index for name, k in fastsearch.KERNELS.items() if fastsearch.available(name)]
+    backends = ["Flat", "bf16-exact", "bf16-pruned"] + [k.index for name, k in fastsearch.KERNELS.items()
+                                                        if fastsearch.available(name)]
     ks = [1, 37, 1600]  # 1600: more than one rank's shard of 1500/1501 keys
     worker = Path(__file__).parent / "workers" / "sharded_search.py"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -364,3 +365,31 @@ def test_faiss_cpu_on_a_cuda_machine_searches_on_the_cpu(data, monkeypatch):
     keys, queries = data
     d, i = FaissSearch(keys, "Flat").search(queries.astype(np.float32), 10)
     assert_exact_neighbours(keys, queries, d, i, 10)
+
+
+@pytest.mark.parametrize("n,d,k", [(5007, 100, 20), (3001, 64, 300), (700, 32, 700), (4000, 256, 1)])
+def test_torch_pruned_search_equals_brute_force(n, d, k):
+    # the GPU's pruned search run on the CPU (bf16 products): shapes off any tile, k = N, k = 1, LM-like keys
+    rng = np.random.default_rng(n + k)
+    keys, scale = lm_like_keys(rng, n, d)
+    queries = np.asarray(keys[rng.choice(n, 40)], dtype=np.float32) + rng.standard_normal((40, d)) * scale * 0.2
+    s = knn.TorchPrunedSearch(keys, device="cpu", block=1024)
+    dist, ids = s.search(queries, k, rows=16)
+    assert_exact_neighbours(keys, queries, dist, ids, k)
+
+
+def test_torch_pruned_search_widens_a_guess_that_was_too_small():
+    # the planted cluster of the CPU kernels' test: 60 keys at sampled positions, so the sample's guess of the
+    # 300th distance lies inside the cluster and every query needs a second, wider pass; exact all the same
+    rng = np.random.default_rng(3)
+    keys = low_rank_keys(rng, 4800, 64).astype(np.float32)
+    centre = keys[0].copy()
+    keys[np.arange(60) * 16] = centre + 0.01 * rng.standard_normal((60, 64))
+    keys = keys.astype(np.float16)
+    queries = centre + 0.01 * rng.standard_normal((20, 64)).astype(np.float32)
+    s = knn.TorchPrunedSearch(keys, device="cpu", block=512)
+    dist, ids = s.search(queries, 300)
+    assert s.fallbacks == 20
+    assert_exact_neighbours(keys, queries, dist, ids, 300)
+    dist, ids = s.search(queries, 30)
+    assert_exact_neighbours(keys, queries, dist, ids, 30)
