@@ -177,7 +177,8 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
         return None
 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
-    record = {"model_sha256": ds.meta["model_sha256"], "index": index, "k_max": e.k_max, "tokens": len(targets),
+    record = {"model_sha256": ds.meta["model_sha256"], "index": index, "search": searcher.describe(),
+              "k_max": e.k_max, "tokens": len(targets),
               "words": corpus.words(split, len(targets)), "rerank": rerank,
               "datastore_size": len(ds), "searched_queries": searched, "inputs": inputs, "search_ranks": world if sharded else 1,
               "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
@@ -314,7 +315,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         "target_in_neighbors": best["target_in_neighbors"],
         "protocols": protocols,
         "grid_edges": edges,
-        "index": record["index"], "datastore_size": record["datastore_size"],
+        "index": record["index"], "search": record.get("search"), "datastore_size": record["datastore_size"],
         "searched_queries": record.get("searched_queries"), "seconds": record["seconds"],
     }
     if save:

@@ -295,6 +295,12 @@ class CpuExactSearch:
     def candidates(self, k: int) -> int:
         return min(self.N, k + max(self.margin, int(k * self.margin_fraction)))
 
+    def describe(self) -> str:
+        """Which search this is, for the evaluation's record."""
+        if self.prune:
+            return f"{self.kernel.index}, pruned (keys projected onto {self.m} of {self.d} principal directions)"
+        return f"{self.kernel.index}, margin (k + max({self.margin}, k·{self.margin_fraction:g}) candidates re-ranked)"
+
     def bounds(self, centered: torch.Tensor, rounded: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """What makes the pruned search's skip test safe, per query (exact_search.h, `Bound`): with a = ||ỹ_q|| of the
         rounded projected query, b = the largest ||ỹ_j|| of a rounded projected key, and x the largest norms of the

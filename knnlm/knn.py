@@ -114,6 +114,9 @@ class TorchExactSearch:
             self.norms[lo : lo + len(raw)] = self.kb[lo : lo + len(raw)].float().pow(2).sum(1)  # of the rounded keys
         self.mean = mean
 
+    def describe(self) -> str:
+        return f"bf16-exact on {self.device}, margin (k + max({self.margin}, k/8) candidates re-ranked)"
+
     def search(self, queries: np.ndarray, k: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """k nearest keys of each query; `rows` queries at a time, so that a (rows × block) fp32 distance block (256 MB
         by default) is the largest temporary: several searches can share one GPU."""
@@ -182,6 +185,9 @@ class TorchPrunedSearch:
         self.mean, self.basis = mean, basis
         self.sample = torch.arange(0, N, self.SAMPLE, device=self.device)
         self.fallbacks = 0
+
+    def describe(self) -> str:
+        return f"bf16-pruned on {self.device} (keys projected onto {self.m} of {self.d} principal directions)"
 
     def search(self, queries: np.ndarray, k: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """k nearest keys of each query, `rows` queries at a time (a rows × block fp32 score block is the largest
@@ -323,6 +329,11 @@ class FaissSearch:
             index.add(np.asarray(keys[lo : lo + chunk], dtype=np.float32))
         return index
 
+    def describe(self) -> str:
+        if self.exact:
+            return "FAISS Flat"
+        return f"FAISS {self.factory}" + (f", {self.rerank_factor}k candidates re-ranked exactly" if self.rerank_factor else "")
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if self.exact or self.rerank_factor == 0:  # Flat is exact; rerank_factor 0: the index's own distances
@@ -401,6 +412,10 @@ class ShardedSearch:
         self.lo, self.hi = shard_rows(len(keys), self.rank, self.world)
         self.local = make_local(keys[self.lo : self.hi]) if self.hi > self.lo else None
 
+    def describe(self) -> str:
+        local = self.local.describe() if hasattr(self.local, "describe") else type(self.local).__name__
+        return f"sharded over {self.world} ranks, each: {local}"
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n, m = len(queries), min(k, self.hi - self.lo)
         d = np.full((n, k), np.inf, dtype=np.float32)  # a shard with fewer than k keys pads with (inf, -1)
@@ -434,6 +449,9 @@ class CountingSearch:
 
     def __init__(self, searcher):
         self.searcher, self.queries = searcher, 0
+
+    def describe(self) -> str:
+        return self.searcher.describe() if hasattr(self.searcher, "describe") else type(self.searcher).__name__
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         self.queries += len(queries)

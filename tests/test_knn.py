@@ -115,6 +115,7 @@ def test_cpu_exact_search_on_low_rank_keys_with_near_neighbours(mode):
     keys = low_rank_keys(rng, 3001, 96)
     queries = keys[rng.choice(len(keys), 45)].astype(np.float32) + 0.05 * rng.standard_normal((45, 96))
     s = cpu_search(keys, mode, query_block=32, key_chunk=96)
+    assert ("pruned" if mode[1] else "margin") in s.describe()  # what the evaluation records as its search
     threads = torch.get_num_threads()
     try:
         for k, t in [(1, 1), (64, 1), (64, 3)]:  # 3 threads: uneven shares of the keys, candidates merged across them
