@@ -216,6 +216,7 @@ class TorchPrunedSearch:
             # the projected score below which a key could lie at or below the guess (fastsearch.CpuExactSearch.bounds)
             r = torch.sqrt(guess[todo].double() * (1 + 1e-4)) + sqrt_slack[todo]
             score_thr = (r * r + add_slack[todo] - a[todo] ** 2).float()
+            score_thr = torch.nextafter(score_thr, torch.full_like(score_thr, math.inf))  # rounded up, never tighter
             d, i, found = self._pass(q[todo], qp[todo], score_thr, guess[todo], k)
             done = found >= k
             D[todo[done]], I[todo[done]] = d[done], i[done]
