@@ -77,6 +77,18 @@ def exact_sq_distances(queries: torch.Tensor, keys: np.ndarray | torch.Tensor, i
     return out
 
 
+def query_rows(device: torch.device, block: int, share: float = 0.25, bytes_per_pair: int = 16,
+               free: int | None = None) -> int:
+    """How many queries a PyTorch search takes at a time: on a GPU, sized so that its (rows × block) temporaries
+    (fp32 scores and what selection makes of them, `bytes_per_pair` in all) use at most `share` of the memory free
+    now (several searches may share the GPU), between 64 and 16,384, a multiple of 64; 1,024 on a CPU."""
+    if device.type != "cuda" and free is None:
+        return 1024
+    if free is None:
+        free = torch.cuda.mem_get_info(device)[0]
+    return int(min(16384, max(64, share * free // (block * bytes_per_pair) // 64 * 64)))
+
+
 class TorchExactSearch:
     """Blocked exact search in PyTorch, for GPUs: low-precision candidate distances, exact fp32 re-ranking of
     `k + margin` candidates, everything on the device.
@@ -117,9 +129,10 @@ class TorchExactSearch:
     def describe(self) -> str:
         return f"bf16-exact on {self.device}, margin (k + max({self.margin}, k/8) candidates re-ranked)"
 
-    def search(self, queries: np.ndarray, k: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest keys of each query; `rows` queries at a time, so that a (rows × block) fp32 distance block (256 MB
-        by default) is the largest temporary: several searches can share one GPU."""
+    def search(self, queries: np.ndarray, k: int, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest keys of each query; `rows` queries at a time (default: `query_rows`, sized to free memory), so
+        that a (rows × block) fp32 distance block is the largest temporary: several searches can share one GPU."""
+        rows = rows or query_rows(self.device, self.block)
         if len(queries) > rows:
             parts = [self.search(queries[lo : lo + rows], k, rows) for lo in range(0, len(queries), rows)]
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -189,9 +202,10 @@ class TorchPrunedSearch:
     def describe(self) -> str:
         return f"bf16-pruned on {self.device} (keys projected onto {self.m} of {self.d} principal directions)"
 
-    def search(self, queries: np.ndarray, k: int, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest keys of each query, `rows` queries at a time (a rows × block fp32 score block is the largest
-        temporary). `fallbacks`: how many queries needed a wider guess."""
+    def search(self, queries: np.ndarray, k: int, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest keys of each query, `rows` queries at a time (default: `query_rows`, sized to free memory; a
+        rows × block fp32 score block is the largest temporary). `fallbacks`: how many queries needed a wider guess."""
+        rows = rows or query_rows(self.device, self.block)
         if not 0 < k <= len(self.kp):
             raise ValueError(f"k: expected 1..{len(self.kp)}, got {k}")
         self.fallbacks = 0

@@ -394,3 +394,12 @@ def test_torch_pruned_search_widens_a_guess_that_was_too_small():
     assert_exact_neighbours(keys, queries, dist, ids, 300)
     dist, ids = s.search(queries, 30)
     assert_exact_neighbours(keys, queries, dist, ids, 30)
+
+
+def test_query_batches_are_sized_to_free_memory():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert knn.query_rows(cpu, 65536) == 1024
+    # 80 GB free, a quarter of it for 65,536-key blocks at 16 bytes a pair: 19,073 rows, capped at 16,384
+    assert knn.query_rows(gpu, 65536, free=80 * 10**9) == 16384
+    assert knn.query_rows(gpu, 65536, free=4 * 10**9) == 896  # 953 rounded down to a multiple of 64
+    assert knn.query_rows(gpu, 65536, free=10**6) == 64  # a GPU nearly full: the smallest batch, still progress
