@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from knnlm.artifacts import atomic_path, write_json
@@ -18,6 +19,21 @@ def machine() -> dict:
                 if l.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def brute_force(keys: np.ndarray, queries: np.ndarray, k: int, device: str | torch.device = "cpu",
+                block: int = 262144) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest keys of each query in float64 arithmetic, nearest first, the store read a block at a time:
+    squared distances (n, k) and ids (n, k). The truth every benchmark's recall is measured against."""
+    q = torch.from_numpy(np.asarray(queries, dtype=np.float64)).to(device)
+    best_d = torch.empty((len(q), 0), dtype=torch.float64, device=device)
+    best_i = torch.empty((len(q), 0), dtype=torch.long, device=device)
+    for lo in range(0, len(keys), block):
+        x = torch.from_numpy(np.asarray(keys[lo : lo + block], dtype=np.float64)).to(device)
+        d = q.pow(2).sum(1, keepdim=True) + x.pow(2).sum(1)[None] - 2 * q @ x.t()
+        best_d, sel = torch.cat([best_d, d], 1).topk(min(k, best_d.shape[1] + d.shape[1]), dim=1, largest=False)
+        best_i = torch.cat([best_i, torch.arange(lo, lo + len(x), device=device).expand(len(q), -1)], 1).gather(1, sel)
+    return best_d.cpu().numpy(), best_i.cpu().numpy()
 
 
 def bf16_matmul_tflops(m: int = 1024, n: int = 8192, k: int = 1024, reps: int = 20, device: str = "cpu") -> dict:

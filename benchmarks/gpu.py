@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import bf16_matmul_tflops, write_results
+from common import bf16_matmul_tflops, brute_force, write_results
 from knnlm.config import load_config
 from knnlm.data import epoch_order, num_train_blocks, token_stream, train_batch
 from knnlm.datastore import Datastore
@@ -63,22 +63,6 @@ def training_flops_per_token(cfg, vocab_size: int, device: torch.device) -> floa
             lm, r = objective(inputs, targets)
         (lm + cfg.train.omega * r).backward()
     return fc.get_total_flops() / inputs.numel()
-
-
-def brute_force(keys: np.ndarray, queries: np.ndarray, k: int, device: torch.device,
-                chunk: int = 262144) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest keys of each query by float64 differences, the store read a chunk at a time."""
-    q = torch.from_numpy(queries.astype(np.float64)).to(device)
-    best_d = torch.empty((len(q), 0), dtype=torch.float64, device=device)
-    best_i = torch.empty((len(q), 0), dtype=torch.long, device=device)
-    for lo in range(0, len(keys), chunk):
-        x = torch.from_numpy(np.asarray(keys[lo : lo + chunk], dtype=np.float64)).to(device)
-        d = (q.pow(2).sum(1, keepdim=True) + x.pow(2).sum(1)[None] - 2 * q @ x.t()).clamp_min(0)  # float64 throughout
-        best_d = torch.cat([best_d, d], 1)
-        best_i = torch.cat([best_i, torch.arange(lo, lo + len(x), device=device).expand(len(q), -1)], 1)
-        best_d, sel = best_d.topk(min(k, best_d.shape[1]), dim=1, largest=False)
-        best_i = best_i.gather(1, sel)
-    return best_d.cpu().numpy(), best_i.cpu().numpy()
 
 
 def tie_aware_recall(keys: np.ndarray, queries: np.ndarray, found: np.ndarray, kth: np.ndarray) -> float:
@@ -168,6 +152,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(len(queries), size=min(a.recall_queries, len(queries)), replace=False))
         bd, bi = brute_force(ds.keys, np.asarray(queries[sample]), k, device)
+        bd = np.maximum(bd, 0)  # the norm expansion can dip below 0 for a key equal to its query
         found = np.asarray(neighbors[sample])
         recall = tie_aware_recall(ds.keys, np.asarray(queries[sample]), found, bd[:, -1])
         rel_err = float(np.max(np.abs(np.asarray(distances[sample]) - bd) / np.maximum(bd, 1e-12)))

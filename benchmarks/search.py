@@ -35,24 +35,16 @@ import faiss
 import numpy as np
 import torch
 
-from common import bf16_matmul_tflops, machine, write_results
+from common import bf16_matmul_tflops, brute_force, machine, write_results
 from knnlm.artifacts import atomic_path
 from knnlm.fastsearch import (KERNELS, CpuExactSearch, available, available_memory, cpu_flags, cpu_has_amx, has_pruned,
                               lm_like_keys)
 from knnlm.knn import FaissSearch, TorchExactSearch
 
 
-def truth(keys: np.ndarray, queries: np.ndarray, k: int, block: int = 262144) -> np.ndarray:
-    """Ids of the k nearest keys in float64 arithmetic, block by block."""
-    q = torch.from_numpy(queries.astype(np.float64))
-    best_d = torch.full((len(q), 0), float("inf"), dtype=torch.float64)
-    best_i = torch.zeros((len(q), 0), dtype=torch.long)
-    for lo in range(0, len(keys), block):
-        kb = torch.from_numpy(np.asarray(keys[lo : lo + block], dtype=np.float64))
-        d = (q * q).sum(1, keepdim=True) + (kb * kb).sum(1)[None] - 2 * q @ kb.t()
-        best_d, sel = torch.cat([best_d, d], 1).topk(min(k, best_d.shape[1] + d.shape[1]), 1, largest=False)
-        best_i = torch.cat([best_i, torch.arange(lo, lo + len(kb)).expand(len(q), -1)], 1).gather(1, sel)
-    return best_i.numpy()
+def truth(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k nearest keys in float64 arithmetic (`common.brute_force`)."""
+    return brute_force(keys, queries, k)[1]
 
 
 def recall(found: np.ndarray, ref: np.ndarray) -> float:
