@@ -128,7 +128,8 @@ def cmd_sweep(args) -> None:
     if args.threads < 0:
         raise UserError(f"--threads: expected a count >= 0, got {args.threads}")
     run_sweep(args.study, Path(args.out), args.overrides, jobs=args.jobs, stop_after=args.stop_after,
-              threads=args.threads, prune=args.prune, results=args.results, tables_only=args.tables_only)
+              threads=args.threads, prune=args.prune, results=args.results, tables_only=args.tables_only,
+              moco_early=args.moco_early)
 
 
 def cmd_analyze(args) -> None:
@@ -249,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="rewrite the study's tables and figures from its recorded runs; train nothing")
     sw.add_argument("--threads", type=int, default=0, help="torch threads per job with --jobs > 1 (0: cores / jobs)")
     sw.add_argument("--prune", action="store_true",
-                    help="delete the saved valid neighbours of ω > 0 runs once recorded (1.6 GB each at k_max 4096); "
-                         "ω = 0 runs keep theirs for the rescaling control")
+                    help="delete the saved test neighbours, and the valid ones of ω > 0 runs, once recorded (1.6 GB "
+                         "each at k_max 4096); ω = 0 runs keep their valid ones for the rescaling control")
+    sw.add_argument("--moco-early", action="store_true",
+                    help="start the MOCO runs beside the grid, at the best ω > 0 under the paper protocol so far "
+                         "(room for more models at once, e.g. on a GPU)")
     sw.add_argument("overrides", nargs="*")
     sw.set_defaults(fn=cmd_sweep)
     an = sub.add_parser("analyze", help="frequency/loss and clustering analyses of evaluated runs")

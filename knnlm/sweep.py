@@ -209,10 +209,24 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
         **key_statistics(out / name, cfg),
         "config": cfg.to_dict(),
     }
+    record["test"] = test_figures(out / name, cfg, res.get("test"))
     write_json(record_path, record)
-    if prune and omega > 0:
-        prune_search(out / name / "eval" / "valid")
+    if prune:
+        prune_search(out / name / "eval" / "test")
+        if omega > 0:
+            prune_search(out / name / "eval" / "valid")
     return record
+
+
+def test_figures(run: Path, cfg: Config, summary: dict | None = None) -> dict:
+    """A run's test perplexities under each protocol's own choice of λ, k and temperature on valid. Kept in its
+    record as soon as the model is evaluated, so that the test table needs no run folder later (a GPU's runs are
+    gone with the machine). Nothing is chosen on test: the study's tables pick ω on valid alone."""
+    t = summary or evaluate(run, cfg, "test", progress=False)
+    return {"lm_ppl": t["lm_ppl"], "knnlm_ppl": t["protocols"]["tuned"]["knnlm_ppl"],
+            "knnlm_ppl_paper": t["protocols"]["paper"]["knnlm_ppl"],
+            "valid_choice": {p: [t["protocols"][p][x] for x in ("lambda", "k", "temperature")] for p in ("tuned", "paper")},
+            "tokens": t["tokens"]}
 
 
 def prune_search(folder: Path) -> None:
@@ -368,7 +382,11 @@ def write_tables(records: list[dict], results: Path, study: Study) -> dict:
 def _run_task(task: tuple) -> dict:
     *args, threads, prune = task
     torch.set_num_threads(threads)
-    return run_one(*args, progress=False, prune=prune)
+    try:
+        return run_one(*args, progress=False, prune=prune)
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # this worker may idle while others still search: leave them the memory
 
 
 class Runner:
@@ -420,9 +438,13 @@ class Runner:
 
 
 def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs: int = 1, stop_after: float = 0.0,
-              threads: int = 0, prune: bool = False, results: str | None = None, tables_only: bool = False) -> None:
+              threads: int = 0, prune: bool = False, results: str | None = None, tables_only: bool = False,
+              moco_early: bool = False) -> None:
     """Run a study (see the top of this file); `tables_only`: rewrite its tables and figures from the recorded runs
-    and train nothing (e.g. after the table code changed, or with records copied from another machine)."""
+    and train nothing (e.g. after the table code changed, or with records copied from another machine);
+    `moco_early`: start the MOCO runs beside the grid, at the best ω > 0 of the paper protocol over the records so
+    far (a machine with room for more models at once: a GPU); should the full grid choose another ω, MOCO is
+    trained at that one too."""
     study_path = Path(study_path)
     study = load_study(study_path)
     study.overrides = [*study.overrides, *overrides]
@@ -446,7 +468,18 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs
         write_rescale_control(records, out, results, study)  # as soon as a pair with its ω = 0 neighbours exists
 
     # seed-major order: a stopped study already has every ω at the first seeds
-    runner.run([(study, out, results, "l2", omega, seed) for seed in study.seeds for omega in study.omegas], done)
+    grid = [(study, out, results, "l2", omega, seed) for seed in study.seeds for omega in study.omegas]
+    early = []
+    if moco_early and study.moco:  # MOCO beside the grid, at the best ω > 0 of the paper protocol so far
+        so_far = omega_table(records, "l2")
+        omega = best_omega(so_far, "valid_knnlm_ppl_paper") if 0.0 in so_far else None
+        if omega is not None:
+            print(f"MOCO at ω = {omega:g} (best ω > 0 under the paper protocol over the records so far) beside the grid",
+                  flush=True)
+            early = [(study, out, results, "moco", omega, seed, study.moco_overrides) for seed in study.seeds]
+    # an objectives study's weights on its first seed need no ω = 0 record: they run beside the grid
+    weights = [(study, out, results, name, w, study.seeds[0]) for name, ws in study.objectives.items() for w in ws]
+    runner.run(grid + early + weights, done)
     table = write_tables(records, results, study)
     if study.objectives and not runner.skipped:
         run_objectives(study, out, results, runner, lambda: records, done)
@@ -459,12 +492,11 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs
         return
     best = {"tuned": best_omega(table, "valid_knnlm_ppl"), "paper": best_omega(table, "valid_knnlm_ppl_paper")}
     # the test split first: a few minutes, against ~30 for each MOCO run
-    inputs = {o: _runs(records, "l2", o) for o in sorted({0.0, *best.values()})}
-    if not _test_done(results, inputs):
-        write_test_results(study, out, results, inputs, best)
+    records = write_test_results(study, out, results, records, best)
     write_rescale_control(records, out, results, study)
-    if study.moco and not runner.out_of_time():
-        # MOCO at the ω > 0 that the paper protocol favours: where the paper saw its regularizers help
+    if study.moco:
+        # MOCO at the ω > 0 that the paper protocol favours: where the paper saw its regularizers help (runs
+        # recorded already, e.g. by --moco-early at the same ω, are taken from their records; none starts late)
         runner.run([(study, out, results, "moco", best["paper"], seed, study.moco_overrides) for seed in study.seeds],
                    lambda rec: (done(rec), write_moco_comparison(records, best["paper"], results, study)))
         write_moco_comparison(records, best["paper"], results, study)
@@ -475,16 +507,6 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs
 def _valid_choice(record: dict) -> dict:
     return {"tuned": [record["lambda"], record["k"], record["temperature"]],
             "paper": [record["paper_lambda"], record["paper_k"], PAPER_TEMPERATURE]}
-
-
-def _test_done(results: Path, inputs: dict[float, list[dict]]) -> bool:
-    """Whether test.json already holds these runs with the choices their records now make on valid (a
-    re-evaluated record may have chosen others)."""
-    if not (results / "test.json").is_file():
-        return False
-    rows = read_json(results / "test.json", "test results")
-    want = {f"{o:g}": {r["name"]: _valid_choice(r) for r in rs} for o, rs in inputs.items()}
-    return {o: v.get("valid_choice") for o, v in rows.items()} == want
 
 
 def _replace(records: list[dict], rec: dict) -> list[dict]:
@@ -506,37 +528,57 @@ def write_moco_comparison(records: list[dict], omega: float, results: Path, stud
     plot_regularizer_comparison(rows, results / "moco_vs_l2.png", f"MOCO vs L2 at ω = {omega:g}, {study.title}")
 
 
-def write_test_results(study: Study, out: Path, results: Path, inputs: dict[float, list[dict]], best: dict) -> None:
-    """Test perplexities of ω = 0 and of the best ω of each protocol, once; each protocol uses its own choice
-    of λ, k, temperature from valid."""
-    rows = {}
-    for omega, runs in inputs.items():
-        per_seed, choice = [], {}
-        for r in runs:
+def test_records(study: Study, out: Path, results: Path, records: list[dict]) -> list[dict]:
+    """The records with their test figures: a record made before runs kept them gets them now from its run
+    folder (and is rewritten); one whose folder is gone keeps none and is left out of the test table."""
+    done = []
+    for r in records:
+        if _valid_choice(r) != r.get("test", {}).get("valid_choice"):
             run = out / r["name"]
-            if not (run / "datastore" / "meta.json").is_file():
+            if not (run / "datastore" / "meta.json").is_file() or not (run / "eval" / "valid" / "summary.json").is_file():
                 continue
-            cfg = run_config(study, r["regularizer"], omega, r["seed"])
-            per_seed.append(evaluate(run, cfg, "test", progress=False))
-            choice[r["name"]] = _valid_choice(r)
-        if per_seed:
-            rows[f"{omega:g}"] = {
-                "test_lm_ppl": _mean_std([s["lm_ppl"] for s in per_seed]),
-                "test_knnlm_ppl": _mean_std([s["protocols"]["tuned"]["knnlm_ppl"] for s in per_seed]),
-                "test_knnlm_ppl_paper": _mean_std([s["protocols"]["paper"]["knnlm_ppl"] for s in per_seed]),
-                "seeds": len(per_seed),
-                "best_under": [p for p, o in best.items() if o == omega],
-                "valid_choice": choice,  # each run's [λ, k, temperature] from valid, per protocol, as used on test
-            }
+            print(f"== {r['name']}: test split", flush=True)
+            extra = study.moco_overrides if r["regularizer"] == "moco" else []
+            r = {**r, "test": test_figures(run, run_config(study, r["regularizer"], r["omega"], r["seed"], extra))}
+            write_json(results / "runs" / f"{r['name']}.json", r)
+        done.append(r)
+    return done
+
+
+def write_test_results(study: Study, out: Path, results: Path, records: list[dict], best: dict) -> list[dict]:
+    """Test perplexities of ω = 0 and of the best ω > 0 of each protocol (chosen on valid), each run with its
+    protocols' own λ, k, temperature from valid; and the per-seed differences against ω = 0. Returns the records,
+    with test figures where they were added."""
+    omegas = sorted({0.0, *best.values()})
+    records = [*test_records(study, out, results, [r for r in records if r["regularizer"] == "l2" and r["omega"] in omegas]),
+               *[r for r in records if not (r["regularizer"] == "l2" and r["omega"] in omegas)]]
+    metrics = {"test_lm_ppl": "lm_ppl", "test_knnlm_ppl": "knnlm_ppl", "test_knnlm_ppl_paper": "knnlm_ppl_paper"}
+    base = {r["seed"]: r["test"] for r in _runs(records, "l2", 0.0) if "test" in r}
+    rows = {}
+    for omega in omegas:
+        runs = [r for r in _runs(records, "l2", omega) if "test" in r]
+        if not runs:
+            continue
+        rows[f"{omega:g}"] = {
+            **{m: _mean_std([r["test"][f] for r in runs]) for m, f in metrics.items()},
+            "seeds": len(runs),
+            "best_under": [p for p, o in best.items() if o == omega],
+            "valid_choice": {r["name"]: r["test"]["valid_choice"] for r in runs},  # [λ, k, temperature] per protocol
+            "minus_omega0": _over_seeds({m: [r["test"][f] - base[r["seed"]][f] for r in runs if r["seed"] in base]
+                                         for m, f in metrics.items()}) if omega > 0 else {},
+        }
     if not rows:
-        return
-    write_json(results / "test.json", rows)
+        return records
+    write_json(results / "test.json", nan_to_null(rows))
+    cols = ("test_lm_ppl", "test_knnlm_ppl", "test_knnlm_ppl_paper")
     write_text(results / "test.md", markdown_table(
-        f"Test perplexity, {study.title} (each protocol's λ, k, temperature chosen on valid; mean ± std over seeds)",
+        f"Test perplexity, {study.title} (each protocol's λ, k, temperature chosen on valid; mean ± std over seeds; "
+        "in brackets, the mean ± std of the per-seed differences against ω = 0 of the same seed)",
         ["ω", "chosen as the best ω > 0 by", "test LM", "test kNN-LM, tuned", "test kNN-LM, paper protocol", "seeds"],
-        [[o, ", ".join(v["best_under"]) or "–", *(_cell(*v[m], v["seeds"]) for m in
-                                                   ("test_lm_ppl", "test_knnlm_ppl", "test_knnlm_ppl_paper")),
-          str(v["seeds"])] for o, v in rows.items()]))
+        [[o, ", ".join(v["best_under"]) or "–",
+          *(_cell(*v[m], v["seeds"]) + (f" ({_cell(*v['minus_omega0'][m], signed=True)})" if m in v["minus_omega0"] else "")
+            for m in cols), str(v["seeds"])] for o, v in rows.items()]))
+    return records
 
 
 def rescaled_ppl(run: Path, cfg: Config, temperature: float) -> float:
@@ -603,7 +645,7 @@ def write_rescale_control(records: list[dict], out: Path, results: Path, study: 
 def run_objectives(study: Study, out: Path, results: Path, runner: Runner, current, done) -> None:
     """Each objective's weights on the first seed, then its best weight (tuned protocol) on the other seeds."""
     first, rest = study.seeds[0], study.seeds[1:]
-    runner.run([(study, out, results, name, w, first) for name, ws in study.objectives.items() for w in ws], done)
+    runner.run([(study, out, results, name, w, first) for name, ws in study.objectives.items() for w in ws], done)  # recorded beside the grid unless stopped
     if runner.skipped:
         return
     best = {}

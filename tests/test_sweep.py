@@ -141,6 +141,31 @@ def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(stu
     assert test["0.01"]["valid_choice"] == {n: {"tuned": [r["lambda"], r["k"], r["temperature"]],
                                                 "paper": [r["paper_lambda"], r["paper_k"], 1.0]}
                                             for n, r in records.items() if n.startswith("l2_omega0.01_")}
+    # every run keeps its test figures in its record (a GPU's run folders are gone later); the table is made of them
+    for n, r in records.items():
+        tst = json.loads((runs / n / "eval" / "test" / "summary.json").read_text())
+        assert r["test"]["lm_ppl"] == tst["lm_ppl"] and r["test"]["tokens"] == tst["tokens"]
+        assert r["test"]["knnlm_ppl"] == tst["protocols"]["tuned"]["knnlm_ppl"]
+        assert r["test"]["knnlm_ppl_paper"] == tst["protocols"]["paper"]["knnlm_ppl"]
+    for m, f in (("test_knnlm_ppl", "knnlm_ppl"), ("test_knnlm_ppl_paper", "knnlm_ppl_paper")):
+        d = [records[f"l2_omega0.01_seed{s}"]["test"][f] - records[f"l2_omega0_seed{s}"]["test"][f] for s in (0, 1)]
+        assert test["0.01"]["minus_omega0"][m] == pytest.approx([np.mean(d), np.std(d, ddof=1), 2])
+
+
+@slow
+def test_test_figures_are_added_to_old_records_from_their_run_folders_and_left_out_without_them(study, tmp_path):
+    path, runs, results = own_copy(study, tmp_path)
+    old = results / "runs" / "l2_omega0_seed0.json"
+    before = json.loads(old.read_text())
+    old.write_text(json.dumps({k: v for k, v in before.items() if k != "test"}))  # recorded before runs kept their test figures
+    gone = results / "runs" / "l2_omega0_seed1.json"
+    gone.write_text(json.dumps({k: v for k, v in json.loads(gone.read_text()).items() if k != "test"}))
+    shutil.rmtree(runs / "l2_omega0_seed1")  # ... and trained on a machine that is gone
+    proc = knnlm("sweep", path, "--out", runs)
+    assert "== l2_omega0_seed0: test split" in proc.stdout and proc.stdout.count("== ") == 1
+    assert json.loads(old.read_text())["test"] == before["test"]  # the same figures from the same saved model
+    test = json.loads((results / "test.json").read_text())
+    assert test["0"]["seeds"] == 1 and test["0.01"]["seeds"] == 2 and test["0.01"]["minus_omega0"]["test_lm_ppl"][2] == 1
 
 
 @slow
