@@ -463,6 +463,8 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs
 
     def done(rec: dict) -> None:
         nonlocal records
+        if rec in records:
+            return  # read from its record: already in the tables (written once below, after the grid)
         records = _replace(records, rec)
         write_tables(records, results, study)
         write_rescale_control(records, out, results, study)  # as soon as a pair with its ω = 0 neighbours exists
@@ -478,7 +480,7 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs
                   flush=True)
             early = [(study, out, results, "moco", omega, seed, study.moco_overrides) for seed in study.seeds]
     # an objectives study's weights on its first seed need no ω = 0 record: they run beside the grid
-    weights = [(study, out, results, name, w, study.seeds[0]) for name, ws in study.objectives.items() for w in ws]
+    weights = objective_tasks(study, out, results)
     runner.run(grid + early + weights, done)
     table = write_tables(records, results, study)
     if study.objectives and not runner.skipped:
@@ -596,18 +598,22 @@ def write_rescale_control(records: list[dict], out: Path, results: Path, study: 
     For each ω > 0 and seed, the ω = 0 model of the same seed is evaluated at T = ‖r_0‖² / ‖r_ω‖² (mean squared key
     norms on valid), which is temperature 1 after scaling its keys to the regularized model's scale. `recovered` is
     (ppl_0(T=1) − ppl_0(T)) / (ppl_0(T=1) − ppl_ω(T=1)): the share of the temperature-1 gain of ω > 0 that the
-    rescaling alone gives. Needs the ω = 0 runs' saved neighbours (their run folders)."""
+    rescaling alone gives. Needs the ω = 0 runs' saved neighbours (their run folders); a pair computed before,
+    whose ω = 0 folder is gone since (e.g. trained on a GPU machine), keeps its recorded figures."""
     base = {r["seed"]: r for r in _runs(records, "l2", 0.0)}
     pairs = [(r, base[r["seed"]]) for r in records if r["regularizer"] == "l2" and r["omega"] > 0 and r["seed"] in base
              and all(f in x for x in (r, base[r["seed"]]) for f in ("key_sq_norm_mean", "valid_knnlm_ppl_paper"))]
     want = {r["name"]: [r0["name"], r["key_sq_norm_mean"], r0["key_sq_norm_mean"]] for r, r0 in pairs}
     path = results / "rescale.json"
-    if path.is_file() and read_json(path, "rescaling control").get("inputs") == want:
+    old = read_json(path, "rescaling control") if path.is_file() else {}
+    if old.get("inputs") == want:
         return
     per_run = {}
     for r, r0 in pairs:
         run0 = out / r0["name"]
         if not (run0 / "eval" / "valid" / "meta.json").is_file() or not (run0 / "datastore" / "meta.json").is_file():
+            if old.get("inputs", {}).get(r["name"]) == want[r["name"]]:  # its ω = 0 folder is gone (another machine's)
+                per_run[r["name"]] = old["per_run"][r["name"]]
             continue
         cfg = run_config(study, "l2", 0.0, r0["seed"])
         T = r0["key_sq_norm_mean"] / r["key_sq_norm_mean"]
@@ -642,10 +648,18 @@ def write_rescale_control(records: list[dict], out: Path, results: Path, study: 
 # ---------------------------------------------------------------------------------------------------------------
 # other objectives against ω = 0 (issue: training with kNN in mind that still helps once the temperature is tuned)
 
+def objective_tasks(study: Study, out: Path, results: Path) -> list[tuple]:
+    """Each objective's weights on the first seed, taken in turn (each objective's first weight, then each one's
+    second, ...): a study stopped part-way has tried every objective."""
+    ws = list(study.objectives.items())
+    return [(study, out, results, name, weights[i], study.seeds[0])
+            for i in range(max((len(w) for _, w in ws), default=0)) for name, weights in ws if i < len(weights)]
+
+
 def run_objectives(study: Study, out: Path, results: Path, runner: Runner, current, done) -> None:
     """Each objective's weights on the first seed, then its best weight (tuned protocol) on the other seeds."""
     first, rest = study.seeds[0], study.seeds[1:]
-    runner.run([(study, out, results, name, w, first) for name, ws in study.objectives.items() for w in ws], done)  # recorded beside the grid unless stopped
+    runner.run(objective_tasks(study, out, results), done)  # recorded beside the grid unless stopped
     if runner.skipped:
         return
     best = {}

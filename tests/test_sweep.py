@@ -268,6 +268,23 @@ def test_rescaling_control_equals_the_omega0_model_at_the_matching_temperature(s
 
 
 @slow
+def test_rescaling_control_keeps_pairs_whose_omega0_folder_is_gone_unless_their_inputs_changed(study, tmp_path):
+    path, runs, results = own_copy(study, tmp_path)
+    before = json.loads((results / "rescale.json").read_text())
+    shutil.rmtree(runs / "l2_omega0_seed0")  # as if trained on a GPU machine that was given back
+    changed = {**before, "inputs": {**before["inputs"], "l2_omega0.01_seed1": ["changed"]}}  # forces a recompute
+    (results / "rescale.json").write_text(json.dumps(changed))
+    knnlm("sweep", path, "--out", runs, "--tables-only")
+    after = json.loads((results / "rescale.json").read_text())
+    assert after["per_run"] == before["per_run"] and after["inputs"] == before["inputs"]  # same saved neighbours
+    # a pair whose inputs changed and whose ω = 0 folder is gone cannot be recomputed: it is dropped, not kept stale
+    r = results / "runs" / "l2_omega0.01_seed0.json"
+    r.write_text(json.dumps({**json.loads(r.read_text()), "key_sq_norm_mean": 1.0}))
+    knnlm("sweep", path, "--out", runs, "--tables-only")
+    assert set(json.loads((results / "rescale.json").read_text())["per_run"]) == {"l2_omega0.01_seed1"}
+
+
+@slow
 @pytest.mark.wikitext
 def test_objectives_study_compares_the_best_weight_with_omega0_of_the_same_seed(tmp_path):
     path = tmp_path / "objectives.toml"
