@@ -8,7 +8,8 @@ Both train on the same WikiText-2 batches (batch_size x context tokens per step)
   vocabulary, fp32 (what a user gets by default), and the same with bf16 autocast.
 Model FLOPs per step are counted by `torch.utils.flop_counter` over one forward + backward (the matrix products
 actually executed, so the adaptive softmax is credited only for the bands it computes); utilization is against the
-machine's measured bf16 (and fp32) matrix-product rate. Writes results/benchmarks/training.{json,md}.
+machine's measured bf16 (and fp32) matrix-product rate. Then the same knnlm step with each training objective
+(`--regularizers`) against ω = 0: what each costs per step. Writes results/benchmarks/training.{json,md}.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from knnlm.train import Objective
 def knnlm_step(cfg, vocab_size: int):
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab_size)
-    reg = make_regularizer(cfg.train, model, model.vocab_size, model.key_dim)
+    reg = make_regularizer(cfg.train, model, model.vocab_size, model.key_dim, block=cfg.model.context)
     objective = Objective(model, reg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -96,6 +97,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--omega", type=float, default=1e-4)
+    p.add_argument("--regularizers", default="l2,moco,knn,pull-ratio",
+                   help="comma-separated train.regularizer values timed against ω = 0 (empty: none)")
     p.add_argument("--out", default="results/benchmarks")
     a = p.parse_args()
     cfg = load_config(a.config, [f"train.omega={a.omega}"])
@@ -109,6 +112,12 @@ def main() -> None:
     rows = [measure("knnlm (adaptive softmax, bf16)", *knnlm_step(cfg, corpus.vocab_size), batches, a.warmup, peak),
             measure("HF GPT-2 (full softmax, fp32)", *gpt2_step(cfg, corpus.vocab_size, False), batches, a.warmup, peak),
             measure("HF GPT-2 (full softmax, bf16 autocast)", *gpt2_step(cfg, corpus.vocab_size, True), batches, a.warmup, peak)]
+    # the cost of each training objective: the same knnlm step with each regularizer (ω = 0 computes none)
+    objectives = []
+    for name in ["none", *[r for r in a.regularizers.split(",") if r]]:
+        c = load_config(a.config, ["train.omega=0"] if name == "none" else [f"train.omega={a.omega}", f"train.regularizer={name}"])
+        objectives.append({**measure(f"knnlm, {name}", *knnlm_step(c, corpus.vocab_size), batches, a.warmup, peak),
+                           "regularizer": name})
     base = rows[1]["tokens_per_s"]
     md = [f"Same batches ({bs} x {cfg.model.context} tokens), d = {cfg.model.d_model}, {cfg.model.n_layers} layers; "
           f"measured matrix-product rate {peak['bfloat16']:.2f} TFLOP/s bf16, {peak['float32']:.2f} fp32.", "",
@@ -117,7 +126,12 @@ def main() -> None:
     for r in rows:
         md.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:.0f} | **{r['tokens_per_s'] / base:.2f}x** | "
                   f"{r['tflops']:.3f} | {100 * r['mfu_vs_bf16']:.1f}% | {100 * r['mfu_vs_fp32']:.1f}% |")
-    write_results(a.out, "training", {"config": a.config, "omega": a.omega, "peak_tflops": peak, "rows": rows}, md)
+    md += ["", "Training step of knnlm's model with each regularizer (`train.regularizer`; `none`: ω = 0, the LM loss alone):",
+           "", "| regularizer | seconds per step | vs none |", "|---|---|---|"]
+    for r in objectives:
+        md.append(f"| {r['regularizer']} | {r['seconds_per_step']:.3f} | {r['seconds_per_step'] / objectives[0]['seconds_per_step']:.2f}x |")
+    write_results(a.out, "training", {"config": a.config, "omega": a.omega, "peak_tflops": peak, "rows": rows,
+                                      "objectives": objectives}, md)
     print("\n".join(md))
 
 
