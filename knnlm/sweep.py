@@ -598,8 +598,8 @@ def write_rescale_control(records: list[dict], out: Path, results: Path, study: 
     For each ω > 0 and seed, the ω = 0 model of the same seed is evaluated at T = ‖r_0‖² / ‖r_ω‖² (mean squared key
     norms on valid), which is temperature 1 after scaling its keys to the regularized model's scale. `recovered` is
     (ppl_0(T=1) − ppl_0(T)) / (ppl_0(T=1) − ppl_ω(T=1)): the share of the temperature-1 gain of ω > 0 that the
-    rescaling alone gives. Needs the ω = 0 runs' saved neighbours (their run folders); a pair computed before,
-    whose ω = 0 folder is gone since (e.g. trained on a GPU machine), keeps its recorded figures."""
+    rescaling alone gives. Needs the ω = 0 runs' saved neighbours (their run folders); a pair computed before from
+    the same records keeps its figures, also where its ω = 0 folder is gone since (e.g. trained on a GPU machine)."""
     base = {r["seed"]: r for r in _runs(records, "l2", 0.0)}
     pairs = [(r, base[r["seed"]]) for r in records if r["regularizer"] == "l2" and r["omega"] > 0 and r["seed"] in base
              and all(f in x for x in (r, base[r["seed"]]) for f in ("key_sq_norm_mean", "valid_knnlm_ppl_paper"))]
@@ -611,9 +611,10 @@ def write_rescale_control(records: list[dict], out: Path, results: Path, study: 
     per_run = {}
     for r, r0 in pairs:
         run0 = out / r0["name"]
+        if old.get("inputs", {}).get(r["name"]) == want[r["name"]]:  # computed before from the same records; its
+            per_run[r["name"]] = old["per_run"][r["name"]]            # ω = 0 folder may be gone (another machine's)
+            continue
         if not (run0 / "eval" / "valid" / "meta.json").is_file() or not (run0 / "datastore" / "meta.json").is_file():
-            if old.get("inputs", {}).get(r["name"]) == want[r["name"]]:  # its ω = 0 folder is gone (another machine's)
-                per_run[r["name"]] = old["per_run"][r["name"]]
             continue
         cfg = run_config(study, "l2", 0.0, r0["seed"])
         T = r0["key_sq_norm_mean"] / r["key_sq_norm_mean"]
