@@ -14,8 +14,8 @@ import pytest
 
 from conftest import REPO, TINY, fails, knnlm, snapshot
 from knnlm.config import changed_settings
-from knnlm.sweep import (Study, best_omega, omega_table, paired_differences, paired_markdown, run_sweep,
-                          table_markdown, write_tables)
+from knnlm.sweep import (Study, best_omega, best_weights, omega_table, paired_differences, paired_markdown, run_sweep,
+                          table_markdown, write_objectives, write_tables)
 
 slow = pytest.mark.slow
 
@@ -63,6 +63,24 @@ def test_written_tables_and_figures_from_hand_made_records(tmp_path):
     assert fit["slope"] == pytest.approx(1.0) and fit["intercept"] == pytest.approx(-2.0) and fit["models"] == 5
     for name in ("table.md", "paired.md", "figure1.png", "ppl_by_k.png", "temperature_vs_norm.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_objectives_table_compares_training_time_only_on_one_kind_of_device(tmp_path):
+    def run(reg, w, seed, knn, lm, device, seconds):
+        return {**record(w, seed, knn, lm, regularizer=reg), "device": device, "seconds": {"train_compute": seconds}}
+    study = Study(base="", omegas=[0.0], seeds=[0, 1, 2], objectives={"knn": [0.1, 1.0]})
+    records = [run("l2", 0.0, s, 100 + s, 110, "cuda: NVIDIA H200", 100) for s in (0, 1, 2)]
+    records += [run("knn", 1.0, 0, 90, 110, "cpu: AMD EPYC", 900), run("knn", 0.1, 0, 95, 110, "cuda: NVIDIA H200", 150),
+                run("knn", 1.0, 1, 93, 111, "cuda: NVIDIA H200", 200), run("knn", 1.0, 2, 94, 110, "cuda: NVIDIA H200", 300)]
+    best = best_weights(study, records)
+    assert best == {"knn": 1.0}  # the lowest tuned kNN-LM perplexity on seed 0
+    write_objectives(records, best, tmp_path, study)
+    out = json.loads((tmp_path / "objectives.json").read_text())["paired"]["knn"]
+    d = [90 - 100, 93 - 101, 94 - 102]
+    assert out["valid_knnlm_ppl"] == pytest.approx([np.mean(d), np.std(d, ddof=1), 3])
+    assert out["mixed_devices"] == [0]
+    assert out["train_time_vs_omega0"][0] == pytest.approx(np.mean([1.0, 2.0]))  # seed 0's CPU run left out
+    assert "3†" in (tmp_path / "objectives.md").read_text()
 
 
 def test_changed_settings_names_what_differs_and_ignores_settings_a_record_lacks():
