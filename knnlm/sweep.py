@@ -459,6 +459,8 @@ def run_sweep(study_path: str | Path, out: Path, overrides: list[str] = (), jobs
     if tables_only:
         write_tables(records, results, study)
         write_rescale_control(records, out, results, study)
+        if study.objectives:
+            write_objectives(records, best_weights(study, records), results, study)
         return
 
     def done(rec: dict) -> None:
