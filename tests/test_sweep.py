@@ -286,6 +286,18 @@ def test_rescaling_control_equals_the_omega0_model_at_the_matching_temperature(s
 
 
 @slow
+def test_moco_early_trains_moco_beside_the_grid_at_the_best_paper_omega_so_far(study, tmp_path):
+    path, runs, results = own_copy(study, tmp_path)
+    for s in (0, 1):
+        (results / "runs" / f"moco_omega0.01_seed{s}.json").unlink()
+    (results / "runs" / "l2_omega0.01_seed1.json").unlink()  # the grid is not complete: MOCO starts beside it
+    proc = knnlm("sweep", path, "--out", runs, "--moco-early")
+    assert "MOCO at ω = 0.01 (best ω > 0 under the paper protocol over the records so far) beside the grid" in proc.stdout
+    assert proc.stdout.count("== ") == 3 and all((results / "runs" / f"moco_omega0.01_seed{s}.json").is_file() for s in (0, 1))
+    assert (results / "moco_vs_l2.md").is_file()
+
+
+@slow
 def test_rescaling_control_keeps_pairs_whose_omega0_folder_is_gone_unless_their_inputs_changed(study, tmp_path):
     path, runs, results = own_copy(study, tmp_path)
     before = json.loads((results / "rescale.json").read_text())
