@@ -534,12 +534,13 @@ def write_moco_comparison(records: list[dict], omega: float, results: Path, stud
     plot_regularizer_comparison(rows, results / "moco_vs_l2.png", f"MOCO vs L2 at ω = {omega:g}, {study.title}")
 
 
-def test_records(study: Study, out: Path, results: Path, records: list[dict]) -> list[dict]:
-    """The records with their test figures: a record made before runs kept them gets them now from its run
-    folder (and is rewritten); one whose folder is gone keeps none and is left out of the test table."""
+def test_records(study: Study, out: Path, results: Path, records: list[dict], wanted) -> list[dict]:
+    """The records, those that `wanted(record)` with their test figures: a record made before runs kept them gets
+    them now from its run folder (and is rewritten); one whose folder is gone keeps none and is left out of the
+    test table."""
     done = []
     for r in records:
-        if _valid_choice(r) != r.get("test", {}).get("valid_choice"):
+        if wanted(r) and _valid_choice(r) != r.get("test", {}).get("valid_choice"):
             run = out / r["name"]
             if not (run / "datastore" / "meta.json").is_file() or not (run / "eval" / "valid" / "summary.json").is_file():
                 continue
@@ -556,8 +557,7 @@ def write_test_results(study: Study, out: Path, results: Path, records: list[dic
     protocols' own λ, k, temperature from valid; and the per-seed differences against ω = 0. Returns the records,
     with test figures where they were added."""
     omegas = sorted({0.0, *best.values()})
-    records = [*test_records(study, out, results, [r for r in records if r["regularizer"] == "l2" and r["omega"] in omegas]),
-               *[r for r in records if not (r["regularizer"] == "l2" and r["omega"] in omegas)]]
+    records = test_records(study, out, results, records, lambda r: r["regularizer"] == "l2" and r["omega"] in omegas)
     metrics = {"test_lm_ppl": "lm_ppl", "test_knnlm_ppl": "knnlm_ppl", "test_knnlm_ppl_paper": "knnlm_ppl_paper"}
     base = {r["seed"]: r["test"] for r in _runs(records, "l2", 0.0) if "test" in r}
     rows = {}
@@ -722,8 +722,8 @@ def write_objectives(records: list[dict], best: dict[str, float], results: Path,
          "training time vs ω = 0", "seeds", "goal met"], rows,
         "Δ: the objective's run minus ω = 0 of the same seed (negative = better). Goal: Δ kNN-LM tuned below −2 std "
         "of the paired differences over ≥ 3 seeds, with the LM within 1 %. †: some pairs were trained on different "
-        "kinds of device (same initialisation and data order, other dropout masks; CPU − H200 twins differ by "
-        "+0.86 ± 0.54 valid LM perplexity), and their training times are not compared.")
+        "kinds of device (same initialisation and data order, other dropout masks: a device's own offset, see the "
+        "README), and their training times are not compared.")
         + "\n" + markdown_table(f"Every weight on seed {first}", ["objective, weight", *(LABELS[m] for m in PPL_ROWS)],
                                  weight_rows))
     if out["paired"]:
