@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The README's studies (ω study, key site, over-fit, training objectives) at once on one GPU, every model in its own
+# The README's ω-study family (ω study with MOCO, key site, over-fit) at once on one GPU, every model in its own
 # process: a model this small leaves a GPU idle between its kernel launches, so many trainings share one H100/H200.
-# Each sweep starts only what its records lack (the objectives study: its weight tuning on seed 0 first, then the
-# best weights on seeds 1 and 2, so a second call finishes it).
+# Each sweep starts only what its records lack. The objectives study is not here: its records are all CPU runs (its
+# pairs are one kind of device), so it runs on the CPU: knnlm sweep experiments/objectives_study.toml --out RUNS.
 #   bash experiments/gpu_studies.sh RUNS_DIR [SECONDS]
 # Records land in results/<study>/runs/ as each model finishes; a rerun continues from them. SECONDS bounds every
 # sweep (no MOCO run starts after 55 % of it). SMOKE=1 runs the same on tiny settings (a CPU check of the script).
@@ -19,9 +19,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
   RESULTS=$RUNS/results
 fi
 python3 -c "from knnlm.data import load_corpus; print('corpus:', load_corpus().folder)" || exit 1  # fills the cache once
-# jobs: each study's whole first stage at once (the ω study's grid and its MOCO runs, --moco-early; the objectives
-# study's ω = 0 runs and its weights on seed 0)
-for spec in "omega_study 18" "key_site_study 6" "overfit_study 4" "objectives_study 9"; do
+# jobs: each study's whole first stage at once (the ω study's grid and its MOCO runs, --moco-early)
+for spec in "omega_study 18" "key_site_study 6" "overfit_study 4"; do
   read -r study jobs <<<"$spec"
   [ "${SMOKE:-0}" = 1 ] && jobs=2
   timeout "$LIMIT" python3 -m knnlm.cli sweep "experiments/$study.toml" --out "$RUNS/$study" --results "$RESULTS/$study" \

@@ -1,4 +1,4 @@
-"""The `knnlm` command: train, datastore, evaluate, run (all three), sweep, analyze, data, score, generate, verify.
+"""The `knnlm` command: train, datastore, evaluate, run (all three), sweep, twins, analyze, data, score, generate, verify.
 
     knnlm run --config configs/wikitext-2.toml --out runs/wt2          # the whole pipeline
     knnlm train --config configs/tiny.toml --out runs/tiny train.omega=0.01
@@ -132,6 +132,20 @@ def cmd_sweep(args) -> None:
               moco_early=args.moco_early)
 
 
+def cmd_twins(args) -> None:
+    from .artifacts import write_json, write_text
+    from .sweep import device_twins, twins_markdown
+
+    twins = device_twins([Path(f) for f in args.first], [Path(f) for f in args.second])
+    if not twins["runs"]:
+        raise UserError("--first/--second: no run is recorded in both with the same training settings on two devices")
+    text = twins_markdown(twins)
+    print(text)
+    if args.out:
+        write_text(Path(args.out).with_suffix(".md"), text)
+        write_json(Path(args.out).with_suffix(".json"), twins)
+
+
 def cmd_analyze(args) -> None:
     from .analysis import analyze
 
@@ -257,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                          "(room for more models at once, e.g. on a GPU)")
     sw.add_argument("overrides", nargs="*")
     sw.set_defaults(fn=cmd_sweep)
+    tw = sub.add_parser("twins", help="runs recorded on two devices: first − second, and mean ± std (a device's effect)")
+    tw.add_argument("--first", nargs="+", required=True, help="folders of study records (an earlier folder wins)")
+    tw.add_argument("--second", nargs="+", required=True, help="folders of study records (an earlier folder wins)")
+    tw.add_argument("--out", help="also write OUT.md and OUT.json")
+    tw.set_defaults(fn=cmd_twins)
     an = sub.add_parser("analyze", help="frequency/loss and clustering analyses of evaluated runs")
     an.add_argument("runs", nargs="+", help="run folders (evaluated)")
     an.add_argument("--labels", nargs="*", help="one label per run")

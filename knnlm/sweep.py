@@ -729,3 +729,49 @@ def write_objectives(records: list[dict], best: dict[str, float], results: Path,
     if out["paired"]:
         plot_paired_objectives(out["paired"], results / "objectives.png",
                                f"Objectives against ω = 0 of the same seed, {study.title}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one run trained on two devices (`knnlm twins`): a device's own effect, to weigh pairs across devices
+
+def _records_by_name(folders: list[Path]) -> dict[str, dict]:
+    """{run name: record} over study-record folders; a folder listed earlier wins."""
+    found = {}
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise UserError(f"{folder}: expected a folder of study records (<name>.json)")
+        for path in sorted(Path(folder).glob("*.json")):
+            record = read_json(path, "study record")
+            if isinstance(record, dict) and "name" in record and "valid_lm_ppl" in record:
+                found.setdefault(record["name"], record)
+    return found
+
+
+def device_twins(first: list[Path], second: list[Path]) -> dict:
+    """Runs recorded in both sets of folders with the same training settings on two different devices: per run,
+    the first set's record minus the second's (valid LM and kNN-LM under both protocols), and mean ± std over runs.
+    Training settings must match (evaluation settings may differ: the pairs are compared on the metrics both have)."""
+    a, b = _records_by_name(first), _records_by_name(second)
+    twins = {}
+    for name in sorted(a.keys() & b.keys()):
+        x, y = a[name], b[name]
+        if x.get("device") == y.get("device"):
+            continue
+        if any(not c.startswith("eval.") for c in changed_settings(y.get("config", {}), x.get("config", {}))):
+            continue
+        twins[name] = {"devices": [x.get("device", ""), y.get("device", "")],
+                       **{m: x[m] - y[m] for m in PAIRED_METRICS if m in x and m in y}}
+    over = _over_seeds({m: [t[m] for t in twins.values() if m in t] for m in PAIRED_METRICS})
+    return {"runs": twins, "mean_std_n": over}
+
+
+def twins_markdown(twins: dict) -> str:
+    names = {"valid_lm_ppl": "Δ valid LM", "valid_knnlm_ppl": "Δ kNN-LM tuned", "valid_knnlm_ppl_paper": "Δ kNN-LM paper"}
+    rows = [[name, *t["devices"], *(f"{t[m]:+.2f}" if m in t else "" for m in names)]
+            for name, t in twins["runs"].items()]
+    over = twins["mean_std_n"]
+    rows.append(["mean ± std", "", "", *(_cell(*over[m], signed=True) if m in over else "" for m in names)])
+    return markdown_table("One run trained on two devices (same settings and seed): first − second",
+                          ["run", "first device", "second device", *names.values()], rows,
+                          "Same initialisation and data order; a CPU and a GPU draw different dropout masks from the "
+                          "same seed and round differently, so a difference is the device's own effect plus noise.")

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, TINY, fails, knnlm, snapshot
 from knnlm.config import changed_settings
-from knnlm.sweep import (Study, best_omega, best_weights, omega_table, paired_differences, paired_markdown, run_sweep,
+from knnlm.sweep import (Study, best_omega, best_weights, device_twins, omega_table, paired_differences, paired_markdown, run_sweep,
                           table_markdown, write_objectives, write_tables)
 
 slow = pytest.mark.slow
@@ -81,6 +81,33 @@ def test_objectives_table_compares_training_time_only_on_one_kind_of_device(tmp_
     assert out["mixed_devices"] == [0]
     assert out["train_time_vs_omega0"][0] == pytest.approx(np.mean([1.0, 2.0]))  # seed 0's CPU run left out
     assert "3†" in (tmp_path / "objectives.md").read_text()
+
+
+def test_twins_pair_one_run_across_devices_and_skip_same_device_copies_and_other_training_settings(tmp_path):
+    def put(folder, name, lm, device, lr=0.001):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        rec = {**record(0.0, 0, lm - 10, lm), "name": name, "device": device,
+               "config": {"train": {"lr": lr}, "eval": {"k": [8]}}}
+        (tmp_path / folder / f"{name}.json").write_text(json.dumps(rec))
+    put("cpu", "a", 110, "cpu: AMD EPYC")
+    put("cpu", "b", 112, "cpu: AMD EPYC")
+    put("cpu", "c", 120, "cpu: AMD EPYC", lr=0.01)  # other training settings: not a twin
+    put("cpu", "d", 130, "cuda: NVIDIA H200")  # one device on both sides: not a twin
+    put("cpu2", "a", 999, "cpu: AMD EPYC")  # a later folder loses to an earlier one
+    put("gpu", "a", 109, "cuda: NVIDIA H200")
+    put("gpu", "b", 109.5, "cuda: NVIDIA H200")
+    put("gpu", "c", 119, "cuda: NVIDIA H200")
+    put("gpu", "d", 130, "cuda: NVIDIA H200")
+    twins = device_twins([tmp_path / "cpu", tmp_path / "cpu2"], [tmp_path / "gpu"])
+    assert list(twins["runs"]) == ["a", "b"]
+    assert twins["runs"]["b"]["valid_lm_ppl"] == pytest.approx(2.5)
+    assert twins["mean_std_n"]["valid_knnlm_ppl"] == pytest.approx([1.75, np.std([1, 2.5], ddof=1), 2])
+    proc = knnlm("twins", "--first", tmp_path / "cpu", "--second", tmp_path / "gpu", "--out", tmp_path / "t")
+    assert "| b | cpu: AMD EPYC | cuda: NVIDIA H200 | +2.50 |" in proc.stdout
+    assert json.loads((tmp_path / "t.json").read_text()) == twins
+    fails(knnlm("twins", "--first", tmp_path / "gpu", "--second", tmp_path / "gpu", check=False), "no run is recorded")
+    fails(knnlm("twins", "--first", tmp_path / "nope", "--second", tmp_path / "gpu", check=False),
+          "nope", "expected a folder of study records")
 
 
 def test_changed_settings_names_what_differs_and_ignores_settings_a_record_lacks():
