@@ -587,10 +587,11 @@ def write_test_results(study: Study, out: Path, results: Path, records: list[dic
     return records
 
 
-def rescaled_ppl(run: Path, cfg: Config, temperature: float) -> float:
+def rescaled_ppl(arrays: tuple, cfg: Config, temperature: float) -> float:
     """Valid kNN-LM perplexity of a run at k = 1024 (the paper protocol's k) and a given temperature, λ tuned, from
-    its saved neighbours. Dividing distances by T is what scaling every key (stored and query) by 1/√T does."""
-    targets, lm, dists, nvals = tuning_arrays(run, "valid")
+    its saved neighbours (`tuning_arrays(run, "valid")`). Dividing distances by T is what scaling every key (stored
+    and query) by 1/√T does."""
+    targets, lm, dists, nvals = arrays
     knn = knn_logprob(dists, nvals, targets, paper_k(cfg), temperature)
     return min(perplexity(interpolate(lm, knn, lmbda)) for lmbda in cfg.eval.lmbda)
 
@@ -612,8 +613,8 @@ def write_rescale_control(records: list[dict], out: Path, results: Path, study: 
     old = read_json(path, "rescaling control") if path.is_file() else {}
     if old.get("inputs") == want:
         return
-    per_run = {}
-    for r, r0 in pairs:
+    per_run, loaded = {}, {}  # loaded: one ω = 0 run's saved neighbours (1.6 GB), read once for all its pairs
+    for r, r0 in sorted(pairs, key=lambda p: p[1]["name"]):
         run0 = out / r0["name"]
         if old.get("inputs", {}).get(r["name"]) == want[r["name"]]:  # computed before from the same records; its
             per_run[r["name"]] = old["per_run"][r["name"]]            # ω = 0 folder may be gone (another machine's)
@@ -622,7 +623,9 @@ def write_rescale_control(records: list[dict], out: Path, results: Path, study: 
             continue
         cfg = run_config(study, "l2", 0.0, r0["seed"])
         T = r0["key_sq_norm_mean"] / r["key_sq_norm_mean"]
-        p0_T = rescaled_ppl(run0, cfg, T)
+        if r0["name"] not in loaded:
+            loaded = {r0["name"]: tuning_arrays(run0, "valid")}
+        p0_T = rescaled_ppl(loaded[r0["name"]], cfg, T)
         p0_1, pw_1 = r0["valid_knnlm_ppl_paper"], r["valid_knnlm_ppl_paper"]
         gain = p0_1 - pw_1
         per_run[r["name"]] = {"omega": r["omega"], "seed": r["seed"], "temperature_match": T,
