@@ -62,6 +62,9 @@ class Study:
     # other training objectives (train.regularizer name -> weights tried on the first seed); the best weight under
     # the tuned protocol is then trained on the other seeds and compared with ω = 0 of the same seed
     objectives: dict[str, list[float]] = field(default_factory=dict)
+    # the objectives' cost per training step against ω = 0: a `benchmarks/training.py --regularizers` JSON, measured
+    # side by side in one run (the runs' own training times differ by 2× between sessions of one machine)
+    step_benchmark: str = ""
 
 
 def _number(x) -> bool:
@@ -82,6 +85,7 @@ _STUDY_TYPES = [
     ("moco_overrides", "a list of section.key=value strings", _strings),
     ("results", "a folder path", lambda x: isinstance(x, str)),
     ("title", "a string", lambda x: isinstance(x, str)),
+    ("step_benchmark", "a benchmarks/training.py JSON path", lambda x: isinstance(x, str)),
     ("objectives", "a table of regularizer = [weights]", lambda x: isinstance(x, dict) and all(isinstance(v, list) and all(_number(w) for w in v) for v in x.values())),
 ]
 
@@ -103,6 +107,11 @@ def load_study(path: Path) -> Study:
         raise UserError(f"{path}: a study needs base, omegas and seeds")
     study = Study(**raw)
     study.base = str((path.parent / study.base).resolve())
+    if study.step_benchmark:
+        study.step_benchmark = str((path.parent / study.step_benchmark).resolve())
+        if not Path(study.step_benchmark).is_file():
+            raise UserError(f"{path}: step_benchmark: {study.step_benchmark} not found (a benchmarks/training.py "
+                            "--regularizers JSON)")
     for name, weights in study.objectives.items():
         if name not in REGULARIZERS or not weights or any(not w > 0 for w in weights):
             raise UserError(f"{path}: objectives.{name}: expected a regularizer of {', '.join(REGULARIZERS)} "
@@ -685,12 +694,29 @@ def best_weights(study: Study, records: list[dict]) -> dict[str, float]:
     return best
 
 
+def step_costs(path: str) -> tuple[dict[str, float], str]:
+    """({regularizer: seconds per training step / that of ω = 0}, the machine) from a `benchmarks/training.py
+    --regularizers` JSON; ({}, "") without one."""
+    if not path:
+        return {}, ""
+    bench = read_json(path, "training benchmark")
+    try:
+        steps = {row["regularizer"]: row["seconds_per_step"] for row in bench["objectives"] if "regularizer" in row}
+        machine = bench["machine"].get("gpu") or f"{bench['machine']['cpu']}, {bench['machine']['cores']} cores"
+        return {name: t / steps["none"] for name, t in steps.items() if name != "none"}, machine
+    except (KeyError, TypeError, AttributeError, ZeroDivisionError):
+        raise UserError(f"{path}: expected the JSON of `benchmarks/training.py --regularizers` (a row per "
+                        "regularizer, `none` among them)") from None
+
+
 def write_objectives(records: list[dict], best: dict[str, float], results: Path, study: Study) -> None:
     """objectives.md / .json / .png: every weight on the first seed, and each objective's best weight against ω = 0
-    of the same seed over all seeds (both protocols, the LM, and training time against ω = 0)."""
+    of the same seed over all seeds (both protocols, the LM, and the cost per training step against ω = 0 from the
+    study's `step_benchmark`)."""
     base = {r["seed"]: r for r in _runs(records, "l2", 0.0)}
     first = study.seeds[0]
-    rows, out = [], {"best": best, "weights": {}, "paired": {}}
+    cost, machine = step_costs(study.step_benchmark)
+    rows, out = [], {"best": best, "weights": {}, "paired": {}, "step_cost_vs_omega0": cost, "step_cost_machine": machine}
     for name, weights in study.objectives.items():
         for w in weights:
             r = next((r for r in records if r["regularizer"] == name and r["omega"] == w and r["seed"] == first), None)
@@ -701,7 +727,8 @@ def write_objectives(records: list[dict], best: dict[str, float], results: Path,
         if not pairs:
             continue
         per_seed = {m: [a[m] - b[m] for a, b in pairs] for m in PAIRED_METRICS}
-        # training time only between runs of one kind of device (a CPU run against an H200 one says nothing)
+        # the runs' own training times, only between runs of one kind of device (a CPU run against an H200 one says
+        # nothing); kept in the JSON, not the table: they include whatever else the machine ran at the time
         time_ratio = [a["seconds"]["train_compute"] / b["seconds"]["train_compute"] - 1 for a, b in pairs
                       if _device_kind(a) == _device_kind(b)] or [float("nan")]
         lm_rel = [a["valid_lm_ppl"] / b["valid_lm_ppl"] - 1 for a, b in pairs]
@@ -715,18 +742,20 @@ def write_objectives(records: list[dict], best: dict[str, float], results: Path,
         rows.append([name, f"{w:g}", _cell(*d["absolute"]["valid_lm_ppl"]), _cell(*d["absolute"]["valid_knnlm_ppl"]),
                      _cell(*d["absolute"]["valid_knnlm_ppl_paper"]), _cell(*d["valid_lm_ppl"], signed=True),
                      _cell(*d["valid_knnlm_ppl"], signed=True), _cell(*d["valid_knnlm_ppl_paper"], signed=True),
-                     f"{100 * d['train_time_vs_omega0'][0]:+.0f} %" if math.isfinite(d["train_time_vs_omega0"][0]) else "n/a",
+                     f"{cost[name]:.2f}×" if name in cost else "n/a",
                      str(n) + ("†" if d["mixed_devices"] else ""), "yes" if d["goal_met"] else "no"])
     write_json(results / "objectives.json", nan_to_null(out))
     weight_rows = [[k, *(_cell(v[m], 0, 1) for m in PPL_ROWS)] for k, v in out["weights"].items()]
     write_text(results / "objectives.md", markdown_table(
         f"Objectives against ω = 0 of the same seed, {study.title} (mean ± std over seeds)",
         ["objective", "weight", "valid LM", "kNN-LM tuned", "kNN-LM paper", "Δ LM", "Δ kNN-LM tuned", "Δ kNN-LM paper",
-         "training time vs ω = 0", "seeds", "goal met"], rows,
+         "training step vs ω = 0", "seeds", "goal met"], rows,
         "Δ: the objective's run minus ω = 0 of the same seed (negative = better). Goal: Δ kNN-LM tuned below −2 std "
         "of the paired differences over ≥ 3 seeds, with the LM within 1 %. †: some pairs were trained on different "
         "kinds of device (same initialisation and data order, other dropout masks: a device's own offset, see the "
-        "README), and their training times are not compared.")
+        "README). Training step: seconds per step with the objective over seconds without (ω = 0), measured side "
+        f"by side on {machine or 'no machine: the study names no step_benchmark'} "
+        f"({'/'.join(Path(study.step_benchmark).parts[-2:]) if study.step_benchmark else 'n/a'}).")
         + "\n" + markdown_table(f"Every weight on seed {first}", ["objective, weight", *(LABELS[m] for m in PPL_ROWS)],
                                  weight_rows))
     if out["paired"]:

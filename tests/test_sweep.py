@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, fails, knnlm, snapshot
+from knnlm.artifacts import UserError
 from knnlm.config import changed_settings
 from knnlm.sweep import (Study, best_omega, best_weights, device_twins, omega_table, paired_differences, paired_markdown, run_sweep,
                           table_markdown, write_objectives, write_tables)
@@ -65,10 +66,15 @@ def test_written_tables_and_figures_from_hand_made_records(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
 
 
-def test_objectives_table_compares_training_time_only_on_one_kind_of_device(tmp_path):
+def test_objectives_table_takes_step_cost_from_the_benchmark_and_run_times_only_on_one_kind_of_device(tmp_path):
     def run(reg, w, seed, knn, lm, device, seconds):
         return {**record(w, seed, knn, lm, regularizer=reg), "device": device, "seconds": {"train_compute": seconds}}
-    study = Study(base="", omegas=[0.0], seeds=[0, 1, 2], objectives={"knn": [0.1, 1.0]})
+    bench = tmp_path / "bench" / "training.json"  # what benchmarks/training.py --regularizers writes
+    bench.parent.mkdir()
+    bench.write_text(json.dumps({"machine": {"cpu": "AMD EPYC", "cores": 2, "gpu": None}, "objectives": [
+        {"name": "knnlm, none", "regularizer": "none", "seconds_per_step": 0.4},
+        {"name": "knnlm, knn", "regularizer": "knn", "seconds_per_step": 0.9}, {"name": "HF GPT-2"}]}))
+    study = Study(base="", omegas=[0.0], seeds=[0, 1, 2], objectives={"knn": [0.1, 1.0]}, step_benchmark=str(bench))
     records = [run("l2", 0.0, s, 100 + s, 110, "cuda: NVIDIA H200", 100) for s in (0, 1, 2)]
     records += [run("knn", 1.0, 0, 90, 110, "cpu: AMD EPYC", 900), run("knn", 0.1, 0, 95, 110, "cuda: NVIDIA H200", 150),
                 run("knn", 1.0, 1, 93, 111, "cuda: NVIDIA H200", 200), run("knn", 1.0, 2, 94, 110, "cuda: NVIDIA H200", 300)]
@@ -80,7 +86,12 @@ def test_objectives_table_compares_training_time_only_on_one_kind_of_device(tmp_
     assert out["valid_knnlm_ppl"] == pytest.approx([np.mean(d), np.std(d, ddof=1), 3])
     assert out["mixed_devices"] == [0]
     assert out["train_time_vs_omega0"][0] == pytest.approx(np.mean([1.0, 2.0]))  # seed 0's CPU run left out
-    assert "3†" in (tmp_path / "objectives.md").read_text()
+    md = (tmp_path / "objectives.md").read_text()
+    assert "3†" in md and "| 2.25× |" in md and "side by side on AMD EPYC, 2 cores (bench/training.json)" in md
+    assert json.loads((tmp_path / "objectives.json").read_text())["step_cost_vs_omega0"] == {"knn": pytest.approx(2.25)}
+    bench.write_text(json.dumps({"rows": []}))
+    with pytest.raises(UserError, match="training.json: expected the JSON of `benchmarks/training.py --regularizers`"):
+        write_objectives(records, best, tmp_path, study)
 
 
 def test_twins_pair_one_run_across_devices_and_skip_same_device_copies_and_other_training_settings(tmp_path):
@@ -398,7 +409,6 @@ def test_a_sweep_killed_within_and_between_runs_ends_with_the_same_records(study
     ("objectives = { knn = [\"a\"] }", "objectives"),
 ])
 def test_a_study_file_is_type_checked(tmp_path, line, expect):
-    from knnlm.artifacts import UserError
     from knnlm.sweep import load_study
 
     values = {"base": f'"{TINY}"', "omegas": "[0.0]", "seeds": "[0]"}
