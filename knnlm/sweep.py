@@ -22,6 +22,14 @@ The study file (TOML) names a base config and the grid:
     omegas = [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
     seeds = [0, 1, 2]
     moco = true                               # also train MOCO at the best ω > 0 (same seeds)
+
+An objectives study (`experiments/objectives_study.toml`) adds other training objectives, each with the weights to
+try on the first seed, and a side-by-side benchmark of their cost per training step:
+
+    objectives = { knn = [0.01, 0.1, 1.0] }   # the best weight (tuned protocol) then runs on the other seeds
+    step_benchmark = "../results/benchmarks/amd-epyc-zen5/training.json"
+
+and writes `objectives.md` / `.json` / `.png` (each objective's best weight against ω = 0 of the same seed).
 """
 
 from __future__ import annotations
