@@ -126,8 +126,8 @@ def plot_ppl_by_k(panels: dict, path: Path, title: str) -> None:
 
 
 def plot_paired_objectives(paired: dict, path: Path, title: str) -> None:
-    """Per objective, the kNN-LM perplexity change against ω = 0 of the same seed under both protocols: mean ± std
-    of the per-seed differences (error bars), 0 marked."""
+    """Per objective (at its weight), the kNN-LM perplexity change against ω = 0 of the same seed under both
+    protocols: mean ± std of the per-seed differences (error bars), 0 marked; the title names the devices."""
     names = list(paired)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.8 * len(names) + 3, 3.8))
@@ -136,10 +136,13 @@ def plot_paired_objectives(paired: dict, path: Path, title: str) -> None:
         ax.errorbar(x + off, [paired[n][metric][0] for n in names], yerr=[paired[n][metric][1] for n in names],
                     fmt="o", capsize=5, color=color, label=label)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(x, [f"{n}\n(n = {paired[n]['valid_knnlm_ppl'][2]})" for n in names])
+    ax.set_xticks(x, [f"{n}, weight {paired[n]['weight']:g}\n(n = {paired[n]['valid_knnlm_ppl'][2]} seeds)"
+                      for n in names])
     ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylabel("Δ valid kNN-LM perplexity vs ω = 0\n(negative = better)")
-    ax.set_title(title + "\n(points: mean of per-seed differences; bars: ± 1 std)", fontsize=9)
+    devices = sorted({d for n in names for d in paired[n]["devices"]})
+    ax.set_title(f"{title}\n(points: mean of per-seed differences; bars: ± 1 std; trained on {', '.join(devices)})",
+                 fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     save(fig, path)

@@ -741,6 +741,7 @@ def write_objectives(records: list[dict], best: dict[str, float], results: Path,
                       if _device_kind(a) == _device_kind(b)] or [float("nan")]
         lm_rel = [a["valid_lm_ppl"] / b["valid_lm_ppl"] - 1 for a, b in pairs]
         d = {**_over_seeds(per_seed), "train_time_vs_omega0": list(_mean_std(time_ratio)), "lm_relative": list(_mean_std(lm_rel)),
+             "weight": w, "devices": sorted({str(x.get("device", "not recorded")) for pair in pairs for x in pair}),
              "seeds": [a["seed"] for a, _ in pairs], "per_seed": per_seed,
              "mixed_devices": [a["seed"] for a, b in pairs if _device_kind(a) != _device_kind(b)],
              "absolute": _ppl_over_seeds([a for a, _ in pairs])}

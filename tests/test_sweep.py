@@ -84,7 +84,8 @@ def test_objectives_table_takes_step_cost_from_the_benchmark_and_run_times_only_
     out = json.loads((tmp_path / "objectives.json").read_text())["paired"]["knn"]
     d = [90 - 100, 93 - 101, 94 - 102]
     assert out["valid_knnlm_ppl"] == pytest.approx([np.mean(d), np.std(d, ddof=1), 3])
-    assert out["mixed_devices"] == [0]
+    assert out["mixed_devices"] == [0] and out["weight"] == 1.0
+    assert out["devices"] == ["cpu: AMD EPYC", "cuda: NVIDIA H200"]  # named in the figure's title
     assert out["train_time_vs_omega0"][0] == pytest.approx(np.mean([1.0, 2.0]))  # seed 0's CPU run left out
     md = (tmp_path / "objectives.md").read_text()
     assert "3†" in md and "| 2.25× |" in md and "side by side on AMD EPYC, 2 cores (bench/training.json)" in md
