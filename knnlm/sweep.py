@@ -306,6 +306,8 @@ def table_markdown(table: dict, title: str) -> str:
 
 
 PAIRED_METRICS = ("valid_lm_ppl", "valid_knnlm_ppl", "valid_knnlm_ppl_paper")
+PAIRED_LABELS = {"valid_lm_ppl": "valid LM", "valid_knnlm_ppl": "kNN-LM, tuned",
+                 "valid_knnlm_ppl_paper": "kNN-LM, paper protocol"}
 
 
 def paired_differences(records: list[dict], regularizer: str = "l2") -> dict:
@@ -332,10 +334,9 @@ def _device_kind(record: dict) -> str:
 
 
 def paired_markdown(diffs: dict) -> str:
-    names = {"valid_lm_ppl": "valid LM", "valid_knnlm_ppl": "kNN-LM, tuned", "valid_knnlm_ppl_paper": "kNN-LM, paper protocol"}
     rows = []
     for omega, d in diffs.items():
-        for m, label in names.items():
+        for m, label in PAIRED_LABELS.items():
             if m in d:
                 mixed = set(d.get("mixed_devices", []))
                 seeds = ", ".join(f"{v:+.2f}" + ("†" if s in mixed else "") for s, v in d["per_seed"][m].items())
@@ -807,12 +808,11 @@ def device_twins(first: list[Path], second: list[Path]) -> dict:
 
 
 def twins_markdown(twins: dict) -> str:
-    names = {"valid_lm_ppl": "Δ valid LM", "valid_knnlm_ppl": "Δ kNN-LM tuned", "valid_knnlm_ppl_paper": "Δ kNN-LM paper"}
-    rows = [[name, *t["devices"], *(f"{t[m]:+.2f}" if m in t else "" for m in names)]
+    rows = [[name, *t["devices"], *(f"{t[m]:+.2f}" if m in t else "" for m in PAIRED_LABELS)]
             for name, t in twins["runs"].items()]
     over = twins["mean_std_n"]
-    rows.append(["mean ± std", "", "", *(_cell(*over[m], signed=True) if m in over else "" for m in names)])
+    rows.append(["mean ± std", "", "", *(_cell(*over[m], signed=True) if m in over else "" for m in PAIRED_LABELS)])
     return markdown_table("One run trained on two devices (same settings and seed): first − second",
-                          ["run", "first device", "second device", *names.values()], rows,
+                          ["run", "first device", "second device", *(f"Δ {v}" for v in PAIRED_LABELS.values())], rows,
                           "Same initialisation and data order; a CPU and a GPU draw different dropout masks from the "
                           "same seed and round differently, so a difference is the device's own effect plus noise.")
