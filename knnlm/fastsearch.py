@@ -79,7 +79,7 @@ KERNELS = {k.name: k for k in (  # fastest first: `auto` takes the first one the
 )}
 
 # knnlm_<kernel>_search(queries, M, D, packed, norms, Np, qf32, keys16, N, Dx, k, C, nthreads, qblock, kchunk,
-# out_d, out_i): one C signature for every kernel (tests/test_knn.py compares it with each source).
+# out_d, out_i): one C signature for every kernel (exact_search.h, KNNLM_ENTRY_POINTS; tests/test_knn.py compares).
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 SEARCH_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, ctypes.c_int, _i64, _i64, _p, _p)
 # knnlm_<kernel>_pruned(queries, M, D, packed, norms, Np, qf32, keys16, N, Dx, k, qnorm2, sqrt_slack, add_slack,

@@ -26,8 +26,8 @@ CXX = shutil.which(os.environ.get("CXX", "g++"))  # the compiler fastsearch uses
 # every search of every kernel: (kernel, prune, projected dimensions): the margin search, the pruned search with
 # its default projection, and with a projection far smaller than d (weak bounds: most keys tested exactly)
 MODES = [pytest.param((p.values[0], prune, dims), marks=p.marks, id=f"{p.values[0]}-{label}")
-         for p in KERNELS for prune, dims, label in ((False, None, "margin"), (True, None, "pruned"), (True, 8, "pruned8"))
-         if not prune or f"knnlm_{p.values[0]}_pruned(" in (fastsearch.CSRC / fastsearch.KERNELS[p.values[0]].source).read_text()]
+         for p in KERNELS for prune, dims, label in ((False, None, "margin"), (True, None, "pruned"), (True, 8, "pruned8"))]
+# (every kernel has both searches: exact_search.h's KNNLM_ENTRY_POINTS, test_kernel_signature_matches_argtypes)
 
 
 def cpu_search(keys, mode, **kw):
@@ -195,18 +195,22 @@ def _ctype(c_type: str):
                                                  "double": ctypes.c_double}[c_type.split()[-1]]
 
 
+def _params(source: str, function: str) -> tuple:
+    """The ctypes of `function`'s parameters in C `source` (a macro's continuation backslashes dropped)."""
+    params = re.search(rf"\bvoid {function}\(([^)]*)\)", source.replace("\\\n", "\n")).group(1)
+    return tuple(_ctype(re.sub(r"\s*\b\w+$", "", p.strip())) for p in params.split(","))  # each name dropped
+
+
 @pytest.mark.parametrize("kernel", fastsearch.KERNELS)
 def test_kernel_signature_matches_argtypes(kernel):
-    # ctypes trusts argtypes blindly: a parameter added on one side only would shift every argument after it
+    # ctypes trusts argtypes blindly: a parameter added on one side only would shift every argument after it.
+    # Every kernel's entry points come from exact_search.h's KNNLM_ENTRY_POINTS(name, query type).
     source = (fastsearch.CSRC / fastsearch.KERNELS[kernel].source).read_text()
     assert re.search(rf"\bint knnlm_{kernel}_init\(\)", source)
-    params = re.search(rf"\bvoid knnlm_{kernel}_search\(([^)]*)\)", source).group(1)
-    types = [re.sub(r"\s*\b\w+$", "", p.strip()) for p in params.split(",")]  # drop each parameter's name
-    assert tuple(_ctype(t) for t in types) == fastsearch.SEARCH_ARGTYPES
-    pruned = re.search(rf"\bvoid knnlm_{kernel}_pruned\(([^)]*)\)", source)
-    if pruned:
-        types = [re.sub(r"\s*\b\w+$", "", p.strip()) for p in pruned.group(1).split(",")]
-        assert tuple(_ctype(t) for t in types) == fastsearch.PRUNED_ARGTYPES
+    assert re.search(rf"^KNNLM_ENTRY_POINTS\({kernel}, (uint16_t|float)\)$", source, re.M)
+    header = (fastsearch.CSRC / "exact_search.h").read_text()
+    assert _params(header, "knnlm_##NAME##_search") == fastsearch.SEARCH_ARGTYPES
+    assert _params(header, "knnlm_##NAME##_pruned") == fastsearch.PRUNED_ARGTYPES
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")

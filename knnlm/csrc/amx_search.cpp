@@ -111,30 +111,6 @@ int knnlm_amx_init() {
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
 }
 
-void knnlm_amx_search(const uint16_t* queries, int64_t M, int64_t D, const uint16_t* packed, const float* norms,
-                      int64_t Np, const float* qf32, const uint16_t* keys16, int64_t N, int64_t Dx, int64_t k,
-                      int64_t C, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
-  (void)N;  // the re-ranking reads keys16 only at candidates' indices, all < N (padding rows have norm +inf)
-  const int64_t kchunk_pairs = std::max<int64_t>(1, kchunk / 32);
-  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {
-    scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, kchunk_pairs, cands);
-  };
-  knnlm::search(scan, M, Np, qf32, keys16, Dx, k, C, nthreads, qblock, out_d, out_i);
-}
-
-// The pruned search (exact_search.h, `search_pruned`) on AMX tiles: `packed`/`norms`/`queries` hold the keys and
-// queries projected onto D principal directions; qf32/keys16 the full vectors the exact distances are computed from.
-void knnlm_amx_pruned(const uint16_t* queries, int64_t M, int64_t D, const uint16_t* packed, const float* norms,
-                      int64_t Np, const float* qf32, const uint16_t* keys16, int64_t N, int64_t Dx, int64_t k,
-                      const double* qnorm2, const double* sqrt_slack, const double* add_slack, double rel,
-                      const float* start, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
-  (void)N;
-  const int64_t kchunk_pairs = std::max<int64_t>(1, kchunk / 32);
-  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {
-    scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, kchunk_pairs, cands);
-  };
-  knnlm::search_pruned(scan, M, Np, qf32, keys16, Dx, k, qnorm2, sqrt_slack, add_slack, rel, start, nthreads, qblock,
-                       out_d, out_i);
-}
-
 }  // extern "C"
+
+KNNLM_ENTRY_POINTS(amx, uint16_t)

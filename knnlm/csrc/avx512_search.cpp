@@ -98,31 +98,6 @@ int knnlm_avx512_init() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") ? 1 : 0;
 }
 
-void knnlm_avx512_search(const uint16_t* queries, int64_t M, int64_t D, const uint16_t* packed, const float* norms,
-                         int64_t Np, const float* qf32, const uint16_t* keys16, int64_t N, int64_t Dx, int64_t k,
-                         int64_t C, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
-  (void)N;  // the re-ranking reads keys16 only at candidates' indices, all < N (padding rows have norm +inf)
-  const int64_t chunk_units = std::max<int64_t>(1, kchunk / knnlm::kUnit);
-  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {
-    scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);
-  };
-  knnlm::search(scan, M, Np, qf32, keys16, Dx, k, C, nthreads, qblock, out_d, out_i);
-}
-
-
-// The pruned search (exact_search.h, `search_pruned`): `packed`/`norms`/`queries` hold the keys and queries
-// projected onto D principal directions; qf32/keys16 the full vectors the exact distances are computed from.
-void knnlm_avx512_pruned(const uint16_t* queries, int64_t M, int64_t D, const uint16_t* packed, const float* norms,
-                         int64_t Np, const float* qf32, const uint16_t* keys16, int64_t N, int64_t Dx, int64_t k,
-                         const double* qnorm2, const double* sqrt_slack, const double* add_slack, double rel,
-                         const float* start, int nthreads, int64_t qblock, int64_t kchunk, float* out_d, int64_t* out_i) {
-  (void)N;
-  const int64_t chunk_units = std::max<int64_t>(1, kchunk / knnlm::kUnit);
-  auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {
-    scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);
-  };
-  knnlm::search_pruned(scan, M, Np, qf32, keys16, Dx, k, qnorm2, sqrt_slack, add_slack, rel, start, nthreads, qblock,
-                       out_d, out_i);
-}
-
 }  // extern "C"
+
+KNNLM_ENTRY_POINTS(avx512, uint16_t)

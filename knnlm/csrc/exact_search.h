@@ -273,3 +273,38 @@ void search_pruned(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const 
 
 }  // namespace
 }  // namespace knnlm
+
+// Each kernel file ends with KNNLM_ENTRY_POINTS(name, query type), after its pass 1
+//   scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands)
+// (chunk_units: how many units of kUnit keys a thread scans at a time, from `kchunk` keys). It defines the library's
+// C entry points, whose arguments are fastsearch.py's SEARCH_ARGTYPES and PRUNED_ARGTYPES (tests/test_knn.py
+// compares them): knnlm_<name>_search, the margin search, and knnlm_<name>_pruned, the pruned one (`packed`, `norms`
+// and `queries` hold the keys and queries projected onto D principal directions; qf32/keys16 the full vectors the
+// exact distances are computed from). N is unused: the re-ranking reads keys16 only at candidates' indices, all < N
+// (padding rows have norm +inf).
+#define KNNLM_ENTRY_POINTS(NAME, QUERY)                                                                               \
+  extern "C" void knnlm_##NAME##_search(const QUERY* queries, int64_t M, int64_t D, const uint16_t* packed,          \
+                                        const float* norms, int64_t Np, const float* qf32, const uint16_t* keys16,   \
+                                        int64_t N, int64_t Dx, int64_t k, int64_t C, int nthreads, int64_t qblock,   \
+                                        int64_t kchunk, float* out_d, int64_t* out_i) {                              \
+    (void)N;                                                                                                          \
+    const int64_t chunk_units = std::max<int64_t>(1, kchunk / knnlm::kUnit);                                          \
+    auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {                                    \
+      scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);                                    \
+    };                                                                                                                \
+    knnlm::search(scan, M, Np, qf32, keys16, Dx, k, C, nthreads, qblock, out_d, out_i);                               \
+  }                                                                                                                   \
+  extern "C" void knnlm_##NAME##_pruned(const QUERY* queries, int64_t M, int64_t D, const uint16_t* packed,          \
+                                        const float* norms, int64_t Np, const float* qf32, const uint16_t* keys16,   \
+                                        int64_t N, int64_t Dx, int64_t k, const double* qnorm2,                      \
+                                        const double* sqrt_slack, const double* add_slack, double rel,               \
+                                        const float* start, int nthreads, int64_t qblock, int64_t kchunk,            \
+                                        float* out_d, int64_t* out_i) {                                              \
+    (void)N;                                                                                                          \
+    const int64_t chunk_units = std::max<int64_t>(1, kchunk / knnlm::kUnit);                                          \
+    auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {                                    \
+      scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);                                    \
+    };                                                                                                                \
+    knnlm::search_pruned(scan, M, Np, qf32, keys16, Dx, k, qnorm2, sqrt_slack, add_slack, rel, start, nthreads,       \
+                         qblock, out_d, out_i);                                                                       \
+  }
