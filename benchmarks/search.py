@@ -37,7 +37,7 @@ import torch
 
 from common import bf16_matmul_tflops, brute_force, machine, write_results
 from knnlm.artifacts import atomic_path
-from knnlm.fastsearch import (KERNELS, CpuExactSearch, available, available_memory, cpu_flags, cpu_has_amx, has_pruned,
+from knnlm.fastsearch import (KERNELS, CpuExactSearch, available, available_memory, cpu_flags, cpu_has_amx,
                               lm_like_keys)
 from knnlm.knn import FaissSearch, TorchExactSearch
 
@@ -65,10 +65,9 @@ def backends() -> dict:
     for kernel in KERNELS.values():
         if available(kernel.name):
             out[kernel.index] = lambda keys, name=kernel.name: CpuExactSearch(keys, name)
-            if has_pruned(kernel.name):  # the kernel's other search beside its default one
-                other = not kernel.prune_by_default
-                out[f"{kernel.index} ({'pruned' if other else 'margin'})"] = \
-                    lambda keys, name=kernel.name, other=other: CpuExactSearch(keys, name, prune=other)
+            other = not kernel.prune_by_default  # the kernel's other search beside its default one
+            out[f"{kernel.index} ({'pruned' if other else 'margin'})"] = \
+                lambda keys, name=kernel.name, other=other: CpuExactSearch(keys, name, prune=other)
     out["bf16-exact"] = TorchExactSearch
     return out
 

@@ -153,20 +153,10 @@ def load_library(name: str = "amx") -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(so))
     if getattr(lib, f"knnlm_{name}_init")() != 1:  # AMX: Linux's permission; others: the CPU's own report
         return None
-    search = getattr(lib, f"knnlm_{name}_search")
-    search.argtypes = list(SEARCH_ARGTYPES)
-    search.restype = None
-    if hasattr(lib, f"knnlm_{name}_pruned"):
-        pruned = getattr(lib, f"knnlm_{name}_pruned")
-        pruned.argtypes = list(PRUNED_ARGTYPES)
-        pruned.restype = None
+    for entry, argtypes in (("search", SEARCH_ARGTYPES), ("pruned", PRUNED_ARGTYPES)):  # every kernel has both
+        f = getattr(lib, f"knnlm_{name}_{entry}")
+        f.argtypes, f.restype = list(argtypes), None
     return lib
-
-
-def has_pruned(kernel: str) -> bool:
-    """Whether the compiled `kernel` has the pruned search (`CpuExactSearch(prune=True)`)."""
-    lib = load_library(kernel)
-    return lib is not None and hasattr(lib, f"knnlm_{kernel}_pruned")
 
 
 def available(kernel: str = "amx") -> bool:
@@ -241,9 +231,7 @@ class CpuExactSearch:
         lib = load_library(kernel)
         if lib is None:
             raise RuntimeError(f"{self.kernel.index} search is not available on this machine")
-        self.prune = has_pruned(kernel) and self.kernel.prune_by_default if prune is None else prune
-        if self.prune and not has_pruned(kernel):
-            raise ValueError(f"{self.kernel.index} has no pruned search")
+        self.prune = self.kernel.prune_by_default if prune is None else prune
         self._search = getattr(lib, f"knnlm_{kernel}_{'pruned' if self.prune else 'search'}")
         if keys.dtype != np.float16 or keys.ndim != 2:
             raise ValueError(f"keys: expected a 2-d float16 array, got {keys.dtype} {keys.shape}")
