@@ -37,7 +37,8 @@ def killed_at(point, args):
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("small") / "run"
     knnlm("run", "--config", TINY, "--out", out, *SMALL)
-    return out
+    yield out
+    shutil.rmtree(out.parent)  # module-scoped folders go with their module: CI's disk is not large
 
 
 @slow

@@ -2,6 +2,7 @@
 here), fine-tuned with the L2 regularizer, then datastore and kNN-LM evaluation through the same commands."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ def corpus_dir(tmp_path_factory):
     (folder / "train.txt").write_text("\n".join(lines[:LINES_TRAIN]) + "\n")
     (folder / "valid.txt").write_text("\n".join(lines[LINES_TRAIN : LINES_TRAIN + LINES_EVAL]) + "\n")
     (folder / "test.txt").write_text("\n".join(lines[LINES_TRAIN + LINES_EVAL : LINES_TRAIN + 2 * LINES_EVAL]) + "\n")
-    return folder
+    yield folder
+    shutil.rmtree(folder)  # module-scoped folders go with their module: CI's disk is not large
 
 
 def make_model(kind, corpus_dir, folder):

@@ -196,7 +196,8 @@ def test_lock_of_a_killed_holder_is_released_and_only_rank_0_takes_it(tmp_path, 
 def micro_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("micro") / "run"
     knnlm("run", "--config", TINY, "--out", out, *MICRO)
-    return out
+    yield out
+    shutil.rmtree(out.parent)  # module-scoped folders go with their module: CI's disk is not large
 
 
 @pytest.fixture

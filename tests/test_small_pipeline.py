@@ -6,6 +6,7 @@ The end-to-end tests on WikiText-2 (tests/test_pipeline.py, tests/test_faults.py
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,8 @@ def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("micro")
     args = [f"data.path={micro_corpus(root / 'corpus')}", *MICRO]
     assert main(["run", "--config", str(TINY), "--out", str(root / "run"), *args]) == 0
-    return root / "run", args
+    yield root / "run", args
+    shutil.rmtree(root)  # module-scoped folders go with their module: CI's disk is not large
 
 
 def test_datastore_row_i_is_the_models_key_at_i_and_the_token_after_it(micro):

@@ -8,9 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 from conftest import REPO, TINY, fails, knnlm, snapshot
 from knnlm.artifacts import UserError
@@ -140,14 +142,30 @@ def study(tmp_path_factory):
                     f'moco = true\nmoco_overrides = ["train.queue_len=4", "train.momentum=0.9"]\n'
                     f'results = "{root / "results"}"\n')
     knnlm("sweep", path, "--out", root / "runs", "--jobs", "2")  # two models at a time, each in its own process
-    return path, root / "runs", root / "results"
+    before = snapshot(root / "runs")
+    yield path, root / "runs", root / "results"
+    # the tests' own copies share its arrays and weights (hard links): none of them may have written into one
+    assert snapshot(root / "runs") == before
+    shutil.rmtree(root)  # 120 MB (MOCO's per-word queues): CI's disk is not large
+
+
+def link_or_copy(src, dst):
+    """Arrays and weights as hard links where the file system allows: knnlm writes those into a new folder or file
+    and renames it into place, never into an existing one, so a linked copy is a copy. Everything else (logs that
+    training appends to, records a test edits) is copied."""
+    if Path(src).suffix in (".npy", ".safetensors"):
+        try:
+            return os.link(src, dst)
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
 
 
 def own_copy(study, tmp_path):
     """The study in a folder of the test's own, so that a test that reruns it changes nothing another test reads."""
     path, runs, results = study
     root = tmp_path / "study"
-    shutil.copytree(runs, root / "runs")
+    shutil.copytree(runs, root / "runs", copy_function=link_or_copy)
     shutil.copytree(results, root / "results")
     (root / "study.toml").write_text(path.read_text().replace(str(results), str(root / "results")))
     return root / "study.toml", root / "runs", root / "results"
@@ -371,6 +389,13 @@ def test_objectives_study_compares_the_best_weight_with_omega0_of_the_same_seed(
     assert out["paired"]["knn"]["valid_knnlm_ppl"] == pytest.approx([np.mean(d), np.std(d, ddof=1), 2])
     assert out["paired"]["knn"]["goal_met"] is False  # two seeds can never meet a goal that asks for three
     assert records["knn_omega1_seed0"]["config"]["train"]["regularizer"] == "knn"
+    # each knn record keeps the temperature its loss learned, from the run's last checkpoint
+    for name, r in records.items():
+        assert ("knn_tau" in r) == name.startswith("knn_")
+        if "knn_tau" in r:
+            last = max((tmp_path / "runs" / name / "checkpoints").glob("step_*"))
+            with safe_open(last / "regularizer.safetensors", "np") as f:
+                assert r["knn_tau"] == pytest.approx(math.exp(f.get_tensor("log_tau")), rel=1e-6)
     for name in ("objectives.md", "objectives.png"):
         assert (tmp_path / "results" / name).stat().st_size > 0
 
