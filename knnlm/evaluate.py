@@ -37,7 +37,8 @@ from .config import Config, from_dict
 from .data import token_stream, split_ids
 from .datastore import Datastore, stride_of
 from .distributed import barrier, broadcast_array, default_device, setup_distributed
-from .knn import EXACT, CountingSearch, ShardedSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexity, resolve_index, search_all
+from .knn import (EXACT, CountingSearch, ShardedSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexities,
+                  perplexity, resolve_index, search_all)
 from .models import corpus_for
 from .scoring import score_stream
 
@@ -219,8 +220,8 @@ def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarr
     """kNN-LM perplexity for every (k, temperature, λ) of the grid (`tuning_grid`), from the cached neighbours only."""
     ks, temperatures = tuning_grid(cfg)
     knn = knn_logprob_grid(dists, nvals, targets, ks, temperatures, device=default_device())
-    return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": perplexity(interpolate(lm, knn[(k, tau)], lmbda))}
-            for k in ks for tau in temperatures for lmbda in cfg.eval.lmbda]
+    return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": ppl} for k in ks for tau in temperatures
+            for lmbda, ppl in zip(cfg.eval.lmbda, perplexities(lm, knn[(k, tau)], cfg.eval.lmbda))]
 
 
 def protocol_rows(grid: list[dict], cfg: Config, protocol: str) -> list[dict]:

@@ -51,7 +51,7 @@ from .artifacts import UserError, cpu_name, kill_point, load_npy, markdown_table
 from .checkpoint import load_model
 from .config import Config, changed_settings, load_config
 from .evaluate import PAPER_TEMPERATURE, evaluate, paper_k, protocol_rows, tuning_arrays
-from .knn import interpolate, knn_logprob, perplexity
+from .knn import knn_logprob, perplexities
 from .pipeline import run_pipeline
 from .plots import (plot_omega_curve, plot_paired_objectives, plot_ppl_by_k, plot_regularizer_comparison,
                     plot_temperature_vs_norm)
@@ -616,7 +616,7 @@ def rescaled_ppl(arrays: tuple, cfg: Config, temperature: float) -> float:
     and query) by 1/√T does."""
     targets, lm, dists, nvals = arrays
     knn = knn_logprob(dists, nvals, targets, paper_k(cfg), temperature)
-    return min(perplexity(interpolate(lm, knn, lmbda)) for lmbda in cfg.eval.lmbda)
+    return min(perplexities(lm, knn, cfg.eval.lmbda))
 
 
 def write_rescale_control(records: list[dict], out: Path, results: Path, study: Study) -> None:

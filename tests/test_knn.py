@@ -15,7 +15,7 @@ from knnlm import fastsearch, knn
 from knnlm.artifacts import UserError
 from knnlm.config import Config, validate
 from knnlm.knn import (EXACT, FaissSearch, TorchExactSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher,
-                       resolve_index)
+                       perplexities, perplexity, resolve_index)
 
 # every compiled CPU kernel, skipped with the reason where this machine cannot run it (e.g. no AMX)
 KERNELS = [pytest.param(name, marks=pytest.mark.skipif(
@@ -289,6 +289,21 @@ def test_knn_logprob_grid_equals_brute_force_numpy(scale):
             assert np.allclose(knn_logprob(dists, vals, targets, k, tau), grid[(k, tau)], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="sorted"):
         knn_logprob_grid(dists[:, ::-1], vals, targets, [12], [1.0])
+
+
+def test_perplexities_over_all_lambdas_equal_one_interpolation_each():
+    rng = np.random.default_rng(4)
+    n = 1000
+    lm = np.log(rng.uniform(0.001, 1, n)).astype(np.float32)
+    knn = np.log(rng.uniform(0, 1, n))
+    knn[:50] = -np.inf  # no neighbour matches
+    lm[50:60], knn[50:60] = -800.0, -900.0  # both underflow exp: the shift by max(lm, knn) must keep them finite
+    lambdas = [0.0, 0.05, 0.25, 0.5, 0.95, 1.0]
+    got = perplexities(lm, knn, lambdas, rows=300)  # row blocks that do not divide n
+    for lam, g in zip(lambdas, got):
+        want = perplexity(interpolate(lm, knn, lam))
+        assert g == want if lam in (0.0, 1.0) else math.isclose(g, want, rel_tol=1e-12), lam
+    assert got[-1] == math.inf and got[0] == perplexity(lm)
 
 
 def test_lambda_zero_is_the_lm_exactly_and_mixing_is_linear_in_p():
