@@ -9,7 +9,8 @@ settings of --config (as `knnlm run --config` uses them; the run's own config.js
    queries sent to the search (must equal the number of tokens: one search per token);
 3. LM-only evaluation of the same split (the same sliding windows, no keys, no search): wall time, and the ratio;
 4. tuning from the saved neighbours: a 100-setting grid of (λ, k, temperature) and the full default grid, with the
-   number of searches they cause (must be 0).
+   number of searches they cause (must be 0); and the λ part of the default grid side by side, one interpolation
+   per λ against `perplexities` (all λ of a (k, temperature) at once), with the largest relative difference.
 Writes results/benchmarks/evaluation.{json,md}.
 """
 
@@ -34,7 +35,7 @@ from knnlm.checkpoint import load_model
 from knnlm.config import apply_overrides, load_config
 from knnlm.data import token_stream
 from knnlm.datastore import Datastore, stride_of
-from knnlm.evaluate import tune, tuning_arrays
+from knnlm.evaluate import tune, tuning_arrays, tuning_grid
 from knnlm.models import corpus_for
 from knnlm.scoring import score_stream
 
@@ -108,6 +109,22 @@ def main() -> None:
             res["tuning"].append({"grid": name, "settings": len(rows), "seconds": time.perf_counter() - t,
                                   "searches": searches[0] - before, "best_ppl": min(r["ppl"] for r in rows)})
             print(f"tuning {name}: {res['tuning'][-1]}", flush=True)
+        # the λ part of the default grid side by side: one interpolation per λ against all λ at once (`perplexities`)
+        ks, temperatures = tuning_grid(cfg)
+        grid = knn.knn_logprob_grid(dists, nvals, targets, ks, temperatures)
+        lambdas = cfg.eval.lmbda
+        t = time.perf_counter()
+        each = [knn.perplexity(knn.interpolate(lm, x, lam)) for x in grid.values() for lam in lambdas]
+        t_each = time.perf_counter() - t
+        t = time.perf_counter()
+        together = [p for x in grid.values() for p in knn.perplexities(lm, x, lambdas)]
+        t_together = time.perf_counter() - t
+        finite = np.isfinite(each)
+        res["lambda_side_by_side"] = {
+            "settings": len(each), "one_at_a_time_seconds": t_each, "perplexities_seconds": t_together,
+            "speedup": t_each / t_together,
+            "max_rel_diff": float(np.max(np.abs(np.asarray(together)[finite] / np.asarray(each)[finite] - 1)))}
+        print(f"λ side by side: {res['lambda_side_by_side']}", flush=True)
 
     e, sm = res["evaluate"], res["evaluate"]["summary"]
     md = ["| step | wall time | peak RSS | notes |", "|---|---|---|---|",
@@ -115,12 +132,17 @@ def main() -> None:
           f"{res['datastore']['max_rss_bytes'] / 2**30:.2f} GiB | keys.npy {keys_bytes / 2**30:.2f} GiB on disk |",
           f"| kNN-LM evaluation, whole {a.split} ({sm['tokens']:,} tokens, index {sm['index']}) | **{e['seconds']:.0f} s** | "
           f"{e['max_rss_bytes'] / 2**30:.2f} GiB | LM {sm['seconds']['lm']:.0f} s, index {sm['seconds']['index']:.0f} s, "
-          f"search {sm['seconds']['search']:.0f} s; {sm['searched_queries']:,} queries searched; "
+          f"search {sm['seconds']['search']:.0f} s, tuning {sm['seconds'].get('tuning', float('nan')):.0f} s; "
+          f"{sm['searched_queries']:,} queries searched; "
           f"LM ppl {sm['lm_ppl']:.2f} → kNN-LM {sm['knnlm_ppl']:.2f} |",
           f"| LM-only evaluation, same split | {res['lm_only']['seconds']:.0f} s | | ratio kNN-LM / LM-only "
           f"**{res['knnlm_over_lm_only']:.2f}** |"]
     for t in res["tuning"]:
         md.append(f"| tuning, {t['grid']} | {t['seconds']:.1f} s | | {t['settings']} settings, {t['searches']} searches |")
+    lam = res["lambda_side_by_side"]
+    md.append(f"| λ of the default grid, one interpolation each → all λ of a (k, T) at once | {lam['one_at_a_time_seconds']:.1f} → "
+              f"{lam['perplexities_seconds']:.1f} s | | **{lam['speedup']:.1f}×**, {lam['settings']} settings, "
+              f"largest relative difference {lam['max_rel_diff']:.1e} |")
     write_results(a.out, "evaluation", res, md)
     print("\n".join(md))
 

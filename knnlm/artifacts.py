@@ -275,15 +275,25 @@ def writing_into(run: str | Path, create: bool = True) -> Iterator[Path]:
         os.close(fd)  # releases the lock
 
 
-def cpu_name() -> str:
-    """The CPU model, as /proc/cpuinfo names it (records and benchmarks say which machine measured them)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU model as /proc/cpuinfo (or the text given) names it, with its family and model numbers: a virtual
+    machine's name can be as bare as "AMD EPYC", which is Zen 4 at family 25 and Zen 5 at family 26 (records and
+    benchmarks say which machine measured them)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def kill_point(stage: str, count: int) -> None:

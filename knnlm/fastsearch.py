@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, write_json
+from .artifacts import UserError, cpu_name, write_json
 from .data import cache_root
 
 CSRC = Path(__file__).with_name("csrc")
@@ -103,10 +103,6 @@ def _cpuinfo(field: str) -> str:
 def cpu_flags() -> frozenset[str]:
     """The instruction-set flags Linux reports for this CPU."""
     return frozenset(_cpuinfo("flags").split())
-
-
-def cpu_model() -> str:
-    return _cpuinfo("model name")
 
 
 def cpu_has_amx() -> bool:
@@ -404,7 +400,7 @@ def faster_than_flat(kernel: str, k: int = 1024, n: int = 131072, d: int = 256, 
     import faiss
 
     threads = torch.get_num_threads()
-    what = f"{library_path(KERNELS[kernel]).name} {cpu_model()} {sorted(cpu_flags())} {threads} faiss " \
+    what = f"{library_path(KERNELS[kernel]).name} {cpu_name()} {sorted(cpu_flags())} {threads} faiss " \
            f"{faiss.__version__} n={n} d={d} k={k}"
     record = _cache_dir() / f"vs-flat-{kernel}-{hashlib.sha256(what.encode()).hexdigest()[:16]}.json"
     if record.is_file():

@@ -85,6 +85,7 @@ def test_evaluation_equals_a_full_softmax_brute_force_neighbours_and_a_numpy_knn
     # the summary's perplexity: p_kNN(w) = Σ_{j<k, v_j = w} exp(−d_j/T) / Σ_{j<k} exp(−d_j/T), mixed at λ
     summary = json.loads((ev / "summary.json").read_text())
     assert summary["index"] == "Flat" and summary["search"] == "FAISS Flat"  # which search ran
+    assert set(summary["seconds"]) == {"lm", "index", "search", "tuning"}  # the evaluation's parts, tuning included
     k, T, lam = summary["k"], summary["temperature"], summary["lambda"]
     logits = -dists[:, :k].astype(np.float64) / T
     hit = np.where(np.load(run / "datastore" / "vals.npy")[nbrs[:, :k]] == targets[:, None], logits, -np.inf)

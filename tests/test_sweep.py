@@ -15,7 +15,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import REPO, TINY, fails, knnlm, snapshot
-from knnlm.artifacts import UserError
+from knnlm.artifacts import UserError, cpu_name
 from knnlm.config import changed_settings
 from knnlm.sweep import (Study, best_omega, best_weights, device_twins, omega_table, paired_differences, paired_markdown, run_sweep,
                           table_markdown, write_objectives, write_tables)
@@ -122,6 +122,15 @@ def test_twins_pair_one_run_across_devices_and_skip_same_device_copies_and_other
     fails(knnlm("twins", "--first", tmp_path / "gpu", "--second", tmp_path / "gpu", check=False), "no run is recorded")
     fails(knnlm("twins", "--first", tmp_path / "nope", "--second", tmp_path / "gpu", check=False),
           "nope", "expected a folder of study records")
+
+
+def test_records_name_the_cpu_with_its_family_and_model():
+    # two AMD EPYC machines of this project: the same bare name, Zen 4 (family 25) and Zen 5 (family 26)
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n" \
+           "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 1\nmodel name\t: other\n"
+    assert cpu_name(zen4) == "AMD EPYC (family 25, model 17)"  # the first processor's block
+    assert cpu_name(zen4.replace(": 25", ": 26").replace(": 17", ": 2")) == "AMD EPYC (family 26, model 2)"
+    assert cpu_name("processor\t: 0\nmodel name\t: Some ARM core\n") == "Some ARM core"  # no family to add
 
 
 def test_changed_settings_names_what_differs_and_ignores_settings_a_record_lacks():
