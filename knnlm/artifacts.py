@@ -275,10 +275,8 @@ def writing_into(run: str | Path, create: bool = True) -> Iterator[Path]:
         os.close(fd)  # releases the lock
 
 
-def cpu_name(cpuinfo: str | None = None) -> str:
-    """The CPU model as /proc/cpuinfo (or the text given) names it, with its family and model numbers: a virtual
-    machine's name can be as bare as "AMD EPYC", which is Zen 4 at family 25 and Zen 5 at family 26 (records and
-    benchmarks say which machine measured them)."""
+def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (or the text given); empty where there is none (not Linux)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -290,6 +288,14 @@ def cpu_name(cpuinfo: str | None = None) -> str:
             break  # the first processor's block
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU model as /proc/cpuinfo (or the text given) names it, with its family and model numbers: a virtual
+    machine's name can be as bare as "AMD EPYC", which is Zen 4 at family 25 and Zen 5 at family 26 (records and
+    benchmarks say which machine measured them)."""
+    fields = cpuinfo_fields(cpuinfo)
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"

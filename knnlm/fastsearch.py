@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, cpu_name, write_json
+from .artifacts import UserError, cpu_name, cpuinfo_fields, write_json
 from .data import cache_root
 
 CSRC = Path(__file__).with_name("csrc")
@@ -90,19 +90,10 @@ BF16_UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to neares
 FP32_UNIT = 2.0**-24
 
 
-def _cpuinfo(field: str) -> str:
-    """The first `field` line of /proc/cpuinfo, after the colon ("" where there is none: not Linux)."""
-    try:
-        line = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith(field)), "")
-    except OSError:
-        return ""
-    return line.partition(":")[2].strip()
-
-
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The instruction-set flags Linux reports for this CPU."""
-    return frozenset(_cpuinfo("flags").split())
+    return frozenset(cpuinfo_fields().get("flags", "").split())
 
 
 def cpu_has_amx() -> bool:
