@@ -44,6 +44,7 @@ def knnlm_step(cfg, vocab_size: int):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        reg.after_step(model, inputs, targets)  # MOCO's momentum encoder, knn-memory's memory: part of the step
 
     return model, step
 
@@ -97,7 +98,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--omega", type=float, default=1e-4)
-    p.add_argument("--regularizers", default="l2,moco,knn,pull-ratio",
+    p.add_argument("--regularizers", default="l2,moco,knn,pull-ratio,knn-memory",
                    help="comma-separated train.regularizer values timed against ω = 0 (empty: none)")
     p.add_argument("--out", default="results/benchmarks")
     a = p.parse_args()

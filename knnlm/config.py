@@ -7,6 +7,7 @@ Paper symbols (Khandelwal et al. 2020; Ton et al. 2022):
     temperature  p_kNN(w) ∝ Σ_{neighbours with token w} exp(-d / temperature), d the squared L2 distance
     queue_len    L, keys kept per target word by the MOCO-style regularizer
     momentum     EMA coefficient of the momentum (key) encoder: θ_k ← m θ_k + (1 - m) θ_q
+    knn_memory   keys of earlier training steps the `knn-memory` loss adds to the batch's memories
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ KEY_SITES = {
     "block_output": "the residual stream after the block",
     "final": "the final layer norm's output, the input of the softmax",
 }
-REGULARIZERS = ("l2", "moco", "zero-queue", "knn", "pull-ratio")
+REGULARIZERS = ("l2", "moco", "zero-queue", "knn", "pull-ratio", "knn-memory")
 
 
 @dataclass
@@ -72,9 +73,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     omega: float = 0.0
-    regularizer: str = "l2"  # l2 | moco | zero-queue | knn | pull-ratio (knnlm.regularizers)
+    regularizer: str = "l2"  # l2 | moco | zero-queue | knn | pull-ratio | knn-memory (knnlm.regularizers)
     queue_len: int = 8  # L (moco)
     momentum: float = 0.99  # (moco)
+    knn_memory: int = 12288  # keys of earlier steps kept as memories (knn-memory)
+    knn_stride: int = 4  # the loss at every stride-th position of a batch (knn-memory)
     bf16: bool = True  # bf16 autocast on CPU/GPU matrix products
     eval_tokens: int = 0  # valid tokens for the per-epoch perplexity (0 = whole split)
     checkpoint_every: int = 500  # steps
@@ -275,6 +278,8 @@ def validate(cfg: Config) -> None:
     _expect(t.regularizer in REGULARIZERS, "train.regularizer", t.regularizer, f"one of {', '.join(REGULARIZERS)}")
     _expect(t.queue_len >= 1, "train.queue_len", t.queue_len, "an integer >= 1")
     _expect(0 <= t.momentum < 1, "train.momentum", t.momentum, "a value in [0, 1)")
+    _expect(t.knn_memory >= 1, "train.knn_memory", t.knn_memory, "a number of keys >= 1")
+    _expect(t.knn_stride >= 1, "train.knn_stride", t.knn_stride, "an integer >= 1")
     _expect(t.eval_tokens >= 0, "train.eval_tokens", t.eval_tokens, "a count >= 0 (0 = whole split)")
     _expect(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "a step count >= 1")
     _expect(t.log_every >= 1, "train.log_every", t.log_every, "a step count >= 1")

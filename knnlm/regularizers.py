@@ -14,7 +14,9 @@ as a test token's neighbours come from other text; gradients reach both ends):
   started at the batch's median distance), so a uniform rescaling of the keys is absorbed by τ and does nothing,
   as the evaluation's tuned temperature does nothing with it;
 - `pull-ratio` (the paper's pull toward same-word keys made scale-free): reg = mean_j mean_{m: w_m = w_j} d_jm /
-  mean_{m: w_m ≠ w_j} d_jm, over the positions j with both kinds of memory.
+  mean_{m: w_m ≠ w_j} d_jm, over the positions j with both kinds of memory;
+- `knn-memory`: `knn` whose memories also hold the last `knn_memory` keys (detached) of earlier steps, closer to
+  a datastore than one batch is, its loss taken at every `knn_stride`-th position to keep the step's cost.
 
 r_j is the model's retrieval key (`Output.key`) at position j and w_j the token that follows it. Stateful parts are
 modules with buffers, so they are saved in checkpoints and move between devices with the model.
@@ -161,25 +163,89 @@ class KnnDistributionRegularizer(nn.Module):
 
     def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         d, memory, same = batch_memories(key, targets, self.block)
-        if not bool(self.started):  # τ starts at the typical distance between memories
-            with torch.no_grad():
-                self.log_tau.copy_(d[memory].median().clamp_min(1e-6).log())
-                if dist.is_available() and dist.is_initialized():  # every rank starts from the same τ
-                    dist.all_reduce(self.log_tau.data)
-                    self.log_tau.data /= dist.get_world_size()
-                self.started.fill_(True)
+        if not bool(self.started):
+            self._start_tau(d[memory])
         has = same.any(1)
         if not bool(has.any()):
             return d.new_zeros(()) * self.log_tau  # no position has a same-word memory in this batch
         # only the rows that count, then two row-wise logsumexps over them (the step's cost against ω = 0:
         # `benchmarks/training.py`)
         logits = (d[has] * -self.log_tau.exp().reciprocal()).masked_fill(~memory[has], -torch.inf)
+        return self._loss(logits, same[has])
+
+    def _start_tau(self, distances: torch.Tensor) -> None:
+        """τ starts at the typical distance between the first batch's rows and their in-batch memories."""
+        with torch.no_grad():
+            self.log_tau.copy_(distances.median().clamp_min(1e-6).log())
+            if dist.is_available() and dist.is_initialized():  # every rank starts from the same τ
+                dist.all_reduce(self.log_tau.data)
+                self.log_tau.data /= dist.get_world_size()
+            self.started.fill_(True)
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        """mean over rows of −log(same-word share of the row's softmax), two row-wise logsumexps."""
         log_all = torch.logsumexp(logits, dim=1)
-        log_same = torch.logsumexp(logits.masked_fill(~same[has], -torch.inf), dim=1)
+        log_same = torch.logsumexp(logits.masked_fill(~same, -torch.inf), dim=1)
         return (log_all - log_same).mean()
 
     def after_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         pass
+
+
+class KnnMemoryRegularizer(KnnDistributionRegularizer):
+    """`knn` with a memory more like a datastore: the batch's other blocks and the keys (detached) and next words of
+    the last `memory` positions of earlier steps, a FIFO appended after each optimizer step. The loss is taken at
+    every `stride`-th position (the offset turns with the step), which pays for the longer rows: 1,024 rows × 16,384
+    memories cost what `knn`'s 4,096 × 4,096 do."""
+
+    def __init__(self, block: int, d: int, memory: int, stride: int):
+        super().__init__(block)
+        self.stride = stride
+        self.register_buffer("mem_keys", torch.zeros(memory, d))
+        self.register_buffer("mem_words", torch.full((memory,), -1, dtype=torch.long))  # -1: an empty slot
+        self.register_buffer("mem_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        k = key if key.dtype == torch.float64 else key.float()
+        if self.training:  # what after_step appends to the memory
+            self._pending = (k.detach(), targets.detach())
+        n = len(k)
+        rows = torch.arange(int(self.steps) % self.stride, n, self.stride, device=k.device)
+        filled = self.mem_words >= 0
+        cols = torch.cat([k, self.mem_keys[filled].to(k.dtype)])  # columns: the batch, then the memory
+        words = torch.cat([targets, self.mem_words[filled]])
+        with torch.autocast(device_type=k.device.type, enabled=False):
+            sq_rows, sq_cols = k[rows].pow(2).sum(-1), cols.pow(2).sum(-1)
+            d = torch.addmm(sq_rows[:, None] + sq_cols[None, :], k[rows], cols.t(), alpha=-2).clamp_min(0)
+        blocks = torch.arange(n, device=k.device) // max(1, self.block)
+        memory = torch.ones_like(d, dtype=torch.bool)
+        memory[:, :n] = blocks[rows][:, None] != blocks[None, :]  # not the row's own block
+        same = memory & (targets[rows][:, None] == words[None, :])
+        if not bool(self.started):
+            self._start_tau(d[:, :n][memory[:, :n]])
+        has = same.any(1)
+        if not bool(has.any()):
+            return d.new_zeros(()) * self.log_tau
+        logits = (d[has] * -self.log_tau.exp().reciprocal()).masked_fill(~memory[has], -torch.inf)
+        return self._loss(logits, same[has])
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Turn the row offset; append this step's keys (every rank's, in rank order) to the memory."""
+        self.steps += 1
+        if self._pending is None:
+            return
+        keys, words = (gather_cat(x) for x in self._pending)
+        self._pending = None
+        size = len(self.mem_words)
+        keys, words = keys[-size:], words[-size:]  # a batch longer than the memory keeps its last positions
+        slots = (int(self.mem_ptr) + torch.arange(len(words), device=words.device)) % size
+        self.mem_keys[slots] = keys.to(self.mem_keys.dtype)
+        self.mem_words[slots] = words
+        self.mem_ptr.copy_((self.mem_ptr + len(words)) % size)
 
 
 class PullRatioRegularizer(nn.Module):
@@ -223,6 +289,8 @@ def make_regularizer(cfg: TrainConfig, model: nn.Module, vocab_size: int, d: int
     """The regularizer `cfg.regularizer` names; `block` is the training block length (in-batch memories)."""
     if cfg.regularizer == "knn":
         return KnnDistributionRegularizer(block)
+    if cfg.regularizer == "knn-memory":
+        return KnnMemoryRegularizer(block, d, cfg.knn_memory, cfg.knn_stride)
     if cfg.regularizer == "pull-ratio":
         return PullRatioRegularizer(block)
     if cfg.regularizer == "moco":

@@ -102,7 +102,7 @@ import math
 import numpy as np
 import pytest
 
-from knnlm.regularizers import KnnDistributionRegularizer, PullRatioRegularizer
+from knnlm.regularizers import KnnDistributionRegularizer, KnnMemoryRegularizer, PullRatioRegularizer
 
 
 def _batch(seed=0, n=24, d=5, vocab=4, dtype=torch.float64):
@@ -203,3 +203,77 @@ def test_zero_weight_gives_exactly_the_lm_loss_and_gradients(name):
         assert torch.isfinite(reg_loss)
     assert torch.equal(grads[name][0], grads["l2"][0])
     assert all(torch.equal(a, b) for a, b in zip(grads[name][1], grads["l2"][1]))
+
+
+def _numpy_knn_memory_loss(key, targets, block, tau, rows, mem_keys, mem_words):
+    """Loops: at each row j, −log of the same-word share of softmax(−d/τ) over the batch's other blocks' positions
+    and the memory's entries."""
+    k, t, n = key.detach().numpy(), targets.numpy(), len(targets)
+    losses = []
+    for j in rows:
+        cols = [(k[m], t[m]) for m in range(n) if m // block != j // block] + list(zip(mem_keys, mem_words))
+        logits = np.array([-float(np.sum((k[j] - c) ** 2)) / tau for c, _ in cols])
+        same = np.array([w == t[j] for _, w in cols])
+        if same.any():
+            losses.append(np.logaddexp.reduce(logits) - np.logaddexp.reduce(logits[same]))
+    return float(np.mean(losses))
+
+
+def _memory_steps(reg, batches):
+    """Each batch through the loss and `after_step`, as training does; the last batch's loss."""
+    for key, targets in batches:
+        loss = reg(key, targets)
+        reg.after_step(None, None, None)
+    return loss
+
+
+def test_knn_memory_keeps_the_last_positions_of_earlier_steps_in_order():
+    reg = KnnMemoryRegularizer(block=2, d=3, memory=10, stride=1).double()
+    batches = [_batch(s, n=4, d=3, vocab=5) for s in range(4)]  # 16 positions through a memory of 10
+    _memory_steps(reg, batches)
+    keys = torch.cat([k for k, _ in batches])[-10:]
+    words = torch.cat([t for _, t in batches])[-10:]
+    oldest = int(reg.mem_ptr)  # the next slot written holds the oldest entry
+    order = [(oldest + i) % 10 for i in range(10)]
+    assert torch.equal(reg.mem_keys[order], keys) and torch.equal(reg.mem_words[order], words)
+    assert int(reg.steps) == 4
+    big = KnnMemoryRegularizer(block=2, d=3, memory=3, stride=1).double()
+    _memory_steps(big, [_batch(9, n=8, d=3)])  # a batch longer than the memory leaves its last positions
+    assert torch.equal(big.mem_keys[[(int(big.mem_ptr) + i) % 3 for i in range(3)]], _batch(9, n=8, d=3)[0][-3:])
+
+
+def test_knn_memory_loss_equals_a_brute_force_over_the_batch_and_the_memory():
+    reg = KnnMemoryRegularizer(block=6, d=5, memory=30, stride=4).double()
+    first, second, third = (_batch(s, n=24, d=5, vocab=4) for s in (4, 5, 6))
+    _memory_steps(reg, [first])  # the memory is part-filled: 24 of 30 slots
+    tau = float(reg.log_tau.detach().exp())
+    k = first[0].numpy()  # τ starts at the median distance from the first step's rows (0, 4, ...) to other blocks
+    dists = sorted(np.sum((k[j] - k[m]) ** 2) for j in range(0, 24, 4) for m in range(24) if j // 6 != m // 6)
+    assert tau == pytest.approx(dists[(len(dists) - 1) // 2], rel=1e-9)
+    loss = _memory_steps(reg, [second])  # step 1: rows 1, 5, 9, ...
+    expected = _numpy_knn_memory_loss(*second, 6, tau, range(1, 24, 4), first[0].numpy(), first[1].numpy())
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-9)
+    with torch.no_grad():
+        reg.log_tau.fill_(math.log(2.0))
+    loss = reg(*third)  # step 2: rows 2, 6, ...; memory: the last 30 positions, 6 of the first batch then the second
+    mem_k = torch.cat([first[0][-6:], second[0]]).numpy()
+    mem_w = torch.cat([first[1][-6:], second[1]]).numpy()
+    expected = _numpy_knn_memory_loss(*third, 6, 2.0, range(2, 24, 4), mem_k, mem_w)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-9)
+
+
+def test_knn_memory_gradients_and_rescaling():
+    reg = KnnMemoryRegularizer(block=4, d=3, memory=12, stride=2).double()
+    _memory_steps(reg, [_batch(7, n=12, d=3, vocab=3)])
+    key, targets = _batch(8, n=12, d=3, vocab=3)
+    key.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda k: reg(k, targets), (key,), eps=1e-6, atol=1e-6)
+    f = lambda lt: torch.func.functional_call(reg, {"log_tau": lt}, (key.detach(), targets))
+    assert torch.autograd.gradcheck(f, (reg.log_tau.detach().clone().requires_grad_(True),))
+    # keys and memory shrunk alike: τ starts at the shrunken median, so every loss is the same
+    batches = [_batch(s, n=12, d=3, vocab=3) for s in (10, 11, 12)]
+    a = KnnMemoryRegularizer(block=4, d=3, memory=12, stride=2).double()
+    b = KnnMemoryRegularizer(block=4, d=3, memory=12, stride=2).double()
+    for key, targets in batches:
+        assert float(a(key, targets).detach()) == pytest.approx(float(b(0.1 * key, targets).detach()), rel=1e-9)
+        a.after_step(None, None, None), b.after_step(None, None, None)

@@ -121,6 +121,33 @@ def test_training_interrupted_at_a_step_and_resumed_ends_with_the_same_weights(m
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_knn_memory_training_resumed_ends_with_the_same_weights_and_memory(micro, tmp_path, monkeypatch):
+    """The `knn-memory` loss's memory and row offset are training state: saved in checkpoints, restored on resume."""
+    import knnlm.train
+
+    _, args = micro
+    args = [*args, "train.regularizer=knn-memory", "train.knn_memory=200", "train.knn_stride=3", "train.omega=0.1"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(["train", "--config", str(TINY), "--out", str(whole), *args]) == 0
+    lr_at = knnlm.train.lr_at
+
+    def stop_at_step_13(step, total, cfg):
+        if step == 13:
+            raise KeyboardInterrupt
+        return lr_at(step, total, cfg)
+
+    monkeypatch.setattr(knnlm.train, "lr_at", stop_at_step_13)
+    assert main(["train", "--config", str(TINY), "--out", str(stopped), *args]) == 130
+    monkeypatch.undo()
+    assert main(["train", "--config", str(TINY), "--out", str(stopped), "--resume", *args]) == 0
+    for name in ("model.safetensors", "regularizer.safetensors"):
+        a = load_file(str(latest_checkpoint(whole) / name))
+        b = load_file(str(latest_checkpoint(stopped) / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    reg = load_file(str(latest_checkpoint(whole) / "regularizer.safetensors"))
+    assert int(reg["steps"]) > 13 and int((reg["mem_words"] >= 0).sum()) == 200  # filled, and offsets turned
+
+
 def test_the_python_api_agrees_with_the_evaluation_and_a_brute_force_knnlm(micro):
     import knnlm
     from knnlm.config import read_run_config
