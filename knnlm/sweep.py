@@ -134,13 +134,13 @@ def run_name(regularizer: str, omega: float, seed: int) -> str:
 
 def key_statistics(run: Path, cfg: Config) -> dict:
     """How the regularizer acted: key norms on valid, the key layer norm's gain and bias (a penalty on a LayerNorm
-    output can be met by shrinking these two vectors instead of changing the representation), and the `knn` loss's
+    output can be met by shrinking these two vectors instead of changing the representation), and the `knn` losses'
     learned temperature τ (squared-distance units, as the evaluation's), to set beside the tuned one."""
     q = load_npy(run / "eval" / "valid" / "query_keys.npy", mmap=True)
     sq = np.square(np.asarray(q[:50000], dtype=np.float32)).sum(1)
     model, _, meta = load_model(run)
     stats = {"key_sq_norm_mean": float(sq.mean()), "key_sq_norm_std": float(sq.std())}
-    if cfg.train.regularizer == "knn":
+    if cfg.train.regularizer in ("knn", "knn-memory"):
         state = safetensors.torch.load_file(str(Path(meta["path"]) / "regularizer.safetensors"))
         stats["knn_tau"] = math.exp(float(state["log_tau"]))
     ln = model.key_module()

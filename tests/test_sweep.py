@@ -385,22 +385,22 @@ def test_rescaling_control_keeps_pairs_whose_omega0_folder_is_gone_unless_their_
 def test_objectives_study_compares_the_best_weight_with_omega0_of_the_same_seed(tmp_path):
     path = tmp_path / "objectives.toml"
     path.write_text(f'base = "{TINY}"\noverrides = {json.dumps(OVERRIDES)}\nomegas = [0.0]\nseeds = [0, 1]\n'
-                    f'moco = false\nobjectives = {{ knn = [0.1, 1.0] }}\nresults = "{tmp_path / "results"}"\n')
+                    f'moco = false\nobjectives = {{ knn = [0.1, 1.0], knn-memory = [0.1] }}\nresults = "{tmp_path / "results"}"\n')
     knnlm("sweep", path, "--out", tmp_path / "runs")
     records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")}
     # both weights on the first seed, the best (tuned protocol) on the second
     best = min((1.0, 0.1), key=lambda w: records[f"knn_omega{w:g}_seed0"]["valid_knnlm_ppl"])
     assert sorted(records) == sorted(["l2_omega0_seed0", "l2_omega0_seed1", "knn_omega0.1_seed0", "knn_omega1_seed0",
-                                      f"knn_omega{best:g}_seed1"])
+                                      f"knn_omega{best:g}_seed1", "knn-memory_omega0.1_seed0", "knn-memory_omega0.1_seed1"])
     out = json.loads((tmp_path / "results" / "objectives.json").read_text())
-    assert out["best"] == {"knn": best}
+    assert out["best"] == {"knn": best, "knn-memory": 0.1}
     d = [records[f"knn_omega{best:g}_seed{s}"]["valid_knnlm_ppl"] - records[f"l2_omega0_seed{s}"]["valid_knnlm_ppl"] for s in (0, 1)]
     assert out["paired"]["knn"]["valid_knnlm_ppl"] == pytest.approx([np.mean(d), np.std(d, ddof=1), 2])
     assert out["paired"]["knn"]["goal_met"] is False  # two seeds can never meet a goal that asks for three
     assert records["knn_omega1_seed0"]["config"]["train"]["regularizer"] == "knn"
     # each knn record keeps the temperature its loss learned, from the run's last checkpoint
     for name, r in records.items():
-        assert ("knn_tau" in r) == name.startswith("knn_")
+        assert ("knn_tau" in r) == name.startswith(("knn_", "knn-memory_"))
         if "knn_tau" in r:
             last = max((tmp_path / "runs" / name / "checkpoints").glob("step_*"))
             with safe_open(last / "regularizer.safetensors", "np") as f:
