@@ -136,12 +136,13 @@ def plot_paired_objectives(paired: dict, path: Path, title: str) -> None:
         ax.errorbar(x + off, [paired[n][metric][0] for n in names], yerr=[paired[n][metric][1] for n in names],
                     fmt="o", capsize=5, color=color, label=label)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(x, [f"{n}, weight {paired[n]['weight']:g}\n(n = {paired[n]['valid_knnlm_ppl'][2]} seeds)"
+    seeds = {n: paired[n]["valid_knnlm_ppl"][2] for n in names}
+    ax.set_xticks(x, [f"{n}, weight {paired[n]['weight']:g}\n(n = {seeds[n]} seed{'' if seeds[n] == 1 else 's'})"
                       for n in names])
     ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylabel("Δ valid kNN-LM perplexity vs ω = 0\n(negative = better)")
     devices = sorted({d for n in names for d in paired[n]["devices"]})
-    ax.set_title(f"{title}\n(points: mean of per-seed differences; bars: ± 1 std; trained on {', '.join(devices)})",
+    ax.set_title(f"{title}\n(points: mean of per-seed differences; bars: ± 1 std, none for one seed; trained on {', '.join(devices)})",
                  fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
