@@ -142,8 +142,8 @@ def plot_paired_objectives(paired: dict, path: Path, title: str) -> None:
     ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylabel("Δ valid kNN-LM perplexity vs ω = 0\n(negative = better)")
     devices = sorted({d for n in names for d in paired[n]["devices"]})
-    ax.set_title(f"{title}\n(points: mean of per-seed differences; bars: ± 1 std, none for one seed; trained on {', '.join(devices)})",
-                 fontsize=9)
+    ax.set_title(f"{title}\n(points: mean of per-seed differences; bars: ± 1 std, none for one seed; "
+                 f"trained on {', '.join(devices)})", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     save(fig, path)

@@ -139,13 +139,19 @@ class ZeroQueueRegularizer(nn.Module):
         pass
 
 
+def sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distances (len(a), len(b)) between the rows of a and b, in fp32 (fp64 kept), outside autocast:
+    bf16 products would swamp near distances."""
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        sq_a, sq_b = a.pow(2).sum(-1), b.pow(2).sum(-1)
+        return torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.t(), alpha=-2).clamp_min(0)  # fewer passes than a - 2b
+
+
 def batch_memories(key: torch.Tensor, targets: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Squared distances between all positions of a batch (N, N) fp32, and two masks (N, N): `memory` (m is in
     another block than j: blocks are runs of `block` positions) and `same` (memory m's word is j's)."""
     k = key if key.dtype == torch.float64 else key.float()
-    with torch.autocast(device_type=k.device.type, enabled=False):  # bf16 products would swamp near distances
-        sq = k.pow(2).sum(-1)
-        d = torch.addmm(sq[:, None] + sq[None, :], k, k.t(), alpha=-2).clamp_min(0)  # one pass fewer than a - 2·b
+    d = sq_distances(k, k)
     blocks = torch.arange(len(k), device=k.device) // max(1, block)
     memory = blocks[:, None] != blocks[None, :]
     same = memory & (targets[:, None] == targets[None, :])
@@ -217,9 +223,7 @@ class KnnMemoryRegularizer(KnnDistributionRegularizer):
         filled = self.mem_words >= 0
         cols = torch.cat([k, self.mem_keys[filled].to(k.dtype)])  # columns: the batch, then the memory
         words = torch.cat([targets, self.mem_words[filled]])
-        with torch.autocast(device_type=k.device.type, enabled=False):
-            sq_rows, sq_cols = k[rows].pow(2).sum(-1), cols.pow(2).sum(-1)
-            d = torch.addmm(sq_rows[:, None] + sq_cols[None, :], k[rows], cols.t(), alpha=-2).clamp_min(0)
+        d = sq_distances(k[rows], cols)
         blocks = torch.arange(n, device=k.device) // max(1, self.block)
         memory = torch.ones_like(d, dtype=torch.bool)
         memory[:, :n] = blocks[rows][:, None] != blocks[None, :]  # not the row's own block
