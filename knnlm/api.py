@@ -16,6 +16,11 @@ The kNN distribution over the whole vocabulary spreads softmax(−d / temperatur
 next tokens: p_kNN(w) = Σ_{j ≤ k: v_j = w} softmax(−d/T)_j, and p = λ p_kNN + (1 − λ) p_LM. The settings (k,
 temperature, λ) are the run's choice on valid under a protocol (`tuned` or `paper`, see `knnlm.evaluate`), or
 given explicitly.
+
+With a memory model (`knnlm.load(run, memory="runs/mem")`, trained on the run's `knnlm targets`, evaluated by
+`knnlm evaluate --out RUN --memory MEM`), the LM part is the pair: p_LM = μ p_memory + (1 − μ) p_base, μ the
+`memory_lambda` tuned on valid, and the kNN settings are those tuned on top of the pair; `lmbda=0` uses the pair
+alone, with no retrieval.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from .config import read_run_config
 from .data import EOS, UNK, token_stream, word_vocab_hash
 from .datastore import Datastore
 from .distributed import default_device
-from .evaluate import PROTOCOLS, scoring_settings, searcher_for
+from .evaluate import PROTOCOLS, check_memory_summary, scoring_settings, searcher_for
 from .hf import hf_eos_id, load_tokenizer
 from .knn import interpolate, knn_logprob
 from .lm import autocast
@@ -67,12 +72,16 @@ class KNNLM:
     """A trained run ready for inference: its model, vocabulary or tokenizer, datastore and search."""
 
     def __init__(self, run: str | Path, protocol: str = "tuned", k: int | None = None,
-                 temperature: float | None = None, lmbda: float | None = None, index: str | None = None):
+                 temperature: float | None = None, lmbda: float | None = None, index: str | None = None,
+                 memory: str | Path | None = None, memory_lambda: float | None = None):
         self.run = Path(run)
         self.cfg = read_run_config(self.run)
         if index is not None:
             self.cfg.eval.index = index
         self.model, self.train_cfg, ckpt_meta = load_model(self.run, default_device())
+        self.memory, self.memory_model, self.memory_lambda = None, None, 0.0
+        if memory is not None:
+            self._memory(Path(memory), ckpt_meta, memory_lambda)
         self.datastore = Datastore(self.run / "datastore")
         self.datastore.check_model(ckpt_meta)
         self.stride, self.bf16 = scoring_settings(self.datastore, self.train_cfg)
@@ -88,9 +97,10 @@ class KNNLM:
         if None in (k, temperature, lmbda):
             if protocol not in PROTOCOLS:
                 raise UserError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-            summary = self.run / "eval" / "valid" / "summary.json"
+            summary = (self.memory / "memory_eval" if self.memory else self.run / "eval") / "valid" / "summary.json"
             if not summary.is_file():
-                raise UserError(f"{summary}: not found; run `knnlm evaluate --out {self.run}` first, "
+                memory = f" --memory {self.memory}" if self.memory else ""
+                raise UserError(f"{summary}: not found; run `knnlm evaluate --out {self.run}{memory}` first, "
                                 f"or give k, temperature and lmbda")
             chosen = read_json(summary, "valid summary").get("protocols", {}).get(protocol)
             if chosen is None:
@@ -101,6 +111,22 @@ class KNNLM:
         if k < 1 or not temperature > 0 or not math.isfinite(temperature) or not 0 <= lmbda <= 1:
             raise UserError(f"expected k ≥ 1, a finite temperature > 0 and λ in [0, 1], got {k}, {temperature}, {lmbda}")
         return k, temperature, lmbda
+
+    def _memory(self, memory: Path, ckpt_meta: dict, memory_lambda: float | None) -> None:
+        """Load a memory model beside the base LM, with its mixing weight μ (given, or tuned on valid)."""
+        self.memory = memory
+        self.memory_model, _, mem_meta = load_model(memory, default_device())
+        if mem_meta["vocab_hash"] != ckpt_meta["vocab_hash"]:
+            raise UserError(f"memory: {memory} was trained with another vocabulary than {self.run}")
+        if memory_lambda is None:
+            path = memory / "memory_eval" / "valid" / "summary.json"
+            if not path.is_file():
+                raise UserError(f"{path}: not found; run `knnlm evaluate --out {self.run} --memory {memory}` first, "
+                                "or give memory_lambda")
+            memory_lambda = check_memory_summary(read_json(path, "memory valid summary"), path)["memory_lambda"]
+        if not 0 <= memory_lambda <= 1:
+            raise UserError(f"memory_lambda: expected a value in [0, 1], got {memory_lambda}")
+        self.memory_lambda = float(memory_lambda)
 
     def _vocabulary(self, ckpt_meta: dict) -> None:
         """The word list (word-level runs: RUN/vocab.json, or the corpus for older runs) or the tokenizer."""
@@ -172,6 +198,10 @@ class KNNLM:
             keys.append(k), targets.append(t), lm.append(lp)
         targets = torch.cat(targets).numpy()
         lm = torch.cat(lm).numpy().astype(np.float64)
+        if self.memory_model is not None:  # the pair: μ p_memory + (1 − μ) p_base, the same windows
+            mem = torch.cat([lp for _, _, lp in score_stream(self.memory_model, s, self.stride,
+                                                              self.cfg.datastore.batch_size, self.bf16, want_keys=False)])
+            lm = interpolate(lm, mem.numpy().astype(np.float64), self.memory_lambda)
         D, vals = self._knn_search(torch.cat(keys).numpy())
         knn = knn_logprob(D, vals, targets, self.k, self.temperature)
         return Scored([self.vocab[i] for i in targets], lm, knn, interpolate(lm, knn, self.lmbda))
@@ -186,6 +216,10 @@ class KNNLM:
         with autocast(dev, self.bf16):
             out = self.model(s[None].to(dev))
             lm = self.model.full_logprobs(out.hidden[0, -1:]).float()[0].double().cpu()
+            if self.memory_model is not None:  # the pair: μ p_memory + (1 − μ) p_base
+                mem_out = self.memory_model(s[None].to(dev))
+                mem = self.memory_model.full_logprobs(mem_out.hidden[0, -1:]).float()[0].double().cpu()
+                lm = torch.from_numpy(interpolate(lm.numpy(), mem.numpy(), self.memory_lambda))
         key = out.key[0, -1:].to(torch.float16).cpu().numpy()  # stored keys are float16: search the same rounding
         D, vals = self._knn_search(key)
         w = torch.softmax(-torch.from_numpy(D[0]).double() / self.temperature, 0)

@@ -126,3 +126,12 @@ def load_model(run: str | Path, device: torch.device | str = "cpu",
     _load_safetensors_into(model, ckpt / "model.safetensors")
     model.to(device).eval()
     return model, cfg, meta
+
+
+def init_weights_from(run: str | Path, model: nn.Module, vocab_hash: str) -> str:
+    """Start a model from another run's latest weights (`train.init_from`: a fine-tune); return that checkpoint."""
+    meta = latest_meta(run)
+    if meta["vocab_hash"] != vocab_hash:
+        raise UserError(f"train.init_from: {run} was trained with another vocabulary than this run's corpus")
+    _load_safetensors_into(model, Path(meta["path"]) / "model.safetensors")
+    return meta["path"]

@@ -1,4 +1,4 @@
-"""The `knnlm` command: train, datastore, evaluate, run (all three), sweep, twins, analyze, data, score, generate, verify.
+"""The `knnlm` command: train, datastore, evaluate, run (all three), targets, sweep, score, generate and more.
 
     knnlm run --config configs/wikitext-2.toml --out runs/wt2          # the whole pipeline
     knnlm train --config configs/tiny.toml --out runs/tiny train.omega=0.01
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .artifacts import UserError, check_digest, read_meta, verify_digests, writing_into
-from .config import Config, apply_overrides, load_config, read_run_config, validate
+from .config import REGULARIZERS, Config, apply_overrides, load_config, read_run_config, validate
 
 
 def _config_for_run(args, overrides: list[str]) -> Config:
@@ -89,6 +89,14 @@ def cmd_evaluate(args) -> None:
         cfg.eval.temperature = [args.temperature]
     fixed = {key: v for key, v in (("k", args.k), ("lambda", args.lmbda), ("temperature", args.temperature))
              if v is not None}  # a what-if: never overwrites the run's tuned choice or its summaries
+    if args.memory:
+        from .evaluate import evaluate_memory
+
+        if fixed:
+            raise UserError("--memory: tunes its own λ, k and temperature on valid; drop --k/--lmbda/--temperature")
+        with writing_into(args.out, create=False), writing_into(args.memory, create=False):
+            print(json.dumps(evaluate_memory(args.out, args.memory, cfg, args.split), indent=2))
+        return
     with writing_into(args.out, create=False):  # a what-if evaluation may still save a new search
         summary = evaluate(args.out, cfg, args.split, save=not fixed, fixed=fixed)
     if summary is not None:  # None: a rank other than 0 under torchrun
@@ -116,6 +124,15 @@ def cmd_run(args) -> None:
     results = run_pipeline(cfg, Path(args.out))
     if results is not None:  # None: a rank other than 0 under torchrun
         print(format_table(results))
+
+
+def cmd_targets(args) -> None:
+    from .targets import build_targets
+
+    cfg = _config_for_run(args, args.overrides)
+    with writing_into(args.out, create=False):
+        folder = build_targets(args.out, cfg)
+    print(folder)
 
 
 def cmd_sweep(args) -> None:
@@ -164,7 +181,7 @@ def _load_run(args):
     from .api import load
 
     settings = {name: getattr(args, name) for name in ("k", "temperature", "lmbda") if getattr(args, name) is not None}
-    return load(args.out, args.protocol, **settings)
+    return load(args.out, args.protocol, memory=args.memory, **settings)
 
 
 def cmd_score(args) -> None:
@@ -247,10 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--lmbda", type=float, help="fix λ instead of tuning it")
     ev.add_argument("--k", type=int, help="fix k instead of tuning it")
     ev.add_argument("--temperature", type=float, help="fix the kNN temperature instead of tuning it")
+    ev.add_argument("--memory", help="a memory model's run folder (trained on this run's `knnlm targets`): "
+                                     "evaluate the LM with it beside, without and with the kNN on top")
     rn = add("run", cmd_run, "train, datastore and evaluate in one go")
     for sp in (tr, rn):
         sp.add_argument("--omega", type=float, help="weight ω of the key regularizer (train.omega)")
-        sp.add_argument("--regularizer", choices=["l2", "moco", "zero-queue", "knn", "pull-ratio"], help="train.regularizer")
+        sp.add_argument("--regularizer", choices=REGULARIZERS, help="train.regularizer")
+    add("targets", cmd_targets, "p_kNN of every training position, its own entry left out (for distillation)")
     sw = sub.add_parser("sweep", help="the ω study: one model per (regularizer, ω, seed)")
     sw.add_argument("study", help="study config (TOML) under experiments/")
     sw.add_argument("--out", required=True)
@@ -291,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--k", type=int, help="number of neighbours (instead of the run's choice)")
         sp.add_argument("--temperature", type=float, help="kNN temperature (instead of the run's choice)")
         sp.add_argument("--lmbda", type=float, help="interpolation weight λ (instead of the run's choice)")
+        sp.add_argument("--memory", help="a memory model's run folder: its distribution mixed with the LM's at the "
+                                         "λ tuned by `knnlm evaluate --memory` (then --lmbda 0: no retrieval)")
         sp.set_defaults(fn=fn)
         if name == "score":
             sp.add_argument("file", help="UTF-8 text, read like a corpus file (one end-of-line token per line)")

@@ -8,6 +8,8 @@ Paper symbols (Khandelwal et al. 2020; Ton et al. 2022):
     queue_len    L, keys kept per target word by the MOCO-style regularizer
     momentum     EMA coefficient of the momentum (key) encoder: θ_k ← m θ_k + (1 - m) θ_q
     knn_memory   keys of earlier training steps the `knn-memory` loss adds to the batch's memories
+    beta         weight of the distillation term KL(p_kNN || p_LM) toward a datastore's training-set targets
+                 (`knnlm.distill`): loss = ce_weight * CE + beta * KL + omega * reg
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps
     log_every: int = 50  # optimizer steps between lines of metrics.jsonl
     threads: int = 0  # torch threads (0 = torch default)
+    # distillation (knnlm.distill): the kNN targets of a run's training positions, `knnlm targets --out RUN`
+    distil_targets: str = ""  # a targets folder (RUN/targets); "" = no distillation
+    beta: float = 0.0  # weight of KL(p_kNN || p_LM) at each position (needs distil_targets)
+    ce_weight: float = 1.0  # weight of the LM's cross-entropy (1: the usual LM loss; a memory model may use less)
+    init_from: str = ""  # a run folder whose last checkpoint's weights start training (a fine-tune); "" = random
 
 
 @dataclass
@@ -106,12 +113,24 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """`knnlm targets`: each training position's p_kNN from the datastore, its own entry left out."""
+
+    k: int = 1024  # neighbours kept per position (Memory Decoder and Khandelwal et al.: 1024)
+    temperature: float = 0.0  # p_kNN ∝ exp(-d / temperature); 0 = the run's tuned choice on valid at this k
+    top: int = 32  # words kept per position, with their probabilities, plus the remaining mass
+    exclude: str = "self"  # self: the position's own entry; window: every entry within model.context positions
+    batch_size: int = 4096  # queries searched at once (and rows written between two progress records)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -284,6 +303,11 @@ def validate(cfg: Config) -> None:
     _expect(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "a step count >= 1")
     _expect(t.log_every >= 1, "train.log_every", t.log_every, "a step count >= 1")
     _expect(0 <= t.threads <= 4096, "train.threads", t.threads, "a thread count in [0, 4096] (0 = torch default)")
+    _expect(t.beta >= 0, "train.beta", t.beta, "a weight >= 0")
+    _expect(t.ce_weight >= 0, "train.ce_weight", t.ce_weight, "a weight >= 0")
+    _expect(t.beta == 0 or bool(t.distil_targets), "train.beta", t.beta,
+            "0 unless train.distil_targets names a targets folder (made by `knnlm targets`)")
+    _expect(t.ce_weight > 0 or t.beta > 0, "train.ce_weight", t.ce_weight, "> 0 unless train.beta > 0 (no loss)")
 
     _expect(0 <= s.stride <= m.context, "datastore.stride", s.stride,
             f"a stride in [0, model.context={m.context}] (0 = context // 2)")
@@ -302,6 +326,13 @@ def validate(cfg: Config) -> None:
     _expect(e.rerank_factor >= 1, "eval.rerank_factor", e.rerank_factor, "an integer >= 1")
     _expect(bool(e.splits) and all(sp in ("valid", "test") for sp in e.splits), "eval.splits", e.splits,
             "a non-empty list of valid and/or test")
+
+    x = cfg.distill
+    _expect(x.k >= 1, "distill.k", x.k, "an integer >= 1")
+    _expect(x.temperature >= 0, "distill.temperature", x.temperature, "a temperature > 0, or 0 for the valid choice")
+    _expect(1 <= x.top <= x.k, "distill.top", x.top, f"an integer in [1, distill.k={x.k}]")
+    _expect(x.exclude in ("self", "window"), "distill.exclude", x.exclude, "self or window")
+    _expect(x.batch_size >= 1, "distill.batch_size", x.batch_size, "an integer >= 1")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -209,12 +209,16 @@ def num_train_blocks(n_tokens: int, context: int) -> int:
     return max(1, n_tokens // context)
 
 
+def block_positions(block_ids: torch.Tensor, context: int, stream_len: int) -> torch.Tensor:
+    """Input positions (B, T) of the given non-overlapping blocks of a stream of `stream_len` tokens: position i
+    is also row i of the datastore (its key r_i, its next token s[i+1])."""
+    idx = block_ids[:, None] * context + torch.arange(context)[None, :]  # (B, T)
+    return idx.clamp(max=stream_len - 2)  # a short corpus (< one block) repeats its last token; never on real data
+
+
 def train_batch(s: torch.Tensor, block_ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (B, T) for the given non-overlapping blocks of the stream s."""
-    starts = block_ids * context
-    offsets = torch.arange(context)
-    idx = starts[:, None] + offsets[None, :]  # (B, T)
-    idx = idx.clamp(max=len(s) - 2)  # a short corpus (< one block) repeats its last token; never on real data
+    idx = block_positions(block_ids, context, len(s))
     return s[idx], s[idx + 1]
 
 

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .artifacts import UserError, atomic_dir, kill_point, check_fields, file_sha256, load_npy, read_json, save_npy, write_json
-from .checkpoint import latest_meta, load_model
+from .checkpoint import checkpoint_dirs, latest_meta, load_model
 from .config import Config, from_dict
 from .data import token_stream, split_ids
 from .datastore import Datastore, stride_of
@@ -334,3 +334,139 @@ def check_lambda(lmbda: float) -> float:
     if not (0 <= lmbda <= 1) or math.isnan(lmbda):
         raise UserError(f"--lmbda: expected a value in [0, 1], got {lmbda}")
     return lmbda
+
+
+# ---- a memory model beside the base LM (knnlm.distill): no retrieval at inference --------------------------
+
+def mix(base: np.ndarray, memory: np.ndarray, lmbda: float) -> np.ndarray:
+    """log(λ p_memory + (1 − λ) p_base) per token: the memory model interpolated with the base LM."""
+    return interpolate(base, memory, lmbda)
+
+
+def tune_memory_lambda(base: np.ndarray, memory: np.ndarray, lambdas: list[float]) -> tuple[float, list[dict]]:
+    """The λ of `mix` with the lowest perplexity, and the perplexity at every λ of the grid."""
+    grid = [{"lambda": lm, "ppl": perplexity(mix(base, memory, lm))} for lm in lambdas]
+    return min(grid, key=lambda r: r["ppl"])["lambda"], grid
+
+
+def memory_run_config(memory: Path) -> Config:
+    """The training config of a memory model's run (from its latest checkpoint)."""
+    meta = latest_meta(memory)
+    return from_dict(meta["config"], meta["path"])
+
+
+def check_memory_summary(summary: dict, path: Path) -> dict:
+    """A memory evaluation's valid summary, with the choices test and the API read from it checked."""
+    check_fields(summary, path, {"memory_lambda": float, "protocols": dict})
+    lmbda = summary["memory_lambda"]
+    if not 0 <= lmbda <= 1:
+        raise UserError(f"{path}: 'memory_lambda' should be in [0, 1], found {lmbda!r}")
+    return summary
+
+
+def score_memory(run: Path, memory: Path, cfg: Config, split: str, targets: np.ndarray,
+                 progress: bool = True) -> tuple[np.ndarray, float]:
+    """The memory model's log-probabilities of the base evaluation's tokens (same windows, stride and precision),
+    cached in MEMORY/memory_eval/<split>/; and the seconds the scoring pass took."""
+    base_meta, mem_meta = latest_meta(run), latest_meta(memory)
+    if mem_meta["vocab_hash"] != base_meta["vocab_hash"]:
+        raise UserError(f"--memory {memory}: trained with another vocabulary than the base run {run}")
+    ds = Datastore(run / "datastore")
+    stride, bf16 = scoring_settings(ds, from_dict(base_meta["config"], base_meta["path"]))
+    mem_cfg = from_dict(mem_meta["config"], mem_meta["path"])
+    if mem_cfg.model.context != from_dict(base_meta["config"], base_meta["path"]).model.context:
+        raise UserError(f"--memory {memory}: context {mem_cfg.model.context} differs from the base run's; "
+                        "the two must read the same windows")
+    folder = memory / "memory_eval" / split
+    inputs = {"base_model": base_meta["model_sha256"], "memory_model": mem_meta["model_sha256"], "split": split,
+              "tokens": len(targets), "stride": stride, "bf16": bf16}
+    if (folder / "meta.json").is_file():
+        meta = read_json(folder / "meta.json", "memory evaluation meta")
+        if meta.get("inputs") == inputs:
+            saved = load_npy(folder / "targets.npy")
+            if np.array_equal(saved, targets):
+                return load_npy(folder / "lm_logprobs.npy").astype(np.float64), float(meta["seconds"])
+    model, _, _ = load_model(memory, default_device())
+    corpus = corpus_for(cfg)
+    s = token_stream(split_ids(corpus, cfg, split), corpus.eos_id)
+    t0 = time.time()
+    tgt, lp = [], []
+    bar = tqdm(total=len(targets), desc=f"memory {split}", unit="tok", unit_scale=True, disable=not progress,
+               dynamic_ncols=True)
+    for _, t, p in score_stream(model, s, stride, cfg.datastore.batch_size, bf16, want_keys=False):
+        tgt.append(t), lp.append(p)
+        bar.update(len(t))
+    bar.close()
+    seconds = time.time() - t0
+    tgt = torch.cat(tgt).numpy().astype(np.int32)
+    lp = torch.cat(lp).numpy()
+    if not np.array_equal(tgt, targets):
+        raise UserError(f"{run / 'eval' / split}: its tokens are not those of {split} read now; evaluate it again")
+    with atomic_dir(folder) as tmp:
+        save_npy(tmp / "targets.npy", tgt)
+        save_npy(tmp / "lm_logprobs.npy", lp)
+        write_json(tmp / "meta.json", {"inputs": inputs, "seconds": seconds, "sha256": {
+            n: file_sha256(tmp / n) for n in ("targets.npy", "lm_logprobs.npy")}})
+    return lp.astype(np.float64), seconds
+
+
+def _bytes(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def evaluate_memory(run: str | Path, memory: str | Path, cfg: Config, split: str = "valid",
+                    progress: bool = True) -> dict:
+    """The base LM with a memory model beside it, without and with the kNN on top.
+
+    On valid, λ of the memory model (`memory_lambda`) is tuned first, with no retrieval; then the kNN-LM's λ, k and
+    temperature are tuned on top of that pair under both protocols, exactly as `knnlm evaluate` tunes them over the
+    LM alone. Test reuses valid's choices. Writes MEMORY/memory_eval/<split>/summary.json and returns it."""
+    run, memory = Path(run), Path(memory)
+    if split not in ("valid", "test"):
+        raise UserError(f"--split: expected valid or test, got {split!r}")
+    valid_path = memory / "memory_eval" / "valid" / "summary.json"
+    if split == "test" and not valid_path.is_file():
+        evaluate_memory(run, memory, cfg, "valid", progress)
+    if not (run / "eval" / split / "summary.json").is_file():
+        evaluate(run, cfg, split, progress)
+    base = read_json(run / "eval" / split / "summary.json", "evaluation summary")
+    record = read_json(run / "eval" / split / "meta.json", "evaluation meta")
+    targets, lm, dists, nvals = tuning_arrays(run, split)
+    lm = lm.astype(np.float64)
+    mem, mem_seconds = score_memory(run, memory, cfg, split, targets, progress)
+
+    if split == "valid":
+        lam, lam_grid = tune_memory_lambda(lm, mem, cfg.eval.lmbda)
+        pair = mix(lm, mem, lam)
+        grid = tune(pair, dists, nvals, targets, cfg)
+        choices = {p: choose(grid, cfg, p) for p in PROTOCOLS}
+    else:
+        v = check_memory_summary(read_json(valid_path, "memory valid summary"), valid_path)
+        lam, lam_grid = v["memory_lambda"], None
+        pair = mix(lm, mem, lam)
+        choices = {p: {key: v["protocols"][p][key] for key in ("k", "temperature", "lambda")} for p in PROTOCOLS}
+    protocols = {}
+    for p, c in choices.items():
+        knn = knn_logprob(dists, nvals, targets, c["k"], c["temperature"])
+        protocols[p] = {"knnlm_ppl": perplexity(interpolate(pair, knn, c["lambda"])), "lambda": c["lambda"],
+                        "k": c["k"], "temperature": c["temperature"], "description": PROTOCOLS[p]}
+
+    n = len(targets)
+    sec = record.get("seconds", {})
+    lm_s, search_s = float(sec.get("lm", math.nan)), float(sec.get("search", math.nan))
+    ckpt = lambda folder: [checkpoint_dirs(folder)[-1] / "model.safetensors"] if checkpoint_dirs(folder) else []
+    summary = {
+        "split": split, "tokens": n, "base_run": str(run), "memory_run": str(memory),
+        "lm_ppl": perplexity(lm), "memory_model_ppl": perplexity(mem), "memory_lambda": lam,
+        "lm_memory_ppl": perplexity(pair),
+        "knnlm_ppl": base["protocols"]["tuned"]["knnlm_ppl"], "knnlm_ppl_paper": base["protocols"]["paper"]["knnlm_ppl"],
+        "lm_memory_knnlm_ppl": protocols["tuned"]["knnlm_ppl"], "protocols": protocols,
+        "memory_lambda_grid": lam_grid,
+        # inference cost: each pass's time over the split's tokens (the LM pass also computes the query keys)
+        "seconds": {"lm": lm_s, "memory_model": mem_seconds, "search": search_s},
+        "tokens_per_s": {"lm": n / lm_s, "lm_memory": n / (lm_s + mem_seconds), "knnlm": n / (lm_s + search_s)},
+        "inference_bytes": {"lm": _bytes(ckpt(run)), "memory_model": _bytes(ckpt(memory)),
+                            "datastore": _bytes([run / "datastore" / "keys.npy", run / "datastore" / "vals.npy"])},
+    }
+    write_json(memory / "memory_eval" / split / "summary.json", summary)
+    return summary

@@ -23,9 +23,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .artifacts import UserError, atomic_path, kill_point, write_json
-from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import init_weights_from, latest_checkpoint, load_training_state, save_checkpoint
 from .config import Config, check_same_model, save_config
-from .data import Corpus, epoch_order, num_train_blocks, token_stream, train_batch, split_ids
+from .data import Corpus, block_positions, epoch_order, num_train_blocks, token_stream, train_batch, split_ids
+from .distill import Targets, check_targets_for, kl_to_targets
 from .distributed import barrier, setup_distributed
 from .lm import LanguageModel, autocast
 from .models import build_model, corpus_for
@@ -69,17 +70,25 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 class Objective(nn.Module):
-    """The two loss terms of one batch. DDP wraps this module, so every parameter it trains is used in forward."""
+    """The loss terms of one batch. DDP wraps this module, so every parameter it trains is used in forward."""
 
-    def __init__(self, model: LanguageModel, regularizer: nn.Module):
+    def __init__(self, model: LanguageModel, regularizer: nn.Module, targets: Targets | None = None):
         super().__init__()
-        self.model, self.regularizer = model, regularizer
+        self.model, self.regularizer, self.targets = model, regularizer, targets
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(inputs)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LM cross-entropy, key regularizer, and (with distillation targets) KL(p_kNN || p_LM) at the datastore
+        rows (B, T) of the batch's positions; the KL is 0 without targets."""
+        out = self.model(inputs)  # hidden, key: (B, T, d)
         lm_loss = -self.model.target_logprob(out.hidden, targets).mean()
         reg_loss = self.regularizer(out.key.reshape(-1, out.key.shape[-1]), targets.reshape(-1))
-        return lm_loss, reg_loss
+        kl_loss = torch.zeros((), device=lm_loss.device)
+        if self.targets is not None:
+            words, probs, rest = (x.to(lm_loss.device) for x in self.targets.batch(rows))  # (B·T, m), (B·T, m), (B·T,)
+            logp = self.model.full_logprobs(out.hidden.reshape(-1, out.hidden.shape[-1]))  # (B·T, V) fp32
+            kl_loss = kl_to_targets(logp, words, probs, rest).mean()
+        return lm_loss, reg_loss, kl_loss
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -111,6 +120,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
 
     torch.manual_seed(t.seed)
     model = build_model(mcfg, corpus.vocab_size).to(device)
+    distil = None
+    if t.distil_targets:
+        distil = Targets(t.distil_targets)
+        check_targets_for(distil, corpus.vocab_hash, len(train_ids))
     regularizer = make_regularizer(t, model, model.vocab_size, model.key_dim, block=mcfg.context).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     # the regularizer's own trained parameters (the `knn` loss's temperature) are not decayed
@@ -132,11 +145,13 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         metrics_path.unlink(missing_ok=True)
     if ckpt is not None:
         check_same_model(out, cfg)  # --resume continues the same training, not another one
+    elif t.init_from:
+        init_weights_from(t.init_from, model, corpus.vocab_hash)  # a fine-tune starts from those weights
     if main:
         save_config(cfg, out / "config.json")
         if not corpus.tokenizer_id:  # word-level: the vocabulary, so that `knnlm.load` need not re-read the corpus
             write_json(out / "vocab.json", corpus.vocab)
-    objective = Objective(model, regularizer)
+    objective = Objective(model, regularizer, distil)
     if world > 1:
         # tail bands of the adaptive input/softmax are unused in batches without their words; the MOCO queue is
         # kept identical on every rank by the regularizer itself, so buffers are not broadcast
@@ -153,7 +168,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
     tokens_per_step = t.batch_size * mcfg.context
-    window = {"lm": 0.0, "reg": 0.0, "n": 0, "t0": time.time()}
+    window = {"lm": 0.0, "reg": 0.0, "kl": 0.0, "n": 0, "t0": time.time()}
     last_good = ckpt
     shard = t.batch_size // world
     while step < total_steps:
@@ -161,15 +176,18 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         blocks = epoch_order(n_blocks, t.seed, epoch)[i * t.batch_size : (i + 1) * t.batch_size]
         blocks = blocks[rank * shard : (rank + 1) * shard]  # this rank's contiguous shard of the global batch
         inputs, targets = (x.to(device) for x in train_batch(s, blocks, mcfg.context))
+        rows = block_positions(blocks, mcfg.context, len(s))  # (B, T) datastore rows of the inputs
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total_steps, t)
         torch.manual_seed(t.seed * 1_000_003 + step)  # dropout noise depends on (seed, step) only
         model.train()
         t0 = time.time()
         with autocast(device, t.bf16):
-            lm_loss, reg_loss = objective(inputs, targets)
-        loss = lm_loss + t.omega * reg_loss
-        logged = torch.stack([lm_loss.detach().float(), reg_loss.detach().float()])
+            lm_loss, reg_loss, kl_loss = objective(inputs, targets, rows)
+        loss = t.ce_weight * lm_loss + t.omega * reg_loss  # ce_weight 1: the LM loss exactly
+        if distil is not None:
+            loss = loss + t.beta * kl_loss  # distillation toward the datastore's p_kNN (knnlm.distill)
+        logged = torch.stack([lm_loss.detach().float(), reg_loss.detach().float(), kl_loss.detach().float()])
         if world > 1:
             dist.all_reduce(logged)
             logged /= world
@@ -184,12 +202,13 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         regularizer.after_step(model, inputs, targets)
         elapsed += time.time() - t0
         step += 1
-        lm_value, reg_value = logged.tolist()
+        lm_value, reg_value, kl_value = logged.tolist()
         window["lm"] += lm_value
         window["reg"] += reg_value
+        window["kl"] += kl_value
         window["n"] += 1
         bar.update(1)
-        bar.set_postfix(lm=f"{lm_value:.3f}", reg=f"{reg_value:.3g}")
+        bar.set_postfix(lm=f"{lm_value:.3f}", reg=f"{reg_value:.3g}", **({"kl": f"{kl_value:.3f}"} if distil else {}))
 
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
         if main and (step % t.log_every == 0 or end_of_epoch):
@@ -197,9 +216,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             _append_metrics(metrics_path, {
                 "step": step, "epoch": round(step / steps_per_epoch, 4), "lr": opt.param_groups[0]["lr"],
                 "lm_loss": window["lm"] / window["n"], "reg_loss": window["reg"] / window["n"],
+                **({"kl_loss": window["kl"] / window["n"]} if distil is not None else {}),
                 "grad_norm": float(grad_norm), "tokens_per_s": window["n"] * tokens_per_step / max(dt, 1e-9),
             })
-            window = {"lm": 0.0, "reg": 0.0, "n": 0, "t0": time.time()}
+            window = {"lm": 0.0, "reg": 0.0, "kl": 0.0, "n": 0, "t0": time.time()}
         if main and end_of_epoch:
             row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                    "valid_ppl": block_perplexity(model, corpus, cfg, "valid", t.eval_tokens)}

@@ -1,0 +1,210 @@
+"""The distillation study (issue 31): kNN-LM quality with no retrieval at inference?
+
+    python experiments/distill_study.py experiments/distill_study.toml --out runs/distill_study
+    python experiments/distill_study.py experiments/distill_study.toml --out runs/distill_study --tables-only
+
+For each seed, on the study's base config (the ω study's WikiText-2 configuration), one device:
+  base      the LM (ω = 0): trained, datastore, valid and test evaluated (LM alone, kNN-LM: both protocols)
+  targets   `knnlm targets` of the base: p_kNN of every training position, its own entry left out
+  scratch   an LM trained from scratch with CE + β·KL toward the targets; its own datastore and kNN-LM
+  finetune  the base fine-tuned with CE + β·KL; its own datastore and kNN-LM
+  memory    a memory model (started from the base, KL + CE as `memory_overrides` say) interpolated with the base
+            at a λ tuned on valid, no retrieval; and the base's kNN on top of that pair
+
+Each finished stage of a seed is recorded at once in RESULTS/runs/<seed>_<stage>.json (commit them: a stopped study
+continues from its records and run folders); the tables (`distill.md` / `distill.json`) are written from the
+records alone: each variant against the same seed's base, mean, std and 95 % t-interval of the paired differences,
+n, and the costs (training and target-building time, evaluation tokens/s, bytes needed at inference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from scipy import stats
+
+from knnlm.artifacts import UserError, cpu_name, markdown_table, read_json, write_json, write_text
+from knnlm.config import load_config
+from knnlm.evaluate import evaluate, evaluate_memory
+from knnlm.pipeline import run_pipeline
+from knnlm.targets import build_targets
+
+STAGES = ("base", "targets", "scratch", "finetune", "memory")
+
+
+def load_study(path: Path) -> dict:
+    study = tomllib.loads(path.read_text())
+    for key in ("base", "overrides", "seeds", "distil_overrides", "finetune_overrides", "memory_overrides"):
+        if key not in study:
+            raise UserError(f"{path}: no {key!r} entry")
+    study["base"] = str((path.parent / study["base"]).resolve())
+    return study
+
+
+def device() -> str:
+    import torch
+
+    return f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"cpu: {cpu_name()}"
+
+
+def evaluated(run: Path, cfg) -> dict:
+    """Valid and test figures of an evaluated run (test reuses valid's choices)."""
+    out = {}
+    for split in ("valid", "test"):
+        s = evaluate(run, cfg, split, progress=False)
+        out[split] = {"lm_ppl": s["lm_ppl"], "knnlm_ppl": s["protocols"]["tuned"]["knnlm_ppl"],
+                      "knnlm_ppl_paper": s["protocols"]["paper"]["knnlm_ppl"],
+                      "choice": {p: [s["protocols"][p][x] for x in ("lambda", "k", "temperature")] for p in ("tuned", "paper")},
+                      "tokens": s["tokens"], "seconds": s["seconds"]}
+    return out
+
+
+def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
+    base_run = out / f"base_seed{seed}"
+    common = [*study["overrides"], f"train.seed={seed}"]
+    targets = f"train.distil_targets={base_run / 'targets'}"
+    t0 = time.time()
+    if stage == "base":
+        cfg = load_config(study["base"], common)
+        res = run_pipeline(cfg, base_run)
+        return {"train_seconds": res["train"]["train_seconds"], **evaluated(base_run, cfg)}
+    if stage == "targets":
+        cfg = load_config(study["base"], common)
+        meta = read_json(build_targets(base_run, cfg) / "meta.json")
+        return {k: meta[k] for k in ("N", "k", "top", "temperature", "exclude", "seconds", "bytes", "mean_top_mass",
+                                     "mean_rest", "search")}
+    if stage in ("scratch", "finetune"):
+        extra = study["distil_overrides"] + (study["finetune_overrides"] + [f"train.init_from={base_run}"]
+                                             if stage == "finetune" else [])
+        cfg = load_config(study["base"], [*common, targets, *extra])
+        run = out / f"{stage}_seed{seed}"
+        res = run_pipeline(cfg, run)
+        return {"train_seconds": res["train"]["train_seconds"], "overrides": extra, **evaluated(run, cfg)}
+    if stage == "memory":
+        extra = [*study["memory_overrides"], f"train.init_from={base_run}"]
+        mem_cfg = load_config(study["base"], [*common, targets, *extra])
+        mem = out / f"memory_seed{seed}"
+        from knnlm.pipeline import check_writable
+        from knnlm.train import train
+
+        check_writable(mem)
+        summary = read_json(mem / "train_summary.json") if (mem / "train_summary.json").is_file() else \
+            train(mem_cfg, mem, resume=(mem / "checkpoints").is_dir())
+        cfg = load_config(study["base"], common)
+        figures = {split: evaluate_memory(base_run, mem, cfg, split, progress=False) for split in ("valid", "test")}
+        return {"train_seconds": summary["train_seconds"], "overrides": extra, **figures}
+    raise AssertionError(stage)
+
+
+def t_interval(xs: list[float]) -> tuple[float, float, float, int]:
+    """Mean, sample std and the half-width of the 95 % t-interval of the mean (nan for n < 2)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, math.nan, math.nan, n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return mean, std, stats.t.ppf(0.975, n - 1) * std / math.sqrt(n), n
+
+
+def tables(records: dict[str, dict], results: Path) -> dict:
+    """Per-variant perplexities (valid and test, both protocols) and paired differences against the base kNN-LM."""
+    seeds = sorted({int(name.split("_")[0][4:]) for name in records})
+    rows = {}  # variant -> split -> list over seeds of (value, base kNN-LM tuned of the same seed)
+    for seed in seeds:
+        get = lambda stage: records.get(f"seed{seed}_{stage}")
+        base = get("base")
+        if base is None:
+            continue
+        for split in ("valid", "test"):
+            anchor = base[split]["knnlm_ppl"]
+            values = {"LM alone": base[split]["lm_ppl"],
+                      "kNN-LM of the base (tuned)": base[split]["knnlm_ppl"],
+                      "kNN-LM of the base (paper, T = 1)": base[split]["knnlm_ppl_paper"]}
+            if (m := get("memory")) is not None:
+                values["LM + memory model (no retrieval)"] = m[split]["lm_memory_ppl"]
+                values["kNN-LM over LM + memory (tuned)"] = m[split]["protocols"]["tuned"]["knnlm_ppl"]
+                values["kNN-LM over LM + memory (paper)"] = m[split]["protocols"]["paper"]["knnlm_ppl"]
+            for stage, label in (("scratch", "distilled from scratch"), ("finetune", "base fine-tuned with KL")):
+                if (r := get(stage)) is not None:
+                    values[f"{label}: LM alone (no retrieval)"] = r[split]["lm_ppl"]
+                    values[f"{label}: kNN-LM (tuned)"] = r[split]["knnlm_ppl"]
+                    values[f"{label}: kNN-LM (paper)"] = r[split]["knnlm_ppl_paper"]
+            for label, v in values.items():
+                rows.setdefault(label, {}).setdefault(split, []).append((v, anchor))
+    table = {}
+    for label, by_split in rows.items():
+        table[label] = {}
+        for split, pairs in by_split.items():
+            mean, std, half, n = t_interval([v for v, _ in pairs])
+            dmean, dstd, dhalf, _ = t_interval([v - a for v, a in pairs])
+            table[label][split] = {"mean": mean, "std": std, "n": n, "vs_base_knnlm_tuned": {
+                "mean": dmean, "std": dstd, "ci95_half_width": dhalf, "relative": dmean / (sum(a for _, a in pairs) / n)}}
+    fmt = lambda x: "–" if math.isnan(x) else f"{x:.2f}"
+    md = []
+    for split in ("valid", "test"):
+        body = [[label, fmt(t[split]["mean"]), fmt(t[split]["std"]),
+                 f"{t[split]['vs_base_knnlm_tuned']['mean']:+.2f} ± {fmt(t[split]['vs_base_knnlm_tuned']['ci95_half_width'])}",
+                 f"{100 * t[split]['vs_base_knnlm_tuned']['relative']:+.1f} %", str(t[split]["n"])]
+                for label, t in table.items() if split in t]
+        md.append(markdown_table(f"Distillation, {split} perplexity", ["model", "mean", "std",
+                                 "Δ vs the same seed's base kNN-LM (tuned), ± 95 % t-interval", "relative", "n"], body))
+    costs = []
+    for name, rec in sorted(records.items()):
+        stage = name.split("_", 1)[1]
+        if stage == "targets":
+            costs.append([name, f"build {rec['seconds']:.0f} s", f"{rec['bytes'] / 2**20:.0f} MiB", "", ""])
+        elif stage == "memory":
+            v = rec["valid"]
+            costs.append([name, f"train {rec['train_seconds']:.0f} s", "", f"{v['tokens_per_s']['lm_memory']:.0f} (LM + memory)"
+                          f" vs {v['tokens_per_s']['knnlm']:.0f} (kNN-LM): "
+                          f"{v['tokens_per_s']['lm_memory'] / v['tokens_per_s']['knnlm']:.1f}×",
+                          f"{(v['inference_bytes']['lm'] + v['inference_bytes']['memory_model']) / 2**20:.0f} MiB vs "
+                          f"{(v['inference_bytes']['lm'] + v['inference_bytes']['datastore']) / 2**20:.0f} MiB"])
+        else:
+            costs.append([name, f"train {rec['train_seconds']:.0f} s", "", "", ""])
+    md.append(markdown_table("Costs", ["record", "time", "targets size", "valid tokens/s", "bytes at inference"],
+                             costs, note=f"device of each record: its `device` field; this table: {device()}"))
+    write_text(results / "distill.md", "\n".join(md))
+    write_json(results / "distill.json", {"table": table, "seeds": seeds})
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("study", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="where the run folders go")
+    p.add_argument("--results", type=Path, help="records and tables (default: results/distill_study)")
+    p.add_argument("--tables-only", action="store_true")
+    p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
+    a = p.parse_args(argv)
+    try:
+        study = load_study(a.study)
+        results = a.results or Path(__file__).resolve().parent.parent / "results" / "distill_study"
+        (results / "runs").mkdir(parents=True, exist_ok=True)
+        if not a.tables_only:
+            for seed in study["seeds"]:
+                for stage in [s for s in STAGES if s in a.stages]:
+                    record = results / "runs" / f"seed{seed}_{stage}.json"
+                    if record.is_file():
+                        continue
+                    t0 = time.time()
+                    rec = run_stage(study, a.out, seed, stage)
+                    write_json(record, {"seed": seed, "stage": stage, "device": device(), "wall_seconds": time.time() - t0,
+                                        **rec})
+                    print(f"recorded {record}", flush=True)
+        records = {f.stem: read_json(f) for f in sorted((results / "runs").glob("*.json"))}
+        if records:
+            tables(records, results)
+    except UserError as e:
+        print(f"distill_study: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

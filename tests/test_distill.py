@@ -1,0 +1,208 @@
+"""Distillation: training-set kNN targets against a float64 brute force, the KL term against numpy, a killed build
+continued to the same arrays, β = 0 as the LM loss exactly, and the memory model's interpolation by hand."""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import knnlm
+
+from knnlm.distill import Targets, kl_to_targets
+from knnlm.evaluate import mix, tuning_arrays
+from knnlm.knn import perplexity
+from knnlm.targets import neighbours_kept, sparse_knn_distribution
+
+slow = pytest.mark.slow
+
+
+def brute_force_targets(keys: np.ndarray, vals: np.ndarray, rows: np.ndarray, k: int, temperature: float,
+                        radius: int = 0) -> list[dict[int, float]]:
+    """p_kNN of each row by float64 brute force over every stored key, rows within `radius` of the query left out:
+    {word: probability} (ties in distance broken by row id)."""
+    keys = np.asarray(keys, dtype=np.float64)
+    out = []
+    for i in rows:
+        d = ((keys - keys[i]) ** 2).sum(1)
+        d[np.abs(np.arange(len(keys)) - i) <= radius] = np.inf
+        near = np.lexsort((np.arange(len(keys)), d))[:k]
+        w = np.exp(-(d[near] - d[near].min()) / temperature)
+        w /= w.sum()
+        p: dict[int, float] = {}
+        for word, weight in zip(vals[near], w):
+            p[int(word)] = p.get(int(word), 0.0) + weight
+        out.append(p)
+    return out
+
+
+def test_sparse_distribution_is_the_brute_force_knn_distribution():
+    rng = np.random.default_rng(0)
+    N, d, V, k, top, T = 400, 6, 12, 25, 5, 3.0
+    keys = rng.normal(size=(N, d)).astype(np.float32)
+    vals = rng.integers(0, V, N)
+    rows = np.arange(0, N, 7)
+    K = k + 1  # the query's own row is among the nearest: one more than k
+    d2 = ((keys[rows, None, :].astype(np.float64) - keys[None]) ** 2).sum(-1)
+    ids = np.argsort(d2, 1, kind="stable")[:, :K]
+    dist = np.take_along_axis(d2, ids, 1)
+    keep = neighbours_kept(ids, rows, 0, k)
+    assert (keep.sum(1) == k).all() and not (keep & (ids == rows[:, None])).any()  # self out, exactly k kept
+    words, probs, rest = sparse_knn_distribution(torch.from_numpy(dist), torch.from_numpy(vals[ids]),
+                                                 torch.from_numpy(keep), T, top)
+    for r, want in enumerate(brute_force_targets(keys, vals, rows, k, T)):
+        best = sorted(want.items(), key=lambda kv: -kv[1])[:top]
+        got = {int(w): float(p) for w, p in zip(words[r], probs[r]) if w >= 0}
+        assert sorted(got.values(), reverse=True) == pytest.approx([p for _, p in best], abs=1e-12)
+        for w, p in got.items():
+            assert p == pytest.approx(want[w], abs=1e-12)
+        assert float(rest[r]) == pytest.approx(1 - sum(got.values()), abs=1e-12)
+    # fewer distinct words than `top`: padded with −1 and probability 0, no rest
+    w1, p1, r1 = sparse_knn_distribution(torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[4, 4, 9]]),
+                                         torch.tensor([[True, True, True]]), 1.0, 5)
+    assert w1[0, :2].tolist() == [4, 9] and (w1[0, 2:] == -1).all() and (p1[0, 2:] == 0).all()
+    assert float(r1[0]) == pytest.approx(0, abs=1e-15)
+
+
+def test_window_exclusion_drops_every_row_around_the_query():
+    ids = np.array([[5, 4, 6, 9, 1, 12, 20]])
+    keep = neighbours_kept(ids, np.array([5]), radius=3, k=2)
+    assert keep.tolist() == [[False, False, False, True, True, False, False]]  # 9 and 1 (|Δ| > 3), then k reached
+
+
+def numpy_kl(logp: np.ndarray, words: np.ndarray, probs: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    """KL over the partition {top words, the rest}, row by row in float64."""
+    out = []
+    for lp, w, p, r in zip(logp.astype(np.float64), words, probs.astype(np.float64), rest.astype(np.float64)):
+        q = np.exp(lp)
+        top = [(int(a), b) for a, b in zip(w, p) if a >= 0]
+        kl = sum(b * math.log(b / q[a]) for a, b in top if b > 0)
+        q_rest = 1 - sum(q[a] for a, _ in top)
+        kl += r * math.log(r / q_rest) if r > 0 else 0.0
+        out.append(kl)
+    return np.array(out)
+
+
+def test_kl_term_equals_numpy_with_its_gradient():
+    rng = np.random.default_rng(1)
+    n, V, m = 5, 9, 3
+    logits = torch.tensor(rng.normal(size=(n, V)), dtype=torch.float64, requires_grad=True)
+    words = torch.tensor([[0, 3, 7], [2, -1, -1], [8, 1, 4], [5, 6, -1], [-1, -1, -1]])
+    probs = torch.tensor([[0.5, 0.2, 0.1], [0.9, 0, 0], [0.3, 0.3, 0.4], [0.6, 0.2, 0], [0, 0, 0]], dtype=torch.float64)
+    rest = 1 - probs.sum(1)
+    kl = kl_to_targets(torch.log_softmax(logits, 1), words, probs, rest)
+    want = numpy_kl(torch.log_softmax(logits, 1).detach().numpy(), words.numpy(), probs.numpy(), rest.numpy())
+    assert np.allclose(kl.detach().numpy(), want, atol=1e-6)
+    assert kl[-1].item() == pytest.approx(0, abs=1e-6)  # no top words, all mass in the rest: q(rest) = 1
+    kl.sum().backward()
+    eps, grad = 1e-6, np.zeros((n, V))
+    base = logits.detach().numpy()
+    for i in range(n):
+        for j in range(V):
+            plus, minus = base.copy(), base.copy()
+            plus[i, j] += eps
+            minus[i, j] -= eps
+            f = lambda z: numpy_kl(z - np.log(np.exp(z).sum(1, keepdims=True)), words.numpy(), probs.numpy(),
+                                   rest.numpy()).sum()
+            grad[i, j] = (f(plus) - f(minus)) / (2 * eps)
+    assert np.allclose(logits.grad.numpy(), grad, atol=1e-5)
+
+
+# ---- end to end on the tiny run -------------------------------------------------------------------------------
+
+def own_copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+TARGETS = ["distill.k=16", "distill.top=4", "distill.batch_size=20000"]
+
+
+@slow
+def test_targets_of_the_tiny_run_are_the_brute_force_and_a_killed_build_continues(tiny_run, tmp_path):
+    run = own_copy(tiny_run[0], tmp_path)
+    env_kill = {**os.environ, "KNNLM_KILL_AT": "targets:2"}
+    import subprocess
+    import sys
+    killed = subprocess.run([sys.executable, "-m", "knnlm.cli", "targets", "--out", str(run), *TARGETS],
+                            capture_output=True, text=True, env={**env_kill, "TQDM_DISABLE": "1"})
+    assert killed.returncode != 0 and not (run / "targets").exists()
+    progress = json.loads((run / ".targets.partial" / "progress.json").read_text())
+    assert progress["rows"] == 40000  # two batches were complete when it died
+    knnlm("targets", "--out", run, *TARGETS)  # continues from row 40,000
+    assert not (run / ".targets.partial").exists()
+    t = Targets(run / "targets")
+    meta = t.meta
+    valid = json.loads((run / "eval" / "valid" / "tuning.json").read_text())
+    assert meta["temperature"] == min((r for r in valid if r["k"] == 16), key=lambda r: r["ppl"])["temperature"]
+
+    fresh = own_copy(tiny_run[0], tmp_path / "fresh")
+    knnlm("targets", "--out", fresh, *TARGETS)
+    for name in ("words", "probs", "rest"):
+        assert np.array_equal(np.load(run / "targets" / f"{name}.npy"), np.load(fresh / "targets" / f"{name}.npy"))
+
+    keys, vals = np.load(run / "datastore" / "keys.npy"), np.load(run / "datastore" / "vals.npy")
+    rows = np.random.default_rng(0).choice(len(keys), 40, replace=False)
+    for row, want in zip(rows, brute_force_targets(keys, vals, rows, 16, meta["temperature"])):
+        got = {int(w): float(p) for w, p in zip(t.arrays["words"][row], t.arrays["probs"][row]) if w >= 0}
+        top = sorted(want.values(), reverse=True)[:4]
+        assert sorted(got.values(), reverse=True) == pytest.approx(top, abs=2e-6)
+        assert all(want[w] == pytest.approx(p, abs=2e-6) for w, p in got.items())
+        assert float(t.arrays["rest"][row]) == pytest.approx(1 - sum(got.values()), abs=2e-6)
+
+
+@slow
+def test_beta_zero_is_the_lm_loss_and_a_memory_model_mixes_as_by_hand(tiny_run, tmp_path):
+    base = own_copy(tiny_run[0], tmp_path)
+    knnlm("targets", "--out", base, *TARGETS)
+    short = ["train.epochs=0.2", "train.bf16=false", "train.threads=1"]
+    plain, zero = tmp_path / "plain", tmp_path / "zero"
+    knnlm("train", "--config", "configs/tiny.toml", "--out", plain, *short)
+    knnlm("train", "--config", "configs/tiny.toml", "--out", zero, *short,
+          f"train.distil_targets={base / 'targets'}", "train.beta=0")
+    a = sorted((plain / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+    b = sorted((zero / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+    wa, wb = safetensors.torch.load_file(str(a)), safetensors.torch.load_file(str(b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)  # β = 0: the same weights, bitwise
+
+    # a memory model: started from the base, KL + CE; then the pair evaluated and checked by hand
+    mem = tmp_path / "mem"
+    knnlm("train", "--config", "configs/tiny.toml", "--out", mem, *short, f"train.distil_targets={base / 'targets'}",
+          "train.beta=0.5", "train.ce_weight=0.5", f"train.init_from={base}")
+    rows = [json.loads(line) for line in (mem / "metrics.jsonl").read_text().splitlines()]
+    assert any("kl_loss" in r and r["kl_loss"] > 0 for r in rows)
+    summary = json.loads(knnlm("evaluate", "--out", base, "--memory", mem).stdout)
+    targets, lm, dists, nvals = tuning_arrays(base, "valid")
+    mem_lp = np.load(mem / "memory_eval" / "valid" / "lm_logprobs.npy").astype(np.float64)
+    mu = summary["memory_lambda"]
+    by_hand = np.log(mu * np.exp(mem_lp) + (1 - mu) * np.exp(lm.astype(np.float64)))
+    assert summary["lm_memory_ppl"] == pytest.approx(math.exp(-by_hand.mean()), rel=1e-9)
+    assert summary["lm_memory_ppl"] == pytest.approx(perplexity(mix(lm, mem_lp, mu)), rel=1e-12)
+    assert summary["lm_memory_ppl"] <= summary["lm_ppl"] + 1e-9  # μ = 0 is in the grid
+    grid = {r["lambda"]: r["ppl"] for r in summary["memory_lambda_grid"]}
+    assert grid[mu] == min(grid.values())
+
+    # the API with the memory model and no retrieval gives the same per-token mix
+    import knnlm as api
+
+    text = (base.parent / "text.txt")
+    text.write_text("the game was released in the united states\n")
+    lm_api = api.load(base, memory=mem, lmbda=0.0)
+    scored = lm_api.score(text.read_text())
+    plain_api = api.load(base, lmbda=0.0)
+    alone = plain_api.score(text.read_text())
+    from knnlm.checkpoint import load_model
+    from knnlm.data import token_stream
+    from knnlm.scoring import score_stream
+
+    model, _, _ = load_model(mem)
+    s = token_stream(plain_api.encode(text.read_text()), plain_api.eos_id)
+    mem_tok = torch.cat([lp for _, _, lp in score_stream(model, s, plain_api.stride, 16, plain_api.bf16,
+                                                         want_keys=False)]).numpy().astype(np.float64)
+    want = np.log(mu * np.exp(mem_tok) + (1 - mu) * np.exp(alone.lm))
+    assert np.allclose(scored.logprobs, want, atol=1e-9)
+    test = json.loads(knnlm("evaluate", "--out", base, "--memory", mem, "--split", "test").stdout)
+    assert test["memory_lambda"] == mu and test["split"] == "test"
