@@ -88,7 +88,7 @@ class KNNLM:
         self.k, self.temperature, self.lmbda = self._settings(protocol, k, temperature, lmbda)
         if self.k > len(self.datastore):
             raise UserError(f"k: {self.k} is more than the datastore's {len(self.datastore)} keys")
-        self.searcher = searcher_for(self.datastore, self.cfg)
+        self.searcher = searcher_for(self.datastore, self.cfg, k=self.k)
         self._vocabulary(ckpt_meta)
 
     def _settings(self, protocol: str, k, temperature, lmbda) -> tuple[int, float, float]:

@@ -37,7 +37,7 @@ from .config import Config, from_dict
 from .data import token_stream, split_ids
 from .datastore import Datastore, stride_of
 from .distributed import barrier, broadcast_array, default_device, setup_distributed
-from .knn import (EXACT, CountingSearch, ShardedSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexities,
+from .knn import (EXACT, CountingSearch, ShardedSearch, choose_exact_search, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexities,
                   perplexity, resolve_index, search_all)
 from .models import corpus_for
 from .scoring import score_stream
@@ -105,12 +105,15 @@ def load_search(folder: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def searcher_for(ds: Datastore, cfg: Config, sharded: bool = False):
+def searcher_for(ds: Datastore, cfg: Config, sharded: bool = False, k: int | None = None):
     """The search backend `cfg.eval` asks for over a datastore (an index is loaded from, or saved to, its folder).
-    `sharded`: under `torchrun`, each rank searches its share of the store with that (exact) backend."""
+    `sharded`: under `torchrun`, each rank searches its share of the store with that (exact) backend. `k`: the
+    neighbours it will be asked for (default `eval.k_max`), at which `auto` times its candidates."""
     e = cfg.eval
     if sharded:
         return ShardedSearch(ds.keys, lambda rows: make_searcher(rows, resolve_index(e.index)))
+    if e.index.strip() == "auto":  # the fastest exact search on this store, by a probe remembered beside it
+        return choose_exact_search(ds.keys, k or e.k_max, ds.folder, ds.meta["model_sha256"])
     return make_searcher(ds.keys, resolve_index(e.index), e.nprobe, ds.folder, ds.meta["model_sha256"],
                          rerank_factor=e.rerank_factor if e.rerank else 0)
 

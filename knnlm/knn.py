@@ -12,9 +12,12 @@ Search backends, one interface (`search(queries, k) -> (distances, ids)`, square
   approximate indexes are re-ranked with exact distances read from the stored keys, as kNN-LM found helpful.
 - `ShardedSearch`: under `torchrun`, an exact search over a store split across the ranks (each rank holds and
   searches its share; the exact global k nearest are merged with a collective): a store larger than one GPU.
-- `auto` (the default): `bf16-exact` on a GPU; on a CPU with a C++ compiler, `amx-exact` where it has AMX, else
-  `avx512-exact` where it has AVX-512 BF16, else `avx2-exact` where that was measured faster than FAISS `Flat`
-  (`fastsearch.best_kernel`); else FAISS `Flat`.
+- `auto` (the default): over a datastore, the fastest of the exact searches this machine has on those keys at that
+  k, chosen by a timed probe and remembered beside the datastore with its reason (`choose_exact_search`): on a CPU
+  the first compiled kernel's pruned search (projected onto its default number of principal directions, and onto as
+  many as hold 90 % of the keys' variance), its margin search and FAISS `Flat`; on a GPU `bf16-exact` and
+  `bf16-pruned`. Without a datastore folder (`resolve_index`): `bf16-exact` on a GPU; on a CPU `amx-exact`, else
+  `avx512-exact`, else `avx2-exact` where it was measured faster than FAISS `Flat` on synthetic keys; else `Flat`.
 
 p_kNN: with d the squared distance, p_kNN(w) = Σ_{neighbours with value w} softmax(−d / temperature).
 Only the target's probability is computed, O(N·k), never a vector over the vocabulary.
@@ -33,8 +36,8 @@ from tqdm import tqdm
 
 from .artifacts import UserError, atomic_dir, read_json, write_json
 from .distributed import collective_device, default_device, rank_and_world
-from .fastsearch import (KERNELS, CpuExactSearch, available, best_kernel, centering_vector, cpu_flags,
-                         principal_directions, project_dims)
+from .fastsearch import (KERNELS, CpuExactSearch, available, best_kernel, centering_vector, cpu_flags, first_kernel,
+                         principal_directions, project_dims, variance_dims)
 
 CPU_EXACT = {k.index: k.name for k in KERNELS.values()}  # "avx512-exact" -> the "avx512" kernel
 EXACT = ("Flat", "bf16-exact", "bf16-pruned", *CPU_EXACT)  # searches whose neighbours and distances are the exact ones
@@ -398,6 +401,75 @@ def make_searcher(keys: np.ndarray, index: str, nprobe: int = 32, ds_folder: Pat
         built = load_or_build_index(ds_folder, keys, name, model_sha256)
         return FaissSearch(keys, name, nprobe=nprobe, index=built, rerank_factor=rerank_factor)
     return FaissSearch(keys, name, nprobe=nprobe, rerank_factor=rerank_factor)
+
+
+def auto_candidates(keys: np.ndarray) -> dict[str, object]:
+    """The exact searches `auto` chooses among on this machine, by name, each as a function that builds it: on a GPU
+    the margin and pruned PyTorch searches; on a CPU the first compiled kernel's pruned search (projected onto its
+    default number of principal directions, and onto as many as hold 90 % of the keys' variance), its margin search,
+    and FAISS Flat."""
+    if default_device().type == "cuda":
+        return {"bf16-exact": lambda: TorchExactSearch(keys), "bf16-pruned": lambda: TorchPrunedSearch(keys)}
+    out: dict[str, object] = {}
+    kernel = first_kernel()
+    if kernel is not None:
+        index = KERNELS[kernel].index
+        for m in sorted({project_dims(keys.shape[1]), variance_dims(keys)[0]}):
+            out[f"{index}, pruned, m = {m}"] = lambda m=m: CpuExactSearch(keys, kernel, prune=True, dims=m)
+        out[f"{index}, margin"] = lambda: CpuExactSearch(keys, kernel, prune=False)
+    out["Flat"] = lambda: FaissSearch(keys, "Flat")
+    return out
+
+
+def probe_rate(searcher, queries: np.ndarray, k: int) -> float:
+    """Queries per second of one search of `queries` (after a short warm-up)."""
+    searcher.search(queries[: min(16, len(queries))], k)
+    t = time.perf_counter()
+    searcher.search(queries, k)
+    return len(queries) / max(time.perf_counter() - t, 1e-9)
+
+
+def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, model_sha256: str = "",
+                        queries: int = 256, measure=probe_rate):
+    """`eval.index = "auto"`: the fastest exact search on these keys at this k, chosen by a timed probe and
+    remembered in `folder/auto_search.json` (beside the datastore) with the reason, e.g. "avx2-exact, pruned,
+    m = 64: 1,180 q/s; margin 640; Flat 130 (64 directions hold 88 % of the variance)".
+
+    Every candidate (`auto_candidates`) is built on the whole store and times one search of `queries` stored keys
+    (evenly spaced: held-out text's queries look like them) at k; FAISS Flat is among them, so `auto` is never slower
+    than Flat on the store it serves, up to the probe's noise. A record made for other keys, k, CPU or thread count
+    is measured again."""
+    from .fastsearch import cpu_name  # the machine's name, for the record
+
+    k = min(k, len(keys))
+    candidates = auto_candidates(keys)
+    m_var, held = variance_dims(keys)
+    identity = {"N": int(len(keys)), "d": int(keys.shape[1]), "model_sha256": model_sha256, "k": int(k),
+                "candidates": sorted(candidates), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+                "device": default_device().type}
+    record = None if folder is None else Path(folder) / "auto_search.json"
+    if record is not None and record.is_file():
+        saved = read_json(record, "auto search choice")
+        if isinstance(saved, dict) and saved.get("identity") == identity and saved.get("choice") in candidates:
+            return candidates[saved["choice"]]()
+    step = max(1, len(keys) // queries)
+    probe = np.asarray(keys[::step][:queries], dtype=np.float32)
+    rates, best, best_searcher = {}, None, None
+    for name, build in candidates.items():
+        searcher = build()
+        rates[name] = measure(searcher, probe, k)
+        if best is None or rates[name] > rates[best]:
+            best, best_searcher = name, searcher
+        del searcher
+    others = "; ".join(f"{n} {r:,.0f}" for n, r in rates.items() if n != best)
+    reason = (f"{best}: {rates[best]:,.0f} q/s; {others} (probe of {len(probe)} stored keys at k = {k}; "
+              f"{m_var} principal directions hold {100 * held:.0f} % of the variance)")
+    if record is not None:
+        try:
+            write_json(record, {"identity": identity, "choice": best, "queries_per_s": rates, "reason": reason})
+        except OSError:
+            pass  # a read-only datastore: the choice is made again next time
+    return best_searcher
 
 
 def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:

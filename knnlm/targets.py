@@ -122,7 +122,7 @@ def build_targets(run: str | Path, cfg: Config, progress: bool = True) -> Path:
         write_json(partial / "progress.json", {"inputs": inputs, "rows": 0, "seconds": 0.0})
     out = {name: np.load(partial / f"{name}.npy", mmap_mode="r+") for name in ARRAYS}
 
-    searcher = searcher_for(ds, cfg)
+    searcher = searcher_for(ds, cfg, k=K)
     seconds = read_json(partial / "progress.json", "targets progress").get("seconds", 0.0)
     bar = tqdm(total=N, initial=done, desc="targets", unit="q", unit_scale=True, disable=not progress,
                dynamic_ncols=True)

@@ -422,3 +422,46 @@ def test_query_batches_are_sized_to_free_memory():
     assert knn.query_rows(gpu, 65536, free=80 * 10**9) == 16384
     assert knn.query_rows(gpu, 65536, free=4 * 10**9) == 896  # 953 rounded down to a multiple of 64
     assert knn.query_rows(gpu, 65536, free=10**6) == 64  # a GPU nearly full: the smallest batch, still progress
+
+
+def test_variance_dims_follow_a_planted_spectrum():
+    rng = np.random.default_rng(3)
+    scale = np.array([10.0] * 8 + [1.0] * 56)  # 8 directions of variance 100, 56 of variance 1: 800 of 856
+    rotation, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    keys = ((rng.standard_normal((20000, 64)) * scale) @ rotation.T + 3).astype(np.float16)
+    m, held = fastsearch.variance_dims(keys, share=0.9)
+    assert m == 16 and held == pytest.approx(808 / 856, abs=0.01)  # 8 needed, rounded up to a multiple of 16
+    assert fastsearch.variance_dims(keys, share=0.99)[0] == 64  # the flat part: nearly every direction
+    flat = rng.standard_normal((20000, 64)).astype(np.float16)  # isotropic: 90 % needs ≈ 58 of 64
+    assert fastsearch.variance_dims(flat, share=0.9)[0] == 64
+
+
+def test_auto_takes_the_fastest_probe_and_remembers_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rng = np.random.default_rng(4)
+    keys = rng.standard_normal((3000, 32)).astype(np.float16)
+    names = list(knn.auto_candidates(keys))
+    assert "Flat" in names  # never slower than FAISS Flat: it is always a candidate
+    for fastest in names:
+        rates = {n: (900.0 if n == fastest else 100.0 + i) for i, n in enumerate(names)}
+        measured = []
+
+        def measure(searcher, queries, k, rates=rates, measured=measured):  # candidates are timed in their order
+            name = names[len(measured) % len(names)]
+            measured.append(name)
+            return rates[name]
+
+        folder = tmp_path / fastest.replace(" ", "_").replace(",", "")
+        folder.mkdir()
+        chosen = knn.choose_exact_search(keys, 10, folder, "sha", measure=measure)
+        assert sorted(measured) == sorted(names)  # every candidate timed once
+        record = knn.read_json(folder / "auto_search.json")
+        assert record["choice"] == fastest and record["reason"].startswith(f"{fastest}: 900 q/s")
+        d, i = chosen.search(np.asarray(keys[:5], dtype=np.float32), 10)
+        assert_exact_neighbours(keys, np.asarray(keys[:5], dtype=np.float32), d, i, 10)
+        # remembered: a second call measures nothing; another k measures again
+        again = knn.choose_exact_search(keys, 10, folder, "sha", measure=lambda *a: pytest.fail("measured again"))
+        assert again.describe() == chosen.describe()
+        measured.clear()
+        knn.choose_exact_search(keys, 20, folder, "sha", measure=measure)
+        assert sorted(measured) == sorted(names)
