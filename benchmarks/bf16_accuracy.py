@@ -2,7 +2,7 @@
 
     python benchmarks/bf16_accuracy.py --run runs/wt2 [--tokens 30000]
 
-Writes results/benchmarks/bf16_accuracy.{json,md}: valid perplexity with and without autocast, its relative
+Writes results/benchmarks/<machine>/bf16_accuracy.{json,md}: valid perplexity with and without autocast, its relative
 difference, the keys' relative error and the neighbour overlap they would give, and the time of each pass.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import default_out
 from knnlm.artifacts import write_json
 from knnlm.checkpoint import load_model
 from knnlm.data import token_stream
@@ -28,7 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="runs/wt2")
     p.add_argument("--tokens", type=int, default=30000)
-    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
     args = p.parse_args()
 
     model, cfg, _ = load_model(args.run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -10,12 +11,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knnlm.artifacts import atomic_path, cpu_name, write_json
+from knnlm.artifacts import atomic_path, cpu_name, cpuinfo_fields, write_json
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
 
 
 def machine() -> dict:
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def machine_folder(fields: dict[str, str] | None = None, gpu: str | None = None) -> str:
+    """The folder of results/benchmarks/ that holds this machine's figures: the GPU (e.g. nvidia-h200), else the CPU
+    by vendor and core generation where its family and model say it (amd-epyc-zen3/4/5, intel-xeon-amx), else the
+    CPU's name with its family and model (a virtual machine may name the CPU no better than "AMD EPYC")."""
+    if gpu is None and fields is None and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+    if gpu:
+        return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    fields = cpuinfo_fields() if fields is None else fields
+    name, flags = fields.get("model name", "cpu"), set(fields.get("flags", "").split())
+    family, model = int(fields.get("cpu family", -1)), int(fields.get("model", -1))
+    if "AMD" in name:
+        # family 25 (Zen 3 and Zen 4): Zen 4 at models 0x10-0x1f, 0x60-0x7f, 0xa0-0xaf; family 26: Zen 5
+        zen = {26: "zen5"}.get(family) or ("zen4" if family == 25 and (0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F
+                                                                          or 0xA0 <= model <= 0xAF) else
+                                           "zen3" if family == 25 else None)
+        if zen:
+            return f"amd-epyc-{zen}" if "EPYC" in name else f"amd-{zen}"
+    if "Intel" in name and "amx_tile" in flags:
+        return "intel-xeon-amx" if "Xeon" in name else "intel-amx"
+    return re.sub(r"[^a-z0-9]+", "-", f"{name} family {family} model {model}".lower()).strip("-")
+
+
+def default_out() -> str:
+    """Where a benchmark writes by default: this machine's folder under results/benchmarks/."""
+    return str(RESULTS / machine_folder())
 
 
 def brute_force(keys: np.ndarray, queries: np.ndarray, k: int, device: str | torch.device = "cpu",

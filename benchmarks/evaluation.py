@@ -11,7 +11,7 @@ settings of --config (as `knnlm run --config` uses them; the run's own config.js
 4. tuning from the saved neighbours: a 100-setting grid of (λ, k, temperature) and the full default grid, with the
    number of searches they cause (must be 0); and the λ part of the default grid side by side, one interpolation
    per λ against `perplexities` (all λ of a (k, temperature) at once), with the largest relative difference.
-Writes results/benchmarks/evaluation.{json,md}.
+Writes results/benchmarks/<machine>/evaluation.{json,md}.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_results
+from common import default_out, write_results
 from knnlm import knn
 from knnlm.checkpoint import load_model
 from knnlm.config import apply_overrides, load_config
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--config", default="configs/wikitext-2.toml")
     p.add_argument("--split", default="valid")
     p.add_argument("--index", default="auto")
-    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
     a = p.parse_args()
     run = Path(a.run).resolve()
     knnlm_cmd = [sys.executable, "-m", "knnlm.cli"]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import bf16_matmul_tflops, brute_force, write_results
+from common import default_out, bf16_matmul_tflops, brute_force, write_results
 from knnlm.config import load_config
 from knnlm.data import epoch_order, num_train_blocks, token_stream, train_batch
 from knnlm.datastore import Datastore
@@ -115,7 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/wikitext-2.toml")
     p.add_argument("--run", help="a fresh run folder (default: a temporary one, removed afterwards)")
-    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
     p.add_argument("--name", default="gpu", help="writes OUT/NAME.json and OUT/NAME.md")
     p.add_argument("--search-queries", type=int, default=20000)
     p.add_argument("--recall-queries", type=int, default=256)

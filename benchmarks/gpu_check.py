@@ -1,6 +1,6 @@
 """A short check of the GPU code paths against references, and the exact search's rate on a WikiText-2-sized store.
 
-    python benchmarks/gpu_check.py [--out results/benchmarks/gpu_check.json] [--n 2088628] [--queries 20000]
+    python benchmarks/gpu_check.py [--out results/benchmarks/<gpu>/gpu_check.json] [--n 2088628] [--queries 20000]
 
 1. `TorchExactSearch` on the device (store resident there) against a float64 brute force: ids and distances;
 2. `knn_logprob_grid` on the device against the same on the CPU;
@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import default_out
 from knnlm.artifacts import write_json
 from knnlm.knn import TorchExactSearch, knn_logprob_grid
 from knnlm.artifacts import cpu_name
@@ -29,7 +31,7 @@ def lm_like(rng, n, d):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="results/benchmarks/gpu_check.json")
+    p.add_argument("--out", default=None, help="default: results/benchmarks/<this GPU>/gpu_check.json")
     p.add_argument("--n", type=int, default=2088628)
     p.add_argument("--queries", type=int, default=20000)
     a = p.parse_args()
@@ -76,7 +78,7 @@ def main() -> None:
     except ImportError:
         report["faiss_flat_cpu_queries_per_s_k1024"] = None
     print(json.dumps(report, indent=2))
-    write_json(a.out, report)
+    write_json(a.out or Path(default_out()) / "gpu_check.json", report)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Builds `IVF{nlist},PQ64` over n synthetic clustered fp16 keys (memory-mapped, filled in chunks), and measures:
 training time, add time per key, search time per query at nprobe=32 for k=1024, exact re-ranking time per query,
-and recall@64 against exact search. Writes results/benchmarks/index_costs.{json,md}.
+and recall@64 against exact search. Writes results/benchmarks/<machine>/index_costs.{json,md}.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import default_out
 from knnlm.artifacts import write_json
 from knnlm.knn import FaissSearch
 
@@ -27,7 +28,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=1024)
     p.add_argument("--nlist", type=int, default=1024)
     p.add_argument("--queries", type=int, default=500)
-    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
     a = p.parse_args()
 
     rng = np.random.default_rng(0)

@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 import torch
 
-from common import bf16_matmul_tflops, brute_force, machine, write_results
+from common import default_out, bf16_matmul_tflops, brute_force, machine, write_results
 from knnlm.artifacts import atomic_path
 from knnlm.fastsearch import (KERNELS, CpuExactSearch, available, available_memory, cpu_flags, cpu_has_amx,
                               lm_like_keys)
@@ -208,7 +208,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timing rounds per backend and k; the best one is kept")
     p.add_argument("--scale", type=int, default=5, help="with --run: also a store this many times larger")
     p.add_argument("--approx", default="IVF1024,PQ32", help="with --run: an approximate index on the real store")
-    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
     p.add_argument("--plot-only", action="store_true", help="redraw search.png from search.json")
     a = p.parse_args()
     if a.plot_only:

@@ -9,7 +9,7 @@ Both train on the same WikiText-2 batches (batch_size x context tokens per step)
 Model FLOPs per step are counted by `torch.utils.flop_counter` over one forward + backward (the matrix products
 actually executed, so the adaptive softmax is credited only for the bands it computes); utilization is against the
 machine's measured bf16 (and fp32) matrix-product rate. Then the same knnlm step with each training objective
-(`--regularizers`) against ω = 0: what each costs per step. Writes results/benchmarks/training.{json,md}.
+(`--regularizers`) against ω = 0: what each costs per step. Writes results/benchmarks/<machine>/training.{json,md}.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import bf16_matmul_tflops, write_results
+from common import default_out, bf16_matmul_tflops, write_results
 from knnlm.config import load_config
 from knnlm.data import epoch_order, num_train_blocks, token_stream, train_batch
 from knnlm.lm import autocast
@@ -100,7 +100,7 @@ def main() -> None:
     p.add_argument("--omega", type=float, default=1e-4)
     p.add_argument("--regularizers", default="l2,moco,knn,pull-ratio,knn-memory",
                    help="comma-separated train.regularizer values timed against ω = 0 (empty: none)")
-    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
     a = p.parse_args()
     cfg = load_config(a.config, [f"train.omega={a.omega}"])
     corpus = corpus_for(cfg)

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .artifacts import UserError, atomic_dir, read_json, write_json
+from .artifacts import UserError, atomic_dir, cpu_name, read_json, write_json
 from .distributed import collective_device, default_device, rank_and_world
 from .fastsearch import (KERNELS, CpuExactSearch, available, best_kernel, centering_vector, cpu_flags, first_kernel,
                          principal_directions, project_dims, variance_dims)
@@ -439,8 +439,6 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
     (evenly spaced: held-out text's queries look like them) at k; FAISS Flat is among them, so `auto` is never slower
     than Flat on the store it serves, up to the probe's noise. A record made for other keys, k, CPU or thread count
     is measured again."""
-    from .fastsearch import cpu_name  # the machine's name, for the record
-
     k = min(k, len(keys))
     candidates = auto_candidates(keys)
     m_var, held = variance_dims(keys)

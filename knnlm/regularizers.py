@@ -289,16 +289,18 @@ class PullRatioRegularizer(nn.Module):
         pass
 
 
+# the one registry of regularizers: name -> builder(cfg, model, vocab_size, d, block); config.REGULARIZERS names the
+# same keys (config imports no model code; tests/test_structure.py checks that the two agree)
+REGISTRY = {
+    "l2": lambda cfg, model, V, d, block: L2Regularizer(),
+    "moco": lambda cfg, model, V, d, block: MocoRegularizer(model, V, d, cfg.queue_len, cfg.momentum),
+    "zero-queue": lambda cfg, model, V, d, block: ZeroQueueRegularizer(V, d),
+    "knn": lambda cfg, model, V, d, block: KnnDistributionRegularizer(block),
+    "pull-ratio": lambda cfg, model, V, d, block: PullRatioRegularizer(block),
+    "knn-memory": lambda cfg, model, V, d, block: KnnMemoryRegularizer(block, d, cfg.knn_memory, cfg.knn_stride),
+}
+
+
 def make_regularizer(cfg: TrainConfig, model: nn.Module, vocab_size: int, d: int, block: int = 0) -> nn.Module:
     """The regularizer `cfg.regularizer` names; `block` is the training block length (in-batch memories)."""
-    if cfg.regularizer == "knn":
-        return KnnDistributionRegularizer(block)
-    if cfg.regularizer == "knn-memory":
-        return KnnMemoryRegularizer(block, d, cfg.knn_memory, cfg.knn_stride)
-    if cfg.regularizer == "pull-ratio":
-        return PullRatioRegularizer(block)
-    if cfg.regularizer == "moco":
-        return MocoRegularizer(model, vocab_size, d, cfg.queue_len, cfg.momentum)
-    if cfg.regularizer == "zero-queue":
-        return ZeroQueueRegularizer(vocab_size, d)
-    return L2Regularizer()
+    return REGISTRY[cfg.regularizer](cfg, model, vocab_size, d, block)

@@ -369,7 +369,9 @@ def write_tables(records: list[dict], results: Path, study: Study) -> dict:
     if diffs:
         write_text(results / "paired.md", paired_markdown(diffs))
         write_json(results / "paired.json", {f"{o:g}": v for o, v in diffs.items()})
-    plot_omega_curve(table, results / "figure1.png", f"L2 key regularizer, {study.title}: valid perplexity against ω")
+    several = len(table) > 1  # a figure against ω needs more than one ω (a study of other objectives has only ω = 0)
+    if several:
+        plot_omega_curve(table, results / "figure1.png", f"L2 key regularizer, {study.title}: valid perplexity against ω")
     # how each ω's kNN-LM improves with k, under each protocol (records made before a curve was kept lack it)
     panels = {}
     for field_, label in (("valid_knnlm_ppl_by_k", "tuned: temperature and λ tuned at each k"),
@@ -382,11 +384,11 @@ def write_tables(records: list[dict], results: Path, study: Study) -> dict:
                 curves[f"{omega:g}"] = {k: _mean_std([r[str(k)] for r in rs]) for k in ks}
         if curves:
             panels[label] = curves
-    if panels:
+    if panels and several:
         plot_ppl_by_k(panels, results / "ppl_by_k.png", f"L2 key regularizer, {study.title}: kNN-LM perplexity against k")
     points = [(r["key_sq_norm_mean"], r["temperature"], r["omega"]) for r in records
               if r["regularizer"] == "l2" and "key_sq_norm_mean" in r]
-    if len(points) >= 2:
+    if len(points) >= 2 and len({p[2] for p in points}) > 1:  # a fit through one ω says nothing
         x, y = np.log10([p[0] for p in points]), np.log10([p[1] for p in points])
         slope, intercept = np.polyfit(x, y, 1) if len(set(x)) > 1 else (float("nan"), float("nan"))
         fit = {"slope": float(slope), "intercept": float(intercept), "models": len(points),

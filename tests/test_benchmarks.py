@@ -26,3 +26,20 @@ def test_gpu_benchmark_runs_on_a_cpu_and_checks_its_search_against_brute_force(t
     assert record["datastore"]["tokens_per_s"] > 0 and record["train"]["flops_per_token"] > 0
     assert set(record["stage_seconds"]) == {"train", "datastore", "evaluate_valid"}
     assert "Device: **CPU**" in (out / "gpu.md").read_text()
+
+
+def test_each_machine_has_its_own_results_folder():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from common import RESULTS, machine_folder
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    amd = lambda family, model: {"model name": "AMD EPYC", "cpu family": str(family), "model": str(model), "flags": ""}
+    assert [machine_folder(amd(25, 1)), machine_folder(amd(25, 17)), machine_folder(amd(26, 2))] == \
+        ["amd-epyc-zen3", "amd-epyc-zen4", "amd-epyc-zen5"]
+    assert machine_folder({"model name": "Intel(R) Xeon(R) Platinum", "cpu family": "6", "model": "143",
+                           "flags": "avx2 amx_tile amx_bf16"}) == "intel-xeon-amx"
+    assert machine_folder(gpu="NVIDIA H200") == "nvidia-h200"
+    assert machine_folder({"model name": "Neoverse-N1", "cpu family": "8", "model": "1"}) == "neoverse-n1-family-8-model-1"
+    # results/benchmarks holds one folder per machine and no loose figures
+    assert all(p.is_dir() for p in RESULTS.iterdir()), sorted(p.name for p in RESULTS.iterdir() if not p.is_dir())

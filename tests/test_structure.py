@@ -142,8 +142,16 @@ def test_the_option_names_in_config_are_the_ones_the_code_implements():
 
     from knnlm.config import KEY_SITES, REGULARIZERS, ModelConfig, TrainConfig
     from knnlm.model import TransformerLM
-    from knnlm.regularizers import make_regularizer
+    from knnlm.cli import main
+    from knnlm.regularizers import REGISTRY, make_regularizer
 
+    assert tuple(REGISTRY) == REGULARIZERS  # the config's names-only tuple is the registry's keys, in order
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as help_text, contextlib.suppress(SystemExit):
+        main(["train", "--help"])
+    assert all(name in help_text.getvalue() for name in REGULARIZERS)  # the CLI's choices come from the same names
     for site in KEY_SITES:
         model = TransformerLM(ModelConfig(d_model=8, n_layers=1, n_heads=2, d_ff=16, context=4, cutoffs=[4], key_site=site), 8)
         assert model(torch.zeros(1, 4, dtype=torch.long)).key.shape == (1, 4, 8)
