@@ -76,18 +76,16 @@ def check_targets_for(targets: Targets, vocab_hash: str, n_train: int) -> None:
                         f"vocabulary; this run trains on {n_train} tokens (train.distil_targets)")
 
 
-def kl_to_targets(logp: torch.Tensor, words: torch.Tensor, probs: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-    """KL(p_kNN || q) per position over the partition {top words, the rest}: logp (n, V) log q, words (n, m) with −1
-    padding, probs (n, m), rest (n,) -> (n,) fp32 (see the module docstring)."""
-    logp = logp.float()
+def kl_to_targets(log_q: torch.Tensor, words: torch.Tensor, probs: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """KL(p_kNN || q) per position over the partition {top words, the rest}: log_q (n, m) the model's log-probability
+    of each of the row's top words (any value where the word is −1 padding), words (n, m), probs (n, m), rest (n,)
+    -> (n,) fp32 (see the module docstring). q(rest) = 1 − Σ_top q, summed in float64 so that a nearly full top
+    keeps its digits; clamped at 1e-12 (then the top holds all but a rounding error of the model's mass)."""
     valid = words >= 0
-    idx = words.clamp_min(0)
-    log_q = logp.gather(1, idx)  # (n, m)
-    taken = torch.zeros_like(logp, dtype=torch.bool)
-    rows = torch.arange(len(words), device=words.device)[:, None].expand_as(words)
-    taken[rows[valid], idx[valid]] = True
-    log_q_rest = torch.logsumexp(logp.masked_fill(taken, -math.inf), 1)  # log(1 − Σ_top q), without cancellation
+    log_q = log_q.float().masked_fill(~valid, 0.0)
+    q_top = (log_q.double().exp() * valid).sum(1)  # (n,)
+    log_q_rest = torch.log1p(-q_top).clamp_min(math.log(1e-12)).float()
     p, r = probs.float() * valid, rest.float()
-    top_part = (torch.xlogy(p, p) - p * log_q.masked_fill(~valid, 0.0)).sum(1)
+    top_part = (torch.xlogy(p, p) - p * log_q).sum(1)
     rest_part = torch.xlogy(r, r) - torch.where(r > 0, r * log_q_rest, torch.zeros_like(r))
     return top_part + rest_part

@@ -110,6 +110,9 @@ class HFCausalLM(nn.Module):
     def full_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, V) fp32
         return F.log_softmax(self.hf.get_output_embeddings()(hidden).float(), dim=-1)
 
+    def word_logprobs(self, hidden: torch.Tensor, words: torch.Tensor) -> torch.Tensor:  # (N, d), (N, m) -> (N, m)
+        return self.full_logprobs(hidden).gather(1, words)  # a full softmax: its normalizer needs every logit anyway
+
     def key_module(self):
         return None  # the key is not a plain LayerNorm output we can inspect generically
 

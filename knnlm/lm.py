@@ -44,6 +44,10 @@ class LanguageModel(Protocol):
     def full_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, V) fp32
         ...
 
+    def word_logprobs(self, hidden: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """log p(w | hidden) of m given words per row: (N, d), (N, m) ids in [0, V) -> (N, m) fp32."""
+        ...
+
     def key_module(self) -> nn.LayerNorm | None:
         """The layer norm whose output is the key (what an L2 penalty can shrink), or None if there is none."""
         ...

@@ -100,6 +100,23 @@ class AdaptiveSoftmax(nn.Module):
             out[rows] = head[rows, edges[1] + i - 1] + band.gather(1, (target[rows] - edges[i]).unsqueeze(1)).squeeze(1)
         return out
 
+    def word_logprobs(self, h: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """log p(w | h) of m given words per row: (N, d), (N, m) ids in [0, V) -> (N, m) fp32. Each tail band's
+        normalizer is one logsumexp over its logits; only the given words' logits are kept, so no (N, V) array of
+        log-probabilities is built or back-propagated (the distillation loss, `knnlm.distill`)."""
+        edges = self.emb.edges
+        head = self.head_logprobs(h)  # (N, n_0 + tails)
+        band = torch.bucketize(words, torch.tensor(edges[1:-1], device=words.device), right=True)  # (N, m)
+        out = head.gather(1, torch.where(band == 0, words, torch.zeros_like(words)))
+        for i in range(1, len(edges) - 1):
+            lo, hi = edges[i], edges[i + 1]
+            z = h @ self.emb.projections[i].weight  # (N, dim_i)
+            lse = torch.logsumexp((z @ self.emb.embeddings[i].weight.t()).float(), dim=-1)  # (N,)
+            e = self.emb.embeddings[i].weight[(words - lo).clamp(0, hi - lo - 1)]  # (N, m, dim_i)
+            logit = (z.unsqueeze(1) * e).sum(-1).float()  # (N, m)
+            out = torch.where(band == i, head[:, edges[1] + i - 1 : edges[1] + i] + logit - lse[:, None], out)
+        return out
+
     def full_logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """log p(w | h) for every word: (N, d) -> (N, V) fp32 (analysis and tests; training never needs it)."""
         edges = self.emb.edges
@@ -201,6 +218,9 @@ class TransformerLM(nn.Module):
 
     def full_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, V) fp32
         return self.softmax.full_logprobs(hidden)
+
+    def word_logprobs(self, hidden: torch.Tensor, words: torch.Tensor) -> torch.Tensor:  # (N, d), (N, m) -> (N, m)
+        return self.softmax.word_logprobs(hidden, words)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -86,8 +86,9 @@ class Objective(nn.Module):
         kl_loss = torch.zeros((), device=lm_loss.device)
         if self.targets is not None:
             words, probs, rest = (x.to(lm_loss.device) for x in self.targets.batch(rows))  # (B·T, m), (B·T, m), (B·T,)
-            logp = self.model.full_logprobs(out.hidden.reshape(-1, out.hidden.shape[-1]))  # (B·T, V) fp32
-            kl_loss = kl_to_targets(logp, words, probs, rest).mean()
+            hidden = out.hidden.reshape(-1, out.hidden.shape[-1])  # (B·T, d)
+            log_q = self.model.word_logprobs(hidden, words.clamp_min(0))  # (B·T, m): no (B·T, V) array
+            kl_loss = kl_to_targets(log_q, words, probs, rest).mean()
         return lm_loss, reg_loss, kl_loss
 
 

@@ -83,3 +83,19 @@ def test_bf16_autocast_only_where_the_cpu_multiplies_bf16(monkeypatch, flags, na
         assert lm.native_bf16("cpu") is True
     finally:
         lm.native_bf16.cache_clear()
+
+
+def test_word_logprobs_are_the_full_distributions_entries():
+    from knnlm.config import ModelConfig
+    from knnlm.model import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, context=8, cutoffs=[10, 30]), 50)
+    h = torch.randn(6, 16, requires_grad=True)
+    words = torch.tensor([[0, 9, 10, 29, 30, 49]] * 3 + [[5, 5, 12, 40, 1, 2]] * 3)  # every band and its edges
+    got = model.word_logprobs(h, words)
+    want = model.full_logprobs(h).gather(1, words)
+    assert torch.allclose(got, want, atol=1e-5)
+    g1, = torch.autograd.grad(got.sum(), h)
+    g2, = torch.autograd.grad(want.sum(), h)
+    assert torch.allclose(g1, g2, atol=1e-5)
