@@ -362,3 +362,102 @@ def test_reserve_allocates_the_whole_file(tmp_path):
     np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(4096, 64)).flush()
     reserve(path, "a test array")
     assert os.stat(path).st_blocks * 512 >= 4096 * 64 * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing lost, round three (issue 32)
+
+def test_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path, capsys):
+    """`ln -s FILE RUN/.lock` used to truncate FILE (and a dangling link created its target)."""
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("precious")
+    (run / ".lock").symlink_to(victim)
+    line = refused(capsys, "train", "--config", TINY, "--out", run)
+    assert line == f"knnlm: error: {run / '.lock'}: is a symbolic link; expected the run's own lock file (remove the link)"
+    assert victim.read_text() == "precious"
+    (run / ".lock").unlink()
+    (run / ".lock").symlink_to(tmp_path / "created")  # dangling
+    assert ".lock: is a symbolic link" in refused(capsys, "train", "--config", TINY, "--out", run)
+    assert not (tmp_path / "created").exists() and (run / ".lock").is_symlink()
+
+
+def test_lock_that_is_a_hard_link_or_a_folder_is_refused(tmp_path):
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("precious")
+    os.link(victim, run / ".lock")
+    with pytest.raises(UserError, match=r"\.lock: is a hard link to another file"):
+        with writing_into(run):
+            pass
+    assert victim.read_text() == "precious"
+    (run / ".lock").unlink()
+    (run / ".lock").mkdir()
+    with pytest.raises(UserError, match=r"\.lock: is a folder"):
+        with writing_into(run):
+            pass
+
+
+def test_lock_that_cannot_be_opened_still_keeps_a_second_writer_out(tmp_path, monkeypatch):
+    """Another user's `.lock` (EACCES for read-write) used to be skipped: two writers ran at once. flock needs no
+    write permission, so the file is locked read-only; a lock file that cannot be opened at all stops the writer."""
+    run = tmp_path / "run"
+    run.mkdir()
+    real_open = os.open
+    refuse = {"flags": os.O_RDWR}
+
+    def open_as_another_user(path, flags, *args):
+        if str(path).endswith(".lock") and flags & refuse["flags"] == refuse["flags"]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    with writing_into(run):  # the other user's command holds the lock
+        monkeypatch.setattr(os, "open", open_as_another_user)
+        with pytest.raises(UserError, match="is in use by process"):
+            with writing_into(run):
+                pass
+        refuse["flags"] = 0  # not even readable
+        with pytest.raises(UserError, match=r"\.lock: the run's lock cannot be taken \(Permission denied\)"):
+            with writing_into(run):
+                pass
+        monkeypatch.setattr(os, "open", real_open)
+    (run / ".lock").unlink()  # a folder where the lock cannot even be created cannot be written
+    monkeypatch.setattr(os, "open", open_as_another_user)
+    with pytest.raises(UserError, match="folder cannot be written"):
+        with writing_into(run):
+            pass
+    with writing_into(run, read_only=True):  # ...which a command that writes nothing does not mind
+        pass
+
+
+@pytest.mark.parametrize("entry", ["eval", "datastore", "checkpoints", "config.json", "eval/valid"])
+def test_run_entries_that_are_symlinks_are_refused(entry, tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (run / entry).parent.mkdir(parents=True, exist_ok=True)
+    elsewhere.mkdir()
+    (elsewhere / "valid").mkdir()
+    (elsewhere / "valid" / "summary.json").write_text("{}")
+    (run / entry).symlink_to(elsewhere)
+    before = snapshot(elsewhere)
+    with pytest.raises(UserError, match=f"{run / entry}: is a symbolic link"):
+        with writing_into(run):
+            pass
+    assert snapshot(elsewhere) == before
+
+
+def test_atomic_dir_never_replaces_a_link_and_clears_linked_leftovers(tmp_path):
+    from knnlm.artifacts import atomic_dir
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("keep")
+    (tmp_path / "ds").symlink_to(elsewhere)
+    with pytest.raises(UserError, match="ds: is a symbolic link"):
+        with atomic_dir(tmp_path / "ds"):
+            pass
+    (tmp_path / "ds").unlink()
+    (tmp_path / ".ds.old").symlink_to(elsewhere)  # what the old code left behind: rmtree refused it
+    with atomic_dir(tmp_path / "ds") as tmp:
+        (tmp / "new").write_text("new")
+    assert (tmp_path / "ds" / "new").read_text() == "new" and not (tmp_path / ".ds.old").exists()
+    assert snapshot(elsewhere) == {"keep": file_sha256(elsewhere / "keep")}
