@@ -78,7 +78,7 @@ class TrainConfig:
     momentum: float = 0.99  # (moco)
     knn_memory: int = 12288  # keys of earlier steps kept as memories (knn-memory)
     knn_stride: int = 4  # the loss at every stride-th position of a batch (knn-memory)
-    bf16: bool = True  # bf16 autocast on CPU/GPU matrix products
+    bf16: bool = True  # bf16 autocast of matrix products where the device has bf16 hardware (knnlm.lm.native_bf16)
     eval_tokens: int = 0  # valid tokens for the per-epoch perplexity (0 = whole split)
     checkpoint_every: int = 500  # steps
     log_every: int = 50  # optimizer steps between lines of metrics.jsonl

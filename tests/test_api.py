@@ -14,6 +14,7 @@ from knnlm.api import sample
 from knnlm.data import default_data_dir
 from knnlm.datastore import Datastore
 from knnlm.evaluate import _search_is_cached
+from knnlm.lm import autocast
 from knnlm.knn import interpolate
 
 TEXT = ("the game was released in japan in 2010 .\n"
@@ -76,7 +77,7 @@ def test_next_token_distribution_is_the_brute_force_knnlm(run):
     # independent kNN part: float64 distances to every stored key, the k nearest, softmax(−d/T) summed per token
     ids = lm.encode(context, close_last_line=False)
     s = torch.from_numpy(np.concatenate([[lm.eos_id], ids]).astype(np.int64))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=lm.bf16):
+    with torch.no_grad(), autocast("cpu", lm.bf16):  # as the model is run: bf16 where the CPU has it
         out = lm.model(s[None])
         lm_logp = lm.model.full_logprobs(out.hidden[0, -1:]).float()[0].double()
     q = out.key[0, -1].to(torch.float16).double().numpy()

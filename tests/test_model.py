@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn as nn
 
@@ -59,3 +60,26 @@ def test_other_key_sites():
             assert torch.equal(out.key, out.hidden)
         else:
             assert out.key.shape == (1, 16, 32) and not torch.equal(out.key, out.hidden)
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse avx avx2 fma f16c", False),  # AMD Zen 3: emulated bf16
+                                           ("avx2 avx512f avx512_bf16", True),  # Zen 4 / 5
+                                           ("avx2 avx512f amx_bf16 amx_tile", True)])  # Intel Sapphire Rapids
+def test_bf16_autocast_only_where_the_cpu_multiplies_bf16(monkeypatch, flags, native):
+    import knnlm.lm as lm
+
+    monkeypatch.delenv("KNNLM_BF16", raising=False)
+    monkeypatch.setattr(lm, "cpuinfo_fields", lambda: {"flags": flags})
+    lm.native_bf16.cache_clear()
+    try:
+        assert lm.native_bf16("cpu") is native and lm.native_bf16("cuda") is True
+        with lm.autocast("cpu", True):
+            y = torch.ones(4, 4) @ torch.ones(4, 4)
+        assert y.dtype == (torch.bfloat16 if native else torch.float32)
+        with lm.autocast("cpu", False):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+        monkeypatch.setenv("KNNLM_BF16", "force")
+        lm.native_bf16.cache_clear()
+        assert lm.native_bf16("cpu") is True
+    finally:
+        lm.native_bf16.cache_clear()
