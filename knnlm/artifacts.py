@@ -98,14 +98,14 @@ def reserve(path: str | Path, what: str) -> None:
         os.close(fd)
 
 
-def _nan_at(obj: Any, where: str = "") -> str | None:
+def nan_at(obj: Any, where: str = "") -> str | None:
     """Where the first NaN of a JSON-able object sits (e.g. `protocols.tuned.knnlm_ppl`), or None."""
     if isinstance(obj, float):
         return (where or "the top level") if obj != obj else None
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for key, value in items:
         here = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
-        if found := _nan_at(value, here):
+        if found := nan_at(value, here):
             return found
     return None
 
@@ -125,7 +125,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write a JSON file atomically. NaN is refused: it is not JSON, and in this project it only ever means that a
     computation went wrong. (±inf is written as Python's json does: a tuning grid's λ = 1 rows are legitimately
     infinite where no neighbour carries the target.)"""
-    if where := _nan_at(obj):
+    if where := nan_at(obj):
         raise UserError(f"{path}: refusing to write NaN (at {where}); a value that was computed is not a number")
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

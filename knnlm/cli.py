@@ -66,15 +66,19 @@ def cmd_train(args) -> None:
 
 def cmd_datastore(args) -> None:
     from .datastore import build_datastore
+    from .pipeline import check_writable_folders
 
     cfg = _config_for_run(args, args.overrides)
     with writing_into(args.out, create=False):
+        if Path(args.out).is_dir():
+            check_writable_folders(Path(args.out))
         folder = build_datastore(args.out, cfg)
     print(folder)
 
 
 def cmd_evaluate(args) -> None:
     from .evaluate import check_lambda, evaluate
+    from .pipeline import check_writable_folders
 
     cfg = _config_for_run(args, args.overrides)
     if args.lmbda is not None:
@@ -89,7 +93,10 @@ def cmd_evaluate(args) -> None:
         cfg.eval.temperature = [args.temperature]
     fixed = {key: v for key, v in (("k", args.k), ("lambda", args.lmbda), ("temperature", args.temperature))
              if v is not None}  # a what-if: never overwrites the run's tuned choice or its summaries
-    with writing_into(args.out, create=False):  # a what-if evaluation may still save a new search
+    # a what-if evaluation reads the saved search and writes nothing, so it also runs where nobody can write
+    with writing_into(args.out, create=False, read_only=bool(fixed)):
+        if not fixed and Path(args.out).is_dir():
+            check_writable_folders(Path(args.out), "eval")  # a read-only run fails now, not after the search
         summary = evaluate(args.out, cfg, args.split, save=not fixed, fixed=fixed)
     if summary is not None:  # None: a rank other than 0 under torchrun
         print(json.dumps(summary, indent=2))

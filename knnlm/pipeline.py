@@ -28,6 +28,14 @@ def check_writable(out: Path) -> None:
         raise UserError(f"--out {out}: folder cannot be written ({e.strerror})") from None
 
 
+def check_writable_folders(run: Path, *subfolders: str) -> None:
+    """The run folder, and those of `subfolders` that exist, can be written (else a one-line UserError now)."""
+    check_writable(run)
+    for sub in subfolders:
+        if (run / sub).is_dir():
+            check_writable(run / sub)
+
+
 def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict | None:
     """Train (or resume), build the datastore, evaluate valid (and test if asked); skip finished steps. The run
     folder is locked throughout (`knnlm run` and each run of a sweep)."""

@@ -461,3 +461,114 @@ def test_atomic_dir_never_replaces_a_link_and_clears_linked_leftovers(tmp_path):
         (tmp / "new").write_text("new")
     assert (tmp_path / "ds" / "new").read_text() == "new" and not (tmp_path / ".ds.old").exists()
     assert snapshot(elsewhere) == {"keep": file_sha256(elsewhere / "keep")}
+
+
+def test_symlinked_eval_folder_is_refused_through_the_command_line(tmp_path, capsys):
+    """`RUN/eval` → an outside folder: `knnlm evaluate` used to replace the outside `valid/`."""
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (elsewhere / "valid").mkdir(parents=True)
+    (elsewhere / "valid" / "summary.json").write_text('{"mine": 1}')
+    run.mkdir()
+    (run / "eval").symlink_to(elsewhere)
+    before = snapshot(elsewhere)
+    line = refused(capsys, "evaluate", "--config", TINY, "--out", run)
+    assert f"{run / 'eval'}: is a symbolic link (to {elsewhere})" in line
+    assert snapshot(elsewhere) == before
+
+
+@slow
+def test_what_if_that_needs_a_new_search_is_refused_and_the_results_stay(run, capsys):
+    """`--k` above the run's eval.k_max used to search again and replace eval/valid: summary.json, tuning.json and
+    knn_logprobs.npy were gone. A what-if reads the saved search and writes nothing."""
+    before = snapshot(run)
+    line = refused(capsys, "evaluate", "--out", run, "--k", "128", "--lmbda", "0.25")
+    assert f"{run / 'eval' / 'valid'} stores 16 neighbours per token, this what-if needs 128; raise eval.k_max" in line
+    assert "without --k/--lmbda/--temperature" in line
+    assert snapshot(run) == before and {"summary.json", "tuning.json", "knn_logprobs.npy"} <= set(
+        p.name for p in (run / "eval" / "valid").iterdir())
+    # no saved test search: refused too (it used to search test, and to tune and save valid on the what-if's grid)
+    assert "holds no saved search" in refused(capsys, "evaluate", "--out", run, "--split", "test", "--k", "4")
+    assert snapshot(run) == before
+    assert main(["evaluate", "--out", str(run), "--k", "8", "--lmbda", "0.25"]) == 0  # a stored k: answered
+    assert json.loads(capsys.readouterr().out)["k"] == 8 and snapshot(run) == before
+
+
+@pytest.fixture(scope="module")
+def tested_run(micro_run, tmp_path_factory):
+    """A copy of the micro run with test evaluated too."""
+    copy = tmp_path_factory.mktemp("tested") / "run"
+    shutil.copytree(micro_run, copy)
+    knnlm("evaluate", "--out", copy, "--split", "test")
+    return copy
+
+
+@slow
+@pytest.mark.parametrize("field,value,expect", [
+    ("temperature", -1, "protocols.tuned.temperature: expected a finite number > 0, found -1"),
+    ("temperature", 0, "protocols.tuned.temperature: expected a finite number > 0, found 0"),
+    ("lambda", 2, "protocols.tuned.lambda: expected a number in [0, 1], found 2"),
+    ("k", "abc", "protocols.tuned.k: expected an integer in [1, 16]"),
+    ("k", None, "protocols.tuned.k: expected an integer in [1, 16]"),
+    ("k", 2.7, "protocols.tuned.k: expected an integer in [1, 16]"),
+    ("k", 17, "protocols.tuned.k: expected an integer in [1, 16]"),
+])
+def test_hand_edited_valid_choice_is_refused_on_test(field, value, expect, tested_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tested_run, run)
+    (run / "eval" / "test" / "knn_logprobs.npy").unlink()  # a failed evaluation must not write it
+    edit_json(run / "eval" / "valid" / "summary.json", lambda s: s["protocols"]["tuned"].update({field: value}))
+    before = snapshot(run)
+    line = refused(capsys, "evaluate", "--out", run, "--split", "test")
+    assert line.startswith(f"knnlm: error: {run / 'eval' / 'valid' / 'summary.json'}: ") and expect in line, line
+    assert snapshot(run) == before
+
+
+EDITS = st.one_of(  # (file, path of keys, value): one hand edit of a summary or an evaluation meta
+    st.tuples(st.just("eval/valid/summary.json"),
+              st.tuples(st.just("protocols"), st.sampled_from(["tuned", "paper"]),
+                        st.sampled_from(["k", "temperature", "lambda"])), JSON_VALUES),
+    st.tuples(st.just("eval/valid/summary.json"), st.tuples(st.sampled_from(["protocols", "split"])), JSON_VALUES),
+    st.tuples(st.just("eval/test/meta.json"),
+              st.tuples(st.sampled_from(["k_max", "tokens", "inputs", "index", "model_sha256", "datastore_size",
+                                         "rerank", "sha256", "seconds", "words"])), JSON_VALUES),
+)
+
+
+@slow
+@settings(max_examples=40, deadline=None)
+@given(edit=EDITS)
+def test_any_hand_edit_of_a_summary_or_meta_is_used_or_refused_in_one_line(edit, tested_run):
+    """`evaluate --split test` after any one edit of valid's summary.json or test's meta.json: it either succeeds with
+    choices inside their ranges, or is refused with one line naming the edited file, changing nothing."""
+    import contextlib
+    import io
+    import math
+    import tempfile
+    from pathlib import Path
+
+    name, keys, value = edit
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(tested_run, run)
+
+        def change(record):
+            for key in keys[:-1]:
+                record = record[key]
+            record[keys[-1]] = value
+
+        edit_json(run / name, change)
+        before = snapshot(run)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["evaluate", "--out", str(run), "--split", "test"])
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("knnlm:")]
+        if code == 0:
+            summary = json.loads(out.getvalue())
+            stored = np.load(run / "eval" / "test" / "neighbors.npy").shape[1]
+            for p in summary["protocols"].values():
+                assert isinstance(p["k"], int) and 1 <= p["k"] <= stored
+                assert 0 < p["temperature"] < math.inf and 0 <= p["lambda"] <= 1
+            assert math.isfinite(summary["knnlm_ppl"])
+        else:
+            assert code == 2 and len(lines) == 1 and str(run / name) in lines[0], (code, err.getvalue())
+            assert "Traceback" not in err.getvalue() and snapshot(run) == before
