@@ -572,3 +572,15 @@ def test_any_hand_edit_of_a_summary_or_meta_is_used_or_refused_in_one_line(edit,
         else:
             assert code == 2 and len(lines) == 1 and str(run / name) in lines[0], (code, err.getvalue())
             assert "Traceback" not in err.getvalue() and snapshot(run) == before
+
+
+@slow
+def test_deleted_config_json_does_not_bypass_the_changed_training_guard(run, capsys):
+    """The checkpoint's meta.json holds the config it was trained with: it answers when config.json is gone."""
+    (run / "config.json").unlink()
+    before = snapshot(run)
+    line = refused(capsys, "run", "--config", TINY, "--out", run, *MICRO, "model.dropout=0.1")
+    recorded = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("meta.json").read_text())
+    assert f"model.dropout: {recorded['config']['model']['dropout']!r} → 0.1" in line and "meta.json records" in line
+    assert snapshot(run) == before
+    assert main(["run", "--config", str(TINY), "--out", str(run), *MICRO]) == 0  # its own settings: reused
