@@ -201,6 +201,8 @@ def cmd_verify(args) -> None:
     """Check every digest the run's meta.json files record: each checkpoint's weights, the datastore's keys and
     values, each evaluation's arrays. Reads every file in full (keys.npy: minutes for WikiText-103)."""
     from .checkpoint import checkpoint_dirs
+    from .datastore import Datastore
+    from .evaluate import load_search
 
     out = Path(args.out)
     if not out.is_dir():
@@ -212,6 +214,8 @@ def cmd_verify(args) -> None:
     evaluations = sorted((out / "eval").glob("*")) if (out / "eval").is_dir() else []
     for folder in [out / "datastore", *evaluations]:
         if (folder / "meta.json").is_file():  # incomplete or pruned folders are no artifact (readers refuse them)
+            # the arrays' shapes against meta.json first, as their readers check them (N, tokens, k_max)
+            Datastore(folder) if folder == out / "datastore" else load_search(folder)
             names = verify_digests(folder, read_meta(folder, folder.name))
             checked += len(names)
             if not names:

@@ -264,7 +264,7 @@ def test_shuffled_vals_are_refused_on_load(run, capsys):
 
 @slow
 def test_datastore_without_digests_loads_as_before(run, capsys):
-    edit_json(run / "datastore" / "meta.json", lambda m: m.pop("sha256"))  # as the datastores of knnlm < 0.2
+    edit_json(run / "datastore" / "meta.json", lambda m: (m.pop("sha256"), m.pop("format")))  # as knnlm < 0.2's
     assert main(["evaluate", "--out", str(run), "eval.k=4"]) == 0
     capsys.readouterr()
     assert main(["verify", "--out", str(run)]) == 0
@@ -584,3 +584,68 @@ def test_deleted_config_json_does_not_bypass_the_changed_training_guard(run, cap
     assert f"model.dropout: {recorded['config']['model']['dropout']!r} → 0.1" in line and "meta.json records" in line
     assert snapshot(run) == before
     assert main(["run", "--config", str(TINY), "--out", str(run), *MICRO]) == 0  # its own settings: reused
+
+
+SAVE_ONE_MODEL = """
+import sys, torch
+from knnlm.checkpoint import save_checkpoint
+from knnlm.config import load_config
+from knnlm.models import build_model
+cfg = load_config(sys.argv[2], ["model.d_model=32", "model.d_ff=64", "model.cutoffs=20,100"])
+torch.manual_seed(0)
+model = build_model(cfg.model, 300)
+opt = torch.optim.AdamW(model.parameters())
+print(save_checkpoint(sys.argv[1], 1, model, opt, torch.nn.Module(), {}, cfg, "v"))
+"""
+
+
+def test_model_digest_depends_on_the_weights_only(tmp_path):
+    """One model saved by processes with different PYTHONHASHSEEDs used to give one digest each: the tied weights'
+    metadata came out in another order every time."""
+    from knnlm.checkpoint import load_model
+
+    digests = set()
+    for seed in ("0", "1", "2"):
+        run = tmp_path / f"run{seed}"
+        subprocess.run([sys.executable, "-c", SAVE_ONE_MODEL, str(run), str(TINY)], check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        ckpt = run / "checkpoints" / "step_00000001"
+        meta = json.loads((ckpt / "meta.json").read_text())
+        assert meta["model_sha256"] == file_sha256(ckpt / "model.safetensors")
+        digests.add(meta["model_sha256"])
+    assert len(digests) == 1
+    import torch
+    from knnlm.models import build_model
+
+    model, cfg, _ = load_model(tmp_path / "run0")  # the file still loads into the model, tied weights and all
+    torch.manual_seed(0)
+    reference = build_model(cfg.model, 300).state_dict()
+    assert reference.keys() == model.state_dict().keys()
+    assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
+
+
+@slow
+def test_datastore_meta_without_digests_is_refused_unless_it_is_of_the_old_format(run, capsys):
+    """Deleting `sha256` from meta.json used to turn the vals check off; datastores now record `"format": 2`."""
+    assert json.loads((run / "datastore" / "meta.json").read_text())["format"] == 2
+    edit_json(run / "datastore" / "meta.json", lambda m: m.pop("sha256"))
+    before = snapshot(run)
+    line = refused(capsys, "evaluate", "--out", run)
+    assert str(run / "datastore" / "meta.json") in line and "no sha256 digest of keys.npy and vals.npy" in line
+    assert "no sha256 digest" in refused(capsys, "verify", "--out", run)
+    assert snapshot(run) == before
+    edit_json(run / "datastore" / "meta.json", lambda m: m.update(format=3, sha256={}))
+    assert "'format' should be 2" in refused(capsys, "verify", "--out", run)
+
+
+@slow
+@pytest.mark.parametrize("folder,change,expect", [
+    ("datastore", lambda m: m.update(N=m["N"] - 1), "keys.npy: expected float16 keys of shape"),
+    ("eval/valid", lambda m: m.update(tokens=m["tokens"] + 1), "disagrees with meta.json"),
+    ("eval/valid", lambda m: m.update(k_max=8), "disagrees with meta.json"),
+])
+def test_verify_checks_the_arrays_shapes_against_meta(folder, change, expect, run, capsys):
+    """`verify` used to say OK when meta.json's N disagreed with the arrays (the digests still matched)."""
+    edit_json(run / folder / "meta.json", change)
+    line = refused(capsys, "verify", "--out", run)
+    assert str(run / folder) in line and expect in line
