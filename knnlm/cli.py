@@ -180,6 +180,10 @@ def cmd_score(args) -> None:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the text file to score ({e.strerror})") from None
+    if not text:
+        raise UserError(f"{path}: the file is empty; expected UTF-8 text to score")
     scored = _load_run(args).score(text)
     if args.tokens:
         print("token\tlm\tknn\tknnlm")

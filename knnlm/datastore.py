@@ -139,6 +139,13 @@ class Datastore:
     def __len__(self) -> int:
         return self.meta["N"]
 
+    def check_vals(self, vocab_size: int) -> None:
+        """Every value is a token id of a vocabulary of `vocab_size` (a digest only says the file is as written)."""
+        if len(self.vals) and (int(self.vals.min()) < 0 or int(self.vals.max()) >= vocab_size):
+            bad = int(self.vals.min()) if int(self.vals.min()) < 0 else int(self.vals.max())
+            raise UserError(f"{self.folder / 'vals.npy'}: token id {bad} is outside the model's vocabulary "
+                            f"[0, {vocab_size}) (the datastore is damaged or from another corpus)")
+
     def check_model(self, ckpt_meta: dict) -> None:
         """Refuse a datastore made by another model: its keys live in another space."""
         if self.meta["model_sha256"] != ckpt_meta["model_sha256"]:

@@ -297,7 +297,7 @@ def _shown(x) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def valid_choices(path: Path, stored: int) -> dict[str, dict]:
+def valid_choices(path: Path, stored: int, bound: str = "the neighbours stored for this split") -> dict[str, dict]:
     """Each protocol's (k, temperature, λ) as valid's summary.json recorded them, checked like config options: k an
     integer in [1, stored neighbours], temperature finite > 0, λ in [0, 1]; a hand-edited value is refused."""
     summary = read_json(path, "valid summary")
@@ -311,8 +311,8 @@ def valid_choices(path: Path, stored: int) -> dict[str, dict]:
             raise UserError(f"{path}: 'protocols.{p}' should be a JSON object, found {_shown(c)}")
         k, tau, lmbda = c.get("k"), _number(c.get("temperature")), _number(c.get("lambda"))
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= stored:
-            raise UserError(f"{path}: protocols.{p}.k: expected an integer in [1, {stored}] (the neighbours stored "
-                            f"for this split), found {_shown(c.get('k'))}")
+            raise UserError(f"{path}: protocols.{p}.k: expected an integer in [1, {stored}] ({bound}), "
+                            f"found {_shown(c.get('k'))}")
         if tau is None or tau <= 0:
             raise UserError(f"{path}: protocols.{p}.temperature: expected a finite number > 0, "
                             f"found {_shown(c.get('temperature'))}")

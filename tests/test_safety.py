@@ -649,3 +649,42 @@ def test_verify_checks_the_arrays_shapes_against_meta(folder, change, expect, ru
     edit_json(run / folder / "meta.json", change)
     line = refused(capsys, "verify", "--out", run)
     assert str(run / folder) in line and expect in line
+
+
+@slow
+def test_score_and_generate_refuse_bad_input_in_one_line(run, tmp_path, capsys):
+    """Each of these used to end in a traceback (or exit 1, or score an empty file as one token)."""
+    text = tmp_path / "text.txt"
+    text.write_text("the cat\n")
+    assert "expected a seed in [0, 2^64)" in refused(capsys, "generate", "--out", run, "--seed", 10**23)
+    assert "finite sampling temperature" in refused(capsys, "generate", "--out", run, "--lmbda", "1",
+                                                     "--sample-temperature", "inf")
+    assert f"{tmp_path / 'gone.txt'}: cannot read" in refused(capsys, "score", "--out", run, tmp_path / "gone.txt")
+    assert f"{tmp_path}: cannot read" in refused(capsys, "score", "--out", run, tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    assert "empty.txt: the file is empty" in refused(capsys, "score", "--out", run, tmp_path / "empty.txt")
+    summary = run / "eval" / "valid" / "summary.json"
+    kept = summary.read_text()
+    edit_json(summary, lambda s: s["protocols"]["tuned"].update(k="abc"))
+    line = refused(capsys, "score", "--out", run, text)
+    assert str(summary) in line and "protocols.tuned.k: expected an integer" in line
+    summary.write_text(kept)
+    # a token id beyond the vocabulary, with the digest recomputed: the digest cannot catch it, the range check does
+    vals_path = run / "datastore" / "vals.npy"
+    vals = np.load(vals_path)
+    vals[7] = 10**6
+    np.save(vals_path, vals)
+    edit_json(run / "datastore" / "meta.json", lambda m: m["sha256"].update({"vals.npy": file_sha256(vals_path)}))
+    line = refused(capsys, "generate", "--out", run, "--max-tokens", "2")
+    assert str(vals_path) in line and "token id 1000000 is outside the model's vocabulary" in line
+
+
+@slow
+def test_a_tiny_sampling_temperature_samples_the_most_likely_token(run, capsys):
+    """--sample-temperature 1e-310 divided the log-probabilities into −inf everywhere (a NaN softmax); sampling at a
+    temperature that small is greedy decoding."""
+    assert main(["generate", "--out", str(run), "--prompt", "the", "--max-tokens", "5", "--greedy"]) == 0
+    greedy = capsys.readouterr().out
+    assert main(["generate", "--out", str(run), "--prompt", "the", "--max-tokens", "5", "--seed", "3",
+                 "--sample-temperature", "1e-310"]) == 0
+    assert capsys.readouterr().out == greedy
