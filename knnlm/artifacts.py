@@ -363,6 +363,8 @@ def kill_point(stage: str, count: int) -> None:
     itself when `stage` reaches `count`: "train" after optimizer step `count` (logged, its checkpoint not yet
     written), "datastore" after the `count`-th batch of windows is written, "evaluate" after the `count`-th batch
     of windows is scored, "sweep" after the `count`-th run of this invocation is recorded, "analyze" after the
-    `count`-th record file is written. Unset, it does nothing."""
-    if os.environ.get("KNNLM_KILL_AT") == f"{stage}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    `count`-th record file is written. `<stage>:<count>:TERM` sends SIGTERM instead (a scheduler's stop, which is
+    handled). Unset, it does nothing."""
+    at = os.environ.get("KNNLM_KILL_AT", "")
+    if at in (f"{stage}:{count}", f"{stage}:{count}:TERM"):
+        os.kill(os.getpid(), signal.SIGTERM if at.endswith(":TERM") else signal.SIGKILL)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -239,7 +240,35 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), handled as Ctrl-C is: the temporary files and folders of the step
+    under way are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(args, e: KeyboardInterrupt) -> int:
+    again = ("rerun it with --resume to continue" if args.command == "train" and not args.resume
+             else "rerun the same command to continue")
+    print(f"knnlm: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; {again}", file=sys.stderr)
+    return 143 if isinstance(e, Terminated) else 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:  # only the main thread may set a handler (a caller running main in another thread keeps its own)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="knnlm", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -346,9 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"knnlm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("knnlm: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(args, e)
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"knnlm: error: {where}{e.strerror or e}", file=sys.stderr)

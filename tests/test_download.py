@@ -239,3 +239,19 @@ def test_no_archive_writes_outside_the_destination_and_good_ones_unpack(members)
             assert not ok  # no wikitext-2/ folder in it
         else:
             assert not ok and not any(out.iterdir())  # refused before anything was written
+
+
+def test_sigterm_while_unpacking_leaves_no_partial_archive(server, tmp_path, capsys, monkeypatch):
+    """SIGTERM used to end `knnlm data` on the spot, leaving `.wikitext-2.*.zip.part` beside the destination."""
+    import signal
+    import time
+
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr(download, "unpack", terminated)
+    (tmp_path / "out").mkdir()
+    proc = knnlm_data(capsys, "wikitext-2", "--dest", tmp_path / "out" / "wikitext-2", "--url", server.url)
+    assert proc.returncode == 143 and proc.stderr.strip().splitlines()[-1].startswith("knnlm: terminated;")
+    assert list((tmp_path / "out").iterdir()) == []

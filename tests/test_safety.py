@@ -688,3 +688,77 @@ def test_a_tiny_sampling_temperature_samples_the_most_likely_token(run, capsys):
     assert main(["generate", "--out", str(run), "--prompt", "the", "--max-tokens", "5", "--seed", "3",
                  "--sample-temperature", "1e-310"]) == 0
     assert capsys.readouterr().out == greedy
+
+
+@slow
+def test_sigterm_is_handled_like_ctrl_c_and_leaves_no_temporary_folder(run):
+    """A SIGTERM (a scheduler's stop) used to kill the datastore build outright, leaving `.datastore.tmp`."""
+    before = snapshot(run / "datastore")
+    env = {**os.environ, "TQDM_DISABLE": "1", "KNNLM_KILL_AT": "datastore:1:TERM"}
+    proc = subprocess.run([sys.executable, "-m", "knnlm.cli", "datastore", "--out", str(run)], capture_output=True,
+                          text=True, cwd=REPO, env=env)
+    lines = [line[line.index("knnlm:"):] for line in proc.stderr.splitlines() if "knnlm:" in line]  # after a bar
+    assert proc.returncode == 143 and lines == ["knnlm: terminated; rerun the same command to continue"], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run / ".datastore.tmp").exists() and snapshot(run / "datastore") == before
+    assert (run / ".lock").read_text() == ""  # released
+
+
+@slow
+def test_interrupted_training_says_to_rerun_with_resume(tmp_path, monkeypatch, capsys):
+    """`knnlm train` refuses to rerun into a run that holds a checkpoint without --resume: the message says so."""
+    import knnlm.train
+
+    lr_at = knnlm.train.lr_at
+
+    def stop_at_step_3(step, total, cfg):
+        if step == 3:
+            raise KeyboardInterrupt
+        return lr_at(step, total, cfg)
+
+    monkeypatch.setattr(knnlm.train, "lr_at", stop_at_step_3)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), "--out", str(out), *MICRO, "train.checkpoint_every=2"]) == 130
+    err = capsys.readouterr().err
+    assert [line[line.index("knnlm:"):] for line in err.splitlines() if "knnlm:" in line] == \
+        ["knnlm: interrupted; rerun it with --resume to continue"], err  # (after a progress bar)
+    monkeypatch.undo()
+    assert main(["train", "--config", str(TINY), "--out", str(out), "--resume", *MICRO,
+                 "train.checkpoint_every=2"]) == 0
+
+
+@slow
+def test_k_max_larger_than_the_training_split_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    line = refused(capsys, "run", "--config", TINY, "--out", out, "data.max_train_tokens=4")
+    assert line == ("knnlm: error: eval.k_max: 64 is larger than the datastore will be (4 keys, one per training "
+                    "token); expected at most 4")
+    assert not out.exists()
+
+
+@slow
+def test_read_only_run_is_refused_before_the_search(run, capsys, monkeypatch):
+    """A run folder that cannot be written used to fail at the end of a full search, naming a temporary file."""
+    import tempfile
+
+    import knnlm.evaluate
+
+    shutil.rmtree(run / "eval" / "valid")  # a full search would be needed
+    real = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and str(dir).startswith(str(run)):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(knnlm.evaluate, "search_all", no_search)
+    before = snapshot(run)
+    assert refused(capsys, "evaluate", "--out", run) == \
+        f"knnlm: error: --out {run}: folder cannot be written (Permission denied)"
+    assert refused(capsys, "datastore", "--out", run) == \
+        f"knnlm: error: --out {run}: folder cannot be written (Permission denied)"
+    assert snapshot(run) == before
