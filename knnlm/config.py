@@ -338,12 +338,11 @@ def check_same_model(out: str | Path, cfg: Config) -> None:
     asked to run with another config must not print its old results as if they were new."""
     path = Path(out) / "config.json"
     if not path.is_file():  # deleted: the latest checkpoint records the config it was trained with
-        from .checkpoint import latest_checkpoint  # here: checkpoint.py imports this module
-
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
+        # the complete checkpoints, as checkpoint.checkpoint_dirs lists them (that module imports this one)
+        metas = sorted((Path(out) / "checkpoints").glob("step_*/meta.json"))
+        if not metas:
             return
-        path = ckpt / "meta.json"
+        path = metas[-1]
         recorded = read_json(path, "checkpoint meta")
         if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
             raise UserError(f"{path}: no 'config' entry, and {Path(out) / 'config.json'} is missing: the settings "
