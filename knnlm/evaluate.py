@@ -101,8 +101,17 @@ def read_eval_meta(folder: Path) -> dict:
         if meta[key] < (1 if key == "k_max" else 0):
             raise UserError(f"{path}: {key!r} should be {'positive' if key == 'k_max' else 'non-negative'}, "
                             f"found {meta[key]!r}")
-    if not isinstance(meta.get("inputs", {}), dict):
-        raise UserError(f"{path}: 'inputs' should be a JSON object, found {meta['inputs']!r}")
+    if where := nan_at(meta):
+        raise UserError(f"{path}: NaN at {where}; expected numbers (the file was edited)")
+    optional = {"inputs": (dict, "a JSON object"), "seconds": (dict, "a JSON object of seconds"),
+                "index": (str, "a string"), "words": (int, "a positive integer"),
+                "datastore_size": (int, "an integer"), "searched_queries": ((int, type(None)), "an integer or null")}
+    for key, (typ, kind) in optional.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, typ) or isinstance(value, bool)
+                            or (key == "words" and value < 1)
+                            or (key == "seconds" and not all(_number(v) is not None for v in value.values()))):
+            raise UserError(f"{path}: {key!r} should be {kind}, found {_shown(value)}")
     return meta
 
 
