@@ -38,7 +38,7 @@ from .config import read_run_config
 from .data import EOS, UNK, token_stream, word_vocab_hash
 from .datastore import Datastore
 from .distributed import default_device
-from .evaluate import PROTOCOLS, check_memory_summary, scoring_settings, searcher_for
+from .evaluate import PROTOCOLS, check_memory_summary, scoring_settings, searcher_for, valid_choices
 from .hf import hf_eos_id, load_tokenizer
 from .knn import interpolate, knn_logprob
 from .lm import autocast
@@ -88,6 +88,7 @@ class KNNLM:
         self.k, self.temperature, self.lmbda = self._settings(protocol, k, temperature, lmbda)
         if self.k > len(self.datastore):
             raise UserError(f"k: {self.k} is more than the datastore's {len(self.datastore)} keys")
+        self.datastore.check_vals(ckpt_meta["vocab_size"])  # p_kNN is spread over the LM's vocabulary
         self.searcher = searcher_for(self.datastore, self.cfg, k=self.k)
         self._vocabulary(ckpt_meta)
 
@@ -102,13 +103,13 @@ class KNNLM:
                 memory = f" --memory {self.memory}" if self.memory else ""
                 raise UserError(f"{summary}: not found; run `knnlm evaluate --out {self.run}{memory}` first, "
                                 f"or give k, temperature and lmbda")
-            chosen = read_json(summary, "valid summary").get("protocols", {}).get(protocol)
-            if chosen is None:
-                raise UserError(f"{summary}: holds no choice for the {protocol} protocol; evaluate valid again")
-        k = int(chosen["k"] if k is None else k)
+            # checked like options: k an integer up to the datastore's size, temperature finite > 0, λ in [0, 1]
+            chosen = valid_choices(summary, len(self.datastore), "the datastore's keys")[protocol]
+        k = chosen["k"] if k is None else k
         temperature = float(chosen["temperature"] if temperature is None else temperature)
         lmbda = float(chosen["lambda"] if lmbda is None else lmbda)
-        if k < 1 or not temperature > 0 or not math.isfinite(temperature) or not 0 <= lmbda <= 1:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or not temperature > 0 \
+                or not math.isfinite(temperature) or not 0 <= lmbda <= 1:
             raise UserError(f"expected k ≥ 1, a finite temperature > 0 and λ in [0, 1], got {k}, {temperature}, {lmbda}")
         return k, temperature, lmbda
 
@@ -189,6 +190,8 @@ class KNNLM:
 
     def score(self, text: str) -> Scored:
         """LM, kNN and interpolated log-probabilities of every token of `text` (line ends included)."""
+        if not text:  # it would be scored as one end-of-line token
+            raise UserError("score: the text is empty")
         ids = self.encode(text)
         if len(ids) == 0:
             raise UserError("score: the text has no tokens")
@@ -232,9 +235,11 @@ class KNNLM:
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = False) -> str:
         """Continue `prompt` by `max_tokens` tokens of the kNN-LM: greedy, or sampled from its distribution sharpened
         by `temperature` and cut to the `top_k` most likely tokens and the smallest set holding `top_p` of the mass."""
-        if max_tokens < 0 or not temperature > 0 or top_k < 0 or not 0 < top_p <= 1:
-            raise UserError(f"generate: expected max_tokens ≥ 0, temperature > 0, top_k ≥ 0 and 0 < top_p ≤ 1, got "
-                            f"{max_tokens}, {temperature}, {top_k}, {top_p}")
+        if max_tokens < 0 or not 0 < temperature < math.inf or top_k < 0 or not 0 < top_p <= 1:
+            raise UserError(f"generate: expected max_tokens ≥ 0, a finite sampling temperature > 0, top_k ≥ 0 and "
+                            f"0 < top_p ≤ 1, got {max_tokens}, {temperature}, {top_k}, {top_p}")
+        if seed is not None and not 0 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise UserError(f"generate: expected a seed in [0, 2^64), got {seed}")
         ids = list(self.encode(prompt, close_last_line=False))
         new: list[int] = []
         g = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -251,7 +256,10 @@ def sample(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
            generator: torch.Generator | None = None) -> int:
     """One id drawn from softmax(logp / temperature), restricted to the top_k most likely ids (0: all) and to the
     smallest set of most likely ids whose probability reaches top_p."""
-    logits = logp.double() / temperature
+    logp = logp.double()
+    # shifted so that the most likely id is at 0: a tiny temperature sends the others to −inf, never all of them
+    # (−inf / T is −inf, a finite T keeps NaN out)
+    logits = (logp - logp.max()) / temperature
     order = torch.argsort(logits, descending=True)
     keep = len(order) if top_k <= 0 else min(top_k, len(order))
     probs = torch.softmax(logits[order[:keep]], 0)

@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import signal
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,8 +63,12 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     tmp = final.parent / f".{final.name}.tmp"
     old = final.parent / f".{final.name}.old"
+    if final.is_symlink():  # replacing it would move the link aside and leave its target to whoever comes next
+        raise UserError(f"{final}: is a symbolic link (to {os.readlink(final)}); expected a folder of its own")
     for leftover in (tmp, old):
-        if leftover.exists():
+        if leftover.is_symlink():  # never followed: only the link goes
+            leftover.unlink()
+        elif leftover.exists():
             shutil.rmtree(leftover)
     tmp.mkdir(parents=True)
     try:
@@ -93,14 +98,14 @@ def reserve(path: str | Path, what: str) -> None:
         os.close(fd)
 
 
-def _nan_at(obj: Any, where: str = "") -> str | None:
+def nan_at(obj: Any, where: str = "") -> str | None:
     """Where the first NaN of a JSON-able object sits (e.g. `protocols.tuned.knnlm_ppl`), or None."""
     if isinstance(obj, float):
         return (where or "the top level") if obj != obj else None
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for key, value in items:
         here = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
-        if found := _nan_at(value, here):
+        if found := nan_at(value, here):
             return found
     return None
 
@@ -120,7 +125,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write a JSON file atomically. NaN is refused: it is not JSON, and in this project it only ever means that a
     computation went wrong. (±inf is written as Python's json does: a tuning grid's λ = 1 rows are legitimately
     infinite where no neighbour carries the target.)"""
-    if where := _nan_at(obj):
+    if where := nan_at(obj):
         raise UserError(f"{path}: refusing to write NaN (at {where}); a value that was computed is not a number")
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -225,15 +230,58 @@ def _holder(fd: int) -> str:
     return f"process {pid}" if pid.isdigit() else "another process"
 
 
+# what a run folder holds: each must be the run's own file or folder, never a link to one elsewhere (a writer
+# would replace or truncate the link's target)
+RUN_ENTRIES = ("config.json", "vocab.json", "train_summary.json", "results.json", "metrics.jsonl", "checkpoints", "datastore",
+               ".datastore.tmp", ".datastore.old", "eval", "eval/valid", "eval/test", "eval/.valid.tmp",
+               "eval/.test.tmp", "eval/.valid.old", "eval/.test.old")
+
+
+def check_no_links(run: str | Path) -> None:
+    """Refuse a run folder whose known entries (`RUN_ENTRIES`, each checkpoint) are symbolic links."""
+    run = Path(run)
+    entries = [run / e for e in RUN_ENTRIES]
+    if (run / "checkpoints").is_dir() and not (run / "checkpoints").is_symlink():
+        entries += sorted((run / "checkpoints").iterdir())
+    for path in entries:
+        if path.is_symlink():
+            raise UserError(f"{path}: is a symbolic link (to {os.readlink(path)}); expected the run's own "
+                            f"{'file' if path.suffix else 'folder'}: replace the link by a copy, or use another --out")
+
+
+def _open_lock(lock: Path) -> tuple[int | None, bool]:
+    """Open (creating it if need be) the lock file without following a link: (fd, writable). (None, False) when it
+    does not exist and cannot be made (a folder this user cannot write)."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), True
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{lock}: is a symbolic link; expected the run's own lock file (remove the link)") from None
+        if e.errno == errno.EISDIR:
+            raise UserError(f"{lock}: is a folder; expected the run's own lock file (remove it)") from None
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        if not os.path.lexists(lock):
+            return None, False
+        try:  # flock needs no write permission: another user's lock file still locks
+            return os.open(lock, os.O_RDONLY | os.O_NOFOLLOW), False
+        except OSError as e2:
+            raise UserError(f"{lock}: the run's lock cannot be taken ({e2.strerror}); is another user writing "
+                            f"into {lock.parent}? Remove the file if nobody is") from None
+
+
 @contextlib.contextmanager
-def writing_into(run: str | Path, create: bool = True) -> Iterator[Path]:
+def writing_into(run: str | Path, create: bool = True, read_only: bool = False) -> Iterator[Path]:
     """Hold `RUN/.lock` while a command writes into the run folder: a second writer is refused at once.
 
     The lock is an advisory `flock`: the OS drops it when its holder dies, even by SIGKILL, so rerunning a killed
     command just works. The file holds the holder's pid while it is held and is empty otherwise. Under torchrun the
     ranks of one job share the folder, so only rank 0 takes it. A folder (and lock file) this call created is removed
     again if the block fails leaving it empty, so a refused command leaves nothing behind. `create=False`: a missing
-    folder is not created (the command will refuse it itself). A folder that cannot be written needs no lock.
+    folder is not created (the command will refuse it itself). A lock that cannot be taken stops the command, and so
+    does a folder that cannot be written, unless `read_only` (a command that writes nothing: it runs unlocked where
+    nobody can write). The lock file is never followed through a link, and the run's known entries must not be
+    links either (`check_no_links`).
     """
     run = Path(run)
     if os.environ.get("RANK", "0") != "0" or (not create and not run.is_dir()):
@@ -245,23 +293,30 @@ def writing_into(run: str | Path, create: bool = True) -> Iterator[Path]:
     except OSError as e:
         raise UserError(f"{run}: folder cannot be created ({e.strerror})") from None
     lock = run / ".lock"
-    new_lock = not lock.exists()
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
+    new_lock = not os.path.lexists(lock)
+    fd, writable = _open_lock(lock)
+    if fd is None:
+        if not read_only:
+            raise UserError(f"{run}: folder cannot be written (its lock file {lock.name} cannot be created)")
+        check_no_links(run)
         yield run  # nobody can write here, so nobody needs to be kept out
         return
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "a hard link to another file" if stat.S_ISREG(info.st_mode) else "not a regular file"
+        raise UserError(f"{lock}: is {what}; expected the run's own lock file (remove it)")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
         raise UserError(f"{run} is in use by {holder} (one command at a time writes into a run folder)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if writable:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:
+        check_no_links(run)
         yield run
     except BaseException:
         if new_lock:
@@ -271,7 +326,8 @@ def writing_into(run: str | Path, create: bool = True) -> Iterator[Path]:
                 folder.rmdir()
         raise
     finally:
-        os.ftruncate(fd, 0)
+        if writable:
+            os.ftruncate(fd, 0)
         os.close(fd)  # releases the lock
 
 
@@ -307,6 +363,8 @@ def kill_point(stage: str, count: int) -> None:
     itself when `stage` reaches `count`: "train" after optimizer step `count` (logged, its checkpoint not yet
     written), "datastore" after the `count`-th batch of windows is written, "evaluate" after the `count`-th batch
     of windows is scored, "sweep" after the `count`-th run of this invocation is recorded, "analyze" after the
-    `count`-th record file is written. Unset, it does nothing."""
-    if os.environ.get("KNNLM_KILL_AT") == f"{stage}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    `count`-th record file is written. `<stage>:<count>:TERM` sends SIGTERM instead (a scheduler's stop, which is
+    handled). Unset, it does nothing."""
+    at = os.environ.get("KNNLM_KILL_AT", "")
+    if at in (f"{stage}:{count}", f"{stage}:{count}:TERM"):
+        os.kill(os.getpid(), signal.SIGTERM if at.endswith(":TERM") else signal.SIGKILL)

@@ -8,6 +8,7 @@ The newest folder with a `meta.json` is the run's current checkpoint; older ones
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -45,17 +46,40 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"]}
 
 
+def save_weights(module: nn.Module, path: Path) -> None:
+    """A module's weights as safetensors, each tied tensor once, the file a function of the weights alone.
+
+    `safetensors.torch.save_model` records each dropped tied name as its own entry of the header's metadata, a map
+    whose order the writer does not keep (it came out differently in every process, whatever PYTHONHASHSEED): one
+    model gave one digest per process, and the digest is what identifies the model to its datastore. Here the names
+    tied to one tensor are grouped, the first in sorted order kept (as save_model does), and the dropped ones are
+    recorded as a single metadata entry, `tied`, a sorted JSON object {dropped: kept}. Loading needs none of it
+    (`safetensors.torch.load_model` finds the ties in the model)."""
+    groups: dict[tuple, list[str]] = {}
+    state = module.state_dict()
+    for name, t in state.items():  # tied: the very same view of the same storage
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        groups.setdefault(key, []).append(name)
+    tensors, tied = {}, {}
+    for names in groups.values():
+        kept, *dropped = sorted(names)
+        tensors[kept] = state[kept].detach().contiguous().cpu()
+        tied.update({name: kept for name in dropped})
+    metadata = {"tied": json.dumps(tied, sort_keys=True)} if tied else None  # one entry: no order to lose
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
 def save_checkpoint(run: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, regularizer: nn.Module,
                     state: dict, cfg: Config, vocab_hash: str) -> Path:
     """Write checkpoint `step` into a temporary folder, rename it into place, then prune older ones."""
     root = Path(run) / "checkpoints"
     final = root / f"step_{step:08d}"
     with atomic_dir(final) as tmp:
-        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))  # handles the tied weights
+        save_weights(model, tmp / "model.safetensors")  # handles the tied weights
         opt_tensors, opt_json = _optimizer_tensors(opt)
         safetensors.torch.save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         if len(regularizer.state_dict()):
-            safetensors.torch.save_model(regularizer, str(tmp / "regularizer.safetensors"))
+            save_weights(regularizer, tmp / "regularizer.safetensors")
         write_json(tmp / "state.json", {**state, "step": step, "optimizer": opt_json})
         write_json(tmp / "meta.json", {
             "step": step,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -66,15 +67,19 @@ def cmd_train(args) -> None:
 
 def cmd_datastore(args) -> None:
     from .datastore import build_datastore
+    from .pipeline import check_writable_folders
 
     cfg = _config_for_run(args, args.overrides)
     with writing_into(args.out, create=False):
+        if Path(args.out).is_dir():
+            check_writable_folders(Path(args.out))
         folder = build_datastore(args.out, cfg)
     print(folder)
 
 
 def cmd_evaluate(args) -> None:
     from .evaluate import check_lambda, evaluate
+    from .pipeline import check_writable_folders
 
     cfg = _config_for_run(args, args.overrides)
     if args.lmbda is not None:
@@ -97,7 +102,10 @@ def cmd_evaluate(args) -> None:
         with writing_into(args.out, create=False), writing_into(args.memory, create=False):
             print(json.dumps(evaluate_memory(args.out, args.memory, cfg, args.split), indent=2))
         return
-    with writing_into(args.out, create=False):  # a what-if evaluation may still save a new search
+    # a what-if evaluation reads the saved search and writes nothing, so it also runs where nobody can write
+    with writing_into(args.out, create=False, read_only=bool(fixed)):
+        if not fixed and Path(args.out).is_dir():
+            check_writable_folders(Path(args.out), "eval")  # a read-only run fails now, not after the search
         summary = evaluate(args.out, cfg, args.split, save=not fixed, fixed=fixed)
     if summary is not None:  # None: a rank other than 0 under torchrun
         print(json.dumps(summary, indent=2))
@@ -190,6 +198,10 @@ def cmd_score(args) -> None:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the text file to score ({e.strerror})") from None
+    if not text:
+        raise UserError(f"{path}: the file is empty; expected UTF-8 text to score")
     scored = _load_run(args).score(text)
     if args.tokens:
         print("token\tlm\tknn\tknnlm")
@@ -211,6 +223,8 @@ def cmd_verify(args) -> None:
     """Check every digest the run's meta.json files record: each checkpoint's weights, the datastore's keys and
     values, each evaluation's arrays. Reads every file in full (keys.npy: minutes for WikiText-103)."""
     from .checkpoint import checkpoint_dirs
+    from .datastore import Datastore
+    from .evaluate import load_search
 
     out = Path(args.out)
     if not out.is_dir():
@@ -222,6 +236,8 @@ def cmd_verify(args) -> None:
     evaluations = sorted((out / "eval").glob("*")) if (out / "eval").is_dir() else []
     for folder in [out / "datastore", *evaluations]:
         if (folder / "meta.json").is_file():  # incomplete or pruned folders are no artifact (readers refuse them)
+            # the arrays' shapes against meta.json first, as their readers check them (N, tokens, k_max)
+            Datastore(folder) if folder == out / "datastore" else load_search(folder)
             names = verify_digests(folder, read_meta(folder, folder.name))
             checked += len(names)
             if not names:
@@ -241,7 +257,35 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), handled as Ctrl-C is: the temporary files and folders of the step
+    under way are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(args, e: KeyboardInterrupt) -> int:
+    again = ("rerun it with --resume to continue" if args.command == "train" and not args.resume
+             else "rerun the same command to continue")
+    print(f"knnlm: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; {again}", file=sys.stderr)
+    return 143 if isinstance(e, Terminated) else 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:  # only the main thread may set a handler (a caller running main in another thread keeps its own)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="knnlm", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -353,9 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"knnlm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("knnlm: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(args, e)
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"knnlm: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -368,16 +368,28 @@ def check_same_model(out: str | Path, cfg: Config) -> None:
     """Refuse to continue (or reuse) the model in `out` under training settings other than its own: a finished run
     asked to run with another config must not print its old results as if they were new."""
     path = Path(out) / "config.json"
-    if not path.is_file():
-        return
-    recorded = read_json(path, "run config")
+    if not path.is_file():  # deleted: the latest checkpoint records the config it was trained with
+        # the complete checkpoints, as checkpoint.checkpoint_dirs lists them (that module imports this one)
+        metas = sorted((Path(out) / "checkpoints").glob("step_*/meta.json"))
+        if not metas:
+            return
+        path = metas[-1]
+        recorded = read_json(path, "checkpoint meta")
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+            raise UserError(f"{path}: no 'config' entry, and {Path(out) / 'config.json'} is missing: the settings "
+                            f"the model was trained with are unknown; choose another --out")
+        recorded = recorded["config"]
+    else:
+        recorded = read_json(path, "run config")
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path}: expected a JSON object of settings, found {type(recorded).__name__}")
     current = json.loads(json.dumps(cfg.to_dict()))
     model_sections = {s: current[s] for s in ("data", "model", "train") if s in current}
     changed = [c for c in changed_settings(recorded, model_sections) if c not in NOT_THE_MODEL]
     if changed:
         shown = ", ".join(f"{c}: {_lookup(recorded, c)!r} → {_lookup(current, c)!r}" for c in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise UserError(f"{out}: holds a model trained with other settings ({shown}{more}); "
+        raise UserError(f"{out}: holds a model trained with other settings ({shown}{more}, as {path.name} records); "
                         f"choose another --out, or delete the folder to start over")
 
 

@@ -157,12 +157,19 @@ def corpus_files(folder: str | Path | None) -> tuple[Path, dict[str, Path]]:
 
 
 def cache_key(files: dict[str, Path]) -> str:
-    """Identity of a corpus's content: its cache folder's name."""
-    h = hashlib.sha256(b"knnlm-corpus-v1")
+    """Identity of a corpus's content: its cache folder's name. Each split's name and byte length go in before its
+    bytes, so corpora that differ only in where one split ends and the next begins never share a key."""
+    h = hashlib.sha256(b"knnlm-corpus-v2")
     for s in SPLITS:
         with open(files[s], "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(f"\0{s}\0{size}\0".encode())
+            read = 0
             while block := f.read(1 << 22):
                 h.update(block)
+                read += len(block)
+        if read != size:
+            raise UserError(f"{files[s]}: changed while it was read ({size} bytes, then {read})")
     return h.hexdigest()[:20]
 
 

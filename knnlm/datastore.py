@@ -91,7 +91,7 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
             digests = {"keys.npy": keys_sha256.hexdigest() if keys_sha256 is not None and row == N
                        else file_sha256(tmp / "keys.npy"), "vals.npy": file_sha256(tmp / "vals.npy")}
             write_json(tmp / "meta.json", {
-                "N": N, "d": d, "keys_dtype": "float16", "vals_dtype": "int32",
+                "format": FORMAT, "N": N, "d": d, "keys_dtype": "float16", "vals_dtype": "int32",
                 "key_site": cfg.model.key_site, "key_layer": cfg.model.key_layer,
                 "checkpoint": ckpt_meta["path"], "model_sha256": ckpt_meta["model_sha256"],
                 "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "stride": stride, "bf16": cfg.train.bf16,
@@ -100,6 +100,9 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
             })
     barrier()
     return folder
+
+
+FORMAT = 2  # datastores of this format record their arrays' digests; those without a "format" entry are older
 
 
 class Datastore:
@@ -119,14 +122,29 @@ class Datastore:
                             f"found {self.keys.dtype} {self.keys.shape}")
         if self.vals.shape != (N,) or self.vals.dtype != np.int32:
             raise UserError(f"{self.folder / 'vals.npy'}: expected {N} int32 values, found {self.vals.dtype} {self.vals.shape}")
-        digests = self.meta.get("sha256", {})  # none in datastores written before digests were recorded
-        if not isinstance(digests, dict) or not isinstance(digests.get("vals.npy", ""), str):
-            raise UserError(f"{self.folder / 'meta.json'}: 'sha256' should map file names to hex digests")
+        path = self.folder / "meta.json"
+        fmt = self.meta.get("format")  # none: written before digests were recorded, which it may then lack
+        if fmt is not None and (fmt != FORMAT or isinstance(fmt, bool)):
+            raise UserError(f"{path}: 'format' should be {FORMAT} (absent only in datastores written before "
+                            f"formats were numbered), found {fmt!r}")
+        digests = self.meta.get("sha256", {})
+        if not isinstance(digests, dict) or not all(isinstance(digests.get(n, ""), str) for n in ("keys.npy", "vals.npy")):
+            raise UserError(f"{path}: 'sha256' should map keys.npy and vals.npy to hex digests")
+        if fmt is not None and not {"keys.npy", "vals.npy"} <= digests.keys():
+            raise UserError(f"{path}: no sha256 digest of keys.npy and vals.npy, which a format-{FORMAT} datastore "
+                            "records (the file was edited); rebuild it with `knnlm datastore`")
         if "vals.npy" in digests:
             check_digest(self.folder / "vals.npy", digests["vals.npy"])
 
     def __len__(self) -> int:
         return self.meta["N"]
+
+    def check_vals(self, vocab_size: int) -> None:
+        """Every value is a token id of a vocabulary of `vocab_size` (a digest only says the file is as written)."""
+        if len(self.vals) and (int(self.vals.min()) < 0 or int(self.vals.max()) >= vocab_size):
+            bad = int(self.vals.min()) if int(self.vals.min()) < 0 else int(self.vals.max())
+            raise UserError(f"{self.folder / 'vals.npy'}: token id {bad} is outside the model's vocabulary "
+                            f"[0, {vocab_size}) (the datastore is damaged or from another corpus)")
 
     def check_model(self, ckpt_meta: dict) -> None:
         """Refuse a datastore made by another model: its keys live in another space."""

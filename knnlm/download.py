@@ -17,7 +17,8 @@ the presence of the three files, non-empty and valid UTF-8, is checked, and the 
 
 Safety: the archive is streamed to a temporary file beside the destination and unpacked into a temporary folder
 beside it; the folder is renamed into place only after every check passed, so a failure leaves no temporary
-files and never replaces an existing destination. Members with absolute paths or `..` are refused.
+files and never replaces an existing destination. The whole archive is refused before anything is written if a
+member could land outside that folder (absolute, `..`, `a//b`), is a symbolic link or a second member of one name.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import http.client
 import os
 import shlex
 import shutil
+import stat
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -131,26 +133,84 @@ def download(url: str, path: Path, progress: bool = True) -> None:
         raise UserError(f"{url}: download incomplete ({done} of {total} bytes)")
 
 
+def _member_parts(name: str) -> tuple[str, ...] | None:
+    """The path components of a zip member's name, or None if the name could lead anywhere but below the folder
+    it is unpacked into: absolute (`/x`, `C:x`), `..`, `.`, an empty component (`a//b`, which joins as absolute
+    after a prefix is cut), a NUL byte. A folder entry's one trailing `/` is allowed."""
+    name = name.replace("\\", "/")
+    parts = tuple(name[:-1].split("/") if name.endswith("/") else name.split("/"))
+    if any(p in ("", ".", "..") or "\0" in p for p in parts) or ":" in parts[0]:
+        return None
+    return parts
+
+
+def _is_symlink(m: zipfile.ZipInfo) -> bool:
+    """Unix zips keep the file type in the high 16 bits of external_attr."""
+    return stat.S_ISLNK(m.external_attr >> 16)
+
+
+def _plan(members: list[zipfile.ZipInfo], url: str, folder: str) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+    """Check every member of the archive (refusing it whole, before anything is written) and return the members
+    under `folder/` with their paths relative to it."""
+    seen: dict[tuple[str, ...], bool] = {}  # path -> is a folder
+    mine = []
+    for m in members:
+        parts = _member_parts(m.filename)
+        if parts is None:
+            raise UserError(f"{url}: unsafe member {m.filename!r} in the archive (absolute path, '..', '.' or an "
+                            "empty path component); expected paths relative to the archive's top")
+        if _is_symlink(m):
+            raise UserError(f"{url}: unsafe member {m.filename!r} in the archive (a symbolic link); "
+                            "expected plain files and folders")
+        if parts in seen:
+            raise UserError(f"{url}: unsafe member {m.filename!r} in the archive (a second member of that name)")
+        seen[parts] = m.is_dir()
+        if parts[0] == folder and len(parts) > 1:
+            mine.append((m, parts[1:]))
+    for parts, is_dir in seen.items():  # a file that another member needs as a folder
+        for i in range(1, len(parts)):
+            if seen.get(parts[:i]) is False:
+                raise UserError(f"{url}: unsafe member {'/'.join(parts)!r} in the archive (below "
+                                f"{'/'.join(parts[:i])!r}, which is a file)")
+    return mine
+
+
+def _folder_inside(out: Path, parts: tuple[str, ...]) -> Path:
+    """Create the folders `parts` below `out` one at a time, refusing anything but a real folder on the way."""
+    here = out
+    for part in parts:
+        here = here / part
+        try:
+            os.mkdir(here)
+        except FileExistsError:
+            pass
+        if not stat.S_ISDIR(os.lstat(here).st_mode):
+            raise UserError(f"{here}: expected a folder made while unpacking, found something else")
+    return here
+
+
 def unpack(zip_path: Path, url: str, folder: str, out: Path) -> None:
-    """Write the members under `folder/` of the zip into `out` (member paths relative to `folder/`)."""
+    """Write the members under `folder/` of the zip into `out` (member paths relative to `folder/`).
+
+    Every member of the archive is checked before a byte is written (zip slip): its path must stay below `out`,
+    it must not be a symbolic link or a second member of one name. Files are then created new (O_EXCL) and never
+    through a link (O_NOFOLLOW), in folders this function made itself."""
+    out = Path(os.path.realpath(out))
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            members = zf.infolist()
-            for m in members:  # refuse the whole archive before writing anything (zip slip)
-                p = PurePosixPath(m.filename.replace("\\", "/"))
-                if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
-                    raise UserError(f"{url}: unsafe member {m.filename!r} in the archive (absolute path or '..')")
-            prefix = folder + "/"
-            mine = [m for m in members if m.filename.startswith(prefix) and m.filename != prefix]
+            mine = _plan(zf.infolist(), url, folder)
             if not mine:
-                raise UserError(f"{url}: no {prefix} folder in the archive")
-            for m in mine:
-                target = out / m.filename[len(prefix):]
+                raise UserError(f"{url}: no {folder}/ folder in the archive")
+            for m, parts in mine:
+                target = out.joinpath(*parts)
+                # the parts hold no '..', '.', '' or '/': joined they cannot leave out; asserted as the last word
+                assert os.path.commonpath([out, os.path.normpath(target)]) == str(out), target
                 if m.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
+                    _folder_inside(out, parts)
                     continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(m) as src, open(target, "wb") as dst:
+                parent = _folder_inside(out, parts[:-1])
+                fd = os.open(parent / parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+                with zf.open(m) as src, open(fd, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
     except zipfile.BadZipFile as e:
         raise UserError(f"{url}: not a valid zip archive ({e})") from None

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import UserError, atomic_dir, kill_point, check_fields, file_sha256, load_npy, read_json, save_npy, write_json
+from .artifacts import (UserError, nan_at, atomic_dir, check_fields, file_sha256, kill_point, load_npy, read_json,
+                        save_npy, write_json)
 from .checkpoint import checkpoint_dirs, latest_meta, load_model
 from .config import Config, from_dict
 from .data import token_stream, split_ids
@@ -76,7 +77,7 @@ def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int, reran
     The tokens are compared with the saved targets themselves, so any change of the text recomputes."""
     if not (folder / "meta.json").is_file():
         return False
-    meta = read_json(folder / "meta.json", "evaluation meta")
+    meta = read_eval_meta(folder)
     same_index = meta.get("index") == index or (meta.get("index") in EXACT and index in EXACT)  # exact = exact
     if not (meta.get("model_sha256") == ds.meta["model_sha256"] and same_index
             and meta.get("k_max", 0) >= k_max and meta.get("rerank", True) == rerank
@@ -90,17 +91,38 @@ def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int, reran
     return saved.shape == targets.shape and bool(np.array_equal(saved, targets))
 
 
-def load_search(folder: Path) -> dict[str, np.ndarray]:
-    """The saved per-token arrays of an evaluation, checked against its meta.json (written last)."""
+def read_eval_meta(folder: Path) -> dict:
+    """An evaluation's meta.json, with the entries its readers rely on checked (a hand-edited one is refused)."""
     if not (folder / "meta.json").is_file():
         raise UserError(f"{folder}: no complete evaluation here (meta.json missing; was the step run to the end?)")
-    meta = check_fields(read_json(folder / "meta.json", "evaluation meta"), folder / "meta.json",
-                        {"tokens": int, "k_max": int})
+    path = folder / "meta.json"
+    meta = check_fields(read_json(path, "evaluation meta"), path, {"tokens": int, "k_max": int})
+    for key in ("tokens", "k_max"):
+        if meta[key] < (1 if key == "k_max" else 0):
+            raise UserError(f"{path}: {key!r} should be {'positive' if key == 'k_max' else 'non-negative'}, "
+                            f"found {meta[key]!r}")
+    if where := nan_at(meta):
+        raise UserError(f"{path}: NaN at {where}; expected numbers (the file was edited)")
+    optional = {"inputs": (dict, "a JSON object"), "seconds": (dict, "a JSON object of seconds"),
+                "index": (str, "a string"), "words": (int, "a positive integer"),
+                "datastore_size": (int, "an integer"), "searched_queries": ((int, type(None)), "an integer or null")}
+    for key, (typ, kind) in optional.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, typ) or isinstance(value, bool)
+                            or (key == "words" and value < 1)
+                            or (key == "seconds" and not all(_number(v) is not None for v in value.values()))):
+            raise UserError(f"{path}: {key!r} should be {kind}, found {_shown(value)}")
+    return meta
+
+
+def load_search(folder: Path) -> dict[str, np.ndarray]:
+    """The saved per-token arrays of an evaluation, checked against its meta.json (written last)."""
+    meta = read_eval_meta(folder)
     arrays = {a: load_npy(folder / f"{a}.npy", mmap=a in ("query_keys", "neighbors", "distances")) for a in ARRAYS}
     n, K = meta["tokens"], meta["k_max"]
     for name, arr in arrays.items():
         want = (n, K) if name in ("neighbors", "distances") else (n,) if name in ("targets", "lm_logprobs") else None
-        if arr.shape[0] != n or (want is not None and arr.shape != want):
+        if arr.shape[:1] != (n,) or (want is not None and arr.shape != want):
             raise UserError(f"{folder / (name + '.npy')}: shape {arr.shape} disagrees with meta.json ({n} tokens, k_max {K})")
     return arrays
 
@@ -118,8 +140,11 @@ def searcher_for(ds: Datastore, cfg: Config, sharded: bool = False, k: int | Non
                          rerank_factor=e.rerank_factor if e.rerank else 0)
 
 
-def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) -> dict | None:
+def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, save: bool = True) -> dict | None:
     """The expensive part: LM scores, query keys and k_max neighbours of every token of `split` (cached).
+
+    `save=False` (a what-if evaluation) only reads a saved search: one that must be made anew is refused, since
+    saving it would replace the folder that holds the run's results.
 
     Under `torchrun` with an exact index the store is split across the ranks (`ShardedSearch`): rank 0 scores the
     split and sends the query keys to all, every rank searches its share, rank 0 writes the result and returns it
@@ -144,7 +169,9 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     inputs = {"split": split, "vocab_hash": corpus.vocab_hash, "datastore": datastore_fingerprint(ds),
               "stride": stride, "bf16": bf16, "key_site": ds.meta["key_site"], "key_layer": ds.meta["key_layer"]}
     if _search_is_cached(folder, ds, index, e.k_max, rerank, inputs, ids):  # every rank reads the same answer
-        return read_json(folder / "meta.json", "evaluation meta") if main else None
+        return read_eval_meta(folder) if main else None
+    if not save:
+        raise UserError(what_if_needs_a_search(run, folder, split, e.k_max))
     sharded = world > 1 and index in EXACT
     if not (main or sharded):
         barrier()  # rank 0 searches the approximate index alone
@@ -195,6 +222,15 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True) 
     if world > 1:
         barrier()
     return record
+
+
+def what_if_needs_a_search(run: Path, folder: Path, split: str, k_max: int) -> str:
+    """Why a what-if evaluation cannot run: the saved search it would read is missing, too short or stale."""
+    again = f"`knnlm evaluate --out {run}{' --split test' if split == 'test' else ''}`"
+    stored = read_eval_meta(folder)["k_max"] if (folder / "meta.json").is_file() else 0
+    why = (f"{folder} stores {stored} neighbours per token, this what-if needs {k_max}; raise eval.k_max and run"
+           if 0 < stored < k_max else f"{folder} holds no saved search for these settings; run")
+    return f"{why} {again} (without --k/--lmbda/--temperature) first: a what-if evaluation writes nothing"
 
 
 def tuning_arrays(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -256,6 +292,48 @@ def grid_edges(best: dict, cfg: Config) -> list[str]:
     return edges
 
 
+def _number(x) -> float | None:
+    """A JSON value as a finite float, or None (bools, strings, null, huge integers, ±inf are not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        x = float(x)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _shown(x) -> str:
+    """A hand-edited value as an error message shows it (a 400-digit number is cut)."""
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def valid_choices(path: Path, stored: int, bound: str = "the neighbours stored for this split") -> dict[str, dict]:
+    """Each protocol's (k, temperature, λ) as valid's summary.json recorded them, checked like config options: k an
+    integer in [1, stored neighbours], temperature finite > 0, λ in [0, 1]; a hand-edited value is refused."""
+    summary = read_json(path, "valid summary")
+    protocols = summary.get("protocols") if isinstance(summary, dict) else None
+    if not isinstance(protocols, dict):
+        raise UserError(f"{path}: 'protocols' should be a JSON object of valid's choices (evaluate valid again)")
+    choices = {}
+    for p in PROTOCOLS:
+        c = protocols.get(p)
+        if not isinstance(c, dict):
+            raise UserError(f"{path}: 'protocols.{p}' should be a JSON object, found {_shown(c)}")
+        k, tau, lmbda = c.get("k"), _number(c.get("temperature")), _number(c.get("lambda"))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= stored:
+            raise UserError(f"{path}: protocols.{p}.k: expected an integer in [1, {stored}] ({bound}), "
+                            f"found {_shown(c.get('k'))}")
+        if tau is None or tau <= 0:
+            raise UserError(f"{path}: protocols.{p}.temperature: expected a finite number > 0, "
+                            f"found {_shown(c.get('temperature'))}")
+        if lmbda is None or not 0 <= lmbda <= 1:
+            raise UserError(f"{path}: protocols.{p}.lambda: expected a number in [0, 1], found {_shown(c.get('lambda'))}")
+        choices[p] = {"k": k, "temperature": c["temperature"], "lambda": c["lambda"]}
+    return choices
+
+
 def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool = True, save: bool = True,
              fixed: dict | None = None) -> dict | None:
     """LM and kNN-LM perplexity of `split`; hyper-parameters tuned here on valid, reused from valid on test.
@@ -268,9 +346,13 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         raise UserError(f"--split: expected valid or test, got {split!r}")
     if split == "test":  # test uses valid's choices: evaluate valid first if that has not been done
         valid_summary = run / "eval" / "valid" / "summary.json"
-        if not valid_summary.is_file() or "protocols" not in read_json(valid_summary, "valid summary"):
+        v = read_json(valid_summary, "valid summary") if valid_summary.is_file() else None
+        if v is None or (isinstance(v, dict) and "protocols" not in v):  # none, or from before the protocols
+            if not save:  # valid would be tuned on the what-if's grid and saved
+                raise UserError(f"{valid_summary}: no valid choices to reuse; run `knnlm evaluate --out {run}` "
+                                "(without --k/--lmbda/--temperature) first: a what-if evaluation writes nothing")
             evaluate(run, cfg, "valid", progress)
-    record = score_and_search(run, cfg, split, progress)
+    record = score_and_search(run, cfg, split, progress, save)
     if record is None:
         return None  # a rank other than 0 under torchrun: it took its part of the search; rank 0 reports
     folder = run / "eval" / split
@@ -289,20 +371,15 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
             print(f"warning: {folder}: {edge}; the optimum may lie outside the grid, widen it", file=sys.stderr)
     else:
         edges = []  # test reuses valid's choice of each protocol: nothing is tuned here
-        valid_summary = run / "eval" / "valid" / "summary.json"
-        v = read_json(valid_summary, "valid summary")
-        choices = {p: {key: v["protocols"][p][key] for key in ("k", "temperature", "lambda")} for p in PROTOCOLS}
+        choices = valid_choices(run / "eval" / "valid" / "summary.json", dists.shape[1])
         choices["tuned"].update(fixed or {})
-        for p, c in choices.items():
-            if c["k"] > dists.shape[1]:
-                raise UserError(f"{folder}: valid chose k={c['k']} ({p} protocol), more than the {dists.shape[1]} stored neighbours")
 
     words = record.get("words", len(targets))  # per-word perplexity: the same total loss over the words
-    protocols = {}
+    protocols, tuned_knn = {}, None
     for p, c in choices.items():
         knn = knn_logprob(dists, nvals, targets, c["k"], c["temperature"])
-        if p == "tuned" and save:
-            save_npy(folder / "knn_logprobs.npy", knn.astype(np.float32))
+        if p == "tuned":
+            tuned_knn = knn.astype(np.float32)
         mixed = interpolate(lm, knn, c["lambda"])
         protocols[p] = {
             "knnlm_ppl": perplexity(mixed), "knnlm_word_ppl": math.exp(-float(np.sum(mixed, dtype=np.float64)) / words),
@@ -326,8 +403,10 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         # is timed in this call
         "seconds": {**record["seconds"], "tuning": time.perf_counter() - t_tuning},
     }
-    if save:
-        write_json(folder / "summary.json", summary)
+    if save:  # the arrays only once everything was computed: a failure leaves the folder as it was
+        if nan_at(summary) is None:
+            save_npy(folder / "knn_logprobs.npy", tuned_knn)
+        write_json(folder / "summary.json", summary)  # refuses NaN: then knn_logprobs.npy was not written either
     else:
         summary["what_if"] = "settings given on the command line; the run's summary.json was left as it was"
     return summary
@@ -447,7 +526,7 @@ def evaluate_memory(run: str | Path, memory: str | Path, cfg: Config, split: str
         v = check_memory_summary(read_json(valid_path, "memory valid summary"), valid_path)
         lam, lam_grid = v["memory_lambda"], None
         pair = mix(lm, mem, lam)
-        choices = {p: {key: v["protocols"][p][key] for key in ("k", "temperature", "lambda")} for p in PROTOCOLS}
+        choices = valid_choices(valid_path, dists.shape[1])  # checked like options: a hand edit is refused
     protocols = {}
     for p, c in choices.items():
         knn = knn_logprob(dists, nvals, targets, c["k"], c["temperature"])

@@ -12,7 +12,9 @@ from pathlib import Path
 from .artifacts import UserError, read_json, read_meta, write_json, writing_into
 from .checkpoint import latest_checkpoint
 from .config import Config, check_same_model
+from .data import split_ids
 from .datastore import build_datastore
+from .models import corpus_for
 from .evaluate import evaluate
 from .train import train
 
@@ -28,6 +30,22 @@ def check_writable(out: Path) -> None:
         raise UserError(f"--out {out}: folder cannot be written ({e.strerror})") from None
 
 
+def check_writable_folders(run: Path, *subfolders: str) -> None:
+    """The run folder, and those of `subfolders` that exist, can be written (else a one-line UserError now)."""
+    check_writable(run)
+    for sub in subfolders:
+        if (run / sub).is_dir():
+            check_writable(run / sub)
+
+
+def check_k_max(cfg: Config) -> None:
+    """The datastore will hold one key per training token: eval.k_max neighbours must fit in it."""
+    n = len(split_ids(corpus_for(cfg), cfg, "train"))
+    if cfg.eval.k_max > n:
+        raise UserError(f"eval.k_max: {cfg.eval.k_max} is larger than the datastore will be ({n} keys, one per "
+                        f"training token); expected at most {n}")
+
+
 def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict | None:
     """Train (or resume), build the datastore, evaluate valid (and test if asked); skip finished steps. The run
     folder is locked throughout (`knnlm run` and each run of a sweep)."""
@@ -38,6 +56,7 @@ def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict | None:
         if (out / "train_summary.json").is_file():
             train_summary = read_json(out / "train_summary.json")
         else:
+            check_k_max(cfg)  # now, not after training and building the datastore
             train_summary = train(cfg, out, resume=latest_checkpoint(out) is not None, progress=progress)
 
         ckpt = read_meta(latest_checkpoint(out), "checkpoint")

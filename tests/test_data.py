@@ -58,3 +58,27 @@ def test_missing_and_partial_folders(tmp_path):
     (tmp_path / "train.txt").write_text("a\n")
     with pytest.raises(UserError, match="only some splits"):
         load_corpus(tmp_path)
+
+
+def test_corpora_that_differ_only_where_a_split_ends_have_their_own_cache(tmp_path):
+    """The cache key used to hash train + valid + test joined with nothing between them: moving a boundary kept the
+    key, and the second corpus was answered from the first one's cache."""
+    texts = [("a b\nc a\n", "b c\n", "a\n"), ("a b\nc a\nb c\n", "", "a\n"), ("a b\n", "c a\nb c\n", "a\n")]
+    texts = [t for t in texts if all(t)]  # every split non-empty (an empty one is refused)
+    corpora = []
+    for i, (train, valid, test) in enumerate(texts):
+        folder = tmp_path / f"c{i}"
+        folder.mkdir()
+        for name, text in zip(("train", "valid", "test"), (train, valid, test)):
+            (folder / f"{name}.txt").write_text(text)
+        assert "".join((train, valid, test)) == "".join(texts[0])  # the same bytes, split elsewhere
+        corpora.append((load_corpus(folder), (train, valid, test)))
+    for corpus, split_texts in corpora:  # the reference reading: words of train, others <unk>, <eos> per line
+        known = set(split_texts[0].split())
+        for name, text in zip(("train", "valid", "test"), split_texts):
+            words = [w if w in known or w == "<eos>" else "<unk>"
+                     for line in text.splitlines() for w in [*line.split(), "<eos>"]]
+            assert [corpus.vocab[i] for i in corpus.splits[name]] == words, name
+    from knnlm.data import cache_key, split_files
+    keys = {cache_key(split_files(tmp_path / f"c{i}")) for i in range(len(texts))}
+    assert len(keys) == len(texts)

@@ -4,12 +4,17 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import os
+import pathlib
 import socket
+import stat
+import tempfile
 import threading
 import zipfile
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from conftest import REPO, fails, snapshot
 from knnlm import download
@@ -155,3 +160,98 @@ def test_wikitext103_checks_what_it_can_and_says_checksums_are_not_pinned(server
 def test_pinned_wikitext2_checksums_match_the_shared_copy():
     pinned = dict(reversed(line.split()) for line in SUMS.read_text().splitlines() if line.strip())
     assert download.CORPORA["wikitext-2"].sha256 == pinned
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# zip slip, round three: every member's target is checked before any byte is written
+
+def test_double_slash_member_writes_nothing_outside_the_destination(server, tmp_path, capsys):
+    """`wikitext-2//ABS` passed the old check (normalised to `wikitext-2/ABS`) but cutting the prefix left `/ABS`,
+    an absolute path: the file was written before the checksums refused the archive."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    member = f"wikitext-2/{outside}/X"  # wikitext-2//tmp/.../outside/X
+    make_zip(server.srv / "wikitext-2-v1.zip", {**wikitext(), member: b"gotcha"})
+    dest = tmp_path / "out" / "wikitext-2"
+    fails(knnlm_data(capsys, "wikitext-2", "--dest", dest, "--url", server.url), "unsafe member", member)
+    assert list(outside.iterdir()) == [] and not dest.parent.exists()
+    fails(knnlm_data(capsys, "wikitext-2", "--dest", dest, "--url", (server.srv / "wikitext-2-v1.zip").as_uri()),
+          "unsafe member")  # a file:// URL goes the same way
+    assert list(outside.iterdir()) == []
+
+
+def symlink_info(name, target):
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info, target
+
+
+OUTSIDE = "@OUTSIDE@"  # replaced by the absolute path of a folder beside the destination
+PARTS = st.sampled_from(["wikitext-2", "x", "y", "..", ".", "", OUTSIDE, "C:", "a\\b"])
+MEMBER = st.tuples(st.lists(PARTS, min_size=1, max_size=4).map("/".join).filter(bool), st.booleans(), st.booleans())
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+@settings(max_examples=300, deadline=None)
+@given(members=st.lists(MEMBER, min_size=1, max_size=6))
+def test_no_archive_writes_outside_the_destination_and_good_ones_unpack(members):
+    """Member names built from absolute paths, `..`, `.`, empty components (`//`), with symbolic links and
+    duplicates: whatever the archive, nothing appears outside the folder unpacked into; an archive whose names are
+    all plain relative paths, without links or duplicates, unpacks completely."""
+    with tempfile.TemporaryDirectory() as base:
+        base = pathlib.Path(base)
+        out, outside = base / "out", base / "outside"
+        out.mkdir(), outside.mkdir()
+        (outside / "keep").write_bytes(b"keep")
+        names = [(name.replace(OUTSIDE, str(outside).lstrip("/")), link, as_dir) for name, link, as_dir in members]
+        with zipfile.ZipFile(base / "a.zip", "w") as zf:
+            for i, (name, link, as_dir) in enumerate(names):
+                if link:
+                    zf.writestr(*symlink_info(name, str(outside / "keep")))
+                else:
+                    zf.writestr(name + "/" if as_dir and not name.endswith("/") else name, b"data %d" % i)
+        with zipfile.ZipFile(base / "a.zip") as zf:
+            stored = [m.filename for m in zf.infolist()]
+        # the reference: a safe archive has only plain relative names ('\\' separates as '/' does), no links, no
+        # name twice, no file where another member needs a folder; it unpacks as a plain extraction would
+        rel = [n.replace("\\", "/").split("/") for n in stored]
+        clean = (not any(link for _, link, _ in names) and len({tuple(p for p in r if p) for r in rel}) == len(rel)
+                 and all(p not in ("", ".", "..") for r in rel for p in (r[:-1] if r[-1] == "" else r))
+                 and not any(":" in r[0] for r in rel))
+        files = {tuple(r) for r in rel if r[-1] != ""}
+        clean = clean and not any(tuple(r[:i]) in files for r in rel for i in range(1, len(r)))
+        try:
+            download.unpack(base / "a.zip", "URL", "wikitext-2", out)
+            ok = True
+        except download.UserError as e:
+            assert "\n" not in str(e)
+            ok = False
+        assert sorted(p.name for p in base.iterdir()) == ["a.zip", "out", "outside"]
+        assert [p.name for p in outside.iterdir()] == ["keep"] and (outside / "keep").read_bytes() == b"keep"
+        assert all(os.path.realpath(p).startswith(str(out) + "/") and not p.is_symlink() for p in out.rglob("*"))
+        mine = [r[1:] for r in rel if r[0] == "wikitext-2" and len(r) > 1 and r[1:] != [""]]
+        if clean and mine:
+            assert ok
+            want = {"/".join(r) for r in mine if r[-1] != ""}
+            got = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+            assert got == want
+        elif clean:
+            assert not ok  # no wikitext-2/ folder in it
+        else:
+            assert not ok and not any(out.iterdir())  # refused before anything was written
+
+
+def test_sigterm_while_unpacking_leaves_no_partial_archive(server, tmp_path, capsys, monkeypatch):
+    """SIGTERM used to end `knnlm data` on the spot, leaving `.wikitext-2.*.zip.part` beside the destination."""
+    import signal
+    import time
+
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr(download, "unpack", terminated)
+    (tmp_path / "out").mkdir()
+    proc = knnlm_data(capsys, "wikitext-2", "--dest", tmp_path / "out" / "wikitext-2", "--url", server.url)
+    assert proc.returncode == 143 and proc.stderr.strip().splitlines()[-1].startswith("knnlm: terminated;")
+    assert list((tmp_path / "out").iterdir()) == []

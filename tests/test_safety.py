@@ -264,7 +264,7 @@ def test_shuffled_vals_are_refused_on_load(run, capsys):
 
 @slow
 def test_datastore_without_digests_loads_as_before(run, capsys):
-    edit_json(run / "datastore" / "meta.json", lambda m: m.pop("sha256"))  # as the datastores of knnlm < 0.2
+    edit_json(run / "datastore" / "meta.json", lambda m: (m.pop("sha256"), m.pop("format")))  # as knnlm < 0.2's
     assert main(["evaluate", "--out", str(run), "eval.k=4"]) == 0
     capsys.readouterr()
     assert main(["verify", "--out", str(run)]) == 0
@@ -362,3 +362,403 @@ def test_reserve_allocates_the_whole_file(tmp_path):
     np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(4096, 64)).flush()
     reserve(path, "a test array")
     assert os.stat(path).st_blocks * 512 >= 4096 * 64 * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing lost, round three (issue 32)
+
+def test_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path, capsys):
+    """`ln -s FILE RUN/.lock` used to truncate FILE (and a dangling link created its target)."""
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("precious")
+    (run / ".lock").symlink_to(victim)
+    line = refused(capsys, "train", "--config", TINY, "--out", run)
+    assert line == f"knnlm: error: {run / '.lock'}: is a symbolic link; expected the run's own lock file (remove the link)"
+    assert victim.read_text() == "precious"
+    (run / ".lock").unlink()
+    (run / ".lock").symlink_to(tmp_path / "created")  # dangling
+    assert ".lock: is a symbolic link" in refused(capsys, "train", "--config", TINY, "--out", run)
+    assert not (tmp_path / "created").exists() and (run / ".lock").is_symlink()
+
+
+def test_lock_that_is_a_hard_link_or_a_folder_is_refused(tmp_path):
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("precious")
+    os.link(victim, run / ".lock")
+    with pytest.raises(UserError, match=r"\.lock: is a hard link to another file"):
+        with writing_into(run):
+            pass
+    assert victim.read_text() == "precious"
+    (run / ".lock").unlink()
+    (run / ".lock").mkdir()
+    with pytest.raises(UserError, match=r"\.lock: is a folder"):
+        with writing_into(run):
+            pass
+
+
+def test_lock_that_cannot_be_opened_still_keeps_a_second_writer_out(tmp_path, monkeypatch):
+    """Another user's `.lock` (EACCES for read-write) used to be skipped: two writers ran at once. flock needs no
+    write permission, so the file is locked read-only; a lock file that cannot be opened at all stops the writer."""
+    run = tmp_path / "run"
+    run.mkdir()
+    real_open = os.open
+    refuse = {"flags": os.O_RDWR}
+
+    def open_as_another_user(path, flags, *args):
+        if str(path).endswith(".lock") and flags & refuse["flags"] == refuse["flags"]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    with writing_into(run):  # the other user's command holds the lock
+        monkeypatch.setattr(os, "open", open_as_another_user)
+        with pytest.raises(UserError, match="is in use by process"):
+            with writing_into(run):
+                pass
+        refuse["flags"] = 0  # not even readable
+        with pytest.raises(UserError, match=r"\.lock: the run's lock cannot be taken \(Permission denied\)"):
+            with writing_into(run):
+                pass
+        monkeypatch.setattr(os, "open", real_open)
+    (run / ".lock").unlink()  # a folder where the lock cannot even be created cannot be written
+    monkeypatch.setattr(os, "open", open_as_another_user)
+    with pytest.raises(UserError, match="folder cannot be written"):
+        with writing_into(run):
+            pass
+    with writing_into(run, read_only=True):  # ...which a command that writes nothing does not mind
+        pass
+
+
+@pytest.mark.parametrize("entry", ["eval", "datastore", "checkpoints", "config.json", "eval/valid"])
+def test_run_entries_that_are_symlinks_are_refused(entry, tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (run / entry).parent.mkdir(parents=True, exist_ok=True)
+    elsewhere.mkdir()
+    (elsewhere / "valid").mkdir()
+    (elsewhere / "valid" / "summary.json").write_text("{}")
+    (run / entry).symlink_to(elsewhere)
+    before = snapshot(elsewhere)
+    with pytest.raises(UserError, match=f"{run / entry}: is a symbolic link"):
+        with writing_into(run):
+            pass
+    assert snapshot(elsewhere) == before
+
+
+def test_atomic_dir_never_replaces_a_link_and_clears_linked_leftovers(tmp_path):
+    from knnlm.artifacts import atomic_dir
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("keep")
+    (tmp_path / "ds").symlink_to(elsewhere)
+    with pytest.raises(UserError, match="ds: is a symbolic link"):
+        with atomic_dir(tmp_path / "ds"):
+            pass
+    (tmp_path / "ds").unlink()
+    (tmp_path / ".ds.old").symlink_to(elsewhere)  # what the old code left behind: rmtree refused it
+    with atomic_dir(tmp_path / "ds") as tmp:
+        (tmp / "new").write_text("new")
+    assert (tmp_path / "ds" / "new").read_text() == "new" and not (tmp_path / ".ds.old").exists()
+    assert snapshot(elsewhere) == {"keep": file_sha256(elsewhere / "keep")}
+
+
+def test_symlinked_eval_folder_is_refused_through_the_command_line(tmp_path, capsys):
+    """`RUN/eval` → an outside folder: `knnlm evaluate` used to replace the outside `valid/`."""
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (elsewhere / "valid").mkdir(parents=True)
+    (elsewhere / "valid" / "summary.json").write_text('{"mine": 1}')
+    run.mkdir()
+    (run / "eval").symlink_to(elsewhere)
+    before = snapshot(elsewhere)
+    line = refused(capsys, "evaluate", "--config", TINY, "--out", run)
+    assert f"{run / 'eval'}: is a symbolic link (to {elsewhere})" in line
+    assert snapshot(elsewhere) == before
+
+
+@slow
+def test_what_if_that_needs_a_new_search_is_refused_and_the_results_stay(run, capsys):
+    """`--k` above the run's eval.k_max used to search again and replace eval/valid: summary.json, tuning.json and
+    knn_logprobs.npy were gone. A what-if reads the saved search and writes nothing."""
+    before = snapshot(run)
+    line = refused(capsys, "evaluate", "--out", run, "--k", "128", "--lmbda", "0.25")
+    assert f"{run / 'eval' / 'valid'} stores 16 neighbours per token, this what-if needs 128; raise eval.k_max" in line
+    assert "without --k/--lmbda/--temperature" in line
+    assert snapshot(run) == before and {"summary.json", "tuning.json", "knn_logprobs.npy"} <= set(
+        p.name for p in (run / "eval" / "valid").iterdir())
+    # no saved test search: refused too (it used to search test, and to tune and save valid on the what-if's grid)
+    assert "holds no saved search" in refused(capsys, "evaluate", "--out", run, "--split", "test", "--k", "4")
+    assert snapshot(run) == before
+    assert main(["evaluate", "--out", str(run), "--k", "8", "--lmbda", "0.25"]) == 0  # a stored k: answered
+    assert json.loads(capsys.readouterr().out)["k"] == 8 and snapshot(run) == before
+
+
+@pytest.fixture(scope="module")
+def tested_run(micro_run, tmp_path_factory):
+    """A copy of the micro run with test evaluated too."""
+    copy = tmp_path_factory.mktemp("tested") / "run"
+    shutil.copytree(micro_run, copy)
+    knnlm("evaluate", "--out", copy, "--split", "test")
+    return copy
+
+
+@slow
+@pytest.mark.parametrize("field,value,expect", [
+    ("temperature", -1, "protocols.tuned.temperature: expected a finite number > 0, found -1"),
+    ("temperature", 0, "protocols.tuned.temperature: expected a finite number > 0, found 0"),
+    ("lambda", 2, "protocols.tuned.lambda: expected a number in [0, 1], found 2"),
+    ("k", "abc", "protocols.tuned.k: expected an integer in [1, 16]"),
+    ("k", None, "protocols.tuned.k: expected an integer in [1, 16]"),
+    ("k", 2.7, "protocols.tuned.k: expected an integer in [1, 16]"),
+    ("k", 17, "protocols.tuned.k: expected an integer in [1, 16]"),
+])
+def test_hand_edited_valid_choice_is_refused_on_test(field, value, expect, tested_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tested_run, run)
+    (run / "eval" / "test" / "knn_logprobs.npy").unlink()  # a failed evaluation must not write it
+    edit_json(run / "eval" / "valid" / "summary.json", lambda s: s["protocols"]["tuned"].update({field: value}))
+    before = snapshot(run)
+    line = refused(capsys, "evaluate", "--out", run, "--split", "test")
+    assert line.startswith(f"knnlm: error: {run / 'eval' / 'valid' / 'summary.json'}: ") and expect in line, line
+    assert snapshot(run) == before
+
+
+EDITS = st.one_of(  # (file, path of keys, value): one hand edit of a summary or an evaluation meta
+    st.tuples(st.just("eval/valid/summary.json"),
+              st.tuples(st.just("protocols"), st.sampled_from(["tuned", "paper"]),
+                        st.sampled_from(["k", "temperature", "lambda"])), JSON_VALUES),
+    st.tuples(st.just("eval/valid/summary.json"), st.tuples(st.sampled_from(["protocols", "split"])), JSON_VALUES),
+    st.tuples(st.just("eval/test/meta.json"),
+              st.tuples(st.sampled_from(["k_max", "tokens", "inputs", "index", "model_sha256", "datastore_size",
+                                         "rerank", "sha256", "seconds", "words"])), JSON_VALUES),
+)
+
+
+@slow
+@settings(max_examples=40, deadline=None)
+@given(edit=EDITS)
+def test_any_hand_edit_of_a_summary_or_meta_is_used_or_refused_in_one_line(edit, tested_run):
+    """`evaluate --split test` after any one edit of valid's summary.json or test's meta.json: it either succeeds with
+    choices inside their ranges, or is refused with one line naming the edited file, changing nothing."""
+    import contextlib
+    import io
+    import math
+    import tempfile
+    from pathlib import Path
+
+    name, keys, value = edit
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(tested_run, run)
+
+        def change(record):
+            for key in keys[:-1]:
+                record = record[key]
+            record[keys[-1]] = value
+
+        edit_json(run / name, change)
+        before = snapshot(run)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["evaluate", "--out", str(run), "--split", "test"])
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("knnlm:")]
+        if code == 0:
+            summary = json.loads(out.getvalue())
+            stored = np.load(run / "eval" / "test" / "neighbors.npy").shape[1]
+            for p in summary["protocols"].values():
+                assert isinstance(p["k"], int) and 1 <= p["k"] <= stored
+                assert 0 < p["temperature"] < math.inf and 0 <= p["lambda"] <= 1
+            assert math.isfinite(summary["knnlm_ppl"])
+        else:
+            assert code == 2 and len(lines) == 1 and str(run / name) in lines[0], (code, err.getvalue())
+            assert "Traceback" not in err.getvalue() and snapshot(run) == before
+
+
+@slow
+def test_deleted_config_json_does_not_bypass_the_changed_training_guard(run, capsys):
+    """The checkpoint's meta.json holds the config it was trained with: it answers when config.json is gone."""
+    (run / "config.json").unlink()
+    before = snapshot(run)
+    line = refused(capsys, "run", "--config", TINY, "--out", run, *MICRO, "model.dropout=0.1")
+    recorded = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("meta.json").read_text())
+    assert f"model.dropout: {recorded['config']['model']['dropout']!r} → 0.1" in line and "meta.json records" in line
+    assert snapshot(run) == before
+    assert main(["run", "--config", str(TINY), "--out", str(run), *MICRO]) == 0  # its own settings: reused
+
+
+SAVE_ONE_MODEL = """
+import sys, torch
+from knnlm.checkpoint import save_checkpoint
+from knnlm.config import load_config
+from knnlm.models import build_model
+cfg = load_config(sys.argv[2], ["model.d_model=32", "model.d_ff=64", "model.cutoffs=20,100"])
+torch.manual_seed(0)
+model = build_model(cfg.model, 300)
+opt = torch.optim.AdamW(model.parameters())
+print(save_checkpoint(sys.argv[1], 1, model, opt, torch.nn.Module(), {}, cfg, "v"))
+"""
+
+
+def test_model_digest_depends_on_the_weights_only(tmp_path):
+    """One model saved by processes with different PYTHONHASHSEEDs used to give one digest each: the tied weights'
+    metadata came out in another order every time."""
+    from knnlm.checkpoint import load_model
+
+    digests = set()
+    for seed in ("0", "1", "2"):
+        run = tmp_path / f"run{seed}"
+        subprocess.run([sys.executable, "-c", SAVE_ONE_MODEL, str(run), str(TINY)], check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        ckpt = run / "checkpoints" / "step_00000001"
+        meta = json.loads((ckpt / "meta.json").read_text())
+        assert meta["model_sha256"] == file_sha256(ckpt / "model.safetensors")
+        digests.add(meta["model_sha256"])
+    assert len(digests) == 1
+    import torch
+    from knnlm.models import build_model
+
+    model, cfg, _ = load_model(tmp_path / "run0")  # the file still loads into the model, tied weights and all
+    torch.manual_seed(0)
+    reference = build_model(cfg.model, 300).state_dict()
+    assert reference.keys() == model.state_dict().keys()
+    assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
+
+
+@slow
+def test_datastore_meta_without_digests_is_refused_unless_it_is_of_the_old_format(run, capsys):
+    """Deleting `sha256` from meta.json used to turn the vals check off; datastores now record `"format": 2`."""
+    assert json.loads((run / "datastore" / "meta.json").read_text())["format"] == 2
+    edit_json(run / "datastore" / "meta.json", lambda m: m.pop("sha256"))
+    before = snapshot(run)
+    line = refused(capsys, "evaluate", "--out", run)
+    assert str(run / "datastore" / "meta.json") in line and "no sha256 digest of keys.npy and vals.npy" in line
+    assert "no sha256 digest" in refused(capsys, "verify", "--out", run)
+    assert snapshot(run) == before
+    edit_json(run / "datastore" / "meta.json", lambda m: m.update(format=3, sha256={}))
+    assert "'format' should be 2" in refused(capsys, "verify", "--out", run)
+
+
+@slow
+@pytest.mark.parametrize("folder,change,expect", [
+    ("datastore", lambda m: m.update(N=m["N"] - 1), "keys.npy: expected float16 keys of shape"),
+    ("eval/valid", lambda m: m.update(tokens=m["tokens"] + 1), "disagrees with meta.json"),
+    ("eval/valid", lambda m: m.update(k_max=8), "disagrees with meta.json"),
+])
+def test_verify_checks_the_arrays_shapes_against_meta(folder, change, expect, run, capsys):
+    """`verify` used to say OK when meta.json's N disagreed with the arrays (the digests still matched)."""
+    edit_json(run / folder / "meta.json", change)
+    line = refused(capsys, "verify", "--out", run)
+    assert str(run / folder) in line and expect in line
+
+
+@slow
+def test_score_and_generate_refuse_bad_input_in_one_line(run, tmp_path, capsys):
+    """Each of these used to end in a traceback (or exit 1, or score an empty file as one token)."""
+    text = tmp_path / "text.txt"
+    text.write_text("the cat\n")
+    assert "expected a seed in [0, 2^64)" in refused(capsys, "generate", "--out", run, "--seed", 10**23)
+    assert "finite sampling temperature" in refused(capsys, "generate", "--out", run, "--lmbda", "1",
+                                                     "--sample-temperature", "inf")
+    assert f"{tmp_path / 'gone.txt'}: cannot read" in refused(capsys, "score", "--out", run, tmp_path / "gone.txt")
+    assert f"{tmp_path}: cannot read" in refused(capsys, "score", "--out", run, tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    assert "empty.txt: the file is empty" in refused(capsys, "score", "--out", run, tmp_path / "empty.txt")
+    summary = run / "eval" / "valid" / "summary.json"
+    kept = summary.read_text()
+    edit_json(summary, lambda s: s["protocols"]["tuned"].update(k="abc"))
+    line = refused(capsys, "score", "--out", run, text)
+    assert str(summary) in line and "protocols.tuned.k: expected an integer" in line
+    summary.write_text(kept)
+    # a token id beyond the vocabulary, with the digest recomputed: the digest cannot catch it, the range check does
+    vals_path = run / "datastore" / "vals.npy"
+    vals = np.load(vals_path)
+    vals[7] = 10**6
+    np.save(vals_path, vals)
+    edit_json(run / "datastore" / "meta.json", lambda m: m["sha256"].update({"vals.npy": file_sha256(vals_path)}))
+    line = refused(capsys, "generate", "--out", run, "--max-tokens", "2")
+    assert str(vals_path) in line and "token id 1000000 is outside the model's vocabulary" in line
+
+
+@slow
+def test_a_tiny_sampling_temperature_samples_the_most_likely_token(run, capsys):
+    """--sample-temperature 1e-310 divided the log-probabilities into −inf everywhere (a NaN softmax); sampling at a
+    temperature that small is greedy decoding."""
+    assert main(["generate", "--out", str(run), "--prompt", "the", "--max-tokens", "5", "--greedy"]) == 0
+    greedy = capsys.readouterr().out
+    assert main(["generate", "--out", str(run), "--prompt", "the", "--max-tokens", "5", "--seed", "3",
+                 "--sample-temperature", "1e-310"]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+@slow
+def test_sigterm_is_handled_like_ctrl_c_and_leaves_no_temporary_folder(run):
+    """A SIGTERM (a scheduler's stop) used to kill the datastore build outright, leaving `.datastore.tmp`."""
+    before = snapshot(run / "datastore")
+    env = {**os.environ, "TQDM_DISABLE": "1", "KNNLM_KILL_AT": "datastore:1:TERM"}
+    proc = subprocess.run([sys.executable, "-m", "knnlm.cli", "datastore", "--out", str(run)], capture_output=True,
+                          text=True, cwd=REPO, env=env)
+    lines = [line[line.index("knnlm:"):] for line in proc.stderr.splitlines() if "knnlm:" in line]  # after a bar
+    assert proc.returncode == 143 and lines == ["knnlm: terminated; rerun the same command to continue"], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run / ".datastore.tmp").exists() and snapshot(run / "datastore") == before
+    assert (run / ".lock").read_text() == ""  # released
+
+
+@slow
+def test_interrupted_training_says_to_rerun_with_resume(tmp_path, monkeypatch, capsys):
+    """`knnlm train` refuses to rerun into a run that holds a checkpoint without --resume: the message says so."""
+    import knnlm.train
+
+    lr_at = knnlm.train.lr_at
+
+    def stop_at_step_3(step, total, cfg):
+        if step == 3:
+            raise KeyboardInterrupt
+        return lr_at(step, total, cfg)
+
+    monkeypatch.setattr(knnlm.train, "lr_at", stop_at_step_3)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), "--out", str(out), *MICRO, "train.checkpoint_every=2"]) == 130
+    err = capsys.readouterr().err
+    assert [line[line.index("knnlm:"):] for line in err.splitlines() if "knnlm:" in line] == \
+        ["knnlm: interrupted; rerun it with --resume to continue"], err  # (after a progress bar)
+    monkeypatch.undo()
+    assert main(["train", "--config", str(TINY), "--out", str(out), "--resume", *MICRO,
+                 "train.checkpoint_every=2"]) == 0
+
+
+@slow
+def test_k_max_larger_than_the_training_split_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    line = refused(capsys, "run", "--config", TINY, "--out", out, "data.max_train_tokens=4")
+    assert line == ("knnlm: error: eval.k_max: 64 is larger than the datastore will be (4 keys, one per training "
+                    "token); expected at most 4")
+    assert not out.exists()
+
+
+@slow
+def test_read_only_run_is_refused_before_the_search(run, capsys, monkeypatch):
+    """A run folder that cannot be written used to fail at the end of a full search, naming a temporary file."""
+    import tempfile
+
+    import knnlm.evaluate
+
+    shutil.rmtree(run / "eval" / "valid")  # a full search would be needed
+    real = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and str(dir).startswith(str(run)):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(knnlm.evaluate, "search_all", no_search)
+    before = snapshot(run)
+    assert refused(capsys, "evaluate", "--out", run) == \
+        f"knnlm: error: --out {run}: folder cannot be written (Permission denied)"
+    assert refused(capsys, "datastore", "--out", run) == \
+        f"knnlm: error: --out {run}: folder cannot be written (Permission denied)"
+    assert snapshot(run) == before
