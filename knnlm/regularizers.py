@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import REGULARIZERS, TrainConfig
+from .config import TrainConfig
 from .distributed import gather_cat
 
 

@@ -49,13 +49,12 @@ import torch
 
 from .artifacts import UserError, cpu_name, kill_point, load_npy, markdown_table, nan_to_null, read_json, write_json, write_text
 from .checkpoint import load_model
-from .config import Config, changed_settings, load_config
+from .config import REGULARIZERS, Config, changed_settings, load_config
 from .evaluate import PAPER_TEMPERATURE, evaluate, paper_k, protocol_rows, tuning_arrays
 from .knn import knn_logprob, perplexities
 from .pipeline import run_pipeline
 from .plots import (plot_omega_curve, plot_paired_objectives, plot_ppl_by_k, plot_regularizer_comparison,
                     plot_temperature_vs_norm)
-from .regularizers import REGULARIZERS
 
 
 @dataclass
