@@ -130,9 +130,33 @@ def load_training_state(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer
     return state
 
 
+BEST = "best"  # checkpoints/best: a copy of the step with the best valid perplexity (train.keep_best)
+
+
+def model_checkpoint(run: str | Path) -> Path | None:
+    """The checkpoint whose weights the run's datastore, evaluation and API use: `checkpoints/best` where training
+    kept one (`train.keep_best`, early stopping), else the latest. Resuming training always reads the latest."""
+    best = Path(run) / "checkpoints" / BEST
+    return best if (best / "meta.json").is_file() else latest_checkpoint(run)
+
+
+def load_weights(module: nn.Module, ckpt: Path) -> None:
+    """A checkpoint folder's model weights into `module` (its architecture must match)."""
+    _load_safetensors_into(module, Path(ckpt) / "model.safetensors")
+
+
+def keep_as_best(run: str | Path, step_dir: Path) -> Path:
+    """Copy a complete step checkpoint to `checkpoints/best`, replacing the previous best atomically."""
+    with atomic_dir(Path(run) / "checkpoints" / BEST) as tmp:
+        for f in sorted(Path(step_dir).iterdir()):
+            shutil.copy2(f, tmp / f.name)
+    return Path(run) / "checkpoints" / BEST
+
+
 def latest_meta(run: str | Path) -> dict:
-    """The meta.json of the run's latest complete checkpoint, with its folder as "path" (the weights unread)."""
-    ckpt = latest_checkpoint(run)
+    """The meta.json of the run's model checkpoint (`model_checkpoint`: the best one where training kept it, else
+    the latest complete one), with its folder as "path" (the weights unread)."""
+    ckpt = model_checkpoint(run)
     if ckpt is None:
         raise UserError(f"{run}: no complete checkpoint (run `knnlm train` into this folder first)")
     return {**read_meta(ckpt, "checkpoint", FIELDS), "path": str(ckpt)}

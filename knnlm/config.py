@@ -90,6 +90,8 @@ class TrainConfig:
     beta: float = 0.0  # weight of KL(p_kNN || p_LM) at each position (needs distil_targets)
     ce_weight: float = 1.0  # weight of the LM's cross-entropy (1: the usual LM loss; a memory model may use less)
     init_from: str = ""  # a run folder whose last checkpoint's weights start training (a fine-tune); "" = random
+    keep_best: bool = False  # keep the checkpoint of the best valid perplexity (each epoch): datastore, eval, API use it
+    patience: int = 0  # with keep_best: stop after this many epochs without a better valid perplexity (0: never)
 
 
 @dataclass
@@ -308,6 +310,8 @@ def validate(cfg: Config) -> None:
     _expect(t.beta == 0 or bool(t.distil_targets), "train.beta", t.beta,
             "0 unless train.distil_targets names a targets folder (made by `knnlm targets`)")
     _expect(t.ce_weight > 0 or t.beta > 0, "train.ce_weight", t.ce_weight, "> 0 unless train.beta > 0 (no loss)")
+    _expect(t.patience >= 0, "train.patience", t.patience, "a number of epochs >= 0 (0: never stop early)")
+    _expect(t.patience == 0 or t.keep_best, "train.patience", t.patience, "0 unless train.keep_best = true")
 
     _expect(0 <= s.stride <= m.context, "datastore.stride", s.stride,
             f"a stride in [0, model.context={m.context}] (0 = context // 2)")

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .artifacts import UserError, read_json, read_meta, write_json, writing_into
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, model_checkpoint
 from .config import Config, check_same_model
 from .data import split_ids
 from .datastore import build_datastore
@@ -59,7 +59,7 @@ def run_pipeline(cfg: Config, out: Path, progress: bool = True) -> dict | None:
             check_k_max(cfg)  # now, not after training and building the datastore
             train_summary = train(cfg, out, resume=latest_checkpoint(out) is not None, progress=progress)
 
-        ckpt = read_meta(latest_checkpoint(out), "checkpoint")
+        ckpt = read_meta(model_checkpoint(out), "checkpoint")  # the best one where training kept it
         ds_meta = out / "datastore" / "meta.json"
         if not ds_meta.is_file() or read_json(ds_meta)["model_sha256"] != ckpt["model_sha256"]:
             build_datastore(out, cfg, progress=progress)

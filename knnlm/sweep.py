@@ -224,6 +224,8 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
         "valid_knnlm_ppl_paper": paper["knnlm_ppl"],  # temperature 1, k = 1024, λ tuned on valid
         "paper_lambda": paper["lambda"], "paper_k": paper["k"],
         "target_in_neighbors": v["target_in_neighbors"], "epochs": res["train"]["epochs"],
+        # how strong the penalty is, in the LM loss's nats, at the start and end of training (runs since 2026-12-06)
+        **({"penalty": res["train"]["penalty"]} if res["train"].get("penalty") else {}),
         **protocol_curves(read_json(out / name / "eval" / "valid" / "tuning.json", "tuning grid"), cfg),
         "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu: " + cpu_name(),
         "seconds": {**res["seconds"], "train_compute": res["train"]["train_seconds"]},

@@ -21,7 +21,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .artifacts import UserError, atomic_path, kill_point, write_json
-from .checkpoint import init_weights_from, latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import (BEST, init_weights_from, keep_as_best, latest_checkpoint, load_training_state, load_weights,
+                         save_checkpoint)
 from .config import Config, check_same_model, save_config
 from .data import Corpus, block_positions, epoch_order, num_train_blocks, token_stream, train_batch, split_ids
 from .distill import Targets, check_targets_for, kl_to_targets
@@ -56,6 +57,19 @@ def block_perplexity(model: LanguageModel, corpus: Corpus, cfg: Config, split: s
 def _append_metrics(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def penalty_strength(metrics: Path, omega: float) -> dict:
+    """The loss terms in nats at the start and the end of training (first and last logged windows): the LM loss, the
+    regularizer's weighted term ω · reg_loss and the KL term when distilling; how strong a penalty is, in the LM
+    loss's units."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.is_file() else []
+    rows = [r for r in rows if "lm_loss" in r]
+    if not rows:
+        return {}
+    at = lambda r: {"step": r["step"], "lm_loss": r["lm_loss"], "omega_reg_loss": omega * r["reg_loss"],
+                    **({"kl_loss": r["kl_loss"]} if "kl_loss" in r else {})}
+    return {"start": at(rows[0]), "end": at(rows[-1])}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -132,12 +146,15 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
 
     metrics_path = out / "metrics.jsonl"
     step, elapsed = 0, 0.0
+    # early stopping (train.keep_best): the best valid perplexity so far, its step, epochs since it improved
+    best = {"valid_ppl": math.inf, "step": -1, "since": 0}
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not resume:
         raise UserError(f"{out}: already holds a training run (pass --resume to continue it, or choose another --out)")
     if ckpt is not None:
         state = load_training_state(ckpt, model, opt, regularizer)
         step, elapsed = state["step"], state.get("elapsed", 0.0)
+        best = state.get("best", best)
         if main:
             _truncate_metrics(metrics_path, step)
     elif main:
@@ -159,7 +176,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     def checkpoint(step: int) -> Path | None:
         path = None
         if main:
-            path = save_checkpoint(out, step, model, opt, regularizer, {"elapsed": elapsed, "epoch": step / steps_per_epoch},
+            path = save_checkpoint(out, step, model, opt, regularizer,
+                                   {"elapsed": elapsed, "epoch": step / steps_per_epoch, "best": best},
                                    cfg, corpus.vocab_hash)
         barrier()
         return path
@@ -219,21 +237,41 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
                 "grad_norm": float(grad_norm), "tokens_per_s": window["n"] * tokens_per_step / max(dt, 1e-9),
             })
             window = {"lm": 0.0, "reg": 0.0, "kl": 0.0, "n": 0, "t0": time.time()}
+        improved = stop = False
         if main and end_of_epoch:
             row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                    "valid_ppl": block_perplexity(model, corpus, cfg, "valid", t.eval_tokens)}
             _append_metrics(metrics_path, row)
             bar.write(f"epoch {row['epoch']:.2f}: valid ppl {row['valid_ppl']:.2f} (blocks of {mcfg.context} tokens, no overlap)")
+            if t.keep_best:
+                improved = row["valid_ppl"] < best["valid_ppl"]
+                best = {"valid_ppl": row["valid_ppl"], "step": step, "since": 0} if improved else \
+                    {**best, "since": best["since"] + 1}
+                stop = bool(t.patience) and best["since"] >= t.patience and step < total_steps
+        if t.keep_best and end_of_epoch and world > 1:  # every rank checkpoints (and stops) with rank 0
+            flags = torch.tensor([improved, stop], dtype=torch.int64, device=device)
+            dist.broadcast(flags, 0)
+            improved, stop = bool(flags[0]), bool(flags[1])
         kill_point("train", step)
-        if step % t.checkpoint_every == 0 or step == total_steps:
+        if step % t.checkpoint_every == 0 or step == total_steps or improved or stop:
             last_good = checkpoint(step)
+            if improved and main:
+                keep_as_best(out, last_good)
+        if stop:
+            bar.write(f"early stop at epoch {step / steps_per_epoch:.2f}: no better valid perplexity for "
+                      f"{t.patience} epochs (best {best['valid_ppl']:.2f} at step {best['step']})")
+            break
     bar.close()
     if total_steps == 0 and latest_checkpoint(out) is None:
         last_good = checkpoint(0)
     if not main:
         return {}
 
+    if t.keep_best and (out / "checkpoints" / BEST / "model.safetensors").is_file():
+        load_weights(model, out / "checkpoints" / BEST)  # the summary reports the model the run keeps
     final = {
+        **({"best_step": best["step"], "stopped_early": step < total_steps} if t.keep_best else {}),
+        "penalty": penalty_strength(metrics_path, t.omega),
         "steps": step, "epochs": step / steps_per_epoch, "train_seconds": elapsed, "ranks": world,
         "tokens_per_s": step * tokens_per_step / max(elapsed, 1e-9),
         "train_ppl": block_perplexity(model, corpus, cfg, "train", t.eval_tokens or len(split_ids(corpus, cfg, "valid"))),

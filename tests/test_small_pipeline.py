@@ -207,3 +207,47 @@ def test_a_finished_run_asked_to_run_with_another_model_config_says_so_and_chang
     # evaluation settings are not the model's: the same run evaluates again under another grid
     assert main(["run", "--config", str(TINY), "--out", str(copy), *args, "eval.k=4", "train.threads=2"]) == 0
     assert json.loads((copy / "eval" / "valid" / "summary.json").read_text())["k"] == 4
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_checkpoint_and_the_pipeline_uses_it(tmp_path, monkeypatch):
+    """Planted valid perplexities 50, 40, 45, 47: the best is epoch 2; patience 2 stops after epoch 4 of 6; the
+    datastore and evaluation read epoch 2's weights, and the summary reports them."""
+    from knnlm import train as train_module
+    from knnlm.checkpoint import latest_checkpoint, latest_meta, model_checkpoint
+    from knnlm.config import load_config
+    from knnlm.pipeline import run_pipeline
+
+    corpus = micro_corpus(tmp_path / "corpus")
+    planted = iter([50.0, 40.0, 45.0, 47.0])
+    real = train_module.block_perplexity
+    calls = []
+
+    def fake(model, corpus_, cfg, split, max_tokens=0):
+        if split == "valid" and len(calls) < 4:
+            calls.append(split)
+            return next(planted)
+        return real(model, corpus_, cfg, split, max_tokens)
+
+    monkeypatch.setattr(train_module, "block_perplexity", fake)
+    cfg = load_config(None, [*MICRO, f"data.path={corpus}", "train.epochs=6", "train.checkpoint_every=1000",
+                             "train.keep_best=true", "train.patience=2"])
+    out = tmp_path / "run"
+    results = run_pipeline(cfg, out, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if "valid_ppl" in r]
+    steps_per_epoch = epochs[0]["step"]
+    assert [r["valid_ppl"] for r in epochs] == [50.0, 40.0, 45.0, 47.0]  # stopped after the 4th epoch of 6
+    summary = results["train"]
+    assert summary["stopped_early"] and summary["best_step"] == 2 * steps_per_epoch
+    assert summary["steps"] == 4 * steps_per_epoch and summary["epochs"] == 4
+    best = model_checkpoint(out)
+    assert best.name == "best" and json.loads((best / "meta.json").read_text())["step"] == 2 * steps_per_epoch
+    assert latest_checkpoint(out).name == f"step_{4 * steps_per_epoch:08d}"  # resume reads the latest
+    ds = json.loads((out / "datastore" / "meta.json").read_text())
+    assert ds["model_sha256"] == latest_meta(out)["model_sha256"] == json.loads((best / "meta.json").read_text())["model_sha256"]
+    assert summary["penalty"]["start"]["omega_reg_loss"] == pytest.approx(0.01 * rows[0]["reg_loss"])
+    # a rerun finds every step done (the datastore of the best checkpoint is not rebuilt)
+    before = (out / "datastore" / "meta.json").stat().st_mtime_ns
+    run_pipeline(cfg, out, progress=False)
+    assert (out / "datastore" / "meta.json").stat().st_mtime_ns == before
