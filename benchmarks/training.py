@@ -38,7 +38,7 @@ def knnlm_step(cfg, vocab_size: int):
 
     def step(inputs, targets):
         with autocast("cpu", True):
-            lm, r = objective(inputs, targets)
+            lm, r, _ = objective(inputs, targets)  # (the KL term: 0 without distillation targets)
         loss = lm + cfg.train.omega * r
         opt.zero_grad(set_to_none=True)
         loss.backward()

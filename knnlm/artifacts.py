@@ -76,10 +76,35 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
+    with swapping(final, exclusive=True):  # readers (`swapping(..., False)`) never open it between the renames
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def swapping(folder: str | Path, exclusive: bool) -> Iterator[None]:
+    """A short `flock` on `.swap.lock` beside an artifact folder: exclusive while `atomic_dir` moves a new folder
+    into place (two renames), shared while a reader opens one (its meta, then its arrays), so that a reader in another
+    process never sees the moment between the renames, nor the old meta with the new arrays. Where no lock file can
+    be opened (a read-only folder) nobody can swap anything, and none is needed."""
+    lock = Path(folder).parent / ".swap.lock"
+    fd = None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            fd = os.open(lock, flags | os.O_NOFOLLOW, 0o666)
+            break
+        except OSError:
+            continue
+    if fd is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def reserve(path: str | Path, what: str) -> None:

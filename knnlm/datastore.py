@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .artifacts import UserError, atomic_dir, kill_point, reserve, check_digest, file_sha256, load_npy, read_meta, write_json
+from .artifacts import UserError, atomic_dir, check_digest, file_sha256, kill_point, load_npy, read_meta, reserve, swapping, write_json
 from .checkpoint import load_model
 from .config import Config
 from .data import sliding_windows, token_stream, split_ids
@@ -113,6 +113,10 @@ class Datastore:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        with swapping(self.folder, exclusive=False):  # a writer replacing the folder waits, and we never see half
+            self._open()
+
+    def _open(self) -> None:
         self.meta = read_meta(self.folder, "datastore", self.FIELDS)
         self.keys = load_npy(self.folder / "keys.npy", mmap=True)
         self.vals = load_npy(self.folder / "vals.npy", mmap=True)

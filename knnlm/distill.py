@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, load_npy, read_meta, verify_digests
+from .artifacts import UserError, load_npy, read_meta, swapping, verify_digests
 
 ARRAYS = {"words": np.int32, "probs": np.float32, "rest": np.float32}  # the targets folder's arrays
 
@@ -47,10 +47,11 @@ class Targets:
 
     def __init__(self, folder: str | Path, verify: bool = True):
         self.folder = Path(folder)
-        self.meta = read_meta(self.folder, "kNN targets", self.FIELDS)
-        if verify:
-            verify_digests(self.folder, self.meta)
-        self.arrays = {name: load_npy(self.folder / f"{name}.npy", mmap=True) for name in ARRAYS}
+        with swapping(self.folder, exclusive=False):  # a rebuild's swap waits until meta and arrays are open
+            self.meta = read_meta(self.folder, "kNN targets", self.FIELDS)
+            if verify:
+                verify_digests(self.folder, self.meta)
+            self.arrays = {name: load_npy(self.folder / f"{name}.npy", mmap=True) for name in ARRAYS}
         N, m = self.meta["N"], self.meta["top"]
         for name, dtype in ARRAYS.items():
             shape = (N,) if name == "rest" else (N, m)

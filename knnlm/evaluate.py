@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .artifacts import (UserError, nan_at, atomic_dir, check_fields, file_sha256, kill_point, load_npy, read_json,
-                        save_npy, write_json)
+                        save_npy, swapping, write_json)
 from .checkpoint import checkpoint_dirs, latest_meta, load_model
 from .config import Config, from_dict
 from .data import token_stream, split_ids
@@ -117,8 +117,9 @@ def read_eval_meta(folder: Path) -> dict:
 
 def load_search(folder: Path) -> dict[str, np.ndarray]:
     """The saved per-token arrays of an evaluation, checked against its meta.json (written last)."""
-    meta = read_eval_meta(folder)
-    arrays = {a: load_npy(folder / f"{a}.npy", mmap=a in ("query_keys", "neighbors", "distances")) for a in ARRAYS}
+    with swapping(folder, exclusive=False):  # never the old meta with the new arrays of a re-evaluation
+        meta = read_eval_meta(folder)
+        arrays = {a: load_npy(folder / f"{a}.npy", mmap=a in ("query_keys", "neighbors", "distances")) for a in ARRAYS}
     n, K = meta["tokens"], meta["k_max"]
     for name, arr in arrays.items():
         want = (n, K) if name in ("neighbors", "distances") else (n,) if name in ("targets", "lm_logprobs") else None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .artifacts import UserError, file_sha256, kill_point, load_npy, read_json, reserve, write_json
+from .artifacts import UserError, file_sha256, kill_point, load_npy, read_json, reserve, swapping, write_json
 from .checkpoint import latest_meta
 from .config import Config
 from .datastore import Datastore
@@ -164,8 +164,9 @@ def build_targets(run: str | Path, cfg: Config, progress: bool = True) -> Path:
     os.remove(partial / "progress.json")
     old = run / ".targets.old"
     shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    partial.rename(final)
+    with swapping(final, exclusive=True):  # a trainer opening the targets never sees the moment between renames
+        if final.exists():
+            final.rename(old)
+        partial.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final

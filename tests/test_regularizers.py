@@ -196,7 +196,7 @@ def test_zero_weight_gives_exactly_the_lm_loss_and_gradients(name):
     for reg_name in (name, "l2"):
         model.zero_grad()
         reg = make_regularizer(TrainConfig(regularizer=reg_name), model, 60, 16, block=8)
-        lm_loss, reg_loss = Objective(model, reg)(inputs, targets)
+        lm_loss, reg_loss, _ = Objective(model, reg)(inputs, targets)
         loss = lm_loss + 0.0 * reg_loss
         loss.backward()
         grads[reg_name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])

@@ -762,3 +762,53 @@ def test_read_only_run_is_refused_before_the_search(run, capsys, monkeypatch):
     assert refused(capsys, "datastore", "--out", run) == \
         f"knnlm: error: --out {run}: folder cannot be written (Permission denied)"
     assert snapshot(run) == before
+
+
+def _write_store(folder, value: int) -> None:
+    """A small complete datastore whose every key and value is `value` (so a half-swapped read would mix two)."""
+    from knnlm.artifacts import atomic_dir, file_sha256, write_json
+
+    with atomic_dir(folder) as tmp:
+        np.save(tmp / "keys.npy", np.full((64, 4), value, dtype=np.float16))
+        np.save(tmp / "vals.npy", np.full(64, value, dtype=np.int32))
+        write_json(tmp / "meta.json", {"N": 64, "d": 4, "model_sha256": f"m{value}", "key_site": "ffn_input",
+                                       "key_layer": -1, "checkpoint": "c", "format": 2,
+                                       "sha256": {n: file_sha256(tmp / n) for n in ("keys.npy", "vals.npy")},
+                                       "value": value})
+
+
+def test_readers_never_see_a_datastore_half_swapped(tmp_path):
+    """Issue 32, case 9: a writer replaces the datastore again and again while another process opens it 3,000 times;
+    every open succeeds and sees one version whole (meta, keys and values of the same write)."""
+    import multiprocessing
+
+    from knnlm.datastore import Datastore
+
+    folder = tmp_path / "run" / "datastore"
+    folder.parent.mkdir()
+    _write_store(folder, 1)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        reading = pool.apply_async(_open_many, (str(folder), 3000))
+        writes = 0
+        while not reading.ready():  # until the reader is done (it starts a few seconds late: a new interpreter)
+            _write_store(folder, 2 + writes % 50)
+            writes += 1
+        failures = reading.get(timeout=600)
+    assert writes >= 300 and failures == [], (writes, failures[:5])
+    assert Datastore(folder).meta["value"] == 2 + (writes - 1) % 50
+
+
+def _open_many(folder: str, n: int) -> list[str]:
+    from knnlm.datastore import Datastore
+
+    failures = []
+    for _ in range(n):
+        try:
+            ds = Datastore(folder)
+            v = ds.meta["value"]
+            if not ((ds.keys == v).all() and (ds.vals == v).all() and ds.meta["model_sha256"] == f"m{v}"):
+                failures.append(f"mixed versions: meta {v}, keys {ds.keys[0, 0]}, vals {ds.vals[0]}")
+        except Exception as e:  # noqa: BLE001 - any failure to open is what this test counts
+            failures.append(f"{type(e).__name__}: {e}")
+    return failures
