@@ -33,6 +33,9 @@ KEY_SITES = {
     "block_output": "the residual stream after the block",
     "final": "the final layer norm's output, the input of the softmax",
 }
+MODEL_KINDS = ("", "builtin", "hf")
+# options that only a Hugging Face model reads (knnlm.hf), with their defaults
+HF_ONLY_OPTIONS = {"key_module": "", "key_io": "input", "hf_allow_pickle": False}
 REGULARIZERS = ("l2", "moco", "zero-queue", "knn", "pull-ratio", "knn-memory")
 
 
@@ -57,7 +60,8 @@ class ModelConfig:
     key_site: str = "ffn_input"  # one of KEY_SITES
     key_layer: int = -1  # which block the key is read from
     # a local Hugging Face causal LM instead of the built-in Transformer (knnlm.hf); the fields above then do not apply
-    # except `context`
+    # except `context`. kind: "builtin", "hf" (then hf_path is required), or "" = "hf" exactly when hf_path is set
+    kind: str = ""
     hf_path: str = ""
     key_module: str = ""  # module path of the key, "{last}" = last block; "" = the family's default (input of its MLP)
     key_io: str = "input"  # the module's input or output
@@ -278,6 +282,16 @@ def validate(cfg: Config) -> None:
             m.cutoffs, "strictly increasing positive integers")
     _expect(m.div_factor > 0, "model.div_factor", m.div_factor, "a number > 0")
     _expect(m.key_io in ("input", "output"), "model.key_io", m.key_io, "input or output")
+    _expect(m.kind in MODEL_KINDS, "model.kind", m.kind, f"one of {', '.join(k for k in MODEL_KINDS if k)} (or empty)")
+    # a config written for a Hugging Face model must not quietly train the built-in one when hf_path is missing
+    if not m.hf_path:
+        hf_options = [f"model.{key}" for key, default in HF_ONLY_OPTIONS.items() if getattr(m, key) != default]
+        needed_by = "model.kind = \"hf\"" if m.kind == "hf" else ", ".join(hf_options)
+        _expect(not needed_by, "model.hf_path", m.hf_path,
+                f"a local Hugging Face model (a folder or a cached hub id, e.g. model.hf_path=/models/my-lm), "
+                f"since {needed_by} is set")
+    _expect(not (m.kind == "builtin" and m.hf_path), "model.kind", m.kind,
+            "hf (or empty) when model.hf_path names a Hugging Face model")
 
     if not m.hf_path:  # the built-in Transformer's own options (a Hugging Face model brings its own)
         _expect(m.key_site in KEY_SITES, "model.key_site", m.key_site, f"one of {', '.join(KEY_SITES)}")

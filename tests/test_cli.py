@@ -48,3 +48,19 @@ def test_a_started_run_continues_with_its_own_config(tmp_path):
     cfg = _training_config(args)
     tiny = load_config(TINY)
     assert (cfg.train.seed, cfg.train.omega, cfg.train.epochs, cfg.model.d_model) == (7, 0.5, 2, tiny.model.d_model)
+
+
+def test_the_hugging_face_example_without_a_model_is_refused_not_trained_as_the_built_in_one(tmp_path, capsys):
+    hf_example = TINY.parent / "hf-example.toml"
+    out = tmp_path / "run"
+    line = main_fails(capsys, "run", "--config", hf_example, "--out", out)
+    assert line.startswith("knnlm: error: model.hf_path:") and 'model.kind = "hf"' in line
+    assert not out.exists()
+    # an option only a Hugging Face model reads also asks for one; with hf_path the same configs are accepted
+    assert "model.key_module" in main_fails(capsys, "train", "--config", TINY, "--out", out, "model.key_module=x.mlp")
+    assert load_config(hf_example, ["model.hf_path=/models/m"]).model.hf_path == "/models/m"
+    assert load_config(TINY, ["model.hf_path=/models/m", "model.key_io=output"]).model.key_io == "output"
+    with pytest.raises(UserError, match="model.kind"):
+        load_config(TINY, ["model.hf_path=/models/m", "model.kind=builtin"])
+    with pytest.raises(UserError, match="model.kind"):
+        load_config(TINY, ["model.kind=gpt"])
