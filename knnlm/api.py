@@ -264,5 +264,30 @@ def sample(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
 
 
 def load(run: str | Path, protocol: str = "tuned", **settings) -> KNNLM:
-    """A finished run (trained, datastore built, valid evaluated) ready for inference; see `KNNLM`."""
+    """A finished run ready for inference: its model, vocabulary or tokenizer, datastore and exact search.
+
+    Args:
+        run: a run folder that `knnlm run` (or `knnlm train`, `knnlm datastore` and `knnlm evaluate`) has finished:
+            RUN/checkpoints, RUN/datastore and, unless k, temperature and lmbda are all given, RUN/eval/valid.
+        protocol: whose choice of k, kNN temperature and λ on valid to use: "tuned" (all three tuned) or "paper"
+            (temperature 1, k = 1024 or eval.k_max, λ tuned; Khandelwal et al. 2020).
+        **settings: any of `k` (neighbours), `temperature` (kNN temperature T of softmax(−d/T)), `lmbda` (weight
+            of p_kNN in λ p_kNN + (1 − λ) p_LM), each replacing the run's choice; `index` (a search backend or
+            FAISS factory string instead of the run's eval.index); `memory` (a memory model's run folder) and
+            `memory_lambda` (its mixing weight μ, else the one tuned by `knnlm evaluate --memory`).
+
+    Returns:
+        A `KNNLM`: `.score(text)` gives per-token LM, kNN and kNN-LM log-probabilities (a `Scored`, with `.ppl`);
+        `.next_token_logprobs(context)` the (V,) log-distribution of the next token; `.generate(prompt, ...)` a
+        continuation; `.k`, `.temperature`, `.lmbda` the settings in use.
+
+    Raises:
+        knnlm.UserError: the folder lacks a finished step, or a setting is out of range.
+
+    Example:
+        >>> import knnlm
+        >>> lm = knnlm.load("runs/tiny")                        # doctest: +SKIP
+        >>> lm.score("the game was released in 2010 .").ppl     # doctest: +SKIP
+        >>> lm.generate("the game was", max_tokens=10, greedy=True)  # doctest: +SKIP
+    """
     return KNNLM(run, protocol, **settings)

@@ -22,6 +22,7 @@ from pathlib import Path
 from . import __version__
 from .artifacts import UserError, check_digest, read_meta, verify_digests, writing_into
 from .config import REGULARIZERS, Config, apply_overrides, load_config, read_run_config, validate
+from .report import evaluation_table, memory_table, table, train_table, wrote
 
 
 def _config_for_run(args, overrides: list[str]) -> Config:
@@ -61,7 +62,8 @@ def cmd_train(args) -> None:
     with writing_into(out):
         check_writable(out)
         summary = train(cfg, out, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    if summary:  # {}: a rank other than 0 under torchrun
+        _report(args, summary, lambda: [train_table(summary), wrote("checkpoints", out / "checkpoints")])
 
 
 def cmd_datastore(args) -> None:
@@ -70,7 +72,7 @@ def cmd_datastore(args) -> None:
     cfg = _config_for_run(args, args.overrides)
     with writing_into(args.out, create=False):
         folder = build_datastore(args.out, cfg)
-    print(folder)
+    _report(args, {"datastore": str(folder)}, lambda: [wrote("datastore", folder)])
 
 
 def cmd_evaluate(args) -> None:
@@ -95,12 +97,22 @@ def cmd_evaluate(args) -> None:
         if fixed:
             raise UserError("--memory: tunes its own λ, k and temperature on valid; drop --k/--lmbda/--temperature")
         with writing_into(args.out, create=False), writing_into(args.memory, create=False):
-            print(json.dumps(evaluate_memory(args.out, args.memory, cfg, args.split), indent=2))
+            summary = evaluate_memory(args.out, args.memory, cfg, args.split)
+        where = Path(args.memory) / "memory_eval" / args.split / "summary.json"
+        _report(args, summary, lambda: [memory_table(summary), wrote("summary", where)])
         return
     with writing_into(args.out, create=False):  # a what-if evaluation may still save a new search
         summary = evaluate(args.out, cfg, args.split, save=not fixed, fixed=fixed)
     if summary is not None:  # None: a rank other than 0 under torchrun
-        print(json.dumps(summary, indent=2))
+        where = Path(args.out) / "eval" / args.split
+        closing = (wrote("what-if only, nothing saved; the run's summary stays", where / "summary.json") if fixed
+                   else wrote("summary and per-token arrays", where))
+        _report(args, summary, lambda: [evaluation_table(summary), closing])
+
+
+def _report(args, record: dict, human) -> None:
+    """A command's record as JSON (--json), else the lines `human()` returns (tables, where results went)."""
+    print(json.dumps(record, indent=2) if getattr(args, "json", False) else "\n".join(human()))
 
 
 def format_table(results: dict) -> str:
@@ -113,8 +125,7 @@ def format_table(results: dict) -> str:
         rows += [("test LM ppl", f"{results['test']['lm_ppl']:.2f}"), ("test kNN-LM ppl", f"{results['test']['knnlm_ppl']:.2f}")]
     rows.append(("chosen λ, k, temperature", f"{va['lambda']}, {va['k']}, {va['temperature']}"))
     rows += [(f"time {name} (s)", "?" if sec is None else f"{sec:.0f}") for name, sec in results["seconds"].items()]
-    w = max(len(r[0]) for r in rows)
-    return "\n".join([f"| {'':{w}} | value |", f"|{'-' * (w + 2)}|-------|"] + [f"| {a:{w}} | {b} |" for a, b in rows])
+    return table(rows)
 
 
 def cmd_run(args) -> None:
@@ -123,7 +134,7 @@ def cmd_run(args) -> None:
     cfg = _training_config(args)
     results = run_pipeline(cfg, Path(args.out))
     if results is not None:  # None: a rank other than 0 under torchrun
-        print(format_table(results))
+        _report(args, results, lambda: [format_table(results), wrote("results", Path(args.out) / "results.json")])
 
 
 def cmd_targets(args) -> None:
@@ -132,7 +143,7 @@ def cmd_targets(args) -> None:
     cfg = _config_for_run(args, args.overrides)
     with writing_into(args.out, create=False):
         folder = build_targets(args.out, cfg)
-    print(folder)
+    _report(args, {"targets": str(folder)}, lambda: [wrote("targets", folder)])
 
 
 def cmd_sweep(args) -> None:
@@ -195,8 +206,9 @@ def cmd_score(args) -> None:
         print("token\tlm\tknn\tknnlm")
         for r in scored.rows():
             print(f"{r['token']}\t{r['lm']:.6f}\t{r['knn']:.6f}\t{r['knnlm']:.6f}")
-    print(json.dumps({"file": str(path), "tokens": len(scored.tokens), "lm_ppl": scored.lm_ppl,
-                      "knnlm_ppl": scored.ppl}, indent=2))
+    record = {"file": str(path), "tokens": len(scored.tokens), "lm_ppl": scored.lm_ppl, "knnlm_ppl": scored.ppl}
+    _report(args, record, lambda: [f"{path}: {len(scored.tokens)} tokens, LM ppl {scored.lm_ppl:.2f}, kNN-LM ppl "
+                                   f"{scored.ppl:.2f} (nothing written; --tokens lists every token)"])
 
 
 def cmd_generate(args) -> None:
@@ -252,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--config", help="TOML config file (default: the run's config.json, written when it started)")
         sp.add_argument("--out", required=True, help="run folder")
         sp.add_argument("overrides", nargs="*", help="section.key=value")
+        sp.add_argument("--json", action="store_true", help="print the command's record as JSON, not a table")
         sp.set_defaults(fn=fn)
         return sp
 
@@ -317,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "score":
             sp.add_argument("file", help="UTF-8 text, read like a corpus file (one end-of-line token per line)")
             sp.add_argument("--tokens", action="store_true", help="also print one tab-separated line per token")
+            sp.add_argument("--json", action="store_true", help="print the totals as JSON")
         else:
             sp.add_argument("--prompt", default="", help="text to continue")
             sp.add_argument("--max-tokens", type=int, default=50, help="tokens to generate")

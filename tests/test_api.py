@@ -46,9 +46,9 @@ def custom_corpus(tmp_path):
 @pytest.mark.slow
 @pytest.mark.wikitext
 def test_custom_text_after_wikitext_gets_its_own_numbers_and_score_agrees_with_evaluate(run, custom_corpus):
-    wiki = json.loads(cli("evaluate", "--out", run, "--split", "test").stdout)
+    wiki = json.loads(cli("evaluate", "--out", run, "--json", "--split", "test").stdout)
     assert wiki["tokens"] == 10000
-    mine = json.loads(cli("evaluate", "--out", run, "--split", "test", f"data.path={custom_corpus}").stdout)
+    mine = json.loads(cli("evaluate", "--out", run, "--json", "--split", "test", f"data.path={custom_corpus}").stdout)
     lm = knnlm.load(run)
     scored = lm.score(TEXT)
     assert mine["tokens"] == len(scored.tokens) == len(TEXT.split()) + TEXT.count("\n")  # not the cached 10000
@@ -64,7 +64,7 @@ def test_custom_text_after_wikitext_gets_its_own_numbers_and_score_agrees_with_e
     np.testing.assert_allclose(scored.logprobs, interpolate(saved_lm, saved_knn, mine["lambda"]), atol=1e-4)
     assert scored.ppl == pytest.approx(mine["knnlm_ppl"], rel=1e-4)
     # the command-line wrapper prints the same perplexity
-    out = json.loads(cli("score", custom_corpus / "wiki.test.tokens", "--out", run).stdout)
+    out = json.loads(cli("score", custom_corpus / "wiki.test.tokens", "--out", run, "--json").stdout)
     assert out["tokens"] == mine["tokens"] and out["knnlm_ppl"] == pytest.approx(scored.ppl, rel=1e-9)
 
 
