@@ -35,7 +35,7 @@ import torch
 from .artifacts import UserError, read_json
 from .checkpoint import load_model
 from .config import read_run_config
-from .data import EOS, UNK, token_stream, word_vocab_hash
+from .data import EOS, UNK, TextTokenizer, bpe_from_json, token_stream, tokenizer_settings, vocab_identity
 from .datastore import Datastore
 from .distributed import default_device
 from .evaluate import PROTOCOLS, check_memory_summary, scoring_settings, searcher_for
@@ -54,10 +54,16 @@ class Scored:
     lm: np.ndarray  # log p_LM(token)
     knn: np.ndarray  # log p_kNN(token); −inf where no neighbour carries it
     logprobs: np.ndarray  # log(λ p_kNN + (1 − λ) p_LM)
+    words: int = 0  # whitespace words of the text + one per line end (0: one per token)
 
     @property
     def ppl(self) -> float:
         return float(np.exp(-np.mean(self.logprobs)))
+
+    @property
+    def word_ppl(self) -> float:
+        """Perplexity per word: the same total loss over the text's words, whatever the tokenizer."""
+        return float(np.exp(-np.sum(self.logprobs) / (self.words or len(self.logprobs))))
 
     @property
     def lm_ppl(self) -> float:
@@ -130,15 +136,27 @@ class KNNLM:
 
     def _vocabulary(self, ckpt_meta: dict) -> None:
         """The word list (word-level runs: RUN/vocab.json, or the corpus for older runs) or the tokenizer."""
-        self.tokenizer = None
+        self.tokenizer, self.text_tokenizer = None, None
         if self.train_cfg.model.hf_path:
             self.tokenizer = load_tokenizer(self.train_cfg.model.hf_path)
             self.vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
             self.eos_id = hf_eos_id(self.tokenizer)
             return
-        saved = self.run / "vocab.json"
-        self.vocab = read_json(saved, "vocabulary") if saved.is_file() else corpus_for(self.cfg).vocab
-        if word_vocab_hash(self.vocab) != ckpt_meta["vocab_hash"]:
+        saved, data = self.run / "vocab.json", self.train_cfg.data
+        if saved.is_file():
+            self.vocab = read_json(saved, "vocabulary")
+            if data.tokenizer == "bpe":
+                bpe = self.run / "tokenizer.json"
+                if not bpe.is_file():
+                    raise UserError(f"{bpe}: not found (the run's BPE tokenizer, written by `knnlm train`)")
+                self.text_tokenizer = bpe_from_json(bpe.read_text(encoding="utf-8"), data.lowercase)
+            else:
+                self.text_tokenizer = TextTokenizer(data.tokenizer, data.lowercase)
+        else:  # runs from before vocab.json was written
+            corpus = corpus_for(self.train_cfg)
+            self.vocab, self.text_tokenizer = corpus.vocab, corpus.tokenizer
+        bpe = self.text_tokenizer.to_json() if self.text_tokenizer.kind == "bpe" else ""
+        if vocab_identity(self.vocab, tokenizer_settings(data), bpe) != ckpt_meta["vocab_hash"]:
             raise UserError(f"{saved}: vocabulary differs from the one the checkpoint was trained with")
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.eos_id, self.unk_id = self.index[EOS], self.index.get(UNK, -1)
@@ -154,11 +172,11 @@ class KNNLM:
             close_last_line = True
         ids: list[int] = []
         for n, line in enumerate(lines):
-            words = line.split()
             if self.tokenizer is not None:
+                words = line.split()
                 ids.extend(self.tokenizer.encode(" ".join(words), add_special_tokens=False) if words else [])
             else:
-                for w in words:
+                for w in self.text_tokenizer.split(line):
                     if w not in self.index and self.unk_id < 0:
                         raise UserError(f"{w!r}: not in the vocabulary, which has no {UNK}")
                     ids.append(self.index.get(w, self.unk_id))
@@ -178,7 +196,7 @@ class KNNLM:
         lines.append(line)
         if self.tokenizer is not None:
             return "\n".join(self.tokenizer.decode(li) for li in lines)
-        return "\n".join(" ".join(self.vocab[i] for i in li) for li in lines)
+        return "\n".join(self.text_tokenizer.join([self.vocab[i] for i in li]) for li in lines)
 
     # probabilities
 
@@ -204,7 +222,9 @@ class KNNLM:
             lm = interpolate(lm, mem.numpy().astype(np.float64), self.memory_lambda)
         D, vals = self._knn_search(torch.cat(keys).numpy())
         knn = knn_logprob(D, vals, targets, self.k, self.temperature)
-        return Scored([self.vocab[i] for i in targets], lm, knn, interpolate(lm, knn, self.lmbda))
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        words = len(text.split()) + len(lines) - (len(lines) > 1 and lines[-1] == "")  # each line's end is one
+        return Scored([self.vocab[i] for i in targets], lm, knn, interpolate(lm, knn, self.lmbda), words)
 
     @torch.no_grad()
     def next_token_logprobs(self, context: str | np.ndarray) -> torch.Tensor:

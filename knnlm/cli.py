@@ -121,6 +121,10 @@ def format_table(results: dict) -> str:
     rows = [("train LM ppl", f"{tr['train_ppl']:.2f}"), ("valid LM ppl", f"{va['lm_ppl']:.2f}"),
             ("valid kNN-LM ppl, tuned", f"{va['knnlm_ppl']:.2f}"),
             (f"valid kNN-LM ppl, paper protocol (T = 1, k = {paper['k']}, λ = {paper['lambda']})", f"{paper['knnlm_ppl']:.2f}")]
+    if va.get("words", va["tokens"]) != va["tokens"]:  # another tokenizer than whitespace words: per word too
+        rows.append(("valid LM / kNN-LM ppl per word", f"{va['lm_word_ppl']:.2f} / {va['knnlm_word_ppl']:.2f}"))
+    if va.get("oov_rate"):
+        rows.append(("valid OOV rate (<unk> tokens)", f"{100 * va['oov_rate']:.2f}%"))
     if "test" in results:
         rows += [("test LM ppl", f"{results['test']['lm_ppl']:.2f}"), ("test kNN-LM ppl", f"{results['test']['knnlm_ppl']:.2f}")]
     rows.append(("chosen λ, k, temperature", f"{va['lambda']}, {va['k']}, {va['temperature']}"))
@@ -206,7 +210,8 @@ def cmd_score(args) -> None:
         print("token\tlm\tknn\tknnlm")
         for r in scored.rows():
             print(f"{r['token']}\t{r['lm']:.6f}\t{r['knn']:.6f}\t{r['knnlm']:.6f}")
-    record = {"file": str(path), "tokens": len(scored.tokens), "lm_ppl": scored.lm_ppl, "knnlm_ppl": scored.ppl}
+    record = {"file": str(path), "tokens": len(scored.tokens), "words": scored.words, "lm_ppl": scored.lm_ppl,
+              "knnlm_ppl": scored.ppl, "knnlm_word_ppl": scored.word_ppl}
     _report(args, record, lambda: [f"{path}: {len(scored.tokens)} tokens, LM ppl {scored.lm_ppl:.2f}, kNN-LM ppl "
                                    f"{scored.ppl:.2f} (nothing written; --tokens lists every token)"])
 

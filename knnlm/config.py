@@ -33,6 +33,11 @@ KEY_SITES = {
     "block_output": "the residual stream after the block",
     "final": "the final layer norm's output, the input of the softmax",
 }
+TOKENIZERS = {
+    "whitespace": "split on whitespace (WikiText is already tokenized)",
+    "words": "raw text split into words, numbers, clitics and single punctuation marks (WikiText-style)",
+    "bpe": "a byte-level BPE of data.vocab_size pieces learned from the training split (no unknown words)",
+}
 MODEL_KINDS = ("", "builtin", "hf")
 # options that only a Hugging Face model reads (knnlm.hf), with their defaults
 HF_ONLY_OPTIONS = {"key_module": "", "key_io": "input", "hf_allow_pickle": False}
@@ -44,6 +49,11 @@ class DataConfig:
     path: str = ""  # corpus folder; "" = $KNNLM_DATA or the shared WikiText-2 copy
     max_train_tokens: int = 0  # 0 = whole split; >0 keeps the first tokens (tiny configs)
     max_eval_tokens: int = 0
+    # how the built-in model reads text (knnlm.data; a Hugging Face model brings its own tokenizer): one of TOKENIZERS
+    tokenizer: str = "whitespace"
+    lowercase: bool = False  # lower-case the text before it is split
+    vocab_size: int = 8000  # bpe: pieces learned from the training split
+    min_count: int = 1  # training words seen fewer times become <unk> (1: keep every word); whitespace and words
 
 
 @dataclass
@@ -272,6 +282,16 @@ def validate(cfg: Config) -> None:
     d, m, t, s, e = cfg.data, cfg.model, cfg.train, cfg.datastore, cfg.eval
     _expect(d.max_train_tokens >= 0, "data.max_train_tokens", d.max_train_tokens, "a count >= 0 (0 = whole split)")
     _expect(d.max_eval_tokens >= 0, "data.max_eval_tokens", d.max_eval_tokens, "a count >= 0 (0 = whole split)")
+    _expect(d.tokenizer in TOKENIZERS, "data.tokenizer", d.tokenizer, f"one of {', '.join(TOKENIZERS)}")
+    _expect(d.min_count >= 1, "data.min_count", d.min_count, "a count >= 1 (1 keeps every training word)")
+    _expect(d.tokenizer != "bpe" or d.min_count == 1, "data.min_count", d.min_count,
+            "1 with data.tokenizer=bpe (a byte-level BPE has no unknown words)")
+    _expect(d.tokenizer != "bpe" or 300 <= d.vocab_size <= 2**31 - 1, "data.vocab_size", d.vocab_size,
+            "at least 300 pieces (256 bytes, the specials and some merges)")
+    if m.hf_path or m.kind == "hf":  # the model's own tokenizer reads the text
+        for key, default in (("tokenizer", "whitespace"), ("lowercase", False), ("min_count", 1)):
+            _expect(getattr(d, key) == default, f"data.{key}", getattr(d, key),
+                    f"{default!r} (a Hugging Face model reads text with its own tokenizer)")
 
     for key in ("d_model", "n_layers", "n_heads", "d_ff"):
         _expect(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an integer >= 1")

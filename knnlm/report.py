@@ -25,7 +25,7 @@ def evaluation_table(summary: dict) -> str:
     both protocols, the chosen settings, how often the target is among the neighbours, and the search."""
     tokens, words = summary["tokens"], summary.get("words", summary["tokens"])
     rows = [("tokens (words)", f"{tokens:,} ({words:,})")]
-    if "oov_rate" in summary:
+    if summary.get("oov_rate") is not None:
         rows.append(("OOV rate (<unk> tokens)", f"{100 * summary['oov_rate']:.2f}%"))
     rows.append(("LM ppl (per word)", f"{_ppl(summary['lm_ppl'])} ({_ppl(summary['lm_word_ppl'])})"))
     for name, p in summary["protocols"].items():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import knnlm
-from conftest import fails, knnlm as cli
+from conftest import TINY, fails, knnlm as cli
 from knnlm.api import sample
 from knnlm.data import default_data_dir
 from knnlm.datastore import Datastore
@@ -164,3 +164,50 @@ def test_a_datastore_rebuilt_with_another_stride_is_searched_again(run):
     assert after["inputs"]["stride"] == 16 != before["inputs"]["stride"]
     assert after["inputs"]["datastore"] != before["inputs"]["datastore"]
     assert (valid / "neighbors.npy").stat().st_mtime_ns != searched  # searched anew, not served from the old cache
+
+
+def made_up_raw_text(n_lines: int, seed: int) -> str:
+    """Sentences with capitals and punctuation, as a researcher's own text would have (not pre-tokenized)."""
+    rng = np.random.default_rng(seed)
+    names, verbs = ["Anna", "The committee", "Paris", "Dr. Lee", "The cat"], ["met", "saw", "won't see", "praised"]
+    things = ["the report", "a new bridge", "its 3.5% growth", "the river's bank", "1,200 people"]
+    ends = [".", "!", "?", ", again.", " (twice)."]
+    return "".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)}{rng.choice(ends)}\n"
+                   for _ in range(n_lines))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer", ["words", "bpe"])
+def test_own_raw_text_counts_unknown_words_and_reports_per_word_perplexity(tokenizer, tmp_path):
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text(made_up_raw_text(600, 0))
+    valid = made_up_raw_text(60, 1) + "Zanzibar's Quokka met Anna.\n"  # words training never saw
+    (corpus / "valid.txt").write_text(valid)
+    (corpus / "test.txt").write_text(made_up_raw_text(60, 2))
+    run = tmp_path / "run"
+    extra = ["data.vocab_size=300"] if tokenizer == "bpe" else []
+    proc = cli("run", "--config", TINY, "--out", run, f"data.path={corpus}", f"data.tokenizer={tokenizer}",
+               "data.max_train_tokens=0", "data.max_eval_tokens=0", "train.epochs=1", "eval.k_max=16", "eval.k=4,16",
+               *extra)
+    summary = json.loads((run / "eval" / "valid" / "summary.json").read_text())
+    lm = np.load(run / "eval" / "valid" / "lm_logprobs.npy").astype(np.float64)
+    targets = np.load(run / "eval" / "valid" / "targets.npy")
+    words = sum(len(line.split()) + 1 for line in valid.splitlines())  # counted here, without knnlm
+    assert summary["words"] == words and summary["tokens"] == len(targets)
+    assert summary["lm_word_ppl"] == pytest.approx(np.exp(-lm.sum() / words), rel=1e-6)
+    vocab = json.loads((run / "vocab.json").read_text())
+    unk = int((targets == vocab.index("<unk>")).sum()) if "<unk>" in vocab else 0
+    assert summary["oov_rate"] == pytest.approx(unk / len(targets))
+    if tokenizer == "words":  # 'zanzibar', 'quokka': unknown; training has no <unk>, so the run warns
+        assert unk == 2 and "none in train" in proc.stderr
+        assert f"{100 * summary['oov_rate']:.2f}%" in proc.stdout  # and the table shows the OOV rate
+    else:
+        assert unk == 0
+    # the API reads text with the run's tokenizer: its per-word perplexity is the evaluation's
+    scored = knnlm.load(run).score(valid)
+    assert scored.words == words and len(scored.tokens) == len(targets)
+    np.testing.assert_allclose(scored.lm, lm, atol=1e-4)
+    assert scored.word_ppl == pytest.approx(summary["knnlm_word_ppl"], rel=1e-4)
