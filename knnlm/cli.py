@@ -195,7 +195,8 @@ def cmd_data(args) -> None:
 def _load_run(args):
     from .api import load
 
-    settings = {name: getattr(args, name) for name in ("k", "temperature", "lmbda") if getattr(args, name) is not None}
+    settings = {name: getattr(args, arg) for name, arg in (("k", "k"), ("knn_temperature", "temperature"), ("lmbda", "lmbda"))
+                if getattr(args, arg) is not None}
     return load(args.out, args.protocol, memory=args.memory, **settings)
 
 

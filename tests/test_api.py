@@ -56,7 +56,7 @@ def test_custom_text_after_wikitext_gets_its_own_numbers_and_score_agrees_with_e
     folder = run / "eval" / "test"
     saved_lm = np.load(folder / "lm_logprobs.npy")
     saved_knn = np.load(folder / "knn_logprobs.npy").astype(np.float64)
-    assert (lm.k, lm.temperature, lm.lmbda) == (mine["k"], mine["temperature"], mine["lambda"])
+    assert (lm.k, lm.knn_temperature, lm.lmbda) == (mine["k"], mine["temperature"], mine["lambda"])
     np.testing.assert_allclose(scored.lm, saved_lm, atol=1e-4)
     finite = np.isfinite(saved_knn)
     assert np.array_equal(finite, np.isfinite(scored.knn))
@@ -84,7 +84,7 @@ def test_next_token_distribution_is_the_brute_force_knnlm(run):
     ds = Datastore(run / "datastore")
     d = ((np.asarray(ds.keys, dtype=np.float64) - q) ** 2).sum(1)
     near = np.argsort(d, kind="stable")[: lm.k]
-    w = np.exp(-(d[near] - d[near].min()) / lm.temperature)
+    w = np.exp(-(d[near] - d[near].min()) / lm.knn_temperature)
     p_knn = np.bincount(ds.vals[near], weights=w / w.sum(), minlength=len(lm.vocab))
     with np.errstate(divide="ignore"):  # log 0 where no neighbour carries the word
         want = np.logaddexp(np.log(lm.lmbda) + np.log(p_knn), np.log1p(-lm.lmbda) + lm_logp.numpy())
@@ -112,6 +112,38 @@ def test_generate_follows_the_distribution(run):
     assert proc.stdout.strip() == (prompt + " " + greedy).strip()
     fails(cli("generate", "--out", run, "--top-p", "0", check=False), "top_p")
     fails(cli("score", run / "no-such-file", "--out", run, check=False), "no-such-file")
+
+
+@pytest.mark.slow
+def test_kv_cached_and_batched_generation_equal_recomputation(run):
+    lm = knnlm.load(run)
+    lm.bf16 = False  # fp32 on every machine: the two paths differ only by the order of their sums
+    T = lm.model.cfg.context
+    prompt = list(lm.encode("the film was", close_last_line=False))
+    n = T + 10  # past the context window: the cache gives way to recomputing the sliding window
+    cached = lm.generate_ids([prompt], n, greedy=True)[0]
+    assert cached == lm.generate_ids([prompt], n, greedy=True, cache=False)[0]
+    # step by step: the cached distribution is the recomputed one (next_token_logprobs runs the whole window)
+    from knnlm.api import DecodeCache
+    from knnlm.data import token_stream
+
+    streams, caches = token_stream(np.asarray(prompt, dtype=np.int32), lm.eos_id)[None], [DecodeCache()]
+    for t in cached[: T - len(prompt) + 3]:
+        logp = lm._next_logprobs(streams, caches)[0]
+        want = lm.next_token_logprobs(streams[0, 1:].numpy())
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(logp)) and torch.allclose(logp[finite], want[finite], atol=1e-4)
+        assert int(logp.argmax()) == t
+        streams = torch.cat([streams, torch.tensor([[t]])], 1)
+    # a batch of prompts (two of one length, one longer) = each prompt alone
+    prompts = ["the film was", "the game is", "he played for the club"]
+    assert lm.generate(prompts, max_tokens=6, greedy=True) == [lm.generate(p, max_tokens=6, greedy=True) for p in prompts]
+    stopped = lm.generate_ids([lm.encode(p, close_last_line=False) for p in prompts], 40, greedy=True, stop_at_eos=True)
+    assert all(lm.eos_id not in s[:-1] for s in stopped)  # each row ends at its own end of line
+    # the kNN temperature is knn_temperature; `temperature` still works, with a warning
+    with pytest.warns(DeprecationWarning, match="knn_temperature"):
+        old = knnlm.load(run, temperature=2.0)
+    assert old.knn_temperature == knnlm.load(run, knn_temperature=2.0).knn_temperature == 2.0
 
 
 def test_sampling_follows_temperature_top_k_and_top_p():
