@@ -36,7 +36,8 @@ import torch
 from .artifacts import UserError, read_json
 from .checkpoint import load_model
 from .config import read_run_config
-from .data import EOS, UNK, TextTokenizer, bpe_from_json, token_stream, tokenizer_settings, vocab_identity
+from .data import (EOS, UNK, TextTokenizer, bpe_from_json, split_ids, token_stream, tokenizer_settings,
+                   vocab_identity)
 from .datastore import Datastore
 from .distributed import default_device
 from .evaluate import PROTOCOLS, check_memory_summary, scoring_settings, searcher_for
@@ -73,6 +74,23 @@ class Scored:
     def rows(self) -> list[dict]:
         return [{"token": t, "lm": float(a), "knn": float(b), "knnlm": float(c)}
                 for t, a, b, c in zip(self.tokens, self.lm, self.knn, self.logprobs)]
+
+
+@dataclass
+class Neighbours:
+    """The k nearest stored keys of one query, nearest first: datastore rows (= positions of the training stream),
+    squared L2 distances, the tokens that followed them, and the training text around each."""
+
+    ids: np.ndarray  # (k,) datastore rows
+    distances: np.ndarray  # (k,) squared L2 distances to the query key
+    next_ids: np.ndarray  # (k,) the token that followed each stored key (its value)
+    next_tokens: list[str]
+    before: list[str]  # the training text that led up to each (up to `window` tokens)
+    after: list[str]  # the training text after the next token
+
+    def rows(self) -> list[dict]:
+        return [{"id": int(i), "distance": float(d), "next": t, "before": b, "after": a}
+                for i, d, t, b, a in zip(self.ids, self.distances, self.next_tokens, self.before, self.after)]
 
 
 class KNNLM:
@@ -287,6 +305,35 @@ class KNNLM:
         if self.lmbda in (0, 1):
             return lm if self.lmbda == 0 else p_knn.log()
         return torch.logaddexp(math.log(self.lmbda) + p_knn.log(), math.log1p(-self.lmbda) + lm)
+
+    @torch.no_grad()
+    def neighbours(self, context: str | np.ndarray, k: int | None = None, window: int = 12) -> Neighbours:
+        """The k (default: the run's k) stored keys nearest to the key that predicts the token after `context`
+        (the query `next_token_logprobs` searches), with the training text around each: `window` tokens before the
+        token that followed it, and `window` after."""
+        k = self.k if k is None else k
+        if not 1 <= k <= len(self.datastore):
+            raise UserError(f"k: expected 1 … {len(self.datastore)} (the datastore's keys), got {k}")
+        ids = self.encode(context, close_last_line=False) if isinstance(context, str) else np.asarray(context)
+        with autocast(self.device, self.bf16):
+            _, key = self._run(self.model, token_stream(ids, self.eos_id)[None], None)
+        D, I = self.searcher.search(key.to(torch.float16).float().cpu().numpy(), k)
+        rows, dists = I[0].astype(np.int64), D[0]
+        s = self._train_stream()  # row i is input position i of the training stream; it predicts s[i + 1]
+        assert np.array_equal(s[rows + 1], self.datastore.vals[rows]), "datastore rows are training positions"
+        text = lambda a, b: self.decode(s[max(a, 0) : b])  # noqa: E731
+        return Neighbours(rows, dists, s[rows + 1], [self.vocab[i] for i in s[rows + 1]],
+                          [text(i + 1 - window, i + 1) for i in rows], [text(i + 2, i + 2 + window) for i in rows])
+
+    def _train_stream(self) -> np.ndarray:
+        """The training split's token stream the datastore was written from (`[<eos>] + ids`), read once."""
+        if getattr(self, "_train", None) is None:
+            corpus = corpus_for(self.cfg)  # as `knnlm datastore` read it: the run's config
+            self._train = token_stream(split_ids(corpus, self.cfg, "train"), corpus.eos_id).numpy()
+            if len(self._train) - 1 != len(self.datastore):
+                raise UserError(f"{self.run / 'datastore'}: {len(self.datastore)} keys, but the training split "
+                                f"reads {len(self._train) - 1} tokens now (has the corpus changed?)")
+        return self._train
 
     def generate(self, prompt: str | list[str], max_tokens: int = 50, greedy: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,

@@ -206,15 +206,40 @@ def cmd_score(args) -> None:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
-    scored = _load_run(args).score(text)
+    lm = _load_run(args)
+    scored = lm.score(text)
     if args.tokens:
         print("token\tlm\tknn\tknnlm")
         for r in scored.rows():
             print(f"{r['token']}\t{r['lm']:.6f}\t{r['knn']:.6f}\t{r['knnlm']:.6f}")
     record = {"file": str(path), "tokens": len(scored.tokens), "words": scored.words, "lm_ppl": scored.lm_ppl,
               "knnlm_ppl": scored.ppl, "knnlm_word_ppl": scored.word_ppl}
-    _report(args, record, lambda: [f"{path}: {len(scored.tokens)} tokens, LM ppl {scored.lm_ppl:.2f}, kNN-LM ppl "
+    if args.explain is not None:
+        record["explain"] = _explain(lm, text, scored, args.explain)
+    _report(args, record, lambda: [*_explain_lines(record.get("explain")),
+                                   f"{path}: {len(scored.tokens)} tokens, LM ppl {scored.lm_ppl:.2f}, kNN-LM ppl "
                                    f"{scored.ppl:.2f} (nothing written; --tokens lists every token)"])
+
+
+def _explain(lm, text: str, scored, n: int) -> dict:
+    """Token n of the scored text, its probabilities and the neighbours of the key that predicts it."""
+    if not 0 <= n < len(scored.tokens):
+        raise UserError(f"--explain: expected a token index in [0, {len(scored.tokens)}), got {n}")
+    near = lm.neighbours(lm.encode(text)[:n])
+    return {"token": n, "text": scored.tokens[n], "lm": float(scored.lm[n]), "knn": float(scored.knn[n]),
+            "knnlm": float(scored.logprobs[n]), "neighbours": near.rows()}
+
+
+def _explain_lines(explained: dict | None) -> list[str]:
+    if explained is None:
+        return []
+    e = explained
+    lines = [f"token {e['token']} {e['text']!r}: log p LM {e['lm']:.3f}, kNN {e['knn']:.3f}, kNN-LM {e['knnlm']:.3f}; "
+             f"its {len(e['neighbours'])} nearest training contexts:"]
+    for r in e["neighbours"]:
+        lines.append(f"  #{r['id']:<9} d={r['distance']:<10.3f} … {r['before']} [{r['next']}] {r['after']} …"
+                     .replace("\n", " / "))
+    return lines
 
 
 def cmd_generate(args) -> None:
@@ -337,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("file", help="UTF-8 text, read like a corpus file (one end-of-line token per line)")
             sp.add_argument("--tokens", action="store_true", help="also print one tab-separated line per token")
             sp.add_argument("--json", action="store_true", help="print the totals as JSON")
+            sp.add_argument("--explain", type=int, metavar="N",
+                            help="also print the nearest training contexts of token N (0-based) and what followed them")
         else:
             sp.add_argument("--prompt", default="", help="text to continue")
             sp.add_argument("--max-tokens", type=int, default=50, help="tokens to generate")

@@ -146,6 +146,40 @@ def test_kv_cached_and_batched_generation_equal_recomputation(run):
     assert old.knn_temperature == knnlm.load(run, knn_temperature=2.0).knn_temperature == 2.0
 
 
+@pytest.mark.slow
+def test_neighbours_are_the_brute_force_nearest_training_contexts(run):
+    lm = knnlm.load(run)
+    context = "the game was released in"
+    near = lm.neighbours(context, k=8)
+    # independent: float64 distances from the query key (float16, as stored) to every stored key
+    ids = lm.encode(context, close_last_line=False)
+    s = torch.from_numpy(np.concatenate([[lm.eos_id], ids]).astype(np.int64))
+    with torch.no_grad(), autocast("cpu", lm.bf16):
+        q = lm.model(s[None]).key[0, -1].to(torch.float16).double().numpy()
+    ds = Datastore(run / "datastore")
+    d = ((np.asarray(ds.keys, dtype=np.float64) - q) ** 2).sum(1)
+    want = np.argsort(d, kind="stable")[:8]
+    np.testing.assert_allclose(near.distances, d[want], rtol=1e-4, atol=1e-3)
+    assert set(near.ids.tolist()) == set(want.tolist()) or np.allclose(np.sort(d[near.ids]), d[want], rtol=1e-5)
+    assert near.next_ids.tolist() == ds.vals[near.ids].tolist()
+    # the text around row i: the training stream's tokens up to position i, then the token that followed
+    from knnlm.data import load_corpus
+
+    stream = np.concatenate([[lm.eos_id], load_corpus().splits["train"][:100000]])  # the tiny run's training text
+    for i, before, nxt in zip(near.ids, near.before, near.next_tokens):
+        assert lm.vocab[stream[i + 1]] == nxt
+        if stream[i] != lm.eos_id:  # the text before ends with the token at the stored key's position
+            assert before.split()[-1] == lm.vocab[stream[i]]
+    proc = cli("score", run / "explain.txt", "--out", run, "--explain", "3", check=False)
+    fails(proc, "explain.txt")
+    (run / "explain.txt").write_text(context + " the\n")
+    out = cli("score", run / "explain.txt", "--out", run, "--explain", "5").stdout
+    assert "token 5 'the'" in out and out.count("  #") == lm.k
+    first = lm.neighbours(context)  # token 5's context is the five words before it
+    assert f"#{first.ids[0]}" in out and f"[{first.next_tokens[0]}]" in out
+    fails(cli("score", run / "explain.txt", "--out", run, "--explain", "99", check=False), "--explain")
+
+
 def test_sampling_follows_temperature_top_k_and_top_p():
     logp = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64))
     g = torch.Generator().manual_seed(0)
