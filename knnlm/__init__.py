@@ -4,8 +4,10 @@ Pipeline, in the order data flows: data → model → regularizers → train →
 analysis / plots, with `cli` on top. From Python, `knnlm.load(RUN)` gives a finished run's kNN-LM (`knnlm.api`).
 """
 
+from .artifacts import UserError  # bad input (an option, a file): one line naming it and what was expected
+
 __version__ = "0.1.0"
-__all__ = ["KNNLM", "load", "__version__"]
+__all__ = ["KNNLM", "UserError", "load", "__version__"]
 
 
 def __getattr__(name: str):

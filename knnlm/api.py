@@ -4,7 +4,7 @@
     lm = knnlm.load("runs/wt2")                    # model, datastore, search and the run's tuned settings
     scored = lm.score("the cat sat on the mat")    # per token: LM, kNN and interpolated log-probabilities
     logp = lm.next_token_logprobs("the cat")       # (V,) interpolated log-probabilities over the vocabulary
-    lm.generate("the cat", max_tokens=20, top_p=0.9, seed=0)
+    lm.generate("the cat", max_tokens=20, top_p=0.9, seed=0)  # or a list of prompts; KV-cached
 
 Text is read as a corpus file is: each line's whitespace-separated words (or a Hugging Face tokenizer's pieces of
 them) followed by one end-of-line token, after a leading one. `score` scores every token of the text, line ends
@@ -12,9 +12,9 @@ included, with the same sliding windows, precision and search as `knnlm evaluate
 with an evaluation of the same text. `next_token_logprobs` and `generate` read the context as it stands (no
 end-of-line after its last line).
 
-The kNN distribution over the whole vocabulary spreads softmax(−d / temperature) of the k nearest keys over their
+The kNN distribution over the whole vocabulary spreads softmax(−d / knn_temperature) of the k nearest keys over their
 next tokens: p_kNN(w) = Σ_{j ≤ k: v_j = w} softmax(−d/T)_j, and p = λ p_kNN + (1 − λ) p_LM. The settings (k,
-temperature, λ) are the run's choice on valid under a protocol (`tuned` or `paper`, see `knnlm.evaluate`), or
+knn_temperature, λ) are the run's choice on valid under a protocol (`tuned` or `paper`, see `knnlm.evaluate`), or
 given explicitly.
 
 With a memory model (`knnlm.load(run, memory="runs/mem")`, trained on the run's `knnlm targets`, evaluated by
@@ -26,6 +26,7 @@ alone, with no retrieval.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +36,14 @@ import torch
 from .artifacts import UserError, read_json
 from .checkpoint import load_model
 from .config import read_run_config
-from .data import EOS, UNK, token_stream, word_vocab_hash
+from .data import (EOS, UNK, TextTokenizer, bpe_from_json, split_ids, token_stream, tokenizer_settings,
+                   vocab_identity)
 from .datastore import Datastore
 from .distributed import default_device
 from .evaluate import PROTOCOLS, check_memory_summary, scoring_settings, searcher_for, valid_choices
 from .hf import hf_eos_id, load_tokenizer
 from .knn import interpolate, knn_logprob
-from .lm import autocast
+from .lm import DecodeCache, autocast
 from .models import corpus_for
 from .scoring import score_stream
 
@@ -54,10 +56,16 @@ class Scored:
     lm: np.ndarray  # log p_LM(token)
     knn: np.ndarray  # log p_kNN(token); −inf where no neighbour carries it
     logprobs: np.ndarray  # log(λ p_kNN + (1 − λ) p_LM)
+    words: int = 0  # whitespace words of the text + one per line end (0: one per token)
 
     @property
     def ppl(self) -> float:
         return float(np.exp(-np.mean(self.logprobs)))
+
+    @property
+    def word_ppl(self) -> float:
+        """Perplexity per word: the same total loss over the text's words, whatever the tokenizer."""
+        return float(np.exp(-np.sum(self.logprobs) / (self.words or len(self.logprobs))))
 
     @property
     def lm_ppl(self) -> float:
@@ -68,12 +76,37 @@ class Scored:
                 for t, a, b, c in zip(self.tokens, self.lm, self.knn, self.logprobs)]
 
 
+@dataclass
+class Neighbours:
+    """The k nearest stored keys of one query, nearest first: datastore rows (= positions of the training stream),
+    squared L2 distances, the tokens that followed them, and the training text around each."""
+
+    ids: np.ndarray  # (k,) datastore rows
+    distances: np.ndarray  # (k,) squared L2 distances to the query key
+    next_ids: np.ndarray  # (k,) the token that followed each stored key (its value)
+    next_tokens: list[str]
+    before: list[str]  # the training text that led up to each (up to `window` tokens)
+    after: list[str]  # the training text after the next token
+
+    def rows(self) -> list[dict]:
+        return [{"id": int(i), "distance": float(d), "next": t, "before": b, "after": a}
+                for i, d, t, b, a in zip(self.ids, self.distances, self.next_tokens, self.before, self.after)]
+
+
 class KNNLM:
     """A trained run ready for inference: its model, vocabulary or tokenizer, datastore and search."""
 
     def __init__(self, run: str | Path, protocol: str = "tuned", k: int | None = None,
-                 temperature: float | None = None, lmbda: float | None = None, index: str | None = None,
-                 memory: str | Path | None = None, memory_lambda: float | None = None):
+                 knn_temperature: float | None = None, lmbda: float | None = None, index: str | None = None,
+                 memory: str | Path | None = None, memory_lambda: float | None = None,
+                 temperature: float | None = None):
+        if temperature is not None:  # the old name of the kNN temperature; generate's `temperature` samples
+            warnings.warn("knnlm.load(temperature=...) is deprecated: the kNN temperature is knn_temperature",
+                          DeprecationWarning, stacklevel=3)
+            if knn_temperature is not None and knn_temperature != temperature:
+                raise UserError(f"knn_temperature: {knn_temperature} and its deprecated alias temperature: "
+                                f"{temperature} disagree; give knn_temperature alone")
+            knn_temperature = temperature
         self.run = Path(run)
         self.cfg = read_run_config(self.run)
         if index is not None:
@@ -85,7 +118,7 @@ class KNNLM:
         self.datastore = Datastore(self.run / "datastore")
         self.datastore.check_model(ckpt_meta)
         self.stride, self.bf16 = scoring_settings(self.datastore, self.train_cfg)
-        self.k, self.temperature, self.lmbda = self._settings(protocol, k, temperature, lmbda)
+        self.k, self.knn_temperature, self.lmbda = self._settings(protocol, k, knn_temperature, lmbda)
         if self.k > len(self.datastore):
             raise UserError(f"k: {self.k} is more than the datastore's {len(self.datastore)} keys")
         self.datastore.check_vals(ckpt_meta["vocab_size"])  # p_kNN is spread over the LM's vocabulary
@@ -102,7 +135,7 @@ class KNNLM:
             if not summary.is_file():
                 memory = f" --memory {self.memory}" if self.memory else ""
                 raise UserError(f"{summary}: not found; run `knnlm evaluate --out {self.run}{memory}` first, "
-                                f"or give k, temperature and lmbda")
+                                f"or give k, knn_temperature and lmbda")
             # checked like options: k an integer up to the datastore's size, temperature finite > 0, λ in [0, 1]
             chosen = valid_choices(summary, len(self.datastore), "the datastore's keys")[protocol]
         k = chosen["k"] if k is None else k
@@ -110,7 +143,7 @@ class KNNLM:
         lmbda = float(chosen["lambda"] if lmbda is None else lmbda)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or not temperature > 0 \
                 or not math.isfinite(temperature) or not 0 <= lmbda <= 1:
-            raise UserError(f"expected k ≥ 1, a finite temperature > 0 and λ in [0, 1], got {k}, {temperature}, {lmbda}")
+            raise UserError(f"expected k ≥ 1, a finite knn_temperature > 0 and λ in [0, 1], got {k}, {temperature}, {lmbda}")
         return k, temperature, lmbda
 
     def _memory(self, memory: Path, ckpt_meta: dict, memory_lambda: float | None) -> None:
@@ -131,15 +164,27 @@ class KNNLM:
 
     def _vocabulary(self, ckpt_meta: dict) -> None:
         """The word list (word-level runs: RUN/vocab.json, or the corpus for older runs) or the tokenizer."""
-        self.tokenizer = None
+        self.tokenizer, self.text_tokenizer = None, None
         if self.train_cfg.model.hf_path:
             self.tokenizer = load_tokenizer(self.train_cfg.model.hf_path)
             self.vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
             self.eos_id = hf_eos_id(self.tokenizer)
             return
-        saved = self.run / "vocab.json"
-        self.vocab = read_json(saved, "vocabulary") if saved.is_file() else corpus_for(self.cfg).vocab
-        if word_vocab_hash(self.vocab) != ckpt_meta["vocab_hash"]:
+        saved, data = self.run / "vocab.json", self.train_cfg.data
+        if saved.is_file():
+            self.vocab = read_json(saved, "vocabulary")
+            if data.tokenizer == "bpe":
+                bpe = self.run / "tokenizer.json"
+                if not bpe.is_file():
+                    raise UserError(f"{bpe}: not found (the run's BPE tokenizer, written by `knnlm train`)")
+                self.text_tokenizer = bpe_from_json(bpe.read_text(encoding="utf-8"), data.lowercase)
+            else:
+                self.text_tokenizer = TextTokenizer(data.tokenizer, data.lowercase)
+        else:  # runs from before vocab.json was written
+            corpus = corpus_for(self.train_cfg)
+            self.vocab, self.text_tokenizer = corpus.vocab, corpus.tokenizer
+        bpe = self.text_tokenizer.to_json() if self.text_tokenizer.kind == "bpe" else ""
+        if vocab_identity(self.vocab, tokenizer_settings(data), bpe) != ckpt_meta["vocab_hash"]:
             raise UserError(f"{saved}: vocabulary differs from the one the checkpoint was trained with")
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.eos_id, self.unk_id = self.index[EOS], self.index.get(UNK, -1)
@@ -155,11 +200,11 @@ class KNNLM:
             close_last_line = True
         ids: list[int] = []
         for n, line in enumerate(lines):
-            words = line.split()
             if self.tokenizer is not None:
+                words = line.split()
                 ids.extend(self.tokenizer.encode(" ".join(words), add_special_tokens=False) if words else [])
             else:
-                for w in words:
+                for w in self.text_tokenizer.split(line):
                     if w not in self.index and self.unk_id < 0:
                         raise UserError(f"{w!r}: not in the vocabulary, which has no {UNK}")
                     ids.append(self.index.get(w, self.unk_id))
@@ -179,7 +224,7 @@ class KNNLM:
         lines.append(line)
         if self.tokenizer is not None:
             return "\n".join(self.tokenizer.decode(li) for li in lines)
-        return "\n".join(" ".join(self.vocab[i] for i in li) for li in lines)
+        return "\n".join(self.text_tokenizer.join([self.vocab[i] for i in li]) for li in lines)
 
     # probabilities
 
@@ -206,50 +251,140 @@ class KNNLM:
                                                               self.cfg.datastore.batch_size, self.bf16, want_keys=False)])
             lm = interpolate(lm, mem.numpy().astype(np.float64), self.memory_lambda)
         D, vals = self._knn_search(torch.cat(keys).numpy())
-        knn = knn_logprob(D, vals, targets, self.k, self.temperature)
-        return Scored([self.vocab[i] for i in targets], lm, knn, interpolate(lm, knn, self.lmbda))
+        knn = knn_logprob(D, vals, targets, self.k, self.knn_temperature)
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        words = len(text.split()) + len(lines) - (len(lines) > 1 and lines[-1] == "")  # each line's end is one
+        return Scored([self.vocab[i] for i in targets], lm, knn, interpolate(lm, knn, self.lmbda), words)
+
+    @property
+    def temperature(self) -> float:
+        """Deprecated name of `knn_temperature` (generate's `temperature` is the sampling temperature)."""
+        warnings.warn("KNNLM.temperature is deprecated: use knn_temperature", DeprecationWarning, stacklevel=2)
+        return self.knn_temperature
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def next_token_logprobs(self, context: str | np.ndarray) -> torch.Tensor:
         """log p(w | context) for every w of the vocabulary, (V,) float64: the LM's full softmax mixed with the kNN
         distribution of the last position's k nearest keys."""
         ids = self.encode(context, close_last_line=False) if isinstance(context, str) else np.asarray(context)
-        s = token_stream(ids, self.eos_id)[-self.model.cfg.context :]  # the last window of context
-        dev = next(self.model.parameters()).device
-        with autocast(dev, self.bf16):
-            out = self.model(s[None].to(dev))
-            lm = self.model.full_logprobs(out.hidden[0, -1:]).float()[0].double().cpu()
+        return self._next_logprobs(token_stream(ids, self.eos_id)[None], None)[0]
+
+    def _run(self, model, streams: torch.Tensor, cache: DecodeCache | None):
+        """The model's output at the last position of each stream (B, n), (B, d) hidden and key. With a cache, only
+        the tokens it has not seen are run; once the streams outgrow the context, the last window is recomputed
+        (the window slides, and cached keys and values would sit at other positions)."""
+        T = model.cfg.context
+        if cache is None or streams.shape[1] > T or cache.length >= streams.shape[1]:
+            out = model(streams[:, -T:].to(self.device))
+        else:
+            out = model(streams[:, cache.length :].to(self.device), cache)
+        return out.hidden[:, -1], out.key[:, -1]
+
+    @torch.no_grad()
+    def _next_logprobs(self, streams: torch.Tensor, caches: list[DecodeCache] | None) -> torch.Tensor:
+        """(B, V) float64 log-probabilities of the next token after each row of `streams` (B, n), the <eos>-led
+        token streams; `caches`: one per model (the LM, then the memory model), or None to recompute."""
+        with autocast(self.device, self.bf16):
+            hidden, key = self._run(self.model, streams, caches[0] if caches else None)
+            lm = self.model.full_logprobs(hidden).float().double().cpu()  # (B, V)
             if self.memory_model is not None:  # the pair: μ p_memory + (1 − μ) p_base
-                mem_out = self.memory_model(s[None].to(dev))
-                mem = self.memory_model.full_logprobs(mem_out.hidden[0, -1:]).float()[0].double().cpu()
+                mem_hidden, _ = self._run(self.memory_model, streams, caches[1] if caches else None)
+                mem = self.memory_model.full_logprobs(mem_hidden).float().double().cpu()
                 lm = torch.from_numpy(interpolate(lm.numpy(), mem.numpy(), self.memory_lambda))
-        key = out.key[0, -1:].to(torch.float16).cpu().numpy()  # stored keys are float16: search the same rounding
-        D, vals = self._knn_search(key)
-        w = torch.softmax(-torch.from_numpy(D[0]).double() / self.temperature, 0)
-        p_knn = torch.zeros(len(lm), dtype=torch.float64).index_add_(0, torch.from_numpy(vals[0].astype(np.int64)), w)
+        return self.mix_knn(lm, key)
+
+    def mix_knn(self, lm: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """log(λ p_kNN + (1 − λ) p_LM), (B, V) float64, from the LM's log-probabilities (B, V) and the query keys
+        (B, d): p_kNN spreads softmax(−d / knn_temperature) of each key's k nearest stored keys over their tokens."""
+        q = key.to(torch.float16).cpu().numpy()  # stored keys are float16: search the same rounding
+        D, vals = self._knn_search(q)  # (B, k) each
+        w = torch.softmax(-torch.from_numpy(D).double() / self.knn_temperature, 1)
+        p_knn = torch.zeros(lm.shape, dtype=torch.float64).scatter_add_(1, torch.from_numpy(vals.astype(np.int64)), w)
+        lm = lm.double()
         if self.lmbda in (0, 1):
             return lm if self.lmbda == 0 else p_knn.log()
         return torch.logaddexp(math.log(self.lmbda) + p_knn.log(), math.log1p(-self.lmbda) + lm)
 
-    def generate(self, prompt: str, max_tokens: int = 50, greedy: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = False) -> str:
-        """Continue `prompt` by `max_tokens` tokens of the kNN-LM: greedy, or sampled from its distribution sharpened
-        by `temperature` and cut to the `top_k` most likely tokens and the smallest set holding `top_p` of the mass."""
+    @torch.no_grad()
+    def neighbours(self, context: str | np.ndarray, k: int | None = None, window: int = 12) -> Neighbours:
+        """The k (default: the run's k) stored keys nearest to the key that predicts the token after `context`
+        (the query `next_token_logprobs` searches), with the training text around each: `window` tokens before the
+        token that followed it, and `window` after."""
+        k = self.k if k is None else k
+        if not 1 <= k <= len(self.datastore):
+            raise UserError(f"k: expected 1 … {len(self.datastore)} (the datastore's keys), got {k}")
+        ids = self.encode(context, close_last_line=False) if isinstance(context, str) else np.asarray(context)
+        with autocast(self.device, self.bf16):
+            _, key = self._run(self.model, token_stream(ids, self.eos_id)[None], None)
+        D, I = self.searcher.search(key.to(torch.float16).float().cpu().numpy(), k)
+        rows, dists = I[0].astype(np.int64), D[0]
+        s = self._train_stream()  # row i is input position i of the training stream; it predicts s[i + 1]
+        assert np.array_equal(s[rows + 1], self.datastore.vals[rows]), "datastore rows are training positions"
+        text = lambda a, b: self.decode(s[max(a, 0) : b])  # noqa: E731
+        return Neighbours(rows, dists, s[rows + 1], [self.vocab[i] for i in s[rows + 1]],
+                          [text(i + 1 - window, i + 1) for i in rows], [text(i + 2, i + 2 + window) for i in rows])
+
+    def _train_stream(self) -> np.ndarray:
+        """The training split's token stream the datastore was written from (`[<eos>] + ids`), read once."""
+        if getattr(self, "_train", None) is None:
+            corpus = corpus_for(self.cfg)  # as `knnlm datastore` read it: the run's config
+            self._train = token_stream(split_ids(corpus, self.cfg, "train"), corpus.eos_id).numpy()
+            if len(self._train) - 1 != len(self.datastore):
+                raise UserError(f"{self.run / 'datastore'}: {len(self.datastore)} keys, but the training split "
+                                f"reads {len(self._train) - 1} tokens now (has the corpus changed?)")
+        return self._train
+
+    def generate(self, prompt: str | list[str], max_tokens: int = 50, greedy: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop_at_eos: bool = False, cache: bool = True) -> str | list[str]:
+        """Continue `prompt` (or each of a list of prompts) by `max_tokens` tokens of the kNN-LM: greedy, or sampled
+        from its distribution sharpened by `temperature` (the sampling temperature; the kNN's is `knn_temperature`)
+        and cut to the `top_k` most likely tokens and the smallest set holding `top_p` of the mass.
+
+        Prompts of the same length in tokens are decoded together, one batch (one forward pass and one search per
+        step for all of them); `cache` keeps each block's keys and values between steps (KV caching) instead of
+        running the whole window again, until the text outgrows the context window. A list of prompts gives a list
+        of continuations; a seed reproduces the draws of the same call."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = [list(self.encode(p, close_last_line=False)) for p in prompts]
+        new = self.generate_ids(ids, max_tokens, greedy, temperature, top_k, top_p, seed, stop_at_eos, cache)
+        texts = [self.decode(n) for n in new]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[list[int]], max_tokens: int = 50, greedy: bool = False,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                     stop_at_eos: bool = False, cache: bool = True) -> list[list[int]]:
+        """`generate` on token ids (the prompt without the leading end-of-line token): the new ids of each prompt."""
         if max_tokens < 0 or not 0 < temperature < math.inf or top_k < 0 or not 0 < top_p <= 1:
             raise UserError(f"generate: expected max_tokens ≥ 0, a finite sampling temperature > 0, top_k ≥ 0 and "
                             f"0 < top_p ≤ 1, got {max_tokens}, {temperature}, {top_k}, {top_p}")
         if seed is not None and not 0 <= seed < 2**64:  # what torch.Generator.manual_seed takes
             raise UserError(f"generate: expected a seed in [0, 2^64), got {seed}")
-        ids = list(self.encode(prompt, close_last_line=False))
-        new: list[int] = []
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        for _ in range(max_tokens):
-            logp = self.next_token_logprobs(np.asarray(ids + new, dtype=np.int32))
-            nxt = int(logp.argmax()) if greedy else int(sample(logp, temperature, top_k, top_p, g))
-            new.append(nxt)
-            if stop_at_eos and nxt == self.eos_id:
-                break
-        return self.decode(new)
+        new: list[list[int]] = [[] for _ in prompts]
+        batches: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):  # prompts of one length share a batch: no padding, the same positions
+            batches.setdefault(len(p), []).append(i)
+        for rows in batches.values():
+            streams = torch.stack([token_stream(np.asarray(prompts[i], dtype=np.int32), self.eos_id) for i in rows])
+            caches = [DecodeCache() for _ in range(1 + (self.memory_model is not None))] if cache else None
+            done = [False] * len(rows)
+            for _ in range(max_tokens):
+                logp = self._next_logprobs(streams, caches)  # (B, V)
+                nxt = [int(lp.argmax()) if greedy else int(sample(lp, temperature, top_k, top_p, g)) for lp in logp]
+                for r, (i, t) in enumerate(zip(rows, nxt)):
+                    if not done[r]:
+                        new[i].append(t)
+                        done[r] = stop_at_eos and t == self.eos_id
+                if all(done):
+                    break
+                streams = torch.cat([streams, torch.tensor(nxt, dtype=streams.dtype)[:, None]], 1)
+        return new
 
 
 def sample(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -272,5 +407,31 @@ def sample(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: 
 
 
 def load(run: str | Path, protocol: str = "tuned", **settings) -> KNNLM:
-    """A finished run (trained, datastore built, valid evaluated) ready for inference; see `KNNLM`."""
+    """A finished run ready for inference: its model, vocabulary or tokenizer, datastore and exact search.
+
+    Args:
+        run: a run folder that `knnlm run` (or `knnlm train`, `knnlm datastore` and `knnlm evaluate`) has finished:
+            RUN/checkpoints, RUN/datastore and, unless k, temperature and lmbda are all given, RUN/eval/valid.
+        protocol: whose choice of k, kNN temperature and λ on valid to use: "tuned" (all three tuned) or "paper"
+            (temperature 1, k = 1024 or eval.k_max, λ tuned; Khandelwal et al. 2020).
+        **settings: any of `k` (neighbours), `knn_temperature` (T of p_kNN ∝ exp(−d/T); `temperature` is its
+            deprecated alias, since generate's `temperature` is the sampling one), `lmbda` (weight
+            of p_kNN in λ p_kNN + (1 − λ) p_LM), each replacing the run's choice; `index` (a search backend or
+            FAISS factory string instead of the run's eval.index); `memory` (a memory model's run folder) and
+            `memory_lambda` (its mixing weight μ, else the one tuned by `knnlm evaluate --memory`).
+
+    Returns:
+        A `KNNLM`: `.score(text)` gives per-token LM, kNN and kNN-LM log-probabilities (a `Scored`, with `.ppl`);
+        `.next_token_logprobs(context)` the (V,) log-distribution of the next token; `.generate(prompt, ...)` a
+        continuation (KV-cached; a list of prompts, batched); `.k`, `.knn_temperature`, `.lmbda` the settings.
+
+    Raises:
+        knnlm.UserError: the folder lacks a finished step, or a setting is out of range.
+
+    Example:
+        >>> import knnlm
+        >>> lm = knnlm.load("runs/tiny")                        # doctest: +SKIP
+        >>> lm.score("the game was released in 2010 .").ppl     # doctest: +SKIP
+        >>> lm.generate("the game was", max_tokens=10, greedy=True)  # doctest: +SKIP
+    """
     return KNNLM(run, protocol, **settings)

@@ -53,12 +53,13 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
+def atomic_dir(final: str | Path, readers: bool = True) -> Iterator[Path]:
     """Yield an empty temporary folder beside `final`; when the block finishes it replaces `final`.
 
     If the block raises, the temporary folder is removed and `final` is left as it was. (A SIGKILL can leave the
     temporary folder behind; the next call clears it.) The old `final` is moved aside before the new one is
-    renamed in, so at every moment either the old or the new artifact is complete on disk.
+    renamed in, so at every moment either the old or the new artifact is complete on disk, and a reader that opens
+    it under `swapping` never sees the moment between the two renames.
     """
     final = Path(final)
     tmp = final.parent / f".{final.name}.tmp"
@@ -76,7 +77,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    with swapping(final, exclusive=True):  # readers (`swapping(..., False)`) never open it between the renames
+    # readers (`swapping(..., False)`) never open it between the renames; `readers=False` (a folder outside a run,
+    # e.g. a downloaded corpus): no lock file is left beside it
+    with swapping(final, exclusive=True) if readers else contextlib.nullcontext():
         if final.exists():
             final.rename(old)
         tmp.rename(final)

@@ -23,6 +23,7 @@ from pathlib import Path
 from . import __version__
 from .artifacts import UserError, check_digest, read_meta, verify_digests, writing_into
 from .config import REGULARIZERS, Config, apply_overrides, load_config, read_run_config, validate
+from .report import evaluation_table, memory_table, table, train_table, wrote
 
 
 def _config_for_run(args, overrides: list[str]) -> Config:
@@ -62,7 +63,8 @@ def cmd_train(args) -> None:
     with writing_into(out):
         check_writable(out)
         summary = train(cfg, out, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    if summary:  # {}: a rank other than 0 under torchrun
+        _report(args, summary, lambda: [train_table(summary), wrote("checkpoints", out / "checkpoints")])
 
 
 def cmd_datastore(args) -> None:
@@ -74,7 +76,7 @@ def cmd_datastore(args) -> None:
         if Path(args.out).is_dir():
             check_writable_folders(Path(args.out))
         folder = build_datastore(args.out, cfg)
-    print(folder)
+    _report(args, {"datastore": str(folder)}, lambda: [wrote("datastore", folder)])
 
 
 def cmd_evaluate(args) -> None:
@@ -100,7 +102,9 @@ def cmd_evaluate(args) -> None:
         if fixed:
             raise UserError("--memory: tunes its own λ, k and temperature on valid; drop --k/--lmbda/--temperature")
         with writing_into(args.out, create=False), writing_into(args.memory, create=False):
-            print(json.dumps(evaluate_memory(args.out, args.memory, cfg, args.split), indent=2))
+            summary = evaluate_memory(args.out, args.memory, cfg, args.split)
+        where = Path(args.memory) / "memory_eval" / args.split / "summary.json"
+        _report(args, summary, lambda: [memory_table(summary), wrote("summary", where)])
         return
     # a what-if evaluation reads the saved search and writes nothing, so it also runs where nobody can write
     with writing_into(args.out, create=False, read_only=bool(fixed)):
@@ -108,7 +112,15 @@ def cmd_evaluate(args) -> None:
             check_writable_folders(Path(args.out), "eval")  # a read-only run fails now, not after the search
         summary = evaluate(args.out, cfg, args.split, save=not fixed, fixed=fixed)
     if summary is not None:  # None: a rank other than 0 under torchrun
-        print(json.dumps(summary, indent=2))
+        where = Path(args.out) / "eval" / args.split
+        closing = (wrote("what-if only, nothing saved; the run's summary stays", where / "summary.json") if fixed
+                   else wrote("summary and per-token arrays", where))
+        _report(args, summary, lambda: [evaluation_table(summary), closing])
+
+
+def _report(args, record: dict, human) -> None:
+    """A command's record as JSON (--json), else the lines `human()` returns (tables, where results went)."""
+    print(json.dumps(record, indent=2) if getattr(args, "json", False) else "\n".join(human()))
 
 
 def format_table(results: dict) -> str:
@@ -117,12 +129,15 @@ def format_table(results: dict) -> str:
     rows = [("train LM ppl", f"{tr['train_ppl']:.2f}"), ("valid LM ppl", f"{va['lm_ppl']:.2f}"),
             ("valid kNN-LM ppl, tuned", f"{va['knnlm_ppl']:.2f}"),
             (f"valid kNN-LM ppl, paper protocol (T = 1, k = {paper['k']}, λ = {paper['lambda']})", f"{paper['knnlm_ppl']:.2f}")]
+    if va.get("words", va["tokens"]) != va["tokens"]:  # another tokenizer than whitespace words: per word too
+        rows.append(("valid LM / kNN-LM ppl per word", f"{va['lm_word_ppl']:.2f} / {va['knnlm_word_ppl']:.2f}"))
+    if va.get("oov_rate"):
+        rows.append(("valid OOV rate (<unk> tokens)", f"{100 * va['oov_rate']:.2f}%"))
     if "test" in results:
         rows += [("test LM ppl", f"{results['test']['lm_ppl']:.2f}"), ("test kNN-LM ppl", f"{results['test']['knnlm_ppl']:.2f}")]
     rows.append(("chosen λ, k, temperature", f"{va['lambda']}, {va['k']}, {va['temperature']}"))
     rows += [(f"time {name} (s)", "?" if sec is None else f"{sec:.0f}") for name, sec in results["seconds"].items()]
-    w = max(len(r[0]) for r in rows)
-    return "\n".join([f"| {'':{w}} | value |", f"|{'-' * (w + 2)}|-------|"] + [f"| {a:{w}} | {b} |" for a, b in rows])
+    return table(rows)
 
 
 def cmd_run(args) -> None:
@@ -131,7 +146,7 @@ def cmd_run(args) -> None:
     cfg = _training_config(args)
     results = run_pipeline(cfg, Path(args.out))
     if results is not None:  # None: a rank other than 0 under torchrun
-        print(format_table(results))
+        _report(args, results, lambda: [format_table(results), wrote("results", Path(args.out) / "results.json")])
 
 
 def cmd_targets(args) -> None:
@@ -140,7 +155,7 @@ def cmd_targets(args) -> None:
     cfg = _config_for_run(args, args.overrides)
     with writing_into(args.out, create=False):
         folder = build_targets(args.out, cfg)
-    print(folder)
+    _report(args, {"targets": str(folder)}, lambda: [wrote("targets", folder)])
 
 
 def cmd_sweep(args) -> None:
@@ -188,7 +203,8 @@ def cmd_data(args) -> None:
 def _load_run(args):
     from .api import load
 
-    settings = {name: getattr(args, name) for name in ("k", "temperature", "lmbda") if getattr(args, name) is not None}
+    settings = {name: getattr(args, arg) for name, arg in (("k", "k"), ("knn_temperature", "temperature"), ("lmbda", "lmbda"))
+                if getattr(args, arg) is not None}
     return load(args.out, args.protocol, memory=args.memory, **settings)
 
 
@@ -202,13 +218,40 @@ def cmd_score(args) -> None:
         raise UserError(f"{path}: cannot read the text file to score ({e.strerror})") from None
     if not text:
         raise UserError(f"{path}: the file is empty; expected UTF-8 text to score")
-    scored = _load_run(args).score(text)
+    lm = _load_run(args)
+    scored = lm.score(text)
     if args.tokens:
         print("token\tlm\tknn\tknnlm")
         for r in scored.rows():
             print(f"{r['token']}\t{r['lm']:.6f}\t{r['knn']:.6f}\t{r['knnlm']:.6f}")
-    print(json.dumps({"file": str(path), "tokens": len(scored.tokens), "lm_ppl": scored.lm_ppl,
-                      "knnlm_ppl": scored.ppl}, indent=2))
+    record = {"file": str(path), "tokens": len(scored.tokens), "words": scored.words, "lm_ppl": scored.lm_ppl,
+              "knnlm_ppl": scored.ppl, "knnlm_word_ppl": scored.word_ppl}
+    if args.explain is not None:
+        record["explain"] = _explain(lm, text, scored, args.explain)
+    _report(args, record, lambda: [*_explain_lines(record.get("explain")),
+                                   f"{path}: {len(scored.tokens)} tokens, LM ppl {scored.lm_ppl:.2f}, kNN-LM ppl "
+                                   f"{scored.ppl:.2f} (nothing written; --tokens lists every token)"])
+
+
+def _explain(lm, text: str, scored, n: int) -> dict:
+    """Token n of the scored text, its probabilities and the neighbours of the key that predicts it."""
+    if not 0 <= n < len(scored.tokens):
+        raise UserError(f"--explain: expected a token index in [0, {len(scored.tokens)}), got {n}")
+    near = lm.neighbours(lm.encode(text)[:n])
+    return {"token": n, "text": scored.tokens[n], "lm": float(scored.lm[n]), "knn": float(scored.knn[n]),
+            "knnlm": float(scored.logprobs[n]), "neighbours": near.rows()}
+
+
+def _explain_lines(explained: dict | None) -> list[str]:
+    if explained is None:
+        return []
+    e = explained
+    lines = [f"token {e['token']} {e['text']!r}: log p LM {e['lm']:.3f}, kNN {e['knn']:.3f}, kNN-LM {e['knnlm']:.3f}; "
+             f"its {len(e['neighbours'])} nearest training contexts:"]
+    for r in e["neighbours"]:
+        lines.append(f"  #{r['id']:<9} d={r['distance']:<10.3f} … {r['before']} [{r['next']}] {r['after']} …"
+                     .replace("\n", " / "))
+    return lines
 
 
 def cmd_generate(args) -> None:
@@ -296,6 +339,7 @@ def _main(argv: list[str] | None = None) -> int:
         sp.add_argument("--config", help="TOML config file (default: the run's config.json, written when it started)")
         sp.add_argument("--out", required=True, help="run folder")
         sp.add_argument("overrides", nargs="*", help="section.key=value")
+        sp.add_argument("--json", action="store_true", help="print the command's record as JSON, not a table")
         sp.set_defaults(fn=fn)
         return sp
 
@@ -361,6 +405,9 @@ def _main(argv: list[str] | None = None) -> int:
         if name == "score":
             sp.add_argument("file", help="UTF-8 text, read like a corpus file (one end-of-line token per line)")
             sp.add_argument("--tokens", action="store_true", help="also print one tab-separated line per token")
+            sp.add_argument("--json", action="store_true", help="print the totals as JSON")
+            sp.add_argument("--explain", type=int, metavar="N",
+                            help="also print the nearest training contexts of token N (0-based) and what followed them")
         else:
             sp.add_argument("--prompt", default="", help="text to continue")
             sp.add_argument("--max-tokens", type=int, default=50, help="tokens to generate")

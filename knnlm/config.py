@@ -33,6 +33,14 @@ KEY_SITES = {
     "block_output": "the residual stream after the block",
     "final": "the final layer norm's output, the input of the softmax",
 }
+TOKENIZERS = {
+    "whitespace": "split on whitespace (WikiText is already tokenized)",
+    "words": "raw text split into words, numbers, clitics and single punctuation marks (WikiText-style)",
+    "bpe": "a byte-level BPE of data.vocab_size pieces learned from the training split (no unknown words)",
+}
+MODEL_KINDS = ("", "builtin", "hf")
+# options that only a Hugging Face model reads (knnlm.hf), with their defaults
+HF_ONLY_OPTIONS = {"key_module": "", "key_io": "input", "hf_allow_pickle": False}
 REGULARIZERS = ("l2", "moco", "zero-queue", "knn", "pull-ratio", "knn-memory")
 
 
@@ -41,6 +49,11 @@ class DataConfig:
     path: str = ""  # corpus folder; "" = $KNNLM_DATA or the shared WikiText-2 copy
     max_train_tokens: int = 0  # 0 = whole split; >0 keeps the first tokens (tiny configs)
     max_eval_tokens: int = 0
+    # how the built-in model reads text (knnlm.data; a Hugging Face model brings its own tokenizer): one of TOKENIZERS
+    tokenizer: str = "whitespace"
+    lowercase: bool = False  # lower-case the text before it is split
+    vocab_size: int = 8000  # bpe: pieces learned from the training split
+    min_count: int = 1  # training words seen fewer times become <unk> (1: keep every word); whitespace and words
 
 
 @dataclass
@@ -57,7 +70,8 @@ class ModelConfig:
     key_site: str = "ffn_input"  # one of KEY_SITES
     key_layer: int = -1  # which block the key is read from
     # a local Hugging Face causal LM instead of the built-in Transformer (knnlm.hf); the fields above then do not apply
-    # except `context`
+    # except `context`. kind: "builtin", "hf" (then hf_path is required), or "" = "hf" exactly when hf_path is set
+    kind: str = ""
     hf_path: str = ""
     key_module: str = ""  # module path of the key, "{last}" = last block; "" = the family's default (input of its MLP)
     key_io: str = "input"  # the module's input or output
@@ -270,6 +284,16 @@ def validate(cfg: Config) -> None:
     d, m, t, s, e = cfg.data, cfg.model, cfg.train, cfg.datastore, cfg.eval
     _expect(d.max_train_tokens >= 0, "data.max_train_tokens", d.max_train_tokens, "a count >= 0 (0 = whole split)")
     _expect(d.max_eval_tokens >= 0, "data.max_eval_tokens", d.max_eval_tokens, "a count >= 0 (0 = whole split)")
+    _expect(d.tokenizer in TOKENIZERS, "data.tokenizer", d.tokenizer, f"one of {', '.join(TOKENIZERS)}")
+    _expect(d.min_count >= 1, "data.min_count", d.min_count, "a count >= 1 (1 keeps every training word)")
+    _expect(d.tokenizer != "bpe" or d.min_count == 1, "data.min_count", d.min_count,
+            "1 with data.tokenizer=bpe (a byte-level BPE has no unknown words)")
+    _expect(d.tokenizer != "bpe" or 300 <= d.vocab_size <= 2**31 - 1, "data.vocab_size", d.vocab_size,
+            "at least 300 pieces (256 bytes, the specials and some merges)")
+    if m.hf_path or m.kind == "hf":  # the model's own tokenizer reads the text
+        for key, default in (("tokenizer", "whitespace"), ("lowercase", False), ("min_count", 1)):
+            _expect(getattr(d, key) == default, f"data.{key}", getattr(d, key),
+                    f"{default!r} (a Hugging Face model reads text with its own tokenizer)")
 
     for key in ("d_model", "n_layers", "n_heads", "d_ff"):
         _expect(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an integer >= 1")
@@ -280,6 +304,16 @@ def validate(cfg: Config) -> None:
             m.cutoffs, "strictly increasing positive integers")
     _expect(m.div_factor > 0, "model.div_factor", m.div_factor, "a number > 0")
     _expect(m.key_io in ("input", "output"), "model.key_io", m.key_io, "input or output")
+    _expect(m.kind in MODEL_KINDS, "model.kind", m.kind, f"one of {', '.join(k for k in MODEL_KINDS if k)} (or empty)")
+    # a config written for a Hugging Face model must not quietly train the built-in one when hf_path is missing
+    if not m.hf_path:
+        hf_options = [f"model.{key}" for key, default in HF_ONLY_OPTIONS.items() if getattr(m, key) != default]
+        needed_by = "model.kind = \"hf\"" if m.kind == "hf" else ", ".join(hf_options)
+        _expect(not needed_by, "model.hf_path", m.hf_path,
+                f"a local Hugging Face model (a folder or a cached hub id, e.g. model.hf_path=/models/my-lm), "
+                f"since {needed_by} is set")
+    _expect(not (m.kind == "builtin" and m.hf_path), "model.kind", m.kind,
+            "hf (or empty) when model.hf_path names a Hugging Face model")
 
     if not m.hf_path:  # the built-in Transformer's own options (a Hugging Face model brings its own)
         _expect(m.key_site in KEY_SITES, "model.key_site", m.key_site, f"one of {', '.join(KEY_SITES)}")

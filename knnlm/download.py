@@ -245,7 +245,7 @@ def fetch(name: str, dest: str | Path, url: str | None = None, progress: bool = 
     os.close(fd)
     try:
         download(url, Path(tmp), progress)
-        with atomic_dir(dest) as out:  # removed on failure; renamed onto dest only after the checks below
+        with atomic_dir(dest, readers=False) as out:  # removed on failure; renamed onto dest only after the checks below
             unpack(Path(tmp), url, archive.folder, out)
             if (why := problem(out, archive)) is not None:
                 raise UserError(f"{url}: {why}; archive refused, {dest} "

@@ -211,7 +211,8 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "search": searcher.describe(),
               "k_max": e.k_max, "tokens": len(targets),
-              "words": corpus.words(split, len(targets)), "rerank": rerank,
+              "words": corpus.words(split, len(targets)), "oov_rate": corpus.oov_rate(split, len(targets)),
+              "rerank": rerank,
               "datastore_size": len(ds), "searched_queries": searched, "inputs": inputs, "search_ranks": world if sharded else 1,
               "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
     with atomic_dir(folder) as tmp:
@@ -391,6 +392,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
     best = protocols["tuned"]
     summary = {
         "split": split, "tokens": int(len(targets)), "words": int(words),
+        "oov_rate": record.get("oov_rate"),  # share of <unk> tokens (None: searched by an older knnlm)
         "lm_ppl": perplexity(lm), "knnlm_ppl": best["knnlm_ppl"],  # the tuned protocol; both are under "protocols"
         "lm_word_ppl": math.exp(-float(np.sum(lm, dtype=np.float64)) / words),
         "knnlm_word_ppl": best["knnlm_word_ppl"],

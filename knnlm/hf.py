@@ -14,6 +14,7 @@ one by `model.hf_path`; `transformers` is imported on first use, so knnlm works 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from .artifacts import UserError, load_npy, save_npy, write_json
 from .config import ModelConfig
 from .data import SPLITS, Corpus, cache_key, cache_root, corpus_files, iter_lines
-from .lm import Output
+from .lm import DecodeCache, Output
 
 # module whose input is the kNN-LM key, by `config.model_type` ({last} = index of the last block)
 DEFAULT_KEY_MODULES = {
@@ -98,8 +99,14 @@ class HFCausalLM(nn.Module):
     def _capture_output(self, module, args, output):
         self._key = output[0] if isinstance(output, tuple) else output
 
-    def forward(self, ids: torch.Tensor) -> Output:  # (B, T) -> Output
-        hidden = self.hf.base_model(input_ids=ids).last_hidden_state  # (B, T, d), after the final norm
+    def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None) -> Output:  # (B, T) -> Output
+        """With a cache, the T tokens follow those of its `past_key_values` (the model places them after)."""
+        if cache is None:
+            hidden = self.hf.base_model(input_ids=ids).last_hidden_state  # (B, T, d), after the final norm
+        else:  # transformers ≥ 5.25 names it `cache`, earlier ones `past_key_values`
+            name = "cache" if "cache" in inspect.signature(self.hf.base_model.forward).parameters else "past_key_values"
+            out = self.hf.base_model(input_ids=ids, use_cache=True, **{name: cache.state})
+            hidden, cache.state, cache.length = out.last_hidden_state, out[name], cache.length + ids.shape[1]
         key, self._key = self._key, None
         return Output(hidden=hidden, key=key)
 
@@ -176,3 +183,42 @@ def load_hf_corpus(folder: str | Path | None, hf_path: str) -> Corpus:
         except OSError:
             pass  # an unwritable cache only costs time
     return Corpus(folder, vocab, splits, eos_id=eos, word_counts=words, tokenizer_id=tid)
+
+
+class KNNLogitsProcessor:
+    """A Hugging Face `LogitsProcessor` that turns a causal LM's next-token scores into kNN-LM log-probabilities,
+    so that `model.generate(...)` of a Hugging Face run mixes in its datastore:
+
+        lm = knnlm.load("runs/my-gpt2")
+        out = lm.model.hf.generate(input_ids, logits_processor=[KNNLogitsProcessor(lm)], do_sample=False)
+
+    `lm` is a `knnlm.load`ed Hugging Face run; `model` (default `lm.model.hf`, the model `knnlm.load` read, already
+    hooked) is the model that generates: the processor reads the key of its last position from a hook on the run's
+    key module and returns log(λ p_kNN + (1 − λ) softmax(scores)). Other processors (temperature, top-k/p) and
+    sampling then act on those log-probabilities, as they would on logits. Greedy decoding equals
+    `lm.generate(..., greedy=True)` while the text fits the context window."""
+
+    def __init__(self, lm, model=None):
+        if not isinstance(lm.model, HFCausalLM):
+            raise UserError("KNNLogitsProcessor: the run's model is knnlm's own; use knnlm.load(run).generate(...)")
+        self.lm, self._key = lm, None
+        self.hf = model if model is not None else lm.model.hf
+        module = self.hf.get_submodule(lm.model.key_path)
+        if lm.model.cfg.key_io == "input":
+            self._hook = module.register_forward_pre_hook(lambda m, args: self._keep(args[0]))
+        else:
+            self._hook = module.register_forward_hook(lambda m, args, out: self._keep(out[0] if isinstance(out, tuple) else out))
+
+    def _keep(self, key: torch.Tensor) -> None:
+        self._key = key[:, -1]  # (B, d): each row's last position, the query of the next token
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        assert self._key is not None and self._key.shape[0] == scores.shape[0], "no key captured for these scores"
+        lm = F.log_softmax(scores.double(), dim=-1).cpu()  # (B, V)
+        mixed = self.lm.mix_knn(lm, self._key)
+        return mixed.to(scores.device, scores.dtype)
+
+    def remove(self) -> None:
+        """Take the hook off the model."""
+        self._hook.remove()

@@ -26,6 +26,16 @@ class Output:
     key: torch.Tensor  # (B, T, d) the retrieval key r at the configured site
 
 
+class DecodeCache:
+    """What a model keeps between the steps of incremental decoding, so that `model(new_ids, cache)` runs only the
+    tokens it has not seen: the built-in model's per-block attention keys and values, or a Hugging Face model's
+    `past_key_values`. `length` counts the tokens seen, the position of the next one."""
+
+    def __init__(self):
+        self.length = 0
+        self.state = None  # the model's own: a list of (k, v) per block, or past_key_values
+
+
 @runtime_checkable
 class LanguageModel(Protocol):
     """An `nn.Module` (so also `parameters()`, `to()`, `eval()`, `state_dict()`; called as `model(ids)`) with:"""
@@ -34,7 +44,9 @@ class LanguageModel(Protocol):
     vocab_size: int  # V
     key_dim: int  # d of `Output.key`
 
-    def forward(self, ids: torch.Tensor) -> Output:  # (B, T) -> Output
+    def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None) -> Output:
+        """(B, T) -> Output for these T tokens; with a cache, they follow the cache.length tokens it has seen (their
+        positions start there) and the cache is extended by them."""
         ...
 
     def target_logprob(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

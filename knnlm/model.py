@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import KEY_SITES, ModelConfig
-from .lm import Output
+from .lm import DecodeCache, Output
 
 
 
@@ -134,11 +134,22 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(B, T, d) -> (B, T, d), and the keys and values of all tokens so far, 2 × (B, H, P + T, dh): the T
+        tokens attend to the P tokens of `past` (incremental decoding) and causally to each other."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, dh)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, T, d))
+        dropout = self.dropout if self.training else 0.0
+        if past is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            P = past[0].shape[2]
+            k, v = torch.cat([past[0], k.to(past[0].dtype)], 2), torch.cat([past[1], v.to(past[1].dtype)], 2)
+            # query i sits at position P + i: it sees keys 0 … P + i (a single new token sees them all)
+            mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout)
+        return self.out(y.transpose(1, 2).reshape(B, T, d)), (k, v)
 
 
 class Block(nn.Module):
@@ -152,9 +163,12 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = x + self.drop(self.attn(self.ln1(x)))
-        sites = {"ffn_input_prenorm": x}
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B, T, d) -> (B, T, d) and the key sites; sites["kv"] are the attention's keys and values so far."""
+        a, kv = self.attn(self.ln1(x), past)
+        x = x + self.drop(a)
+        sites = {"ffn_input_prenorm": x, "kv": kv}
         h = self.ln2(x)
         sites["ffn_input"] = h
         x = x + self.drop(self.ffn(h))
@@ -201,15 +215,22 @@ class TransformerLM(nn.Module):
             return self.ln_f
         return None
 
-    def forward(self, ids: torch.Tensor) -> Output:  # (B, T) -> Output
-        T = ids.shape[1]
-        assert T <= self.positions.shape[0], f"sequence of {T} tokens is longer than the context {self.positions.shape[0]}"
-        x = self.drop(self.embed(ids) + self.positions[:T])
-        key = None
+    def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None) -> Output:  # (B, T) -> Output
+        """With a cache, the T tokens follow the cache.length tokens it holds the keys and values of: they sit at
+        positions cache.length … cache.length + T − 1, and their keys and values are appended."""
+        T, P = ids.shape[1], cache.length if cache is not None else 0
+        assert P + T <= self.positions.shape[0], \
+            f"sequence of {P + T} tokens is longer than the context {self.positions.shape[0]}"
+        x = self.drop(self.embed(ids) + self.positions[P : P + T])
+        past = cache.state if cache is not None and cache.state is not None else [None] * len(self.blocks)
+        key, kvs = None, []
         for i, block in enumerate(self.blocks):
-            x, sites = block(x)
+            x, sites = block(x, past[i])
+            kvs.append(sites["kv"])
             if i == self.key_layer and self.cfg.key_site != "final":
                 key = sites[self.cfg.key_site]
+        if cache is not None:
+            cache.state, cache.length = kvs, P + T
         hidden = self.ln_f(x)
         return Output(hidden=hidden, key=hidden if key is None else key)
 

@@ -18,7 +18,7 @@ def corpus_for(cfg: Config) -> Corpus:
     """The corpus a config reads: word-level, or tokenized by the Hugging Face model it names."""
     if cfg.model.hf_path:
         return load_hf_corpus(cfg.data.path or None, cfg.model.hf_path)
-    return load_corpus(cfg.data.path or None)
+    return load_corpus(cfg.data.path or None, cfg.data)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> LanguageModel:

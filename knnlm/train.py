@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from .artifacts import UserError, atomic_path, kill_point, write_json
+from .artifacts import UserError, atomic_path, kill_point, write_json, write_text
 from .checkpoint import (BEST, init_weights_from, keep_as_best, latest_checkpoint, load_training_state, load_weights,
                          save_checkpoint)
 from .config import Config, check_same_model, save_config
@@ -165,8 +165,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         init_weights_from(t.init_from, model, corpus.vocab_hash)  # a fine-tune starts from those weights
     if main:
         save_config(cfg, out / "config.json")
-        if not corpus.tokenizer_id:  # word-level: the vocabulary, so that `knnlm.load` need not re-read the corpus
-            write_json(out / "vocab.json", corpus.vocab)
+        if corpus.tokenizer is not None:  # the built-in model: its vocabulary (and BPE), so that `knnlm.load` need
+            write_json(out / "vocab.json", corpus.vocab)  # not re-read the corpus
+            if corpus.tokenizer.kind == "bpe":
+                write_text(out / "tokenizer.json", corpus.tokenizer.to_json())
     objective = Objective(model, regularizer, distil)
     if world > 1:
         # tail bands of the adaptive input/softmax are unused in batches without their words; the MOCO queue is

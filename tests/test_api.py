@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import knnlm
-from conftest import fails, knnlm as cli
+from conftest import TINY, fails, knnlm as cli
 from knnlm.api import sample
 from knnlm.data import default_data_dir
 from knnlm.datastore import Datastore
@@ -46,9 +46,9 @@ def custom_corpus(tmp_path):
 @pytest.mark.slow
 @pytest.mark.wikitext
 def test_custom_text_after_wikitext_gets_its_own_numbers_and_score_agrees_with_evaluate(run, custom_corpus):
-    wiki = json.loads(cli("evaluate", "--out", run, "--split", "test").stdout)
+    wiki = json.loads(cli("evaluate", "--out", run, "--json", "--split", "test").stdout)
     assert wiki["tokens"] == 10000
-    mine = json.loads(cli("evaluate", "--out", run, "--split", "test", f"data.path={custom_corpus}").stdout)
+    mine = json.loads(cli("evaluate", "--out", run, "--json", "--split", "test", f"data.path={custom_corpus}").stdout)
     lm = knnlm.load(run)
     scored = lm.score(TEXT)
     assert mine["tokens"] == len(scored.tokens) == len(TEXT.split()) + TEXT.count("\n")  # not the cached 10000
@@ -56,7 +56,7 @@ def test_custom_text_after_wikitext_gets_its_own_numbers_and_score_agrees_with_e
     folder = run / "eval" / "test"
     saved_lm = np.load(folder / "lm_logprobs.npy")
     saved_knn = np.load(folder / "knn_logprobs.npy").astype(np.float64)
-    assert (lm.k, lm.temperature, lm.lmbda) == (mine["k"], mine["temperature"], mine["lambda"])
+    assert (lm.k, lm.knn_temperature, lm.lmbda) == (mine["k"], mine["temperature"], mine["lambda"])
     np.testing.assert_allclose(scored.lm, saved_lm, atol=1e-4)
     finite = np.isfinite(saved_knn)
     assert np.array_equal(finite, np.isfinite(scored.knn))
@@ -64,7 +64,7 @@ def test_custom_text_after_wikitext_gets_its_own_numbers_and_score_agrees_with_e
     np.testing.assert_allclose(scored.logprobs, interpolate(saved_lm, saved_knn, mine["lambda"]), atol=1e-4)
     assert scored.ppl == pytest.approx(mine["knnlm_ppl"], rel=1e-4)
     # the command-line wrapper prints the same perplexity
-    out = json.loads(cli("score", custom_corpus / "wiki.test.tokens", "--out", run).stdout)
+    out = json.loads(cli("score", custom_corpus / "wiki.test.tokens", "--out", run, "--json").stdout)
     assert out["tokens"] == mine["tokens"] and out["knnlm_ppl"] == pytest.approx(scored.ppl, rel=1e-9)
 
 
@@ -84,7 +84,7 @@ def test_next_token_distribution_is_the_brute_force_knnlm(run):
     ds = Datastore(run / "datastore")
     d = ((np.asarray(ds.keys, dtype=np.float64) - q) ** 2).sum(1)
     near = np.argsort(d, kind="stable")[: lm.k]
-    w = np.exp(-(d[near] - d[near].min()) / lm.temperature)
+    w = np.exp(-(d[near] - d[near].min()) / lm.knn_temperature)
     p_knn = np.bincount(ds.vals[near], weights=w / w.sum(), minlength=len(lm.vocab))
     with np.errstate(divide="ignore"):  # log 0 where no neighbour carries the word
         want = np.logaddexp(np.log(lm.lmbda) + np.log(p_knn), np.log1p(-lm.lmbda) + lm_logp.numpy())
@@ -112,6 +112,72 @@ def test_generate_follows_the_distribution(run):
     assert proc.stdout.strip() == (prompt + " " + greedy).strip()
     fails(cli("generate", "--out", run, "--top-p", "0", check=False), "top_p")
     fails(cli("score", run / "no-such-file", "--out", run, check=False), "no-such-file")
+
+
+@pytest.mark.slow
+def test_kv_cached_and_batched_generation_equal_recomputation(run):
+    lm = knnlm.load(run)
+    lm.bf16 = False  # fp32 on every machine: the two paths differ only by the order of their sums
+    T = lm.model.cfg.context
+    prompt = list(lm.encode("the film was", close_last_line=False))
+    n = T + 10  # past the context window: the cache gives way to recomputing the sliding window
+    cached = lm.generate_ids([prompt], n, greedy=True)[0]
+    assert cached == lm.generate_ids([prompt], n, greedy=True, cache=False)[0]
+    # step by step: the cached distribution is the recomputed one (next_token_logprobs runs the whole window)
+    from knnlm.api import DecodeCache
+    from knnlm.data import token_stream
+
+    streams, caches = token_stream(np.asarray(prompt, dtype=np.int32), lm.eos_id)[None], [DecodeCache()]
+    for t in cached[: T - len(prompt) + 3]:
+        logp = lm._next_logprobs(streams, caches)[0]
+        want = lm.next_token_logprobs(streams[0, 1:].numpy())
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(logp)) and torch.allclose(logp[finite], want[finite], atol=1e-4)
+        assert int(logp.argmax()) == t
+        streams = torch.cat([streams, torch.tensor([[t]])], 1)
+    # a batch of prompts (two of one length, one longer) = each prompt alone
+    prompts = ["the film was", "the game is", "he played for the club"]
+    assert lm.generate(prompts, max_tokens=6, greedy=True) == [lm.generate(p, max_tokens=6, greedy=True) for p in prompts]
+    stopped = lm.generate_ids([lm.encode(p, close_last_line=False) for p in prompts], 40, greedy=True, stop_at_eos=True)
+    assert all(lm.eos_id not in s[:-1] for s in stopped)  # each row ends at its own end of line
+    # the kNN temperature is knn_temperature; `temperature` still works, with a warning
+    with pytest.warns(DeprecationWarning, match="knn_temperature"):
+        old = knnlm.load(run, temperature=2.0)
+    assert old.knn_temperature == knnlm.load(run, knn_temperature=2.0).knn_temperature == 2.0
+
+
+@pytest.mark.slow
+def test_neighbours_are_the_brute_force_nearest_training_contexts(run):
+    lm = knnlm.load(run)
+    context = "the game was released in"
+    near = lm.neighbours(context, k=8)
+    # independent: float64 distances from the query key (float16, as stored) to every stored key
+    ids = lm.encode(context, close_last_line=False)
+    s = torch.from_numpy(np.concatenate([[lm.eos_id], ids]).astype(np.int64))
+    with torch.no_grad(), autocast("cpu", lm.bf16):
+        q = lm.model(s[None]).key[0, -1].to(torch.float16).double().numpy()
+    ds = Datastore(run / "datastore")
+    d = ((np.asarray(ds.keys, dtype=np.float64) - q) ** 2).sum(1)
+    want = np.argsort(d, kind="stable")[:8]
+    np.testing.assert_allclose(near.distances, d[want], rtol=1e-4, atol=1e-3)
+    assert set(near.ids.tolist()) == set(want.tolist()) or np.allclose(np.sort(d[near.ids]), d[want], rtol=1e-5)
+    assert near.next_ids.tolist() == ds.vals[near.ids].tolist()
+    # the text around row i: the training stream's tokens up to position i, then the token that followed
+    from knnlm.data import load_corpus
+
+    stream = np.concatenate([[lm.eos_id], load_corpus().splits["train"][:100000]])  # the tiny run's training text
+    for i, before, nxt in zip(near.ids, near.before, near.next_tokens):
+        assert lm.vocab[stream[i + 1]] == nxt
+        if stream[i] != lm.eos_id:  # the text before ends with the token at the stored key's position
+            assert before.split()[-1] == lm.vocab[stream[i]]
+    proc = cli("score", run / "explain.txt", "--out", run, "--explain", "3", check=False)
+    fails(proc, "explain.txt")
+    (run / "explain.txt").write_text(context + " the\n")
+    out = cli("score", run / "explain.txt", "--out", run, "--explain", "5").stdout
+    assert "token 5 'the'" in out and out.count("  #") == lm.k
+    first = lm.neighbours(context)  # token 5's context is the five words before it
+    assert f"#{first.ids[0]}" in out and f"[{first.next_tokens[0]}]" in out
+    fails(cli("score", run / "explain.txt", "--out", run, "--explain", "99", check=False), "--explain")
 
 
 def test_sampling_follows_temperature_top_k_and_top_p():
@@ -164,3 +230,50 @@ def test_a_datastore_rebuilt_with_another_stride_is_searched_again(run):
     assert after["inputs"]["stride"] == 16 != before["inputs"]["stride"]
     assert after["inputs"]["datastore"] != before["inputs"]["datastore"]
     assert (valid / "neighbors.npy").stat().st_mtime_ns != searched  # searched anew, not served from the old cache
+
+
+def made_up_raw_text(n_lines: int, seed: int) -> str:
+    """Sentences with capitals and punctuation, as a researcher's own text would have (not pre-tokenized)."""
+    rng = np.random.default_rng(seed)
+    names, verbs = ["Anna", "The committee", "Paris", "Dr. Lee", "The cat"], ["met", "saw", "won't see", "praised"]
+    things = ["the report", "a new bridge", "its 3.5% growth", "the river's bank", "1,200 people"]
+    ends = [".", "!", "?", ", again.", " (twice)."]
+    return "".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)}{rng.choice(ends)}\n"
+                   for _ in range(n_lines))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer", ["words", "bpe"])
+def test_own_raw_text_counts_unknown_words_and_reports_per_word_perplexity(tokenizer, tmp_path):
+    if tokenizer == "bpe":
+        pytest.importorskip("tokenizers")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text(made_up_raw_text(600, 0))
+    valid = made_up_raw_text(60, 1) + "Zanzibar's Quokka met Anna.\n"  # words training never saw
+    (corpus / "valid.txt").write_text(valid)
+    (corpus / "test.txt").write_text(made_up_raw_text(60, 2))
+    run = tmp_path / "run"
+    extra = ["data.vocab_size=300"] if tokenizer == "bpe" else []
+    proc = cli("run", "--config", TINY, "--out", run, f"data.path={corpus}", f"data.tokenizer={tokenizer}",
+               "data.max_train_tokens=0", "data.max_eval_tokens=0", "train.epochs=1", "eval.k_max=16", "eval.k=4,16",
+               *extra)
+    summary = json.loads((run / "eval" / "valid" / "summary.json").read_text())
+    lm = np.load(run / "eval" / "valid" / "lm_logprobs.npy").astype(np.float64)
+    targets = np.load(run / "eval" / "valid" / "targets.npy")
+    words = sum(len(line.split()) + 1 for line in valid.splitlines())  # counted here, without knnlm
+    assert summary["words"] == words and summary["tokens"] == len(targets)
+    assert summary["lm_word_ppl"] == pytest.approx(np.exp(-lm.sum() / words), rel=1e-6)
+    vocab = json.loads((run / "vocab.json").read_text())
+    unk = int((targets == vocab.index("<unk>")).sum()) if "<unk>" in vocab else 0
+    assert summary["oov_rate"] == pytest.approx(unk / len(targets))
+    if tokenizer == "words":  # 'zanzibar', 'quokka': unknown; training has no <unk>, so the run warns
+        assert unk == 2 and "none in train" in proc.stderr
+        assert f"{100 * summary['oov_rate']:.2f}%" in proc.stdout  # and the table shows the OOV rate
+    else:
+        assert unk == 0
+    # the API reads text with the run's tokenizer: its per-word perplexity is the evaluation's
+    scored = knnlm.load(run).score(valid)
+    assert scored.words == words and len(scored.tokens) == len(targets)
+    np.testing.assert_allclose(scored.lm, lm, atol=1e-4)
+    assert scored.word_ppl == pytest.approx(summary["knnlm_word_ppl"], rel=1e-4)

@@ -48,3 +48,56 @@ def test_a_started_run_continues_with_its_own_config(tmp_path):
     cfg = _training_config(args)
     tiny = load_config(TINY)
     assert (cfg.train.seed, cfg.train.omega, cfg.train.epochs, cfg.model.d_model) == (7, 0.5, 2, tiny.model.d_model)
+
+
+def test_the_hugging_face_example_without_a_model_is_refused_not_trained_as_the_built_in_one(tmp_path, capsys):
+    hf_example = TINY.parent / "hf-example.toml"
+    out = tmp_path / "run"
+    line = main_fails(capsys, "run", "--config", hf_example, "--out", out)
+    assert line.startswith("knnlm: error: model.hf_path:") and 'model.kind = "hf"' in line
+    assert not out.exists()
+    # an option only a Hugging Face model reads also asks for one; with hf_path the same configs are accepted
+    assert "model.key_module" in main_fails(capsys, "train", "--config", TINY, "--out", out, "model.key_module=x.mlp")
+    assert load_config(hf_example, ["model.hf_path=/models/m"]).model.hf_path == "/models/m"
+    assert load_config(TINY, ["model.hf_path=/models/m", "model.key_io=output"]).model.key_io == "output"
+    with pytest.raises(UserError, match="model.kind"):
+        load_config(TINY, ["model.hf_path=/models/m", "model.kind=builtin"])
+    with pytest.raises(UserError, match="model.kind"):
+        load_config(TINY, ["model.kind=gpt"])
+
+
+def test_package_front_door_user_error_load_docstring_license_and_citation():
+    import pydoc
+
+    import knnlm
+
+    assert knnlm.UserError is UserError and "UserError" in knnlm.__all__
+    text = pydoc.render_doc(knnlm.load, renderer=pydoc.plaintext)
+    for part in ("Args:", "protocol", "Returns:", "KNNLM", "Example:", 'knnlm.load("runs/tiny")'):
+        assert part in text, part
+    license_text = (TINY.parents[1] / "LICENSE").read_text()
+    assert license_text.startswith("MIT License") and "knnlm contributors" in license_text
+    cff = (TINY.parents[1] / "CITATION.cff").read_text()
+    assert "license: MIT" in cff and "cff-version: 1.2.0" in cff
+    for title in ("Generalization through Memorization: Nearest Neighbor Language Models",
+                  "Regularized Training of Nearest Neighbor Language Models"):
+        assert f'title: "{title}"' in cff
+    assert "family-names: Khandelwal" in cff and "year: 2020" in cff and "family-names: Susskind" in cff
+
+
+def test_tables_align_their_columns_and_the_evaluation_table_shows_both_protocols():
+    from knnlm.report import evaluation_table, table
+
+    lines = table([("a", "1.00"), ("longer name", "123.45")]).splitlines()
+    assert len({len(line) for line in lines}) == 1  # every row as wide as the widest: the columns line up
+    assert lines[2].endswith("|   1.00 |") and lines[3].endswith("| 123.45 |")  # numbers align right
+    protocol = {"knnlm_ppl": 90.0, "knnlm_word_ppl": 95.5, "lambda": 0.25, "k": 64, "temperature": 3.0,
+                "target_in_neighbors": 0.5}
+    summary = {"split": "valid", "tokens": 10000, "words": 9000, "lm_ppl": 100.0, "lm_word_ppl": 110.0,
+               "protocols": {"tuned": protocol, "paper": {**protocol, "k": 1024, "temperature": 1.0}},
+               "index": "Flat", "search": "Flat", "datastore_size": 100000, "oov_rate": 0.0123}
+    text = evaluation_table(summary)
+    assert len({len(line) for line in text.splitlines()}) == 1
+    for part in ("10,000 (9,000)", "100.00 (110.00)", "90.00 (95.50)", "0.25, 64, 3", "0.25, 1024, 1", "1.23%",
+                 "50.0%", "100,000 keys"):
+        assert part in text, part

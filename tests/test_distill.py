@@ -174,7 +174,7 @@ def test_beta_zero_is_the_lm_loss_and_a_memory_model_mixes_as_by_hand(tiny_run, 
           "train.beta=0.5", "train.ce_weight=0.5", f"train.init_from={base}")
     rows = [json.loads(line) for line in (mem / "metrics.jsonl").read_text().splitlines()]
     assert any("kl_loss" in r and r["kl_loss"] > 0 for r in rows)
-    summary = json.loads(knnlm("evaluate", "--out", base, "--memory", mem).stdout)
+    summary = json.loads(knnlm("evaluate", "--out", base, "--json", "--memory", mem).stdout)
     targets, lm, dists, nvals = tuning_arrays(base, "valid")
     mem_lp = np.load(mem / "memory_eval" / "valid" / "lm_logprobs.npy").astype(np.float64)
     mu = summary["memory_lambda"]
@@ -204,5 +204,5 @@ def test_beta_zero_is_the_lm_loss_and_a_memory_model_mixes_as_by_hand(tiny_run, 
                                                          want_keys=False)]).numpy().astype(np.float64)
     want = np.log(mu * np.exp(mem_tok) + (1 - mu) * np.exp(alone.lm))
     assert np.allclose(scored.logprobs, want, atol=1e-9)
-    test = json.loads(knnlm("evaluate", "--out", base, "--memory", mem, "--split", "test").stdout)
+    test = json.loads(knnlm("evaluate", "--out", base, "--json", "--memory", mem, "--split", "test").stdout)
     assert test["memory_lambda"] == mu and test["split"] == "test"

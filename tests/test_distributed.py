@@ -98,7 +98,7 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
     one = {a: np.load(folder / f"{a}.npy") for a in ("neighbors", "distances", "targets", "lm_logprobs")}
     one_summary = json.loads((folder / "summary.json").read_text())
     shutil.rmtree(run / "eval")
-    proc = torchrun("evaluate", "--out", run, *ev)
+    proc = torchrun("evaluate", "--out", run, "--json", *ev)
     assert proc.stdout.count('"split": "valid"') == 1  # rank 0 alone reports
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["search_ranks"] == 2 and meta["searched_queries"] == meta["tokens"] == len(one["targets"])

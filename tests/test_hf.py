@@ -169,3 +169,50 @@ def test_pickled_weights_are_refused_unless_allowed(corpus_dir, tmp_path):
         HFCausalLM(ModelConfig(hf_path=str(tmp_path / "bin"), context=32))
     model = HFCausalLM(ModelConfig(hf_path=str(tmp_path / "bin"), context=32, hf_allow_pickle=True))
     assert model.vocab_size == HFCausalLM(ModelConfig(hf_path=str(folder), context=32)).vocab_size
+
+
+@pytest.mark.slow
+def test_hugging_face_generate_with_the_knn_logits_processor_equals_knnlm_generate(corpus_dir, tmp_path):
+    from knnlm.api import load as load_run
+    from knnlm.data import token_stream
+    from knnlm.hf import KNNLogitsProcessor
+
+    base = make_model("gpt2", corpus_dir, tmp_path / "base")
+    run = tmp_path / "run"
+    knnlm("run", "--config", TINY, "--out", run, f"data.path={corpus_dir}", f"model.hf_path={base}",
+          "model.context=32", "train.epochs=0", "eval.k_max=16", "eval.k=4,16", "data.max_eval_tokens=2000")
+    lm = load_run(run, lmbda=0.5)
+    lm.bf16 = False  # as Hugging Face's generate runs: fp32
+    prompt = list(lm.encode("the game was", close_last_line=False))
+    ours = lm.generate_ids([prompt], 12, greedy=True, stop_at_eos=True)[0]
+    assert ours == lm.generate_ids([prompt], 12, greedy=True, stop_at_eos=True, cache=False)[0]  # past_key_values
+    stream = token_stream(np.asarray(prompt, dtype=np.int32), lm.eos_id)[None]
+    processor = KNNLogitsProcessor(lm)
+    out = lm.model.hf.generate(input_ids=stream, attention_mask=torch.ones_like(stream), do_sample=False,
+                               max_new_tokens=12, logits_processor=[processor], pad_token_id=lm.eos_id)
+    assert out[0, stream.shape[1]:].tolist() == ours
+    # the processor's first distribution is knnlm's next-token distribution
+    scores = lm.model.hf(stream).logits[:, -1]
+    np.testing.assert_allclose(processor(stream, scores)[0].numpy(), lm.next_token_logprobs(np.asarray(prompt)).numpy(),
+                               atol=1e-4)
+
+
+def test_past_key_values_decoding_equals_recomputing_the_prefix(tmp_path):
+    """HFCausalLM(new, cache) after a prefix = one pass over the whole text (hidden states and keys)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from knnlm.config import ModelConfig
+    from knnlm.hf import HFCausalLM
+    from knnlm.lm import DecodeCache
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(tmp_path)
+    model = HFCausalLM(ModelConfig(hf_path=str(tmp_path), context=32)).eval()
+    x = torch.randint(0, 60, (2, 12))
+    with torch.no_grad():
+        full, cache = model(x), DecodeCache()
+        parts = [model(x[:, :5], cache)] + [model(x[:, i : i + 1], cache) for i in range(5, 12)]
+    assert cache.length == 12
+    assert torch.allclose(torch.cat([p.hidden for p in parts], 1), full.hidden, atol=1e-5)
+    assert torch.allclose(torch.cat([p.key for p in parts], 1), full.key, atol=1e-5)

@@ -99,3 +99,24 @@ def test_word_logprobs_are_the_full_distributions_entries():
     g1, = torch.autograd.grad(got.sum(), h)
     g2, = torch.autograd.grad(want.sum(), h)
     assert torch.allclose(g1, g2, atol=1e-5)
+
+
+@pytest.mark.parametrize("site", ["ffn_input", "final"])
+def test_kv_cached_decoding_equals_recomputing_the_whole_prefix(site):
+    """model(new, cache) after the prefix = the same positions of one pass over prefix + new: a prompt of 5 tokens,
+    a chunk of 3, then single tokens up to the full context (positions offset by the cache's length)."""
+    from knnlm.lm import DecodeCache
+
+    m = small_model(key_site=site)
+    x = torch.randint(0, V, (3, 16))
+    with torch.no_grad():
+        full = m(x)
+        cache, hidden, keys = DecodeCache(), [], []
+        for a, b in [(0, 5), (5, 8)] + [(i, i + 1) for i in range(8, 16)]:
+            out = m(x[:, a:b], cache)
+            assert cache.length == b and cache.state[0][0].shape == (3, 2, b, 16)  # (B, H, t, dh) per block
+            hidden.append(out.hidden), keys.append(out.key)
+    assert torch.allclose(torch.cat(hidden, 1), full.hidden, atol=1e-5)
+    assert torch.allclose(torch.cat(keys, 1), full.key, atol=1e-5)
+    with pytest.raises(AssertionError, match="longer than the context"):
+        m(x[:, :1], cache)  # a full cache: the caller must slide the window

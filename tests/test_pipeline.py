@@ -31,6 +31,10 @@ def own_copy(run, tmp_path):
 def test_readme_pipeline_tiny(tiny_run):
     out, stdout = tiny_run
     assert "valid kNN-LM ppl" in stdout
+    *table, closing = stdout.strip().splitlines()[-12:]
+    assert closing == f"results: {out / 'results.json'}"  # a command ends by saying where it wrote its results
+    table = [line for line in table if line.startswith("|")]
+    assert len(table) > 5 and len({len(line) for line in table}) == 1  # an aligned table
     v = json.loads((out / "eval" / "valid" / "summary.json").read_text())
     assert v["tokens"] == 10000 and v["knnlm_ppl"] < v["lm_ppl"]
     assert v["searched_queries"] == v["tokens"]  # one search per token; the tuning grid reuses it
@@ -68,23 +72,23 @@ def test_evaluate_reuses_the_search_and_a_what_if_leaves_the_runs_choice(tiny_ru
     valid = out / "eval" / "valid"
     before = (valid / "neighbors.npy").stat().st_mtime_ns
     kept = {n: (valid / n).read_bytes() for n in ("summary.json", "tuning.json", "knn_logprobs.npy")}
-    proc = knnlm("evaluate", "--out", out, "--lmbda", "0")
+    proc = knnlm("evaluate", "--out", out, "--json", "--lmbda", "0")
     res = json.loads(proc.stdout)
     assert (valid / "neighbors.npy").stat().st_mtime_ns == before
     assert res["knnlm_ppl"] == res["lm_ppl"] and "what_if" in res  # λ = 0 is the LM exactly
-    proc = knnlm("evaluate", "--out", out, "--k", "8", "--lmbda", "0.25")
+    proc = knnlm("evaluate", "--out", out, "--json", "--k", "8", "--lmbda", "0.25")
     assert json.loads(proc.stdout)["k"] == 8
-    res = json.loads(knnlm("evaluate", "--out", out, "--temperature", "2.5").stdout)
+    res = json.loads(knnlm("evaluate", "--out", out, "--json", "--temperature", "2.5").stdout)
     assert res["temperature"] == 2.5 and "what_if" in res
     assert {n: (valid / n).read_bytes() for n in kept} == kept  # the run's tuned choice is untouched
     # on test: the valid choice by default; a what-if uses the given settings and leaves the test summary alone
-    test = json.loads(knnlm("evaluate", "--out", out, "--split", "test").stdout)
+    test = json.loads(knnlm("evaluate", "--out", out, "--json", "--split", "test").stdout)
     assert (test["k"], test["lambda"]) == (json.loads(kept["summary.json"])["k"], json.loads(kept["summary.json"])["lambda"])
     saved = (out / "eval" / "test" / "summary.json").read_bytes()
-    res = json.loads(knnlm("evaluate", "--out", out, "--split", "test", "--k", "8", "--lmbda", "0.5").stdout)
+    res = json.loads(knnlm("evaluate", "--out", out, "--json", "--split", "test", "--k", "8", "--lmbda", "0.5").stdout)
     assert (res["k"], res["lambda"]) == (8, 0.5) and "what_if" in res
     assert (out / "eval" / "test" / "summary.json").read_bytes() == saved
-    again = json.loads(knnlm("evaluate", "--out", out, "--split", "test").stdout)
+    again = json.loads(knnlm("evaluate", "--out", out, "--json", "--split", "test").stdout)
     untimed = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731 (tuning is timed in each call)
     assert untimed(again) == untimed(json.loads(saved))
     assert {k: v for k, v in again["seconds"].items() if k != "tuning"} == \
@@ -110,7 +114,7 @@ def test_the_command_line_warns_exactly_when_the_summary_lists_a_grid_edge(tiny_
     from knnlm.evaluate import grid_edges
 
     out = own_copy(tiny_run[0], tmp_path)
-    proc = knnlm("evaluate", "--out", out, "eval.k=8,16", "eval.temperature=0.5,1000")
+    proc = knnlm("evaluate", "--out", out, "--json", "eval.k=8,16", "eval.temperature=0.5,1000")
     summary = json.loads(proc.stdout)
     cfg = Config()
     cfg.eval.k, cfg.eval.temperature = [8, 16], [0.5, 1000.0]

@@ -156,7 +156,7 @@ def test_the_python_api_agrees_with_the_evaluation_and_a_brute_force_knnlm(micro
     run, _ = micro
     lm = knnlm.load(run)
     summary = json.loads((run / "eval" / "valid" / "summary.json").read_text())
-    assert (lm.k, lm.temperature, lm.lmbda) == (summary["k"], summary["temperature"], summary["lambda"])
+    assert (lm.k, lm.knn_temperature, lm.lmbda) == (summary["k"], summary["temperature"], summary["lambda"])
     text = (Path(read_run_config(run).data.path) / "valid.txt").read_text()
     scored = lm.score(text)  # the whole valid split, scored through the API
     ev = run / "eval" / "valid"
@@ -177,7 +177,7 @@ def test_the_python_api_agrees_with_the_evaluation_and_a_brute_force_knnlm(micro
     vals = np.load(run / "datastore" / "vals.npy")
     d = ((keys - out.key[0, -1].to(torch.float16).double().numpy()) ** 2).sum(1)
     near = np.argsort(d, kind="stable")[: lm.k]
-    w = np.exp(-(d[near] - d[near].min()) / lm.temperature)
+    w = np.exp(-(d[near] - d[near].min()) / lm.knn_temperature)
     p_knn = np.bincount(vals[near], weights=w / w.sum(), minlength=len(lm.vocab))
     np.testing.assert_allclose(logp.exp().numpy(), lm.lmbda * p_knn + (1 - lm.lmbda) * p_lm, atol=1e-6)
 
