@@ -8,6 +8,8 @@ For each seed, on the study's base config (the ω study's WikiText-2 configurati
   targets   `knnlm targets` of the base: p_kNN of every training position, its own entry left out
   scratch   an LM trained from scratch with CE + β·KL toward the targets; its own datastore and kNN-LM
   finetune  the base fine-tuned with CE + β·KL; its own datastore and kNN-LM
+  control   the base fine-tuned as `finetune` but with CE alone (β = 0): what the extra steps give without the
+            targets; its own kNN-LM, and mixed with the base as a memory model would be (an ensemble, no targets)
   memory    a memory model (started from the base, KL + CE as `memory_overrides` say) interpolated with the base
             at a λ tuned on valid, no retrieval; and the base's kNN on top of that pair
 
@@ -28,13 +30,13 @@ from pathlib import Path
 
 from scipy import stats
 
-from knnlm.artifacts import UserError, cpu_name, markdown_table, read_json, write_json, write_text
+from knnlm.artifacts import UserError, cpu_name, markdown_table, nan_to_null, read_json, write_json, write_text
 from knnlm.config import load_config
 from knnlm.evaluate import evaluate, evaluate_memory
 from knnlm.pipeline import run_pipeline
 from knnlm.targets import build_targets
 
-STAGES = ("base", "targets", "scratch", "finetune", "memory")
+STAGES = ("base", "targets", "scratch", "finetune", "control", "memory")
 
 
 def load_study(path: Path) -> dict:
@@ -68,7 +70,6 @@ def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
     base_run = out / f"base_seed{seed}"
     common = [*study["overrides"], f"train.seed={seed}"]
     targets = f"train.distil_targets={base_run / 'targets'}"
-    t0 = time.time()
     if stage == "base":
         cfg = load_config(study["base"], common)
         res = run_pipeline(cfg, base_run)
@@ -85,6 +86,15 @@ def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
         run = out / f"{stage}_seed{seed}"
         res = run_pipeline(cfg, run)
         return {"train_seconds": res["train"]["train_seconds"], "overrides": extra, **evaluated(run, cfg)}
+    if stage == "control":
+        extra = [*study["finetune_overrides"], f"train.init_from={base_run}"]
+        cfg = load_config(study["base"], [*common, *extra])
+        run = out / f"control_seed{seed}"
+        res = run_pipeline(cfg, run)
+        base_cfg = load_config(study["base"], common)
+        ensemble = {split: evaluate_memory(base_run, run, base_cfg, split, progress=False) for split in ("valid", "test")}
+        return {"train_seconds": res["train"]["train_seconds"], "overrides": extra, **evaluated(run, cfg),
+                "as_memory": ensemble}
     if stage == "memory":
         extra = [*study["memory_overrides"], f"train.init_from={base_run}"]
         mem_cfg = load_config(study["base"], [*common, targets, *extra])
@@ -129,7 +139,10 @@ def tables(records: dict[str, dict], results: Path) -> dict:
                 values["LM + memory model (no retrieval)"] = m[split]["lm_memory_ppl"]
                 values["kNN-LM over LM + memory (tuned)"] = m[split]["protocols"]["tuned"]["knnlm_ppl"]
                 values["kNN-LM over LM + memory (paper)"] = m[split]["protocols"]["paper"]["knnlm_ppl"]
-            for stage, label in (("scratch", "distilled from scratch"), ("finetune", "base fine-tuned with KL")):
+            if (c := get("control")) is not None:
+                values["LM + CE-only fine-tune (ensemble control, no retrieval)"] = c["as_memory"][split]["lm_memory_ppl"]
+            for stage, label in (("scratch", "distilled from scratch"), ("finetune", "base fine-tuned with KL"),
+                                 ("control", "base fine-tuned with CE only (control)")):
                 if (r := get(stage)) is not None:
                     values[f"{label}: LM alone (no retrieval)"] = r[split]["lm_ppl"]
                     values[f"{label}: kNN-LM (tuned)"] = r[split]["knnlm_ppl"]
@@ -170,7 +183,7 @@ def tables(records: dict[str, dict], results: Path) -> dict:
     md.append(markdown_table("Costs", ["record", "time", "targets size", "valid tokens/s", "bytes at inference"],
                              costs, note=f"device of each record: its `device` field; this table: {device()}"))
     write_text(results / "distill.md", "\n".join(md))
-    write_json(results / "distill.json", {"table": table, "seeds": seeds})
+    write_json(results / "distill.json", nan_to_null({"table": table, "seeds": seeds}))  # n = 1: no std (null)
     return table
 
 
