@@ -48,6 +48,9 @@ from .models import corpus_for
 from .scoring import score_stream
 
 
+SEARCH_CHUNK = 8192  # queries `score` searches at once: (n, k) neighbours of this many tokens are in memory at a time
+
+
 @dataclass
 class Scored:
     """Per-token log-probabilities (natural log) of a scored text, in text order."""
@@ -240,18 +243,30 @@ class KNNLM:
         ids = self.encode(text)
         if len(ids) == 0:
             raise UserError("score: the text has no tokens")
-        keys, targets, lm = [], [], []
         s = token_stream(ids, self.eos_id)
-        for k, t, lp in score_stream(self.model, s, self.stride, self.cfg.datastore.batch_size, self.bf16):
-            keys.append(k), targets.append(t), lm.append(lp)
-        targets = torch.cat(targets).numpy()
-        lm = torch.cat(lm).numpy().astype(np.float64)
-        if self.memory_model is not None:  # the pair: μ p_memory + (1 − μ) p_base, the same windows
-            mem = torch.cat([lp for _, _, lp in score_stream(self.memory_model, s, self.stride,
-                                                              self.cfg.datastore.batch_size, self.bf16, want_keys=False)])
-            lm = interpolate(lm, mem.numpy().astype(np.float64), self.memory_lambda)
-        D, vals = self._knn_search(torch.cat(keys).numpy())
-        knn = knn_logprob(D, vals, targets, self.k, self.knn_temperature)
+        batch = self.cfg.datastore.batch_size
+        memory = None if self.memory_model is None else \
+            score_stream(self.memory_model, s, self.stride, batch, self.bf16, want_keys=False)  # the same windows
+        targets, lm, knn, pending = [], [], [], []
+
+        def search_pending() -> None:  # the keys gathered so far: searched, their p_kNN kept, then dropped
+            keys, t = np.concatenate([k for k, _ in pending]), np.concatenate([t for _, t in pending])
+            D, vals = self._knn_search(keys)
+            knn.append(knn_logprob(D, vals, t, self.k, self.knn_temperature))
+            pending.clear()
+
+        # keys are searched SEARCH_CHUNK queries at a time and dropped with their (n, k) neighbours, so memory holds
+        # per-token numbers and one chunk, whatever the text's length (a 1 MB text: benchmarks/score_memory.py)
+        for keys, t, lp in score_stream(self.model, s, self.stride, batch, self.bf16):
+            t, lp = t.numpy(), lp.numpy().astype(np.float64)
+            if memory is not None:  # the pair: μ p_memory + (1 − μ) p_base
+                lp = interpolate(lp, next(memory)[2].numpy().astype(np.float64), self.memory_lambda)
+            targets.append(t), lm.append(lp), pending.append((keys.numpy(), t))
+            if sum(len(x) for x, _ in pending) >= SEARCH_CHUNK:
+                search_pending()
+        if pending:
+            search_pending()
+        targets, lm, knn = np.concatenate(targets), np.concatenate(lm), np.concatenate(knn)
         lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         words = len(text.split()) + len(lines) - (len(lines) > 1 and lines[-1] == "")  # each line's end is one
         return Scored([self.vocab[i] for i in targets], lm, knn, interpolate(lm, knn, self.lmbda), words)
