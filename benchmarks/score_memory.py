@@ -3,7 +3,7 @@
     python benchmarks/score_memory.py --run runs/tiny [--mb 0.01 0.1 1] [--compare OTHER_CHECKOUT]
 
 Texts of each size are cut from WikiText-2 (valid, then test, then train lines, whole lines). Each size is scored by
-`python -m knnlm.cli score TEXT --out RUN` in a fresh process, whose peak resident memory (`ru_maxrss` of the child)
+`python -m knnlm.cli score TEXT --out RUN` in a fresh process, whose peak resident memory (VmHWM, the process alone)
 and wall time are recorded; with `--compare`, the same commands run again with another checkout's `knnlm` first on
 PYTHONPATH (e.g. the commit before scoring streamed), side by side. Writes OUT/score_memory.{json,md} (default: this
 machine's folder under results/benchmarks/).
@@ -24,10 +24,6 @@ from common import default_out, write_results
 from knnlm.data import default_data_dir
 
 REPO = Path(__file__).resolve().parent.parent
-MEASURE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # KiB on Linux
-
-
 def text_of(mb: float) -> str:
     """Whole WikiText-2 lines, valid first, until the text holds `mb` megabytes."""
     folder, out, size = default_data_dir(), [], 0
@@ -47,13 +43,23 @@ def commit(checkout: Path) -> str:
 
 
 def measure(text: Path, run: str, code: Path) -> dict:
+    """Peak resident memory of the `knnlm score` process itself (Linux's VmHWM, read until it exits: no compiler
+    or other child counted) and its wall time."""
     env = {**os.environ, "PYTHONPATH": str(code), "TQDM_DISABLE": "1"}
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "knnlm.cli", "score", str(text),
-                           "--out", run], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"knnlm score failed ({code}): {done.stderr[-2000:]}")
-    return {"peak_rss_mb": int(done.stdout.strip().splitlines()[-1]) / 1024, "seconds": time.perf_counter() - t}
+    proc = subprocess.Popen([sys.executable, "-m", "knnlm.cli", "score", str(text), "--out", run],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    peak_kib = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak_kib = max(peak_kib, int(status.split("VmHWM:")[1].split()[0]))
+        except (OSError, IndexError, ValueError):
+            pass  # the process is exiting
+        time.sleep(0.1)
+    if proc.returncode != 0:
+        raise SystemExit(f"knnlm score failed ({code}): {proc.stderr.read()[-2000:]}")
+    return {"peak_rss_mb": peak_kib / 1024, "seconds": time.perf_counter() - t}
 
 
 def main() -> None:
