@@ -135,8 +135,8 @@ def searcher_for(ds: Datastore, cfg: Config, sharded: bool = False, k: int | Non
     e = cfg.eval
     if sharded:
         return ShardedSearch(ds.keys, lambda rows: make_searcher(rows, resolve_index(e.index)))
-    if e.index.strip() == "auto":  # the fastest exact search on this store, by a probe remembered beside it
-        return choose_exact_search(ds.keys, k or e.k_max, ds.folder, ds.meta["model_sha256"])
+    if e.index.strip() == "auto":  # the fastest exact search on this store, by a probe remembered in knnlm's cache
+        return choose_exact_search(ds.keys, k or e.k_max, None, ds.meta["model_sha256"])  # remembered in the cache
     return make_searcher(ds.keys, resolve_index(e.index), e.nprobe, ds.folder, ds.meta["model_sha256"],
                          rerank_factor=e.rerank_factor if e.rerank else 0)
 
@@ -210,6 +210,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "search": searcher.describe(),
+              "search_choice": getattr(searcher.searcher, "auto_reason", None),  # why `auto` took it
               "k_max": e.k_max, "tokens": len(targets),
               "words": corpus.words(split, len(targets)), "oov_rate": corpus.oov_rate(split, len(targets)),
               "rerank": rerank,

@@ -25,6 +25,8 @@ Only the target's probability is computed, O(N·k), never a vector over the voca
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .artifacts import UserError, atomic_dir, cpu_name, read_json, write_json
+from .data import cache_root
 from .distributed import collective_device, default_device, rank_and_world
 from .fastsearch import (KERNELS, CpuExactSearch, available, best_kernel, centering_vector, cpu_flags, first_kernel,
                          principal_directions, project_dims, variance_dims)
@@ -432,8 +435,9 @@ def probe_rate(searcher, queries: np.ndarray, k: int) -> float:
 def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, model_sha256: str = "",
                         queries: int = 256, measure=probe_rate):
     """`eval.index = "auto"`: the fastest exact search on these keys at this k, chosen by a timed probe and
-    remembered in `folder/auto_search.json` (beside the datastore) with the reason, e.g. "avx2-exact, pruned,
-    m = 64: 1,180 q/s; margin 640; Flat 130 (64 directions hold 88 % of the variance)".
+    remembered with the reason, e.g. "avx2-exact, pruned, m = 64: 1,180 q/s; margin 640; Flat 130 (64 directions
+    hold 88 % of the variance)", in `folder` if given, else in knnlm's cache ($KNNLM_CACHE/ext), under a name made
+    from the store's identity (model, N, d, k, CPU, threads, candidates); the evaluation records it too.
 
     Every candidate (`auto_candidates`) is built on the whole store and times one search of `queries` stored keys
     (evenly spaced: held-out text's queries look like them) at k; FAISS Flat is among them, so `auto` is never slower
@@ -445,11 +449,15 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
     identity = {"N": int(len(keys)), "d": int(keys.shape[1]), "model_sha256": model_sha256, "k": int(k),
                 "candidates": sorted(candidates), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                 "device": default_device().type}
-    record = None if folder is None else Path(folder) / "auto_search.json"
-    if record is not None and record.is_file():
+    # remembered in knnlm's cache (not in the datastore, an artifact with digests), keyed by everything it depends on
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    record = (Path(folder) if folder is not None else cache_root() / "ext") / f"auto-search-{digest}.json"
+    if record.is_file():
         saved = read_json(record, "auto search choice")
         if isinstance(saved, dict) and saved.get("identity") == identity and saved.get("choice") in candidates:
-            return candidates[saved["choice"]]()
+            chosen = candidates[saved["choice"]]()
+            chosen.auto_reason = saved.get("reason", "")
+            return chosen
     step = max(1, len(keys) // queries)
     probe = np.asarray(keys[::step][:queries], dtype=np.float32)
     rates, best, best_searcher = {}, None, None
@@ -462,11 +470,11 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
     others = "; ".join(f"{n} {r:,.0f}" for n, r in rates.items() if n != best)
     reason = (f"{best}: {rates[best]:,.0f} q/s; {others} (probe of {len(probe)} stored keys at k = {k}; "
               f"{m_var} principal directions hold {100 * held:.0f} % of the variance)")
-    if record is not None:
-        try:
-            write_json(record, {"identity": identity, "choice": best, "queries_per_s": rates, "reason": reason})
-        except OSError:
-            pass  # a read-only datastore: the choice is made again next time
+    try:
+        write_json(record, {"identity": identity, "choice": best, "queries_per_s": rates, "reason": reason})
+    except OSError:
+        pass  # a read-only cache: the choice is made again next time
+    best_searcher.auto_reason = reason  # the evaluation's record keeps why (meta.json's "search_choice")
     return best_searcher
 
 

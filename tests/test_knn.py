@@ -455,7 +455,9 @@ def test_auto_takes_the_fastest_probe_and_remembers_why(tmp_path, monkeypatch):
         folder.mkdir()
         chosen = knn.choose_exact_search(keys, 10, folder, "sha", measure=measure)
         assert sorted(measured) == sorted(names)  # every candidate timed once
-        record = knn.read_json(folder / "auto_search.json")
+        (path,) = folder.glob("auto-search-*.json")  # named by the store's identity
+        record = knn.read_json(path)
+        assert chosen.auto_reason == record["reason"]
         assert record["choice"] == fastest and record["reason"].startswith(f"{fastest}: 900 q/s")
         d, i = chosen.search(np.asarray(keys[:5], dtype=np.float32), 10)
         assert_exact_neighbours(keys, np.asarray(keys[:5], dtype=np.float32), d, i, 10)
