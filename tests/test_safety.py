@@ -489,7 +489,7 @@ def test_what_if_that_needs_a_new_search_is_refused_and_the_results_stay(run, ca
     # no saved test search: refused too (it used to search test, and to tune and save valid on the what-if's grid)
     assert "holds no saved search" in refused(capsys, "evaluate", "--out", run, "--split", "test", "--k", "4")
     assert snapshot(run) == before
-    assert main(["evaluate", "--out", str(run), "--k", "8", "--lmbda", "0.25"]) == 0  # a stored k: answered
+    assert main(["evaluate", "--out", str(run), "--k", "8", "--lmbda", "0.25", "--json"]) == 0  # a stored k: answered
     assert json.loads(capsys.readouterr().out)["k"] == 8 and snapshot(run) == before
 
 
@@ -560,7 +560,7 @@ def test_any_hand_edit_of_a_summary_or_meta_is_used_or_refused_in_one_line(edit,
         before = snapshot(run)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(["evaluate", "--out", str(run), "--split", "test"])
+            code = main(["evaluate", "--out", str(run), "--split", "test", "--json"])
         lines = [line for line in err.getvalue().splitlines() if line.startswith("knnlm:")]
         if code == 0:
             summary = json.loads(out.getvalue())
