@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .artifacts import (UserError, nan_at, atomic_dir, check_fields, file_sha256, kill_point, load_npy, read_json,
                         save_npy, swapping, write_json)
-from .checkpoint import checkpoint_dirs, latest_meta, load_model
+from .checkpoint import latest_meta, load_model
 from .config import Config, from_dict
 from .data import token_stream, split_ids
 from .datastore import Datastore, stride_of
@@ -540,7 +540,7 @@ def evaluate_memory(run: str | Path, memory: str | Path, cfg: Config, split: str
     n = len(targets)
     sec = record.get("seconds", {})
     lm_s, search_s = float(sec.get("lm", math.nan)), float(sec.get("search", math.nan))
-    ckpt = lambda folder: [checkpoint_dirs(folder)[-1] / "model.safetensors"] if checkpoint_dirs(folder) else []
+    ckpt = lambda folder: [Path(latest_meta(folder)["path"]) / "model.safetensors"]  # the weights the run uses
     summary = {
         "split": split, "tokens": n, "base_run": str(run), "memory_run": str(memory),
         "lm_ppl": perplexity(lm), "memory_model_ppl": perplexity(mem), "memory_lambda": lam,

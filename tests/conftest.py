@@ -97,3 +97,17 @@ def fails(proc, *fragments):
     assert sum(line.startswith("knnlm: error:") for line in lines) == 1
     for f in fragments:
         assert f in lines[-1], lines[-1]
+
+
+def interrupt_training_at(monkeypatch, step: int) -> None:
+    """Make `knnlm train` raise KeyboardInterrupt (as Ctrl-C would) when it reaches optimizer step `step`."""
+    import knnlm.train
+
+    lr_at = knnlm.train.lr_at
+
+    def stop(s, total, cfg):
+        if s == step:
+            raise KeyboardInterrupt
+        return lr_at(s, total, cfg)
+
+    monkeypatch.setattr(knnlm.train, "lr_at", stop)

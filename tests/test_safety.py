@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import REPO, TINY, knnlm, snapshot
+from conftest import REPO, TINY, interrupt_training_at, knnlm, snapshot
 from knnlm.artifacts import UserError, file_sha256, nan_to_null, write_json, writing_into
 from knnlm.cli import main
 from knnlm.config import Config, from_dict, load_config
@@ -707,16 +707,7 @@ def test_sigterm_is_handled_like_ctrl_c_and_leaves_no_temporary_folder(run):
 @slow
 def test_interrupted_training_says_to_rerun_with_resume(tmp_path, monkeypatch, capsys):
     """`knnlm train` refuses to rerun into a run that holds a checkpoint without --resume: the message says so."""
-    import knnlm.train
-
-    lr_at = knnlm.train.lr_at
-
-    def stop_at_step_3(step, total, cfg):
-        if step == 3:
-            raise KeyboardInterrupt
-        return lr_at(step, total, cfg)
-
-    monkeypatch.setattr(knnlm.train, "lr_at", stop_at_step_3)
+    interrupt_training_at(monkeypatch, 3)
     out = tmp_path / "run"
     assert main(["train", "--config", str(TINY), "--out", str(out), *MICRO, "train.checkpoint_every=2"]) == 130
     err = capsys.readouterr().err

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, interrupt_training_at
 from knnlm.checkpoint import latest_checkpoint, load_model
 from knnlm.cli import main
 from knnlm.data import load_corpus, sliding_windows, token_stream
@@ -99,18 +99,9 @@ def test_evaluation_equals_a_full_softmax_brute_force_neighbours_and_a_numpy_knn
 
 def test_training_interrupted_at_a_step_and_resumed_ends_with_the_same_weights(micro, tmp_path, monkeypatch):
     """Stopped at a step count (the slow tests SIGKILL a subprocess there instead), then resumed from step 10."""
-    import knnlm.train
-
     run, args = micro
-    lr_at = knnlm.train.lr_at
-
-    def stop_at_step_13(step, total, cfg):  # called once at the start of every step
-        if step == 13:
-            raise KeyboardInterrupt
-        return lr_at(step, total, cfg)
-
     stopped = tmp_path / "run"
-    monkeypatch.setattr(knnlm.train, "lr_at", stop_at_step_13)
+    interrupt_training_at(monkeypatch, 13)
     assert main(["train", "--config", str(TINY), "--out", str(stopped), *args]) == 130
     monkeypatch.undo()
     assert json.loads((latest_checkpoint(stopped) / "meta.json").read_text())["step"] == 10
@@ -123,20 +114,11 @@ def test_training_interrupted_at_a_step_and_resumed_ends_with_the_same_weights(m
 
 def test_knn_memory_training_resumed_ends_with_the_same_weights_and_memory(micro, tmp_path, monkeypatch):
     """The `knn-memory` loss's memory and row offset are training state: saved in checkpoints, restored on resume."""
-    import knnlm.train
-
     _, args = micro
     args = [*args, "train.regularizer=knn-memory", "train.knn_memory=200", "train.knn_stride=3", "train.omega=0.1"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert main(["train", "--config", str(TINY), "--out", str(whole), *args]) == 0
-    lr_at = knnlm.train.lr_at
-
-    def stop_at_step_13(step, total, cfg):
-        if step == 13:
-            raise KeyboardInterrupt
-        return lr_at(step, total, cfg)
-
-    monkeypatch.setattr(knnlm.train, "lr_at", stop_at_step_13)
+    interrupt_training_at(monkeypatch, 13)
     assert main(["train", "--config", str(TINY), "--out", str(stopped), *args]) == 130
     monkeypatch.undo()
     assert main(["train", "--config", str(TINY), "--out", str(stopped), "--resume", *args]) == 0
