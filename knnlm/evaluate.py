@@ -38,8 +38,11 @@ from .config import Config, from_dict
 from .data import token_stream, split_ids
 from .datastore import Datastore, stride_of
 from .distributed import barrier, broadcast_array, default_device, setup_distributed
-from .knn import (EXACT, CountingSearch, ShardedSearch, choose_exact_search, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexities,
-                  perplexity, resolve_index, search_all)
+from .knn import interpolate, knn_logprob, knn_logprob_grid, perplexities, perplexity
+from .search.auto import choose_exact_search
+from .search.base import CountingSearch, search_all
+from .search.registry import EXACT, make_searcher, resolve_index
+from .search.sharded import ShardedSearch
 from .models import corpus_for
 from .scoring import score_stream
 
