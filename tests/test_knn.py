@@ -13,7 +13,7 @@ import torch
 
 from knnlm.artifacts import UserError, read_json
 from knnlm.config import Config, validate
-from knnlm.knn import interpolate, knn_logprob, knn_logprob_grid, perplexities, perplexity
+from knnlm.knn import interpolate, knn_logprob, knn_logprob_grid, knn_logprobs_full, perplexities, perplexity
 from knnlm.search import auto, base, cpu_kernels, faiss_index, key_geometry, torch_search
 from knnlm.search.faiss_index import FaissSearch
 from knnlm.search.registry import EXACT, make_searcher, resolve_index
@@ -290,6 +290,24 @@ def test_knn_logprob_grid_equals_brute_force_numpy(scale):
             assert np.allclose(knn_logprob(dists, vals, targets, k, tau), grid[(k, tau)], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="sorted"):
         knn_logprob_grid(dists[:, ::-1], vals, targets, [12], [1.0])
+
+
+def test_full_vocabulary_knn_distribution_is_the_brute_force_one():
+    # the API's next-token p_kNN over all V tokens, against numpy's bincount of the softmax weights; the target's
+    # entry is what knn_logprob computes
+    rng = np.random.default_rng(5)
+    B, k, V, tau = 6, 9, 20, 3.0
+    dists = np.sort(rng.uniform(0, 30, (B, k)), axis=1).astype(np.float32)
+    vals = rng.integers(0, V, (B, k)).astype(np.int32)
+    got = knn_logprobs_full(dists, vals, V, tau)
+    assert got.shape == (B, V) and got.dtype == torch.float64
+    for b in range(B):
+        w = np.exp(-dists[b].astype(np.float64) / tau)
+        want = np.bincount(vals[b], weights=w / w.sum(), minlength=V)
+        np.testing.assert_allclose(got[b].exp().numpy(), want, atol=1e-12)
+        assert np.all(np.isneginf(got[b].numpy()[want == 0]))  # tokens no neighbour carries
+    targets = vals[:, 0]
+    np.testing.assert_allclose(got[np.arange(B), targets].numpy(), knn_logprob(dists, vals, targets, k, tau), atol=1e-9)
 
 
 def test_perplexities_over_all_lambdas_equal_one_interpolation_each():
