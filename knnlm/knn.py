@@ -46,12 +46,13 @@ def knn_logprob_grid(distances: np.ndarray, neighbor_vals: np.ndarray, targets: 
     k_ends = torch.tensor(ks, device=device)
     rows = rows or max(1, (2**24 if device.type == "cuda" else 2**20) // K)  # ~8 MB blocks on a CPU: faster than one block or tiny ones
     for lo in range(0, n, rows):
-        d = torch.from_numpy(np.array(distances[lo : lo + rows, :K], dtype=np.float64)).to(device)  # a writable copy
+        d = torch.from_numpy(np.array(distances[lo : lo + rows, :K], dtype=np.float64)).to(device)  # (r, K), a copy
         if bool((d[:, 1:] < d[:, :-1]).any()):
             raise ValueError("neighbour distances must be sorted in ascending order")
+        # (r, K): which neighbours carry the target
         match = torch.from_numpy(np.asarray(neighbor_vals[lo : lo + rows, :K]) == targets[lo : lo + rows, None]).to(device)
         first = match.to(torch.uint8).argmax(1, keepdim=True)  # nearest matching column (0 if none)
-        d0, dm = d[:, :1], d.gather(1, first)
+        d0, dm = d[:, :1], d.gather(1, first)  # (r, 1) each
         gap = d0 - d  # ≤ 0
         # the matching neighbours are a few of the K: their terms are taken one by one (row, column), each added
         # into its row's bucket of columns [k_{i-1}, k_i), instead of an exp over every column of a masked copy
@@ -61,6 +62,7 @@ def knn_logprob_grid(distances: np.ndarray, neighbor_vals: np.ndarray, targets: 
         buf = torch.empty_like(d)
         for tau in temperatures:
             torch.div(gap, tau, out=buf).exp_()
+            # (r, len(ks)): running sums over the columns [0, k) of every k of the grid
             total = torch.stack([buf[:, a:b].sum(1) for a, b in zip(bounds, bounds[1:])], 1).cumsum_(1)
             hit = d.new_zeros(len(d) * len(ks)).index_add_(0, slot, (gap_match / tau).exp_()).view(len(d), -1).cumsum_(1)
             logp = (torch.log(hit) - torch.log(total) + (d0 - dm) / tau).cpu()  # log 0 = −inf: no match among the first k

@@ -67,7 +67,8 @@ def merge_nearest(distances: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.nd
 
 def search_all(searcher: Searcher, queries: np.ndarray, k: int, batch: int = 4096,
                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest rows for every query (n, d), in batches with a progress bar: distances (n, k) fp32, ids (n, k) int64."""
+    """k nearest rows for every query (n, d), in batches with a progress bar: distances (n, k) fp32, ids (n, k)
+    int64."""
     n = len(queries)
     D = np.empty((n, k), dtype=np.float32)
     I = np.empty((n, k), dtype=np.int64)

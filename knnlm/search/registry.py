@@ -1,9 +1,9 @@
 """The one registry of search backends: every name `eval.index` accepts besides `auto` and FAISS factory strings.
 
 `names.NAMED_INDEXES` repeats the names for `knnlm.config`, which imports no search code (tests/test_structure.py
-checks that the two agree); `auto` (`resolve_index`, `auto.choose_exact_search`), `make_searcher`, the evaluation's `EXACT` and the
-benchmarks read this list. Registry order is preference order: without a store to time them on, `auto` takes the
-first backend of this device that runs here and is marked `unprobed`.
+checks that the two agree); `auto` (`resolve_index`, `auto.choose_exact_search`), `make_searcher`, the evaluation's
+`EXACT` and the benchmarks read this list. Registry order is preference order: without a store to time them on,
+`auto` takes the first backend of this device that runs here and is marked `unprobed`.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def resolve_index(name: str) -> str:
         for b in BACKENDS.values():
             if b.device == device and b.runs_here() and b.unprobed():
                 return b.name
-        raise UserError("eval.index: 'auto' found no search this machine runs; install FAISS: pip install 'knnlm[faiss]'")
+        raise UserError("eval.index: 'auto' found no search this machine runs; install FAISS: "
+                        "pip install 'knnlm[faiss]'")
     backend = BACKENDS.get(name)
     if backend is not None and not backend.runs_here():
         raise UserError(f"eval.index: {name!r} needs {backend.needs()}; use 'auto' or another backend")

@@ -46,6 +46,7 @@ class ShardedSearch:
             dl, il = self.local.search(queries, m)
             d[:, :m], i[:, :m] = dl, il + self.lo
         dev = collective_device()
+        # every rank's (n, k) answer, side by side: (n, world·k), of which the k nearest are kept
         parts_d = [torch.empty((n, k), dtype=torch.float32, device=dev) for _ in range(self.world)]
         parts_i = [torch.empty((n, k), dtype=torch.int64, device=dev) for _ in range(self.world)]
         dist.all_gather(parts_d, torch.from_numpy(d).to(dev))
