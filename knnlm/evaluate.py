@@ -264,6 +264,7 @@ def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:
 def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config) -> list[dict]:
     """kNN-LM perplexity for every (k, temperature, λ) of the grid (`tuning_grid`), from the cached neighbours only."""
     ks, temperatures = tuning_grid(cfg)
+    # lm (n,), dists and nvals (n, k_max), targets (n,) -> log p_kNN (n,) for each (k, temperature)
     knn = knn_logprob_grid(dists, nvals, targets, ks, temperatures, device=default_device())
     return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": ppl} for k in ks for tau in temperatures
             for lmbda, ppl in zip(cfg.eval.lmbda, perplexities(lm, knn[(k, tau)], cfg.eval.lmbda))]
