@@ -211,13 +211,22 @@ def test_config_names_every_search_backend_of_the_registry():
     """config validates eval.index with the names-only tuple (`search/names.py`, no torch); the registry implements
     each, in the same order; every backend's searcher has the `Searcher` methods."""
     import numpy as np
+    import pytest
 
-    from knnlm.config import NAMED_INDEXES
+    from knnlm.artifacts import UserError
+    from knnlm.config import NAMED_INDEXES, Config, validate
     from knnlm.search.base import Searcher
     from knnlm.search.registry import BACKENDS
 
     assert NAMED_INDEXES == ("auto", *BACKENDS)
     assert all(name == b.name for name, b in BACKENDS.items())
+    cfg = Config()
+    cfg.eval.index = "no such index!"
+    with pytest.raises(UserError) as e:  # what the command line answers to an unknown eval.index
+        validate(cfg)
+    assert all(name in str(e.value) for name in BACKENDS)
+    design = (PACKAGE.parent / "docs" / "design.md").read_text()
+    assert all(f"`{name}`" in design for name in BACKENDS), "docs/design.md describes every backend"
     keys = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float16)
     for b in BACKENDS.values():
         if b.runs_here():
