@@ -241,6 +241,22 @@ def test_auto_picks_the_fastest_exact_backend(monkeypatch):
             resolve_index(f"{name}-exact")
 
 
+def test_auto_without_faiss_chooses_among_knnlms_own_searches(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss-cpu were not installed (an extra)
+    keys = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float16)
+    monkeypatch.setattr(cpu_kernels, "available", lambda name: name == "avx2")
+    assert cpu_kernels.faster_than_flat("avx2")  # no FAISS Flat to lose to
+    assert resolve_index("auto") == "avx2-exact"
+    names = list(auto.auto_candidates(keys))
+    assert names and all(n.startswith("avx2-exact") for n in names)
+    monkeypatch.setattr(cpu_kernels, "available", lambda name: False)  # no kernel either: say what to install
+    with pytest.raises(UserError, match=r"pip install 'knnlm\[faiss\]'"):
+        resolve_index("auto")
+    with pytest.raises(UserError, match=r"pip install 'knnlm\[faiss\]'"):
+        auto.auto_candidates(keys)
+
+
 def test_exact_backend_names_pass_config_validation():
     for name in EXACT:
         cfg = Config()
