@@ -228,6 +228,17 @@ def test_each_kernel_compiles_with_its_own_flags_only(kernel):
     assert done.returncode == 0, done.stderr
 
 
+def test_the_kernel_cache_is_keyed_on_the_sources_not_their_folder(tmp_path, monkeypatch):
+    kernel = cpu_kernels.KERNELS["avx2"]
+    before = cpu_kernels.library_path(kernel)
+    copy = tmp_path / "csrc"
+    shutil.copytree(cpu_kernels.CSRC, copy)
+    monkeypatch.setattr(cpu_kernels, "CSRC", copy)
+    assert cpu_kernels.library_path(kernel) == before  # the same sources elsewhere: the same library
+    (copy / "exact_search.h").write_text((copy / "exact_search.h").read_text() + "\n// edited\n")
+    assert cpu_kernels.library_path(kernel) != before  # an edit of the shared header recompiles
+
+
 def test_auto_picks_the_fastest_exact_backend(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for runs, avx2_faster, want in [({"amx", "avx512", "avx2"}, True, "amx-exact"),

@@ -21,9 +21,9 @@ Keys and queries are centered on the (sampled) mean key before rounding to bf16 
 errors shrink with the vectors' norms). `tests/test_knn.py` checks every search of every kernel against a float64
 brute force, and `benchmarks/search.py` reports recall against FAISS and a float64 brute force.
 
-A kernel is compiled on first use with the system's C++ compiler (about 2 s) and cached under `$KNNLM_CACHE/ext/`;
-where the CPU lacks its instructions (/proc/cpuinfo) or there is no compiler, `available(kernel)` is False and
-callers use another kernel or FAISS. `KNNLM_NO_AMX=1` (`KNNLM_NO_AVX512`, `KNNLM_NO_AVX2`) turns one off.
+A kernel is compiled on first use with the system's C++ compiler (about 2 s) and cached under `$KNNLM_CACHE/ext/`,
+named by a digest of its sources and flags (`library_path`: an edit recompiles, a move does not); where the CPU lacks its instructions (/proc/cpuinfo) or there is no compiler, `available(kernel)` is False and
+the registry (`registry.py`) uses another kernel or FAISS. `KNNLM_NO_AMX=1` (`KNNLM_NO_AVX512`, `KNNLM_NO_AVX2`) turns one off.
 """
 
 from __future__ import annotations
