@@ -59,8 +59,9 @@ def _kernel_variants(keys: np.ndarray, name: str) -> Variants:
 
 
 def _kernel_backend(kernel: Kernel) -> Backend:
-    """`amx-exact`, `avx512-exact`, `avx2-exact`: AVX2 is taken unprobed only where measured faster than FAISS Flat."""
-    unprobed = ((lambda: cpu_kernels.faster_than_flat(kernel.name)) if kernel.name == "avx2" else lambda: True)
+    """`amx-exact`, `avx512-exact`, `avx2-exact`; one not faster than FAISS Flat everywhere (AVX2) is taken without a
+    probe only where `faster_than_flat` measured it so."""
+    unprobed = (lambda: cpu_kernels.faster_than_flat(kernel.name)) if kernel.timed_against_flat else (lambda: True)
     return Backend(kernel.index, lambda keys: CpuExactSearch(keys, kernel.name), exact=True, device="cpu",
                    runs_here=lambda: cpu_kernels.available(kernel.name), needs=lambda: _kernel_needs(kernel),
                    auto_variants=lambda keys: _kernel_variants(keys, kernel.name), group="cpu kernels",
