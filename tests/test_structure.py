@@ -281,7 +281,8 @@ def test_a_missing_optional_dependency_is_a_one_line_error_naming_its_extra(monk
     monkeypatch.undo()  # knnlm.plots and matplotlib as they were, for the analysis module
     from knnlm.analysis import gmm_loglik_split
 
-    monkeypatch.setitem(sys.modules, "sklearn", None)
+    for name in ("sklearn", "sklearn.mixture"):  # as if never installed, though other tests imported it
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(UserError, match=r"the GMM analysis: sklearn is not installed \(pip install 'knnlm\[plots\]'\)"):
         gmm_loglik_split(np.zeros((20, 4), dtype=np.float32), np.zeros(20))
     with pytest.raises(UserError, match="knnlm\\[x\\]"):
