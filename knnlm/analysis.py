@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .artifacts import UserError, cpu_name, kill_point, load_npy, markdown_table, read_json, read_meta, write_json, write_text
+from .artifacts import (UserError, cpu_name, kill_point, load_npy, markdown_table, optional_import, read_json, read_meta,
+                        write_json, write_text)
 from .knn import interpolate, perplexity
 
 RANK_EDGES = (100, 1000, 10000)  # frequency-rank bucket boundaries: top 100, 100–1k, 1k–10k, the rest
@@ -215,7 +216,7 @@ def gmm_loglik_split(keys: np.ndarray, losses: np.ndarray, threshold: float | No
     −d·log c and leaves `difference` unchanged: compare differences across runs (an L2-regularized model has
     smaller keys), not absolute log-likelihoods.
     """
-    from sklearn.mixture import GaussianMixture  # imported here: only this analysis needs scikit-learn
+    GaussianMixture = optional_import("sklearn.mixture", "plots", "the GMM analysis").GaussianMixture  # only here
 
     losses = np.asarray(losses, dtype=np.float64)
     assert len(keys) == len(losses), "one loss per key"

@@ -8,13 +8,13 @@ import math
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
+from .artifacts import atomic_path, optional_import
+
+matplotlib = optional_import("matplotlib", "plots", "figures")  # an extra: training and evaluation never draw
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .artifacts import atomic_path  # noqa: E402
+plt = optional_import("matplotlib.pyplot", "plots", "figures")
 
 
 def save(fig, path: Path) -> None:

@@ -41,12 +41,13 @@ def score_stream(model: LanguageModel, s: torch.Tensor, stride: int, batch_size:
         group = windows[b : b + batch_size]
         length = max(e - a for a, e, _ in group)  # all equal to T unless the stream is shorter than T
         idx = torch.stack([torch.arange(a, a + length).clamp(max=n - 1) for a, _, _ in group])  # (B, T)
-        inputs, targets = s[idx].to(device), s[idx + 1].to(device)
+        inputs, targets = s[idx].to(device), s[idx + 1].to(device)  # (B, T) each
         with autocast(device, bf16):
-            out = model(inputs)
+            out = model(inputs)  # hidden and key (B, T, d)
             logp = model.target_logprob(out.hidden, targets)  # (B, T)
         # scored slice of each window, concatenated in stream order
         sel = [(j, f - a, e - a) for j, (a, e, f) in enumerate(group)]
+        # keys (n, d) float16, targets (n,), LM log-probabilities (n,) fp32: n scored positions of the B windows
         results = (torch.cat([out.key[j, lo:hi] for j, lo, hi in sel]).to(torch.float16) if want_keys else None,
                    torch.cat([targets[j, lo:hi] for j, lo, hi in sel]),
                    torch.cat([logp[j, lo:hi] for j, lo, hi in sel]).float())

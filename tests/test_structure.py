@@ -10,7 +10,20 @@ from pathlib import Path
 import torch.nn as nn
 
 PACKAGE = Path(__file__).resolve().parent.parent / "knnlm"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+
+
+def _module_name(path: Path) -> str:
+    """knnlm/evaluate.py -> "evaluate"; knnlm/search/registry.py -> "search.registry"; knnlm/search/__init__.py ->
+    "search" (the package's own `__init__` stays "__init__")."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+FILES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+MODULES = sorted(FILES)
+SEARCH = sorted(m for m in MODULES if m == "search" or m.startswith("search."))
 
 # (importer, imported) -> why the import is inside a function; "*": any knnlm module
 LAZY_ALLOWED = {
@@ -20,23 +33,37 @@ LAZY_ALLOWED = {
 }
 
 
+def _package_of(importer: str) -> list[str]:
+    """The package a module's relative imports start from: [] for knnlm itself, ["search"] inside knnlm/search/."""
+    parts = [] if importer == "__init__" else importer.split(".")
+    return parts if FILES[importer].name == "__init__.py" else parts[:-1]
+
+
+def _resolve(parts: list[str], names: list[str]) -> list[str]:
+    """The knnlm modules `from knnlm.<parts> import <names>` names: a submodule per name where there is one, else
+    the longest module prefix of parts."""
+    found = [".".join([*parts, n]) for n in names if ".".join([*parts, n]) in FILES]
+    if found:
+        return found
+    while parts and ".".join(parts) not in FILES:
+        parts = parts[:-1]
+    return [".".join(parts) or "__init__"]
+
+
 def _imported_modules(node: ast.AST, importer: str) -> list[str]:
     """The knnlm modules one import statement names."""
     if isinstance(node, ast.ImportFrom):
-        if node.level == 1 and node.module:  # from .x import y
-            return [node.module.split(".")[0]]
-        if node.level == 1:  # from . import x
-            return [a.name for a in node.names if a.name in MODULES]
-        if node.level == 0 and node.module and node.module.split(".")[0] == "knnlm":
-            parts = node.module.split(".")
-            if len(parts) > 1:
-                return [parts[1]]
-            return [a.name for a in node.names if a.name in MODULES] or ["__init__"]
-        assert node.level == 0, f"knnlm/{importer}.py: relative import beyond the package"
+        names = [a.name for a in node.names]
+        if node.level >= 1:  # from .x import y, from ..x import y, from . import x
+            package = _package_of(importer)
+            assert node.level - 1 <= len(package), f"knnlm/{importer}: relative import beyond the package"
+            base = package[: len(package) - (node.level - 1)]
+            return _resolve(base + (node.module.split(".") if node.module else []), names)
+        if node.module and node.module.split(".")[0] == "knnlm":
+            return _resolve(node.module.split(".")[1:], names)
         return []
     if isinstance(node, ast.Import):
-        return [a.name.split(".")[1] if "." in a.name else "__init__" for a in node.names
-                if a.name.split(".")[0] == "knnlm"]
+        return [_resolve(a.name.split(".")[1:], [])[0] for a in node.names if a.name.split(".")[0] == "knnlm"]
     return []
 
 
@@ -44,7 +71,7 @@ def import_edges() -> list[tuple[str, str, bool]]:
     """(importer, imported, inside a function) for every import of a knnlm module by a knnlm module."""
     edges = []
     for name in MODULES:
-        tree = ast.parse((PACKAGE / f"{name}.py").read_text(encoding="utf-8"))
+        tree = ast.parse(FILES[name].read_text(encoding="utf-8"))
 
         def visit(node, in_function):
             for child in ast.iter_child_nodes(node):
@@ -157,3 +184,106 @@ def test_the_option_names_in_config_are_the_ones_the_code_implements():
         assert model(torch.zeros(1, 4, dtype=torch.long)).key.shape == (1, 4, 8)
     kinds = {type(make_regularizer(TrainConfig(regularizer=r), model, 8, 8, block=4)).__name__ for r in REGULARIZERS}
     assert len(kinds) == len(REGULARIZERS)  # each name makes its own loss
+
+
+def test_the_import_graph_resolves_the_search_package():
+    edges = {(a, b) for a, b, _ in import_edges()}
+    assert ("config", "search.names") in edges and ("search.registry", "search.cpu_kernels") in edges
+    assert ("search.registry", "artifacts") in edges and ("evaluate", "search.registry") in edges
+
+
+def test_imports_flow_one_way_between_search_knn_and_the_pipeline():
+    """The search package sits below the pipeline: it imports only knnlm's foundations (files, config, corpus
+    cache, processes) and itself; knn.py (the kNN-LM's mathematics) imports no search code and no knnlm module."""
+    g = graph(import_edges())
+    below = {"artifacts", "config", "data", "distributed", *SEARCH}
+    for m in SEARCH:
+        assert reachable(g, m) <= below, f"knnlm/{m}: imports {sorted(reachable(g, m) - below)}"
+    assert g["knn"] == set(), "knnlm/knn.py: kNN-LM mathematics only, no knnlm imports"
+    assert g["search"] == set() and g["search.names"] == set(), "config imports search.names: nothing heavy there"
+    knn_imports = {a.name.split(".")[0] for node in ast.walk(ast.parse(FILES["knn"].read_text()))
+                   if isinstance(node, (ast.Import, ast.ImportFrom)) for a in
+                   (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+    assert knn_imports <= {"__future__", "math", "numpy", "torch"}, knn_imports
+
+
+def test_config_names_every_search_backend_of_the_registry():
+    """config validates eval.index with the names-only tuple (`search/names.py`, no torch); the registry implements
+    each, in the same order; every backend's searcher has the `Searcher` methods."""
+    import numpy as np
+    import pytest
+
+    from knnlm.artifacts import UserError
+    from knnlm.config import NAMED_INDEXES, Config, validate
+    from knnlm.search.base import Searcher
+    from knnlm.search.registry import BACKENDS
+
+    assert NAMED_INDEXES == ("auto", *BACKENDS)
+    assert all(name == b.name for name, b in BACKENDS.items())
+    cfg = Config()
+    cfg.eval.index = "no such index!"
+    with pytest.raises(UserError) as e:  # what the command line answers to an unknown eval.index
+        validate(cfg)
+    assert all(name in str(e.value) for name in BACKENDS)
+    design = (PACKAGE.parent / "docs" / "design.md").read_text()
+    assert all(f"`{name}`" in design for name in BACKENDS), "docs/design.md describes every backend"
+    keys = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float16)
+    for b in BACKENDS.values():
+        if b.runs_here():
+            s = b.build(keys)
+            assert isinstance(s, Searcher), b.name
+            d, i = s.search(np.asarray(keys[:2], dtype=np.float32), 3)
+            assert d.shape == i.shape == (2, 3) and i[:, 0].tolist() == [0, 1], b.name  # each key nearest to itself
+
+
+def test_cli_and_readme_name_the_regularizers_of_the_registry():
+    """`knnlm train --regularizer` offers exactly the registry's names, and so does the README's command line."""
+    import contextlib
+    import io
+    import re
+
+    import pytest
+
+    from knnlm.cli import main
+    from knnlm.regularizers import REGISTRY
+
+    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
+        main(["train", "--out", "x", "--regularizer", "no-such-loss"])
+    choices = re.search(r"choose from (.*)\)", err.getvalue()).group(1)
+    assert tuple(re.findall(r"'([^']+)'", choices)) == tuple(REGISTRY)
+    readme = (PACKAGE.parent / "README.md").read_text()
+    assert tuple(re.search(r"--regularizer ([a-z0-9|-]+)\]", readme).group(1).split("|")) == tuple(REGISTRY)
+
+
+def test_a_missing_optional_dependency_is_a_one_line_error_naming_its_extra(monkeypatch):
+    import importlib
+    import sys
+
+    import numpy as np
+    import pytest
+
+    from knnlm.artifacts import UserError, optional_import
+    from knnlm.search.faiss_index import FaissSearch
+    from knnlm.search.registry import resolve_index
+
+    keys = np.zeros((10, 4), dtype=np.float16)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss-cpu were not installed
+    with pytest.raises(UserError, match=r"pip install 'knnlm\[faiss\]'") as e:
+        FaissSearch(keys, "Flat")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"'Flat' needs FAISS: pip install 'knnlm\[faiss\]'"):
+        resolve_index("Flat")
+    # figures and the GMM analysis: matplotlib and scikit-learn, the `plots` extra, imported where they are used
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delitem(sys.modules, "knnlm.plots", raising=False)
+    with pytest.raises(UserError, match=r"figures: matplotlib is not installed \(pip install 'knnlm\[plots\]'\)"):
+        importlib.import_module("knnlm.plots")
+    monkeypatch.undo()  # knnlm.plots and matplotlib as they were, for the analysis module
+    from knnlm.analysis import gmm_loglik_split
+
+    for name in ("sklearn", "sklearn.mixture"):  # as if never installed, though other tests imported it
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(UserError, match=r"the GMM analysis: sklearn is not installed \(pip install 'knnlm\[plots\]'\)"):
+        gmm_loglik_split(np.zeros((20, 4), dtype=np.float32), np.zeros(20))
+    with pytest.raises(UserError, match="knnlm\\[x\\]"):
+        optional_import("no_such_package_knnlm", "x", "a test")
