@@ -10,7 +10,21 @@ from pathlib import Path
 import torch.nn as nn
 
 PACKAGE = Path(__file__).resolve().parent.parent / "knnlm"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+
+
+def _module_name(path: Path) -> str:
+    """knnlm/data.py -> "data"; knnlm/studies/engine.py -> "studies.engine"; a package's __init__ -> the package
+    ("studies"), knnlm's own -> "__init__"."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+FILES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+MODULES = sorted(FILES)
+PACKAGES = {m for m, p in FILES.items() if p.name == "__init__.py"}
+
 
 # (importer, imported) -> why the import is inside a function; "*": any knnlm module
 LAZY_ALLOWED = {
@@ -20,22 +34,33 @@ LAZY_ALLOWED = {
 }
 
 
+def _resolve(dotted: str) -> str:
+    """The knnlm module a dotted name (relative to knnlm) lives in: the longest prefix that is a module."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in FILES:
+            return ".".join(parts[:n])
+    return dotted  # not a module: graph() says so
+
+
 def _imported_modules(node: ast.AST, importer: str) -> list[str]:
     """The knnlm modules one import statement names."""
+    package = importer.split(".") if importer in PACKAGES and importer != "__init__" else importer.split(".")[:-1]
     if isinstance(node, ast.ImportFrom):
-        if node.level == 1 and node.module:  # from .x import y
-            return [node.module.split(".")[0]]
-        if node.level == 1:  # from . import x
-            return [a.name for a in node.names if a.name in MODULES]
-        if node.level == 0 and node.module and node.module.split(".")[0] == "knnlm":
-            parts = node.module.split(".")
-            if len(parts) > 1:
-                return [parts[1]]
-            return [a.name for a in node.names if a.name in MODULES] or ["__init__"]
-        assert node.level == 0, f"knnlm/{importer}.py: relative import beyond the package"
-        return []
+        if node.level == 0:
+            if not node.module or node.module.split(".")[0] != "knnlm":
+                return []
+            base = node.module.split(".")[1:]
+        else:
+            assert node.level - 1 <= len(package), f"knnlm/{importer}: relative import beyond the package"
+            base = package[:len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+        if not base:  # from knnlm import x / from . import x at the top
+            return [a.name for a in node.names if a.name in FILES] or ["__init__"]
+        prefix = ".".join(base)
+        found = [f"{prefix}.{a.name}" for a in node.names if f"{prefix}.{a.name}" in FILES]  # from .pkg import module
+        return found or [_resolve(prefix)]
     if isinstance(node, ast.Import):
-        return [a.name.split(".")[1] if "." in a.name else "__init__" for a in node.names
+        return [_resolve(a.name.split(".", 1)[1]) if "." in a.name else "__init__" for a in node.names
                 if a.name.split(".")[0] == "knnlm"]
     return []
 
@@ -44,7 +69,7 @@ def import_edges() -> list[tuple[str, str, bool]]:
     """(importer, imported, inside a function) for every import of a knnlm module by a knnlm module."""
     edges = []
     for name in MODULES:
-        tree = ast.parse((PACKAGE / f"{name}.py").read_text(encoding="utf-8"))
+        tree = ast.parse(FILES[name].read_text(encoding="utf-8"))
 
         def visit(node, in_function):
             for child in ast.iter_child_nodes(node):
@@ -157,3 +182,18 @@ def test_the_option_names_in_config_are_the_ones_the_code_implements():
         assert model(torch.zeros(1, 4, dtype=torch.long)).key.shape == (1, 4, 8)
     kinds = {type(make_regularizer(TrainConfig(regularizer=r), model, 8, 8, block=4)).__name__ for r in REGULARIZERS}
     assert len(kinds) == len(REGULARIZERS)  # each name makes its own loss
+
+
+def test_the_studies_sit_on_top_of_the_pipeline_and_the_engine_knows_no_stage():
+    """knnlm/studies/ (engine, stages, statistics, analyses, plots) composes the pipeline; only the CLI calls it. The
+    engine reaches the stages through their registry alone: adding a stage or a study touches no engine code."""
+    g = graph(import_edges())
+    users = {m for m in MODULES if not m.startswith("studies") and any(n.startswith("studies") for n in g[m])}
+    assert users <= {"cli"}, f"{sorted(users)} import knnlm.studies"
+    members = {m for m in MODULES if m.startswith("studies.stages.")}
+    assert not (g["studies.engine"] & members), "the engine imports a stage's own module"
+    source = FILES["studies.engine"].read_text(encoding="utf-8")
+    from knnlm.config import REGULARIZERS
+
+    named = [name for name in REGULARIZERS if f'"{name}"' in source or f"'{name}'" in source]
+    assert not named, f"the engine names regularizer(s) {named}"
