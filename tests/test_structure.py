@@ -13,17 +13,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "knnlm"
 
 
 def _module_name(path: Path) -> str:
-    """knnlm/evaluate.py -> "evaluate"; knnlm/search/registry.py -> "search.registry"; knnlm/search/__init__.py ->
-    "search" (the package's own `__init__` stays "__init__")."""
-    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    """knnlm/data.py -> "data"; knnlm/studies/engine.py -> "studies.engine"; a package's __init__ -> the package
+    ("studies"), knnlm's own -> "__init__"."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
     if parts[-1] == "__init__" and len(parts) > 1:
-        parts.pop()
+        parts = parts[:-1]
     return ".".join(parts)
 
 
 FILES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 MODULES = sorted(FILES)
+PACKAGES = {m for m, p in FILES.items() if p.name == "__init__.py"}
+
 SEARCH = sorted(m for m in MODULES if m == "search" or m.startswith("search."))
+
 
 # (importer, imported) -> why the import is inside a function; "*": any knnlm module
 LAZY_ALLOWED = {
@@ -33,37 +36,34 @@ LAZY_ALLOWED = {
 }
 
 
-def _package_of(importer: str) -> list[str]:
-    """The package a module's relative imports start from: [] for knnlm itself, ["search"] inside knnlm/search/."""
-    parts = [] if importer == "__init__" else importer.split(".")
-    return parts if FILES[importer].name == "__init__.py" else parts[:-1]
-
-
-def _resolve(parts: list[str], names: list[str]) -> list[str]:
-    """The knnlm modules `from knnlm.<parts> import <names>` names: a submodule per name where there is one, else
-    the longest module prefix of parts."""
-    found = [".".join([*parts, n]) for n in names if ".".join([*parts, n]) in FILES]
-    if found:
-        return found
-    while parts and ".".join(parts) not in FILES:
-        parts = parts[:-1]
-    return [".".join(parts) or "__init__"]
+def _resolve(dotted: str) -> str:
+    """The knnlm module a dotted name (relative to knnlm) lives in: the longest prefix that is a module."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in FILES:
+            return ".".join(parts[:n])
+    return dotted  # not a module: graph() says so
 
 
 def _imported_modules(node: ast.AST, importer: str) -> list[str]:
     """The knnlm modules one import statement names."""
+    package = importer.split(".") if importer in PACKAGES and importer != "__init__" else importer.split(".")[:-1]
     if isinstance(node, ast.ImportFrom):
-        names = [a.name for a in node.names]
-        if node.level >= 1:  # from .x import y, from ..x import y, from . import x
-            package = _package_of(importer)
+        if node.level == 0:
+            if not node.module or node.module.split(".")[0] != "knnlm":
+                return []
+            base = node.module.split(".")[1:]
+        else:
             assert node.level - 1 <= len(package), f"knnlm/{importer}: relative import beyond the package"
-            base = package[: len(package) - (node.level - 1)]
-            return _resolve(base + (node.module.split(".") if node.module else []), names)
-        if node.module and node.module.split(".")[0] == "knnlm":
-            return _resolve(node.module.split(".")[1:], names)
-        return []
+            base = package[:len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+        if not base:  # from knnlm import x / from . import x at the top
+            return [a.name for a in node.names if a.name in FILES] or ["__init__"]
+        prefix = ".".join(base)
+        found = [f"{prefix}.{a.name}" for a in node.names if f"{prefix}.{a.name}" in FILES]  # from .pkg import module
+        return found or [_resolve(prefix)]
     if isinstance(node, ast.Import):
-        return [_resolve(a.name.split(".")[1:], [])[0] for a in node.names if a.name.split(".")[0] == "knnlm"]
+        return [_resolve(a.name.split(".", 1)[1]) if "." in a.name else "__init__" for a in node.names
+                if a.name.split(".")[0] == "knnlm"]
     return []
 
 
@@ -275,11 +275,11 @@ def test_a_missing_optional_dependency_is_a_one_line_error_naming_its_extra(monk
         resolve_index("Flat")
     # figures and the GMM analysis: matplotlib and scikit-learn, the `plots` extra, imported where they are used
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.delitem(sys.modules, "knnlm.plots", raising=False)
+    monkeypatch.delitem(sys.modules, "knnlm.studies.plots", raising=False)
     with pytest.raises(UserError, match=r"figures: matplotlib is not installed \(pip install 'knnlm\[plots\]'\)"):
-        importlib.import_module("knnlm.plots")
-    monkeypatch.undo()  # knnlm.plots and matplotlib as they were, for the analysis module
-    from knnlm.analysis import gmm_loglik_split
+        importlib.import_module("knnlm.studies.plots")
+    monkeypatch.undo()  # knnlm.studies.plots and matplotlib as they were, for the analysis module
+    from knnlm.studies.analysis import gmm_loglik_split
 
     for name in ("sklearn", "sklearn.mixture"):  # as if never installed, though other tests imported it
         monkeypatch.setitem(sys.modules, name, None)
@@ -287,3 +287,18 @@ def test_a_missing_optional_dependency_is_a_one_line_error_naming_its_extra(monk
         gmm_loglik_split(np.zeros((20, 4), dtype=np.float32), np.zeros(20))
     with pytest.raises(UserError, match="knnlm\\[x\\]"):
         optional_import("no_such_package_knnlm", "x", "a test")
+
+
+def test_the_studies_sit_on_top_of_the_pipeline_and_the_engine_knows_no_stage():
+    """knnlm/studies/ (engine, stages, statistics, analyses, plots) composes the pipeline; only the CLI calls it. The
+    engine reaches the stages through their registry alone: adding a stage or a study touches no engine code."""
+    g = graph(import_edges())
+    users = {m for m in MODULES if not m.startswith("studies") and any(n.startswith("studies") for n in g[m])}
+    assert users <= {"cli"}, f"{sorted(users)} import knnlm.studies"
+    members = {m for m in MODULES if m.startswith("studies.stages.")}
+    assert not (g["studies.engine"] & members), "the engine imports a stage's own module"
+    source = FILES["studies.engine"].read_text(encoding="utf-8")
+    from knnlm.config import REGULARIZERS
+
+    named = [name for name in REGULARIZERS if f'"{name}"' in source or f"'{name}'" in source]
+    assert not named, f"the engine names regularizer(s) {named}"
