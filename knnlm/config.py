@@ -107,6 +107,7 @@ class TrainConfig:
     init_from: str = ""  # a run folder whose last checkpoint's weights start training (a fine-tune); "" = random
     keep_best: bool = False  # keep the checkpoint of the best valid perplexity (each epoch): datastore, eval, API use it
     patience: int = 0  # with keep_best: stop after this many epochs without a better valid perplexity (0: never)
+    curves: bool = False  # each epoch also records the train split's perplexity beside valid's (learning curves)
 
 
 @dataclass

@@ -196,6 +196,7 @@ def test_sampling_follows_temperature_top_k_and_top_p():
 
 
 @pytest.mark.slow
+@pytest.mark.guarantee("archive-and-cache")
 def test_the_search_cache_answers_only_its_own_inputs(tiny_run):
     out = tiny_run[0]
     folder = out / "eval" / "valid"
@@ -222,6 +223,7 @@ def test_the_search_cache_answers_only_its_own_inputs(tiny_run):
 
 
 @pytest.mark.slow
+@pytest.mark.guarantee("archive-and-cache")
 def test_a_datastore_rebuilt_with_another_stride_is_searched_again(run):
     valid = run / "eval" / "valid"
     before, searched = json.loads((valid / "meta.json").read_text()), (valid / "neighbors.npy").stat().st_mtime_ns
