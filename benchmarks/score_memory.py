@@ -1,6 +1,6 @@
 """Peak memory and time of `knnlm score` on long texts: does scoring stream?
 
-    python benchmarks/score_memory.py --run runs/tiny [--mb 0.01 0.1 1] [--repeat 3] [--compare OTHER_CHECKOUT]
+    python benchmarks/score_memory.py --run runs/tiny [--mb 0.01 0.1 1] [--repeat 3] [--ways cli api] [--compare OTHER_CHECKOUT]
 
 Texts of each size are cut from WikiText-2 (valid, then test, then train lines, whole lines). Each size is scored by
 `python -m knnlm.cli score TEXT --out RUN` in a fresh process, whose peak resident memory (VmHWM, the process alone)
@@ -43,12 +43,16 @@ def commit(checkout: Path) -> str:
     return done.stdout.strip() or str(checkout)
 
 
-def measure(text: Path, run: str, code: Path) -> dict:
-    """Peak resident memory of the `knnlm score` process itself (Linux's VmHWM, read until it exits: no compiler
-    or other child counted) and its wall time."""
+API = "import sys, pathlib, knnlm; knnlm.load(sys.argv[1]).score(pathlib.Path(sys.argv[2]).read_text())"
+
+
+def measure(text: Path, run: str, code: Path, way: str) -> dict:
+    """Peak resident memory of the scoring process itself (Linux's VmHWM, read until it exits: no compiler or
+    other child counted) and its wall time; `way` "cli" runs `knnlm score`, "api" `knnlm.load(run).score(text)`."""
     env = {**os.environ, "PYTHONPATH": str(code), "TQDM_DISABLE": "1"}
+    command = ["-m", "knnlm.cli", "score", str(text), "--out", run] if way == "cli" else ["-c", API, run, str(text)]
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "knnlm.cli", "score", str(text), "--out", run],
+    proc = subprocess.Popen([sys.executable, *command],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     peak_kib = 0
     while proc.poll() is None:
@@ -68,6 +72,8 @@ def main() -> None:
     p.add_argument("--run", required=True, help="a finished run folder")
     p.add_argument("--mb", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--repeat", type=int, default=1, help="fresh processes per size and code (peaks vary run to run)")
+    p.add_argument("--ways", nargs="+", choices=["cli", "api"], default=["cli", "api"],
+                   help="`knnlm score TEXT --out RUN`, and/or `knnlm.load(RUN).score(text)` in Python")
     p.add_argument("--compare", help="another checkout whose knnlm to run side by side")
     p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
     a = p.parse_args()
@@ -80,19 +86,21 @@ def main() -> None:
             path.write_text(text_of(mb))
             tokens = sum(len(line.split()) + 1 for line in path.read_text().splitlines())
             for repeat in range(a.repeat):  # interleaved, so both codes see the same machine load
-                for label, code in codes.items():
-                    rows.append({"mb": path.stat().st_size / 1e6, "tokens": tokens, "code": label, "repeat": repeat,
-                                 **measure(path, a.run, code)})
+                for way in a.ways:
+                    for label, code in codes.items():
+                        rows.append({"mb": path.stat().st_size / 1e6, "tokens": tokens, "way": way, "code": label,
+                                     "repeat": repeat, **measure(path, a.run, code, way)})
                     print(json.dumps(rows[-1]), flush=True)
-    md = ["| text (MB) | tokens | code | n | peak resident memory, min – max (MB) | time, min – max (s) |",
-          "|---|---|---|---|---|---|"]
-    for mb, tokens, label in dict.fromkeys((r["mb"], r["tokens"], r["code"]) for r in rows):
-        mine = [r for r in rows if (r["mb"], r["code"]) == (mb, label)]
+    md = ["| text (MB) | tokens | scored by | code | n | peak resident memory, min – max (MB) | time, min – max (s) |",
+          "|---|---|---|---|---|---|---|"]
+    for mb, tokens, way, label in dict.fromkeys((r["mb"], r["tokens"], r["way"], r["code"]) for r in rows):
+        mine = [r for r in rows if (r["mb"], r["way"], r["code"]) == (mb, way, label)]
         peak, secs = [r["peak_rss_mb"] for r in mine], [r["seconds"] for r in mine]
-        md.append(f"| {mb:.2f} | {tokens:,} | {label} | {len(mine)} | {min(peak):.0f} – {max(peak):.0f} "
+        md.append(f"| {mb:.2f} | {tokens:,} | {way} | {label} | {len(mine)} | {min(peak):.0f} – {max(peak):.0f} "
                   f"| {min(secs):.0f} – {max(secs):.0f} |")
-    md += ["", f"`knnlm score TEXT --out {a.run}`, each in a fresh process (n per row); peak resident memory (VmHWM)"
-               " of that process; the codes alternate, so both see the same machine load."]
+    md += ["", f"cli: `knnlm score TEXT --out {a.run}`; api: `knnlm.load(\"{a.run}\").score(text)`; each in a fresh "
+               "process (n per row); peak resident memory (VmHWM) of that process; the codes alternate, so both see "
+               "the same machine load."]
     write_results(a.out, "score_memory", {"run": a.run, "rows": rows}, md)
     print("\n".join(md))
 
