@@ -3,8 +3,8 @@
     python benchmarks/score_memory.py --run runs/tiny [--mb 0.01 0.1 1] [--repeat 3] [--ways cli api] [--compare OTHER_CHECKOUT]
 
 Texts of each size are cut from WikiText-2 (valid, then test, then train lines, whole lines). Each size is scored by
-`python -m knnlm.cli score TEXT --out RUN` in a fresh process, whose peak resident memory (VmHWM, the process alone)
-and wall time are recorded; with `--compare`, the same commands run again with another checkout's `knnlm` first on
+`python -m knnlm.cli score TEXT --out RUN` and by `knnlm.load(RUN).score(text)`, each in a fresh process, whose peak
+resident memory (VmHWM, the process alone) and wall time are recorded; with `--compare`, the same commands run again with another checkout's `knnlm` first on
 PYTHONPATH (e.g. the commit before scoring streamed), side by side. Writes OUT/score_memory.{json,md} (default: this
 machine's folder under results/benchmarks/).
 """
