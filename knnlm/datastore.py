@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from .artifacts import UserError, atomic_dir, check_digest, file_sha256, kill_point, load_npy, read_meta, reserve, swapping, write_json
 from .checkpoint import load_model
-from .config import Config
-from .data import sliding_windows, token_stream, split_ids
+from .config import Config, from_dict
+from .data import sliding_windows, token_stream, split_ids, tokenizer_settings
 from .distributed import barrier, setup_distributed
 from .models import corpus_for, corpus_for_run
 from .scoring import score_stream
@@ -147,7 +147,10 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
                 "key_site": cfg.model.key_site, "key_layer": cfg.model.key_layer,
                 "checkpoint": ckpt_meta["path"], "model_sha256": ckpt_meta["model_sha256"],
                 "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "corpus_sha256": corpus.digest,
-                **({"name": name, "oov_rate": corpus.oov_rate("train", N)} if name is not None else {}),
+                # a named datastore: its text wherever the command is run from, and how the run's vocabulary read it
+                **({"name": name, "corpus": str(corpus.folder.resolve()), "oov_rate": corpus.oov_rate("train", N),
+                    "tokenizer": tokenizer_settings(from_dict(ckpt_meta["config"], ckpt_meta["path"]).data)}
+                   if name is not None else {}),
                 "stride": stride, "bf16": cfg.train.bf16,
                 "context": cfg.model.context, "ranks": world, "seconds": time.time() - t0,
                 "sha256": digests,  # vals checked on every load; keys by `knnlm verify`
