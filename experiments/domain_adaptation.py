@@ -1,7 +1,7 @@
 """Domain adaptation by datastore: a WikiText-2 model evaluated on another text with and without that text's datastore.
 
     python experiments/vim_help_corpus.py --out data/vim-help
-    knnlm train --config configs/wikitext-2-small.toml --out runs/wt2-small        # about 25 min on 2 cores
+    knnlm train --config configs/wikitext-2-small.toml --out runs/wt2-small        # 12-45 min on a Zen 3 core
     python experiments/domain_adaptation.py --run runs/wt2-small --domain data/vim-help
     python experiments/domain_adaptation.py --tables-only                          # the table from the record
 

@@ -114,3 +114,22 @@ def test_a_datastore_name_that_is_a_path_is_one_line_exit_2(name, tmp_path, caps
         assert main([str(a) for a in args]) == 2
         capsys.readouterr()
     assert not out.exists() and not (tmp_path / "x").exists()
+
+
+def test_another_text_is_read_with_the_run_vocabulary(tmp_path):
+    from knnlm.data import load_corpus, load_corpus_with_vocab
+
+    def corpus(folder, train, valid):
+        folder.mkdir()
+        for split, text in (("train", train), ("valid", valid), ("test", valid)):
+            (folder / f"{split}.txt").write_text(text)
+        return folder
+
+    own = load_corpus(corpus(tmp_path / "own", "a b c\nb c\n", "a c\n"))
+    other = load_corpus_with_vocab(corpus(tmp_path / "other", "a new b\n", "c d\n"), own.vocab, own.tokenizer,
+                                   own.vocab_hash)
+    index = {w: i for i, w in enumerate(own.vocab)}
+    assert other.vocab == own.vocab and other.vocab_hash == own.vocab_hash  # the model's checks pass
+    assert other.splits["train"].tolist() == [index[w] for w in ("a", "<unk>", "b", "<eos>")]
+    assert other.oov_rate("train") == 0.25 and other.oov_rate("valid") == pytest.approx(1 / 3)
+    assert other.digest and other.digest != own.digest  # which text, by content
