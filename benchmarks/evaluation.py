@@ -31,6 +31,9 @@ import numpy as np
 
 from common import default_out, write_results
 from knnlm import knn
+from knnlm.search.cpu_kernels import CpuExactSearch
+from knnlm.search.faiss_index import FaissSearch
+from knnlm.search.torch_search import TorchExactSearch
 from knnlm.checkpoint import load_model
 from knnlm.config import apply_overrides, load_config
 from knnlm.data import token_stream
@@ -93,7 +96,7 @@ def main() -> None:
         grids = {"100 settings": ["eval.k=16,32,64,128,256", "eval.temperature=1,3,10,30", "eval.lmbda=0.1,0.2,0.25,0.3,0.4"],
                  "default grid": []}
         searches = [0]  # tuning must not search: count every query any backend is asked
-        for backend in (knn.FaissSearch, knn.TorchExactSearch, knn.CpuExactSearch):
+        for backend in (FaissSearch, TorchExactSearch, CpuExactSearch):
             original = backend.search
 
             def counted(self, queries, k, *rest, _original=original, **kw):

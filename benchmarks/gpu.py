@@ -34,11 +34,12 @@ from knnlm.data import epoch_order, num_train_blocks, token_stream, train_batch
 from knnlm.datastore import Datastore
 from knnlm.distributed import default_device
 from knnlm.evaluate import searcher_for
-from knnlm.knn import gpu_faiss, make_searcher
 from knnlm.lm import autocast
 from knnlm.models import build_model, corpus_for
 from knnlm.pipeline import run_pipeline
 from knnlm.regularizers import make_regularizer
+from knnlm.search.faiss_index import gpu_faiss
+from knnlm.search.registry import make_searcher
 from knnlm.train import Objective
 
 TARGETS = {"search_qps": 50_000, "datastore_tokens_per_s": 1_000_000, "run_seconds": 120}

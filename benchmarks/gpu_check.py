@@ -20,7 +20,8 @@ import torch
 
 from common import default_out
 from knnlm.artifacts import write_json
-from knnlm.knn import TorchExactSearch, knn_logprob_grid
+from knnlm.knn import knn_logprob_grid
+from knnlm.search.torch_search import TorchExactSearch
 from knnlm.artifacts import cpu_name
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from common import default_out
 from knnlm.artifacts import write_json
-from knnlm.knn import FaissSearch
+from knnlm.search.faiss_index import FaissSearch
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ causal LM (e.g. GPT-2 at d = 768) over WikiText-2's valid text. Queries: held-ou
 (a run: its stored keys of every n/queries-th row, perturbed by 1 % noise, so none is its own neighbour).
 
 For k = 64 and 1024, side by side in one process with the same threads: FAISS `IndexFlatL2`, the CPU kernel's margin
-and pruned searches (default projection and the one holding 90 % of the variance), and `auto` (`knn.
+and pruned searches (default projection and the one holding 90 % of the variance), and `auto` (`knnlm.search.auto.
 choose_exact_search`: its own probe, then its choice). Each backend's queries/s, its ratio to Flat, and recall@k
 against a float64 brute force. Backends are timed in turns, best of `--repeats`. Writes OUT/key_distributions.{json,md}
 (default: this machine's folder under results/benchmarks/).
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from common import default_out, write_results
-from knnlm.fastsearch import KERNELS, CpuExactSearch, first_kernel, project_dims, variance_dims
-from knnlm.knn import choose_exact_search
+from knnlm.search.auto import choose_exact_search
+from knnlm.search.cpu_kernels import KERNELS, CpuExactSearch, first_kernel
+from knnlm.search.key_geometry import project_dims, variance_dims
 from search import flat_index, recall, truth
 
 

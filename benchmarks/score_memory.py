@@ -1,6 +1,6 @@
 """Peak memory and time of `knnlm score` on long texts: does scoring stream?
 
-    python benchmarks/score_memory.py --run runs/tiny [--mb 0.01 0.1 1] [--compare OTHER_CHECKOUT]
+    python benchmarks/score_memory.py --run runs/tiny [--mb 0.01 0.1 1] [--repeat 3] [--compare OTHER_CHECKOUT]
 
 Texts of each size are cut from WikiText-2 (valid, then test, then train lines, whole lines). Each size is scored by
 `python -m knnlm.cli score TEXT --out RUN` in a fresh process, whose peak resident memory (VmHWM, the process alone)
@@ -37,8 +37,9 @@ def text_of(mb: float) -> str:
 
 
 def commit(checkout: Path) -> str:
-    """The checkout's commit, as a label (a folder's path means nothing to a reader of the record)."""
-    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    """The checkout's commit, as a label (a folder's path means nothing to a reader of the record); "-dirty" when
+    its files differ from that commit."""
+    done = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty"], capture_output=True, text=True)
     return done.stdout.strip() or str(checkout)
 
 
@@ -66,6 +67,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="a finished run folder")
     p.add_argument("--mb", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--repeat", type=int, default=1, help="fresh processes per size and code (peaks vary run to run)")
     p.add_argument("--compare", help="another checkout whose knnlm to run side by side")
     p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
     a = p.parse_args()
@@ -77,12 +79,20 @@ def main() -> None:
             path = Path(tmp) / f"text_{mb}.txt"
             path.write_text(text_of(mb))
             tokens = sum(len(line.split()) + 1 for line in path.read_text().splitlines())
-            for label, code in codes.items():
-                rows.append({"mb": path.stat().st_size / 1e6, "tokens": tokens, "code": label, **measure(path, a.run, code)})
-                print(json.dumps(rows[-1]), flush=True)
-    md = ["| text (MB) | tokens | code | peak resident memory (MB) | time (s) |", "|---|---|---|---|---|"]
-    md += [f"| {r['mb']:.2f} | {r['tokens']:,} | {r['code']} | {r['peak_rss_mb']:.0f} | {r['seconds']:.1f} |" for r in rows]
-    md += ["", f"`knnlm score TEXT --out {a.run}`, each in a fresh process; peak resident memory of that process."]
+            for repeat in range(a.repeat):  # interleaved, so both codes see the same machine load
+                for label, code in codes.items():
+                    rows.append({"mb": path.stat().st_size / 1e6, "tokens": tokens, "code": label, "repeat": repeat,
+                                 **measure(path, a.run, code)})
+                    print(json.dumps(rows[-1]), flush=True)
+    md = ["| text (MB) | tokens | code | n | peak resident memory, min – max (MB) | time, min – max (s) |",
+          "|---|---|---|---|---|---|"]
+    for mb, tokens, label in dict.fromkeys((r["mb"], r["tokens"], r["code"]) for r in rows):
+        mine = [r for r in rows if (r["mb"], r["code"]) == (mb, label)]
+        peak, secs = [r["peak_rss_mb"] for r in mine], [r["seconds"] for r in mine]
+        md.append(f"| {mb:.2f} | {tokens:,} | {label} | {len(mine)} | {min(peak):.0f} – {max(peak):.0f} "
+                  f"| {min(secs):.0f} – {max(secs):.0f} |")
+    md += ["", f"`knnlm score TEXT --out {a.run}`, each in a fresh process (n per row); peak resident memory (VmHWM)"
+               " of that process; the codes alternate, so both see the same machine load."]
     write_results(a.out, "score_memory", {"run": a.run, "rows": rows}, md)
     print("\n".join(md))
 

@@ -5,14 +5,14 @@
     python benchmarks/search.py --run runs/wt2 [--queries 2048] [--scale 5]   # a run's datastore, and 5x larger
 
 Backends: FAISS `Flat` (the reference), knnlm's compiled CPU kernels that this CPU can run (`amx-exact`,
-`avx512-exact`, `avx2-exact`, `knnlm/fastsearch.py`; each in both its searches: its default, and the other one as
+`avx512-exact`, `avx2-exact`, `knnlm/search/cpu_kernels.py`; each in both its searches: its default, and the other one as
 "(margin)" or "(pruned)") and the PyTorch bf16 path (`bf16-exact`, `TorchExactSearch`, on
 the CPU here unless a GPU is present). For k = 64 and 1024: queries/s of each, its ratio to FAISS, and recall@k
 against a float64 brute force on a sample of queries (the truth: FAISS's own fp32 rounding can swap near-ties) and
 against FAISS on all queries. Backends are timed in turns, `--repeats` rounds, best round kept, so a machine's
 other load falls on all of them alike.
 
-Stores: by default a synthetic LM-like store (`fastsearch.lm_like_keys`: large common offset, a few strong directions
+Stores: by default a synthetic LM-like store (`knnlm.search.key_geometry.lm_like_keys`: large common offset, a few strong directions
 of unequal scale, weak noise; held-out samples of the same distribution as queries), 2M keys where the CPU has AMX
 and 256k otherwise, so the run takes a few minutes. With `--run`: the run's datastore (WikiText-2: 2.09M x 256
 float16 keys) with its valid-split query keys, and a synthetic store `scale` times larger made from it (every key
@@ -37,9 +37,10 @@ import torch
 
 from common import default_out, bf16_matmul_tflops, brute_force, machine, write_results
 from knnlm.artifacts import atomic_path
-from knnlm.fastsearch import (KERNELS, CpuExactSearch, available, available_memory, cpu_flags, cpu_has_amx,
-                              lm_like_keys)
-from knnlm.knn import FaissSearch, TorchExactSearch
+from knnlm.search.cpu_kernels import KERNELS, CpuExactSearch, available, available_memory, cpu_flags, cpu_has_amx
+from knnlm.search.faiss_index import FaissSearch
+from knnlm.search.key_geometry import lm_like_keys
+from knnlm.search.registry import BACKENDS
 
 
 def truth(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -59,16 +60,19 @@ def flat_index(keys: np.ndarray):
 
 
 def backends() -> dict:
-    """name -> builder (keys -> an object with .search(queries, k)) for every exact search this machine runs;
-    FAISS Flat first: it is the reference of every ratio."""
+    """name -> builder (keys -> an object with .search(queries, k)) for every exact backend of knnlm's registry
+    (`knnlm.search.registry.BACKENDS`) this machine runs, each compiled kernel in both its searches; FAISS Flat
+    first, as a bare FAISS index: it is the reference of every ratio."""
     out = {"Flat": flat_index}
-    for kernel in KERNELS.values():
-        if available(kernel.name):
-            out[kernel.index] = lambda keys, name=kernel.name: CpuExactSearch(keys, name)
-            other = not kernel.prune_by_default  # the kernel's other search beside its default one
-            out[f"{kernel.index} ({'pruned' if other else 'margin'})"] = \
-                lambda keys, name=kernel.name, other=other: CpuExactSearch(keys, name, prune=other)
-    out["bf16-exact"] = TorchExactSearch
+    kernels = {k.index: k for k in KERNELS.values()}
+    for b in BACKENDS.values():
+        if not b.exact or b.name == "Flat" or not b.runs_here():
+            continue
+        out[b.name] = b.build
+        if b.name in kernels:
+            other = not kernels[b.name].prune_by_default  # the kernel's other search beside its default one
+            out[f"{b.name} ({'pruned' if other else 'margin'})"] = \
+                lambda keys, name=kernels[b.name].name, other=other: CpuExactSearch(keys, name, prune=other)
     return out
 
 

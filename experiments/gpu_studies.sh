@@ -19,12 +19,12 @@ if [ "${SMOKE:-0}" = 1 ]; then
   RESULTS=$RUNS/results
 fi
 python3 -c "from knnlm.data import load_corpus; print('corpus:', load_corpus().folder)" || exit 1  # fills the cache once
-# jobs: each study's whole first stage at once (the ω study's grid and its MOCO runs, --moco-early)
+# jobs: each study's whole first stage at once (the ω study's grid and its MOCO runs, --early)
 for spec in "omega_study 18" "key_site_study 6" "overfit_study 4"; do
   read -r study jobs <<<"$spec"
   [ "${SMOKE:-0}" = 1 ] && jobs=2
   timeout "$LIMIT" python3 -m knnlm.cli sweep "experiments/$study.toml" --out "$RUNS/$study" --results "$RESULTS/$study" \
-    --jobs "$jobs" --threads 1 --prune --moco-early --stop-after $((LIMIT * 55 / 100)) "${EXTRA[@]}" \
+    --jobs "$jobs" --threads 1 --prune --early --stop-after $((LIMIT * 55 / 100)) "${EXTRA[@]}" \
     >"$RUNS/logs/$study.log" 2>&1 &
 done
 wait

@@ -1,7 +1,7 @@
 """knnlm: train language models with kNN in mind and evaluate them as kNN-LMs.
 
-Pipeline, in the order data flows: data → model → regularizers → train → datastore → knn / evaluate → sweep →
-analysis / plots, with `cli` on top. From Python, `knnlm.load(RUN)` gives a finished run's kNN-LM (`knnlm.api`).
+Pipeline, in the order data flows: data → model → regularizers → train → datastore → search / knn → evaluate →
+sweep → analysis / plots, with `cli` on top. From Python, `knnlm.load(RUN)` gives a finished run's kNN-LM (`knnlm.api`).
 """
 
 from .artifacts import UserError  # bad input (an option, a file): one line naming it and what was expected

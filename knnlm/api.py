@@ -47,7 +47,7 @@ from .datastore import Datastore, datastore_home
 from .distributed import default_device
 from .evaluate import PROTOCOLS, check_memory_summary, scoring_settings, searcher_for, valid_choices
 from .hf import hf_eos_id, load_tokenizer
-from .knn import interpolate, knn_logprob
+from .knn import interpolate, knn_logprob, knn_logprobs_full
 from .lm import DecodeCache, autocast
 from .models import corpus_for, corpus_for_run
 from .scoring import score_stream
@@ -328,12 +328,11 @@ class KNNLM:
         (B, d): p_kNN spreads softmax(−d / knn_temperature) of each key's k nearest stored keys over their tokens."""
         q = key.to(torch.float16).cpu().numpy()  # stored keys are float16: search the same rounding
         D, vals = self._knn_search(q)  # (B, k) each
-        w = torch.softmax(-torch.from_numpy(D).double() / self.knn_temperature, 1)
-        p_knn = torch.zeros(lm.shape, dtype=torch.float64).scatter_add_(1, torch.from_numpy(vals.astype(np.int64)), w)
+        log_p_knn = knn_logprobs_full(D, vals, lm.shape[1], self.knn_temperature)  # (B, V)
         lm = lm.double()
         if self.lmbda in (0, 1):
-            return lm if self.lmbda == 0 else p_knn.log()
-        return torch.logaddexp(math.log(self.lmbda) + p_knn.log(), math.log1p(-self.lmbda) + lm)
+            return lm if self.lmbda == 0 else log_p_knn
+        return torch.logaddexp(math.log(self.lmbda) + log_p_knn, math.log1p(-self.lmbda) + lm)
 
     @torch.no_grad()
     def neighbours(self, context: str | np.ndarray, k: int | None = None, window: int = 12) -> Neighbours:

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -28,6 +29,15 @@ import numpy as np
 
 class UserError(Exception):
     """A problem with the user's input (file, option, value): printed as one line, exit status 2."""
+
+
+def optional_import(module: str, extra: str, purpose: str):
+    """`import module` for a package knnlm installs only as an extra (FAISS, matplotlib, scikit-learn), imported
+    where it is used; if it is missing, a one-line error naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{purpose}: {module.split('.')[0]} is not installed (pip install 'knnlm[{extra}]')") from None
 
 
 _UMASK = os.umask(0)

@@ -181,7 +181,7 @@ def cmd_targets(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .sweep import run_sweep
+    from .studies.engine import run_sweep
 
     if args.jobs < 1:
         raise UserError(f"--jobs: expected at least 1, got {args.jobs}")
@@ -191,12 +191,12 @@ def cmd_sweep(args) -> None:
         raise UserError(f"--threads: expected a count >= 0, got {args.threads}")
     run_sweep(args.study, Path(args.out), args.overrides, jobs=args.jobs, stop_after=args.stop_after,
               threads=args.threads, prune=args.prune, results=args.results, tables_only=args.tables_only,
-              moco_early=args.moco_early)
+              early=args.early)
 
 
 def cmd_twins(args) -> None:
     from .artifacts import write_json, write_text
-    from .sweep import device_twins, twins_markdown
+    from .studies.twins import device_twins, twins_markdown
 
     twins = device_twins([Path(f) for f in args.first], [Path(f) for f in args.second])
     if not twins["runs"]:
@@ -209,7 +209,7 @@ def cmd_twins(args) -> None:
 
 
 def cmd_analyze(args) -> None:
-    from .analysis import analyze
+    from .studies.analysis import analyze
 
     if args.gmm_repeats < 1:
         raise UserError(f"--gmm-repeats: expected at least 1, got {args.gmm_repeats}")
@@ -390,7 +390,7 @@ def _main(argv: list[str] | None = None) -> int:
         sp.add_argument("--omega", type=float, help="weight ω of the key regularizer (train.omega)")
         sp.add_argument("--regularizer", choices=REGULARIZERS, help="train.regularizer")
     add("targets", cmd_targets, "p_kNN of every training position, its own entry left out (for distillation)")
-    sw = sub.add_parser("sweep", help="the ω study: one model per (regularizer, ω, seed)")
+    sw = sub.add_parser("sweep", help="a study: one model per (ω, seed) and per run its stages ask for")
     sw.add_argument("study", help="study config (TOML) under experiments/")
     sw.add_argument("--out", required=True)
     sw.add_argument("--jobs", type=int, default=1,
@@ -405,9 +405,9 @@ def _main(argv: list[str] | None = None) -> int:
     sw.add_argument("--prune", action="store_true",
                     help="delete the saved test neighbours, and the valid ones of ω > 0 runs, once recorded (1.6 GB "
                          "each at k_max 4096); ω = 0 runs keep their valid ones for the rescaling control")
-    sw.add_argument("--moco-early", action="store_true",
-                    help="start the MOCO runs beside the grid, at the best ω > 0 under the paper protocol so far "
-                         "(room for more models at once, e.g. on a GPU)")
+    sw.add_argument("--early", action="store_true",
+                    help="start the stages' runs beside the grid where the records so far choose them (e.g. the "
+                         "compare stage's at the best ω > 0 so far): room for more models at once, e.g. on a GPU")
     sw.add_argument("overrides", nargs="*")
     sw.set_defaults(fn=cmd_sweep)
     tw = sub.add_parser("twins", help="runs recorded on two devices: first − second, and mean ± std (a device's effect)")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import UserError, read_json, write_json
+from .search.names import NAMED_INDEXES  # else a FAISS index_factory string (knnlm.search.registry)
 
 # the names options may take; the code they name (model.py's key sites, regularizers.py's losses) imports this file
 KEY_SITES = {
@@ -106,6 +107,7 @@ class TrainConfig:
     init_from: str = ""  # a run folder whose last checkpoint's weights start training (a fine-tune); "" = random
     keep_best: bool = False  # keep the checkpoint of the best valid perplexity (each epoch): datastore, eval, API use it
     patience: int = 0  # with keep_best: stop after this many epochs without a better valid perplexity (0: never)
+    curves: bool = False  # each epoch also records the train split's perplexity beside valid's (learning curves)
 
 
 @dataclass
@@ -252,7 +254,6 @@ def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-NAMED_INDEXES = ("auto", "Flat", "amx-exact", "avx512-exact", "avx2-exact", "bf16-exact", "bf16-pruned")  # else a FAISS index_factory string (knnlm.knn)
 _FACTORY = re.compile(r"[A-Za-z][A-Za-z0-9_,.()+=-]*")  # what an index_factory string is made of, e.g. IVF4096,PQ32
 _INT64 = 2**63
 

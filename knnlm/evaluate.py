@@ -48,8 +48,11 @@ from .config import Config, from_dict
 from .data import cache_key, corpus_files, token_stream, split_ids
 from .datastore import Datastore, datastore_home, stride_of
 from .distributed import barrier, broadcast_array, default_device, setup_distributed
-from .knn import (EXACT, CountingSearch, ShardedSearch, choose_exact_search, interpolate, knn_logprob, knn_logprob_grid, make_searcher, perplexities,
-                  perplexity, resolve_index, search_all)
+from .knn import interpolate, knn_logprob, knn_logprob_grid, perplexities, perplexity
+from .search.auto import choose_exact_search
+from .search.base import CountingSearch, search_all
+from .search.registry import EXACT, make_searcher, resolve_index
+from .search.sharded import ShardedSearch
 from .models import corpus_for, corpus_for_run
 from .scoring import score_stream
 
@@ -325,6 +328,7 @@ def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:
 def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config) -> list[dict]:
     """kNN-LM perplexity for every (k, temperature, λ) of the grid (`tuning_grid`), from the cached neighbours only."""
     ks, temperatures = tuning_grid(cfg)
+    # lm (n,), dists and nvals (n, k_max), targets (n,) -> log p_kNN (n,) for each (k, temperature)
     knn = knn_logprob_grid(dists, nvals, targets, ks, temperatures, device=default_device())
     return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": ppl} for k in ks for tau in temperatures
             for lmbda, ppl in zip(cfg.eval.lmbda, perplexities(lm, knn[(k, tau)], cfg.eval.lmbda))]

@@ -57,9 +57,9 @@ class AdaptiveEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
         out = torch.zeros(*ids.shape, self.d, device=ids.device, dtype=self.projections[0].weight.dtype)
-        flat_ids, flat_out = ids.reshape(-1), out.view(-1, self.d)
+        flat_ids, flat_out = ids.reshape(-1), out.view(-1, self.d)  # (B·T,), (B·T, d)
         for (lo, hi), emb, proj in zip(zip(self.edges, self.edges[1:]), self.embeddings, self.projections):
-            rows = ((flat_ids >= lo) & (flat_ids < hi)).nonzero().squeeze(1)
+            rows = ((flat_ids >= lo) & (flat_ids < hi)).nonzero().squeeze(1)  # (r,): the tokens in this band
             if rows.numel():
                 padded = padded_rows(rows)
                 flat_out[rows] = proj(emb(flat_ids[padded] - lo))[: rows.numel()].to(out.dtype)
@@ -88,7 +88,7 @@ class AdaptiveSoftmax(nn.Module):
     def target_logprob(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target | h) for each row: (N, d), (N,) -> (N,) fp32; only the target's band is computed."""
         edges = self.emb.edges
-        head = self.head_logprobs(h)
+        head = self.head_logprobs(h)  # (N, n_0 + n_tails)
         out = torch.empty(target.shape, dtype=torch.float32, device=h.device)
         in_head = target < edges[1]
         out[in_head] = head[in_head, target[in_head]]
@@ -96,7 +96,7 @@ class AdaptiveSoftmax(nn.Module):
             rows = ((target >= edges[i]) & (target < edges[i + 1])).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            band = F.log_softmax(self.band_logits(h[padded_rows(rows)], i).float(), dim=-1)[: rows.numel()]
+            band = F.log_softmax(self.band_logits(h[padded_rows(rows)], i).float(), dim=-1)[: rows.numel()]  # (r, n_i)
             out[rows] = head[rows, edges[1] + i - 1] + band.gather(1, (target[rows] - edges[i]).unsqueeze(1)).squeeze(1)
         return out
 
@@ -120,8 +120,8 @@ class AdaptiveSoftmax(nn.Module):
     def full_logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """log p(w | h) for every word: (N, d) -> (N, V) fp32 (analysis and tests; training never needs it)."""
         edges = self.emb.edges
-        head = self.head_logprobs(h)
-        parts = [head[:, : edges[1]]]
+        head = self.head_logprobs(h)  # (N, n_0 + n_tails)
+        parts = [head[:, : edges[1]]]  # (N, n_0), then (N, n_i) per tail band
         for i in range(1, len(edges) - 1):
             parts.append(head[:, edges[1] + i - 1 : edges[1] + i] + F.log_softmax(self.band_logits(h, i).float(), dim=-1))
         return torch.cat(parts, dim=-1)
@@ -168,7 +168,7 @@ class Block(nn.Module):
         """(B, T, d) -> (B, T, d) and the key sites; sites["kv"] are the attention's keys and values so far."""
         a, kv = self.attn(self.ln1(x), past)
         x = x + self.drop(a)
-        sites = {"ffn_input_prenorm": x, "kv": kv}
+        sites = {"ffn_input_prenorm": x, "kv": kv}  # every site (B, T, d)
         h = self.ln2(x)
         sites["ffn_input"] = h
         x = x + self.drop(self.ffn(h))
@@ -221,7 +221,7 @@ class TransformerLM(nn.Module):
         T, P = ids.shape[1], cache.length if cache is not None else 0
         assert P + T <= self.positions.shape[0], \
             f"sequence of {P + T} tokens is longer than the context {self.positions.shape[0]}"
-        x = self.drop(self.embed(ids) + self.positions[P : P + T])
+        x = self.drop(self.embed(ids) + self.positions[P : P + T])  # (B, T, d)
         past = cache.state if cache is not None and cache.state is not None else [None] * len(self.blocks)
         key, kvs = None, []
         for i, block in enumerate(self.blocks):
@@ -231,7 +231,7 @@ class TransformerLM(nn.Module):
                 key = sites[self.cfg.key_site]
         if cache is not None:
             cache.state, cache.length = kvs, P + T
-        hidden = self.ln_f(x)
+        hidden = self.ln_f(x)  # (B, T, d)
         return Output(hidden=hidden, key=hidden if key is None else key)
 
     def target_logprob(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (B, T, d), (B, T) -> (B, T)

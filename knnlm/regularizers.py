@@ -62,8 +62,8 @@ class KeyQueue(nn.Module):
         """Append keys (N, d) to the queues of words (N,), in order; a word seen more than L times keeps its last L."""
         L = self.queue_len
         order = torch.sort(words, stable=True).indices  # group equal words, keep batch order inside a group
-        w, k = words[order], keys[order].to(self.keys.dtype)
-        uniq, counts = torch.unique_consecutive(w, return_counts=True)
+        w, k = words[order], keys[order].to(self.keys.dtype)  # (N,), (N, d)
+        uniq, counts = torch.unique_consecutive(w, return_counts=True)  # (u,) each: the batch's distinct words
         group_start = torch.cumsum(counts, 0) - counts
         rank = torch.arange(len(w), device=w.device) - torch.repeat_interleave(group_start, counts)  # 0.. within word
         count_of = torch.repeat_interleave(counts, counts)
@@ -109,7 +109,7 @@ class MocoRegularizer(nn.Module):
         self.queue = KeyQueue(vocab_size, d, queue_len)
         self.momentum_encoder = MomentumEncoder(model, momentum)
 
-    def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (N, d), (N,) -> ()
         return self.queue.distance_loss(key, targets)
 
     @torch.no_grad()
@@ -119,8 +119,8 @@ class MocoRegularizer(nn.Module):
         Under DDP each rank encodes its shard and the keys of all ranks are gathered in rank order (the order of
         the global batch), so every rank's queue stays identical to a single process's."""
         self.momentum_encoder.update(model)
-        keys = self.momentum_encoder.keys(inputs).float()
-        keys, words = keys.reshape(-1, keys.shape[-1]), targets.reshape(-1)
+        keys = self.momentum_encoder.keys(inputs).float()  # (B, T, d)
+        keys, words = keys.reshape(-1, keys.shape[-1]), targets.reshape(-1)  # (B·T, d), (B·T,)
         self.queue.enqueue(gather_cat(words), gather_cat(keys))
 
 
@@ -133,7 +133,7 @@ class ZeroQueueRegularizer(nn.Module):
         self.queue.filled.fill_(1)
 
     def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.queue.distance_loss(key, targets)
+        return self.queue.distance_loss(key, targets)  # (N, d), (N,) -> ()
 
     def after_step(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         pass
@@ -143,7 +143,7 @@ def sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Squared L2 distances (len(a), len(b)) between the rows of a and b, in fp32 (fp64 kept), outside autocast:
     bf16 products would swamp near distances."""
     with torch.autocast(device_type=a.device.type, enabled=False):
-        sq_a, sq_b = a.pow(2).sum(-1), b.pow(2).sum(-1)
+        sq_a, sq_b = a.pow(2).sum(-1), b.pow(2).sum(-1)  # (n_a,), (n_b,)
         return torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.t(), alpha=-2).clamp_min(0)  # fewer passes than a - 2b
 
 
@@ -152,8 +152,8 @@ def batch_memories(key: torch.Tensor, targets: torch.Tensor, block: int) -> tupl
     another block than j: blocks are runs of `block` positions) and `same` (memory m's word is j's)."""
     k = key if key.dtype == torch.float64 else key.float()
     d = sq_distances(k, k)
-    blocks = torch.arange(len(k), device=k.device) // max(1, block)
-    memory = blocks[:, None] != blocks[None, :]
+    blocks = torch.arange(len(k), device=k.device) // max(1, block)  # (N,): each position's block
+    memory = blocks[:, None] != blocks[None, :]  # (N, N)
     same = memory & (targets[:, None] == targets[None, :])
     return d, memory, same
 
@@ -167,16 +167,16 @@ class KnnDistributionRegularizer(nn.Module):
         self.log_tau = nn.Parameter(torch.zeros(()))
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
 
-    def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        d, memory, same = batch_memories(key, targets, self.block)
+    def forward(self, key: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (N, d), (N,) -> ()
+        d, memory, same = batch_memories(key, targets, self.block)  # (N, N) each
         if not bool(self.started):
             self._start_tau(d[memory])
-        has = same.any(1)
+        has = same.any(1)  # (N,)
         if not bool(has.any()):
             return d.new_zeros(()) * self.log_tau  # no position has a same-word memory in this batch
         # only the rows that count, then two row-wise logsumexps over them (the step's cost against ω = 0:
         # `benchmarks/training.py`)
-        logits = (d[has] * -self.log_tau.exp().reciprocal()).masked_fill(~memory[has], -torch.inf)
+        logits = (d[has] * -self.log_tau.exp().reciprocal()).masked_fill(~memory[has], -torch.inf)  # (n_has, N)
         return self._loss(logits, same[has])
 
     def _start_tau(self, distances: torch.Tensor) -> None:
@@ -191,7 +191,7 @@ class KnnDistributionRegularizer(nn.Module):
     @staticmethod
     def _loss(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         """mean over rows of −log(same-word share of the row's softmax), two row-wise logsumexps."""
-        log_all = torch.logsumexp(logits, dim=1)
+        log_all = torch.logsumexp(logits, dim=1)  # (rows,)
         log_same = torch.logsumexp(logits.masked_fill(~same, -torch.inf), dim=1)
         return (log_all - log_same).mean()
 
@@ -219,11 +219,11 @@ class KnnMemoryRegularizer(KnnDistributionRegularizer):
         if self.training:  # what after_step appends to the memory
             self._pending = (k.detach(), targets.detach())
         n = len(k)
-        rows = torch.arange(int(self.steps) % self.stride, n, self.stride, device=k.device)
+        rows = torch.arange(int(self.steps) % self.stride, n, self.stride, device=k.device)  # (R,): every stride-th
         filled = self.mem_words >= 0
-        cols = torch.cat([k, self.mem_keys[filled].to(k.dtype)])  # columns: the batch, then the memory
+        cols = torch.cat([k, self.mem_keys[filled].to(k.dtype)])  # (N + M, d): the batch, then the memory
         words = torch.cat([targets, self.mem_words[filled]])
-        d = sq_distances(k[rows], cols)
+        d = sq_distances(k[rows], cols)  # (R, N + M)
         blocks = torch.arange(n, device=k.device) // max(1, self.block)
         memory = torch.ones_like(d, dtype=torch.bool)
         memory[:, :n] = blocks[rows][:, None] != blocks[None, :]  # not the row's own block
@@ -267,6 +267,7 @@ class PullRatioRegularizer(nn.Module):
         with torch.autocast(device_type=k.device.type, enabled=False):
             n, block = len(k), max(1, self.block)
             blocks = torch.arange(n, device=k.device) // block
+            # (N, N): memory m is another block's and carries j's word
             same = ((targets[:, None] == targets[None, :]) & (blocks[:, None] != blocks[None, :])).to(k.dtype)
             sq = k.pow(2).sum(-1)
             # memories: every position of the other blocks, i.e. the whole batch less the position's own block
@@ -274,7 +275,7 @@ class PullRatioRegularizer(nn.Module):
             own_sq = torch.zeros(int(blocks[-1]) + 1, dtype=k.dtype, device=k.device).index_add_(0, blocks, sq)[blocks]
             own_n = torch.bincount(blocks)[blocks].to(k.dtype)
             n_mem, mem_sq, mem_k = n - own_n, sq.sum() - own_sq, k.sum(0) - own_k
-            n_same = same.sum(1)
+            n_same = same.sum(1)  # (N,), as every per-position sum below
             sum_same = n_same * sq + same @ sq - 2 * (k * (same @ k)).sum(1)
             sum_mem = n_mem * sq + mem_sq - 2 * (k * mem_k).sum(1)
             n_other, sum_other = n_mem - n_same, sum_mem - sum_same

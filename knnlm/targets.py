@@ -154,7 +154,7 @@ def build_targets(run: str | Path, cfg: Config, progress: bool = True) -> Path:
         "N": N, "top": x.top, "k": x.k, "temperature": temperature, "temperature_from": source,
         "exclude": x.exclude, "radius": radius, "searched_k": K, "inputs": inputs,
         "model_sha256": ds.meta["model_sha256"], "vocab_hash": ds.meta.get("vocab_hash", ""),
-        "datastore": str(ds.folder), "search": searcher.describe() if hasattr(searcher, "describe") else cfg.eval.index,
+        "datastore": str(ds.folder), "search": searcher.describe(),
         "seconds": seconds, "bytes": sum((partial / n).stat().st_size for n in digests),
         "mean_top_mass": float(np.asarray(probs[sample], dtype=np.float64).sum(1).mean()),
         "mean_rest": float(np.asarray(rest[sample], dtype=np.float64).mean()),

@@ -146,6 +146,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
 
     metrics_path = out / "metrics.jsonl"
     step, elapsed = 0, 0.0
+    train_eval_tokens = t.eval_tokens or len(split_ids(corpus, cfg, "valid"))  # train ppl over as many tokens as valid's
     # early stopping (train.keep_best): the best valid perplexity so far, its step, epochs since it improved
     best = {"valid_ppl": math.inf, "step": -1, "since": 0}
     ckpt = latest_checkpoint(out)
@@ -242,7 +243,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         improved = stop = False
         if main and end_of_epoch:
             row = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                   "valid_ppl": block_perplexity(model, corpus, cfg, "valid", t.eval_tokens)}
+                   "valid_ppl": block_perplexity(model, corpus, cfg, "valid", t.eval_tokens),
+                   # learning curves: the train split measured as the summary measures it (eval mode, blocks)
+                   **({"train_ppl": block_perplexity(model, corpus, cfg, "train", train_eval_tokens)} if t.curves else {})}
             _append_metrics(metrics_path, row)
             bar.write(f"epoch {row['epoch']:.2f}: valid ppl {row['valid_ppl']:.2f} (blocks of {mcfg.context} tokens, no overlap)")
             if t.keep_best:
@@ -276,7 +279,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         "penalty": penalty_strength(metrics_path, t.omega),
         "steps": step, "epochs": step / steps_per_epoch, "train_seconds": elapsed, "ranks": world,
         "tokens_per_s": step * tokens_per_step / max(elapsed, 1e-9),
-        "train_ppl": block_perplexity(model, corpus, cfg, "train", t.eval_tokens or len(split_ids(corpus, cfg, "valid"))),
+        "train_ppl": block_perplexity(model, corpus, cfg, "train", train_eval_tokens),
         "valid_ppl": block_perplexity(model, corpus, cfg, "valid", t.eval_tokens),
         "params": model.num_params(),
     }

@@ -4,6 +4,7 @@ Plain `pytest` runs the fast unit tests (under a minute on 2 cores); tests marke
 torchrun, fine-tunes, killed jobs, large indexes; every user of `tiny_run`) run with `--runslow`, as CI does."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,12 @@ def have_wikitext() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("KNNLM_COUNT_GUARANTEES"):  # tests/test_docs.py: how many tests show each safety guarantee
+        counts = {}
+        for item in items:
+            for mark in item.iter_markers("guarantee"):
+                counts[mark.args[0]] = counts.get(mark.args[0], 0) + 1
+        Path(os.environ["KNNLM_COUNT_GUARANTEES"]).write_text(json.dumps(counts))
     for item in items:  # the tiny run takes minutes: whatever uses it is end to end
         if "tiny_run" in getattr(item, "fixturenames", ()) and "slow" not in item.keywords:
             raise pytest.UsageError(f"{item.nodeid} uses the tiny_run fixture: mark it @pytest.mark.slow")

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from knnlm import plots
-from knnlm.analysis import (PROTOCOL, analyze, frequency_buckets, frequency_ranks, gmm_loglik_split, log_histograms,
+from knnlm.studies import plots
+from knnlm.studies.analysis import (PROTOCOL, analyze, frequency_buckets, frequency_ranks, gmm_loglik_split, log_histograms,
                             redraw)
 from knnlm.artifacts import UserError
 from knnlm.knn import interpolate, perplexity

@@ -3,6 +3,7 @@ kNN-LM, generation with its own distribution; and no evaluation cache answers fo
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +197,7 @@ def test_sampling_follows_temperature_top_k_and_top_p():
 
 
 @pytest.mark.slow
+@pytest.mark.guarantee("archive-and-cache")
 def test_the_search_cache_answers_only_its_own_inputs(tiny_run):
     out = tiny_run[0]
     folder = out / "eval" / "valid"
@@ -222,6 +224,7 @@ def test_the_search_cache_answers_only_its_own_inputs(tiny_run):
 
 
 @pytest.mark.slow
+@pytest.mark.guarantee("archive-and-cache")
 def test_a_datastore_rebuilt_with_another_stride_is_searched_again(run):
     valid = run / "eval" / "valid"
     before, searched = json.loads((valid / "meta.json").read_text()), (valid / "neighbors.npy").stat().st_mtime_ns
@@ -278,3 +281,62 @@ def test_own_raw_text_counts_unknown_words_and_reports_per_word_perplexity(token
     assert scored.words == words and len(scored.tokens) == len(targets)
     np.testing.assert_allclose(scored.lm, lm, atol=1e-4)
     assert scored.word_ppl == pytest.approx(summary["knnlm_word_ppl"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.guarantee("bounded-memory")
+def test_score_searched_in_small_chunks_equals_one_search_of_every_token(run, monkeypatch):
+    """`score` streams: the keys of a long text are searched SEARCH_CHUNK at a time and dropped; the numbers are
+    those of one search over every token (planted: chunks of 7 queries against one chunk of all of them)."""
+    import knnlm.api as api
+    text = TEXT * 30
+    lm = knnlm.load(run)
+    monkeypatch.setattr(lm.cfg.datastore, "batch_size", 1)  # one window's tokens per step of the stream
+    monkeypatch.setattr(api, "SEARCH_CHUNK", 10**9)
+    whole = lm.score(text)
+    searched = []
+    search = lm._knn_search
+    monkeypatch.setattr(lm, "_knn_search", lambda keys: searched.append(len(keys)) or search(keys))
+    monkeypatch.setattr(api, "SEARCH_CHUNK", 7)
+    chunked = lm.score(text)
+    assert len(searched) > 10 and max(searched) < 7 + lm.model.cfg.context  # one window past the chunk at most
+    assert sum(searched) == len(whole.tokens) == len(chunked.tokens)
+    np.testing.assert_array_equal(chunked.lm, whole.lm)
+    np.testing.assert_allclose(chunked.knn, whole.knn, rtol=1e-12, atol=0)
+
+
+FREED = """
+import sys
+from pathlib import Path
+import numpy as np
+if sys.argv[1] == "set":
+    from knnlm.scoring import return_large_frees_to_os
+    assert return_large_frees_to_os()
+def resident_mb():
+    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+block = np.ones(16 << 20, dtype=np.uint8)  # mmapped and freed: glibc's default raises its threshold to 16 MB
+del block
+block = np.ones(8 << 20, dtype=np.uint8)  # so this one comes from the heap and stays there once freed
+before = resident_mb()
+del block
+print(before - resident_mb())
+"""
+
+
+@pytest.mark.guarantee("bounded-memory")
+def test_scoring_has_glibc_return_large_freed_blocks_to_the_os():
+    """Without a fixed mmap threshold, glibc keeps freed arrays under 32 MB in its heaps and a long `score` grows
+    (benchmarks/score_memory.py). Planted, in fresh processes: a 16 MB array freed, then an 8 MB one; with glibc's
+    default the 8 MB stay resident after their free (the control), with `return_large_frees_to_os` they leave."""
+    import ctypes.util
+    import subprocess
+    import sys
+    if not (ctypes.util.find_library("c") or "").startswith("libc.so") or not Path("/proc/self/status").exists():
+        pytest.skip("glibc on Linux only")
+
+    def released_mb(mode: str) -> float:
+        done = subprocess.run([sys.executable, "-c", FREED, mode], capture_output=True, text=True, check=True)
+        return float(done.stdout)
+
+    assert released_mb("default") < 1
+    assert released_mb("set") > 7

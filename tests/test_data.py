@@ -60,6 +60,7 @@ def test_missing_and_partial_folders(tmp_path):
         load_corpus(tmp_path)
 
 
+@pytest.mark.guarantee("archive-and-cache")
 def test_corpora_that_differ_only_where_a_split_ends_have_their_own_cache(tmp_path):
     """The cache key used to hash train + valid + test joined with nothing between them: moving a boundary kept the
     key, and the second corpus was answered from the first one's cache."""

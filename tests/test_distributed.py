@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY, knnlm
 from knnlm.checkpoint import latest_checkpoint
-from knnlm.knn import merge_nearest
+from knnlm.search.base import merge_nearest
 
 pytestmark = [pytest.mark.slow, pytest.mark.wikitext]  # torchrun launches and full training runs
 

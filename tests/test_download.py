@@ -89,6 +89,7 @@ def test_url_from_environment_and_full_archive_url(server, tmp_path, capsys, mon
     assert (tmp_path / "b" / "wiki.test.tokens").read_bytes() == TEXTS["wiki.test.tokens"]
 
 
+@pytest.mark.guarantee("archive-and-cache")
 def test_corrupted_archive_is_refused_and_nothing_changes(server, tmp_path, capsys):
     make_zip(server.srv / "wikitext-2-v1.zip", wikitext(wiki_valid_tokens=b" the dog sat!\n"))
     out = tmp_path / "out"
@@ -109,6 +110,7 @@ def test_corrupted_archive_is_refused_and_nothing_changes(server, tmp_path, caps
     assert {p.name: p.read_bytes() for p in old.iterdir()} == TEXTS
 
 
+@pytest.mark.guarantee("archive-and-cache")
 def test_destination_with_other_files_is_never_replaced(server, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     fails(knnlm_data(capsys, "wikitext-2", "--dest", tmp_path, "--url", server.url), "notes.txt", "--dest")
@@ -129,6 +131,7 @@ def test_http_and_network_errors_are_one_line(server, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("member", ["../evil", "/tmp/evil", "wikitext-2/../../evil"])
+@pytest.mark.guarantee("archive-and-cache")
 def test_zip_slip_members_are_refused(server, tmp_path, capsys, member):
     make_zip(server.srv / "wikitext-2-v1.zip", {**wikitext(), member: b"gotcha"})
     dest = tmp_path / "out" / "wikitext-2"
@@ -165,6 +168,7 @@ def test_pinned_wikitext2_checksums_match_the_shared_copy():
 # ---------------------------------------------------------------------------------------------------------------
 # zip slip, round three: every member's target is checked before any byte is written
 
+@pytest.mark.guarantee("archive-and-cache")
 def test_double_slash_member_writes_nothing_outside_the_destination(server, tmp_path, capsys):
     """`wikitext-2//ABS` passed the old check (normalised to `wikitext-2/ABS`) but cutting the prefix left `/ABS`,
     an absolute path: the file was written before the checksums refused the archive."""
@@ -194,6 +198,7 @@ MEMBER = st.tuples(st.lists(PARTS, min_size=1, max_size=4).map("/".join).filter(
 @pytest.mark.filterwarnings("ignore:Duplicate name")
 @settings(max_examples=300, deadline=None)
 @given(members=st.lists(MEMBER, min_size=1, max_size=6))
+@pytest.mark.guarantee("archive-and-cache")
 def test_no_archive_writes_outside_the_destination_and_good_ones_unpack(members):
     """Member names built from absolute paths, `..`, `.`, empty components (`//`), with symbolic links and
     duplicates: whatever the archive, nothing appears outside the folder unpacked into; an archive whose names are
@@ -241,6 +246,7 @@ def test_no_archive_writes_outside_the_destination_and_good_ones_unpack(members)
             assert not ok and not any(out.iterdir())  # refused before anything was written
 
 
+@pytest.mark.guarantee("resumable")
 def test_sigterm_while_unpacking_leaves_no_partial_archive(server, tmp_path, capsys, monkeypatch):
     """SIGTERM used to end `knnlm data` on the spot, leaving `.wikitext-2.*.zip.part` beside the destination."""
     import signal

@@ -42,6 +42,7 @@ def small_run(tmp_path_factory):
 
 
 @slow
+@pytest.mark.guarantee("resumable")
 def test_training_killed_at_chosen_steps_ends_with_the_same_weights(small_run, tmp_path):
     # 79 steps an epoch, 158 in all, checkpoints every 10: killed before the first checkpoint, at a checkpoint's
     # step before it is written (so resumed from 30), and just after the epoch boundary (resumed from 80)
@@ -56,6 +57,7 @@ def test_training_killed_at_chosen_steps_ends_with_the_same_weights(small_run, t
 
 
 @slow
+@pytest.mark.guarantee("resumable")
 def test_datastore_killed_at_chosen_batches_ends_with_the_same_files(small_run, tmp_path):
     reference = snapshot(small_run / "datastore")
     run = tmp_path / "run"
@@ -71,6 +73,7 @@ def test_datastore_killed_at_chosen_batches_ends_with_the_same_files(small_run, 
 
 
 @slow
+@pytest.mark.guarantee("resumable")
 def test_evaluation_killed_at_chosen_batches_ends_with_the_same_arrays(small_run, tmp_path):
     reference = snapshot(small_run / "eval" / "valid")
     run = tmp_path / "run"
@@ -90,6 +93,7 @@ def test_evaluation_killed_at_chosen_batches_ends_with_the_same_arrays(small_run
 
 
 @slow
+@pytest.mark.guarantee("resumable")
 def test_analysis_killed_between_records_ends_with_the_same_files(small_run, tmp_path):
     args = ["analyze", small_run, "--labels", "ω=0", "--gmm-repeats", "1"]
     knnlm(*args, "--out", tmp_path / "ref")
@@ -110,6 +114,7 @@ def corpus(folder, train="a b c\n", valid="a b\n", test="c\n"):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_split", "not_utf8", "some_splits"])
+@pytest.mark.guarantee("options")
 def test_bad_data_folders(case, tmp_path, capsys):
     make = {"missing": lambda: tmp_path / "nope",
             "empty_split": lambda: corpus(tmp_path / "d", valid=""),
@@ -131,12 +136,14 @@ def test_bad_data_folders(case, tmp_path, capsys):
     (["eval.k=0"], "eval.k"),
     (["--omega", "-1"], "train.omega"),
 ])
+@pytest.mark.guarantee("options")
 def test_bad_config_values(args, expect, tmp_path, capsys):
     out = tmp_path / "out"
     assert expect in main_fails(capsys, "train", "--config", TINY, "--out", out, *args)
     assert not out.exists()
 
 
+@pytest.mark.guarantee("options")
 def test_unknown_key_in_config_file(tmp_path, capsys):
     cfg = tmp_path / "bad.toml"
     cfg.write_text(TINY.read_text() + "\n[extra]\nfoo = 1\n")
@@ -150,6 +157,7 @@ def test_unknown_key_in_config_file(tmp_path, capsys):
     (["--temperature", "0"], "--temperature: expected a finite value > 0"), (["--temperature", "nan"], "--temperature"),
     (["eval.temperature=-1"], "eval.temperature"),
 ])
+@pytest.mark.guarantee("options")
 def test_bad_evaluation_options(args, expect, small_run):
     before = snapshot(small_run)
     fails(knnlm("evaluate", "--out", small_run, *args, check=False), expect)
@@ -157,6 +165,7 @@ def test_bad_evaluation_options(args, expect, small_run):
 
 
 @slow
+@pytest.mark.guarantee("damaged")
 def test_truncated_keys_are_refused(small_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("eval"))
@@ -169,6 +178,7 @@ def test_truncated_keys_are_refused(small_run, tmp_path):
 
 
 @slow
+@pytest.mark.guarantee("damaged")
 def test_checkpoint_from_another_vocabulary(small_run, tmp_path):
     data = corpus(tmp_path / "other", train="x y z\n" * 50, valid="x y\n", test="z\n")
     before = snapshot(small_run)
@@ -176,6 +186,7 @@ def test_checkpoint_from_another_vocabulary(small_run, tmp_path):
     assert snapshot(small_run) == before
 
 
+@pytest.mark.guarantee("no-leftovers")
 def test_unwritable_output_folder(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -184,6 +195,7 @@ def test_unwritable_output_folder(tmp_path, capsys):
 
 
 @slow
+@pytest.mark.guarantee("no-leftovers")
 def test_full_disk_keeps_the_last_good_checkpoint(small_run, tmp_path):
     """A file-size limit stands in for a full disk: every write past it fails (EFBIG) like ENOSPC would."""
     run = tmp_path / "run"
@@ -203,6 +215,7 @@ def test_full_disk_keeps_the_last_good_checkpoint(small_run, tmp_path):
 
 @slow
 @pytest.mark.wikitext
+@pytest.mark.guarantee("no-leftovers")
 def test_nan_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     proc = knnlm("train", "--config", TINY, "--out", out, *SMALL, "train.lr=1e12", "train.grad_clip=1e30",
@@ -221,6 +234,7 @@ MARKER = ""
 
 
 @slow
+@pytest.mark.guarantee("damaged")
 def test_planted_pickle_is_refused_not_run(small_run, tmp_path):
     global MARKER
     run = tmp_path / "run"
@@ -244,6 +258,7 @@ def test_planted_pickle_is_refused_not_run(small_run, tmp_path):
     ("eval_array", "disagrees with meta.json"),
     ("checkpoint_meta", "no complete checkpoint"),
 ])
+@pytest.mark.guarantee("damaged")
 def test_incomplete_artifacts_are_refused(damage, expect, small_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_run, run)

@@ -11,18 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import fastsearch, knn
-from knnlm.artifacts import UserError
+from knnlm.artifacts import UserError, read_json
 from knnlm.config import Config, validate
-from knnlm.knn import (EXACT, FaissSearch, TorchExactSearch, interpolate, knn_logprob, knn_logprob_grid, make_searcher,
-                       perplexities, perplexity, resolve_index)
+from knnlm.knn import interpolate, knn_logprob, knn_logprob_grid, knn_logprobs_full, perplexities, perplexity
+from knnlm.search import auto, base, cpu_kernels, faiss_index, key_geometry, torch_search
+from knnlm.search.faiss_index import FaissSearch
+from knnlm.search.registry import EXACT, make_searcher, resolve_index
+from knnlm.search.torch_search import TorchExactSearch
 
 # every compiled CPU kernel, skipped with the reason where this machine cannot run it (e.g. no AMX)
 KERNELS = [pytest.param(name, marks=pytest.mark.skipif(
-    not fastsearch.available(name),
-    reason=f"{name}: the CPU lacks {', '.join(sorted(k.cpu_flags - fastsearch.cpu_flags())) or 'nothing'}"
-           f" (or there is no C++ compiler)")) for name, k in fastsearch.KERNELS.items()]
-CXX = shutil.which(os.environ.get("CXX", "g++"))  # the compiler fastsearch uses
+    not cpu_kernels.available(name),
+    reason=f"{name}: the CPU lacks {', '.join(sorted(k.cpu_flags - cpu_kernels.cpu_flags())) or 'nothing'}"
+           f" (or there is no C++ compiler)")) for name, k in cpu_kernels.KERNELS.items()]
+CXX = shutil.which(os.environ.get("CXX", "g++"))  # the compiler cpu_kernels uses
 # every search of every kernel: (kernel, prune, projected dimensions): the margin search, the pruned search with
 # its default projection, and with a projection far smaller than d (weak bounds: most keys tested exactly)
 MODES = [pytest.param((p.values[0], prune, dims), marks=p.marks, id=f"{p.values[0]}-{label}")
@@ -32,7 +34,7 @@ MODES = [pytest.param((p.values[0], prune, dims), marks=p.marks, id=f"{p.values[
 
 def cpu_search(keys, mode, **kw):
     kernel, prune, dims = mode
-    return fastsearch.CpuExactSearch(keys, kernel, prune=prune, dims=dims, **kw)
+    return cpu_kernels.CpuExactSearch(keys, kernel, prune=prune, dims=dims, **kw)
 
 
 def brute_force(keys, queries, k, rows=64):
@@ -201,29 +203,40 @@ def _params(source: str, function: str) -> tuple:
     return tuple(_ctype(re.sub(r"\s*\b\w+$", "", p.strip())) for p in params.split(","))  # each name dropped
 
 
-@pytest.mark.parametrize("kernel", fastsearch.KERNELS)
+@pytest.mark.parametrize("kernel", cpu_kernels.KERNELS)
 def test_kernel_signature_matches_argtypes(kernel):
     # ctypes trusts argtypes blindly: a parameter added on one side only would shift every argument after it.
     # Every kernel's entry points come from exact_search.h's KNNLM_ENTRY_POINTS(name, query type).
-    source = (fastsearch.CSRC / fastsearch.KERNELS[kernel].source).read_text()
+    source = (cpu_kernels.CSRC / cpu_kernels.KERNELS[kernel].source).read_text()
     assert re.search(rf"\bint knnlm_{kernel}_init\(\)", source)
     assert re.search(rf"^KNNLM_ENTRY_POINTS\({kernel}, (uint16_t|float)\)$", source, re.M)
-    header = (fastsearch.CSRC / "exact_search.h").read_text()
-    assert _params(header, "knnlm_##NAME##_search") == fastsearch.SEARCH_ARGTYPES
-    assert _params(header, "knnlm_##NAME##_pruned") == fastsearch.PRUNED_ARGTYPES
+    header = (cpu_kernels.CSRC / "exact_search.h").read_text()
+    assert _params(header, "knnlm_##NAME##_search") == cpu_kernels.SEARCH_ARGTYPES
+    assert _params(header, "knnlm_##NAME##_pruned") == cpu_kernels.PRUNED_ARGTYPES
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
-@pytest.mark.parametrize("kernel", [k for k in fastsearch.KERNELS if not fastsearch.available(k)])
+@pytest.mark.parametrize("kernel", [k for k in cpu_kernels.KERNELS if not cpu_kernels.available(k)])
 def test_each_kernel_compiles_with_its_own_flags_only(kernel):
     # Each kernel builds with its own flags only (AVX-512 without AMX's, AVX2 without AVX-512's), on any CPU: those
-    # this CPU runs were just built and loaded that way by fastsearch.available; the others are compiled here.
-    k = fastsearch.KERNELS[kernel]
-    done = subprocess.run([CXX, "-fsyntax-only", *fastsearch.COMMON_FLAGS, *k.flags, str(fastsearch.CSRC / k.source)],
+    # this CPU runs were just built and loaded that way by cpu_kernels.available; the others are compiled here.
+    k = cpu_kernels.KERNELS[kernel]
+    done = subprocess.run([CXX, "-fsyntax-only", *cpu_kernels.COMMON_FLAGS, *k.flags, str(cpu_kernels.CSRC / k.source)],
                           capture_output=True, text=True)
     if done.returncode != 0 and "unrecognized command-line option" in done.stderr:
         pytest.skip(f"this compiler does not know {kernel}'s flags: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr
+
+
+def test_the_kernel_cache_is_keyed_on_the_sources_not_their_folder(tmp_path, monkeypatch):
+    kernel = cpu_kernels.KERNELS["avx2"]
+    before = cpu_kernels.library_path(kernel)
+    copy = tmp_path / "csrc"
+    shutil.copytree(cpu_kernels.CSRC, copy)
+    monkeypatch.setattr(cpu_kernels, "CSRC", copy)
+    assert cpu_kernels.library_path(kernel) == before  # the same sources elsewhere: the same library
+    (copy / "exact_search.h").write_text((copy / "exact_search.h").read_text() + "\n// edited\n")
+    assert cpu_kernels.library_path(kernel) != before  # an edit of the shared header recompiles
 
 
 def test_auto_picks_the_fastest_exact_backend(monkeypatch):
@@ -231,13 +244,28 @@ def test_auto_picks_the_fastest_exact_backend(monkeypatch):
     for runs, avx2_faster, want in [({"amx", "avx512", "avx2"}, True, "amx-exact"),
                                     ({"avx512", "avx2"}, False, "avx512-exact"),
                                     ({"avx2"}, True, "avx2-exact"), ({"avx2"}, False, "Flat"), (set(), True, "Flat")]:
-        monkeypatch.setattr(fastsearch, "available", lambda name, runs=runs: name in runs)
-        monkeypatch.setattr(knn, "available", fastsearch.available)
-        monkeypatch.setattr(fastsearch, "faster_than_flat", lambda name, f=avx2_faster: f)
+        monkeypatch.setattr(cpu_kernels, "available", lambda name, runs=runs: name in runs)
+        monkeypatch.setattr(cpu_kernels, "faster_than_flat", lambda name, f=avx2_faster: f)
         assert resolve_index("auto") == want
-    for name in fastsearch.KERNELS:  # an explicit kernel the CPU cannot run is refused, saying why
+    for name in cpu_kernels.KERNELS:  # an explicit kernel the CPU cannot run is refused, saying why
         with pytest.raises(UserError, match=f"'{name}-exact' needs a CPU with .* and a C\\+\\+ compiler"):
             resolve_index(f"{name}-exact")
+
+
+def test_auto_without_faiss_chooses_among_knnlms_own_searches(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss-cpu were not installed (an extra)
+    keys = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float16)
+    monkeypatch.setattr(cpu_kernels, "available", lambda name: name == "avx2")
+    assert cpu_kernels.faster_than_flat("avx2")  # no FAISS Flat to lose to
+    assert resolve_index("auto") == "avx2-exact"
+    names = list(auto.auto_candidates(keys))
+    assert names and all(n.startswith("avx2-exact") for n in names)
+    monkeypatch.setattr(cpu_kernels, "available", lambda name: False)  # no kernel either: say what to install
+    with pytest.raises(UserError, match=r"pip install 'knnlm\[faiss\]'"):
+        resolve_index("auto")
+    with pytest.raises(UserError, match=r"pip install 'knnlm\[faiss\]'"):
+        auto.auto_candidates(keys)
 
 
 def test_exact_backend_names_pass_config_validation():
@@ -247,13 +275,13 @@ def test_exact_backend_names_pass_config_validation():
         validate(cfg)
 
 
-@pytest.mark.skipif(not fastsearch.available("avx2"), reason="the AVX2 kernel cannot run here")
+@pytest.mark.skipif(not cpu_kernels.available("avx2"), reason="the AVX2 kernel cannot run here")
 def test_faster_than_flat_is_measured_once_and_remembered(tmp_path, monkeypatch):
     monkeypatch.setenv("KNNLM_CACHE", str(tmp_path))
-    first = fastsearch.faster_than_flat("avx2", k=16, n=4096, d=32, queries=32)
+    first = cpu_kernels.faster_than_flat("avx2", k=16, n=4096, d=32, queries=32)
     assert len(list((tmp_path / "ext").glob("vs-flat-avx2-*.json"))) == 1
-    monkeypatch.setattr(fastsearch, "CpuExactSearch", None)  # a second measurement would fail
-    assert fastsearch.faster_than_flat("avx2", k=16, n=4096, d=32, queries=32) == first
+    monkeypatch.setattr(cpu_kernels, "CpuExactSearch", None)  # a second measurement would fail
+    assert cpu_kernels.faster_than_flat("avx2", k=16, n=4096, d=32, queries=32) == first
 
 
 def test_ivf_pq_reranked_distances_are_exact(data):
@@ -289,6 +317,24 @@ def test_knn_logprob_grid_equals_brute_force_numpy(scale):
             assert np.allclose(knn_logprob(dists, vals, targets, k, tau), grid[(k, tau)], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="sorted"):
         knn_logprob_grid(dists[:, ::-1], vals, targets, [12], [1.0])
+
+
+def test_full_vocabulary_knn_distribution_is_the_brute_force_one():
+    # the API's next-token p_kNN over all V tokens, against numpy's bincount of the softmax weights; the target's
+    # entry is what knn_logprob computes
+    rng = np.random.default_rng(5)
+    B, k, V, tau = 6, 9, 20, 3.0
+    dists = np.sort(rng.uniform(0, 30, (B, k)), axis=1).astype(np.float32)
+    vals = rng.integers(0, V, (B, k)).astype(np.int32)
+    got = knn_logprobs_full(dists, vals, V, tau)
+    assert got.shape == (B, V) and got.dtype == torch.float64
+    for b in range(B):
+        w = np.exp(-dists[b].astype(np.float64) / tau)
+        want = np.bincount(vals[b], weights=w / w.sum(), minlength=V)
+        np.testing.assert_allclose(got[b].exp().numpy(), want, atol=1e-12)
+        assert np.all(np.isneginf(got[b].numpy()[want == 0]))  # tokens no neighbour carries
+    targets = vals[:, 0]
+    np.testing.assert_allclose(got[np.arange(B), targets].numpy(), knn_logprob(dists, vals, targets, k, tau), atol=1e-9)
 
 
 def test_perplexities_over_all_lambdas_equal_one_interpolation_each():
@@ -335,17 +381,17 @@ def test_torch_exact_search_on_lm_like_keys_equals_brute_force(dtype, resident):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_cpu_exact_refuses_a_store_larger_than_memory(monkeypatch, kernel):
     keys = np.zeros((1000, 64), dtype=np.float16)
-    monkeypatch.setattr(fastsearch, "available_memory", lambda: 100_000)  # bytes: less than the 128 kB bf16 copy
+    monkeypatch.setattr(cpu_kernels, "available_memory", lambda: 100_000)  # bytes: less than the 128 kB bf16 copy
     with pytest.raises(UserError, match=f"{kernel}-exact needs .* use an IVF index"):
-        fastsearch.CpuExactSearch(keys, kernel)
+        cpu_kernels.CpuExactSearch(keys, kernel)
 
 
 
 def test_sharded_search_over_two_gloo_ranks_equals_one_process(tmp_path):
     """Two processes under torchrun, each holding half the store, give one process's exact neighbours, with every
     exact backend this machine runs (CPU kernels it cannot run are tested, and skipped with a reason, above)."""
-    backends = ["Flat", "bf16-exact", "bf16-pruned"] + [k.index for name, k in fastsearch.KERNELS.items()
-                                                        if fastsearch.available(name)]
+    backends = ["Flat", "bf16-exact", "bf16-pruned"] + [k.index for name, k in cpu_kernels.KERNELS.items()
+                                                        if cpu_kernels.available(name)]
     ks = [1, 37, 1600]  # 1600: more than one rank's shard of 1500/1501 keys
     worker = Path(__file__).parent / "workers" / "sharded_search.py"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -354,7 +400,7 @@ def test_sharded_search_over_two_gloo_ranks_equals_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
     assert (int(r0["lo"]), int(r0["hi"]), int(r1["lo"]), int(r1["hi"])) == (0, 1500, 1500, 3001)
-    store = fastsearch.lm_like_keys(3071, d=48, seed=0)
+    store = key_geometry.lm_like_keys(3071, d=48, seed=0)
     keys = store[:3001]
     queries = store[3001:].astype(np.float32) + np.random.default_rng(1).normal(0, 0.05, (70, 48)).astype(np.float32)
     for backend in backends:
@@ -362,7 +408,7 @@ def test_sharded_search_over_two_gloo_ranks_equals_one_process(tmp_path):
             d, i = r0[f"{backend}_{k}_d"], r0[f"{backend}_{k}_i"]
             assert np.array_equal(i, r1[f"{backend}_{k}_i"]) and np.array_equal(d, r1[f"{backend}_{k}_d"])  # both ranks
             assert_exact_neighbours(keys, queries, d, i, k)
-            one_d, one_i = knn.merge_nearest(*make_searcher(keys, backend).search(queries, k), k)  # ties ordered by id
+            one_d, one_i = base.merge_nearest(*make_searcher(keys, backend).search(queries, k), k)  # ties ordered by id
             assert np.array_equal(i, one_i), (backend, k)
             assert np.allclose(d, one_d, rtol=1e-6), (backend, k)
 
@@ -370,7 +416,7 @@ def test_sharded_search_over_two_gloo_ranks_equals_one_process(tmp_path):
 def test_merge_nearest_orders_by_distance_then_id():
     d = np.array([[3.0, 1.0, 2.0, 1.0, np.inf]], dtype=np.float32)
     i = np.array([[7, 9, 4, 2, -1]])
-    md, mi = knn.merge_nearest(d, i, 4)
+    md, mi = base.merge_nearest(d, i, 4)
     assert mi.tolist() == [[2, 9, 4, 7]] and md.tolist() == [[1.0, 1.0, 2.0, 3.0]]
 
 
@@ -378,9 +424,9 @@ def test_faiss_cpu_on_a_cuda_machine_searches_on_the_cpu(data, monkeypatch):
     # faiss-cpu has the GPU function names but no GPUs: a CUDA machine must not make FaissSearch move its index
     import types
 
-    assert not knn.gpu_faiss(types.SimpleNamespace(get_num_gpus=lambda: 0))
-    assert knn.gpu_faiss(types.SimpleNamespace(get_num_gpus=lambda: 2))
-    assert not knn.gpu_faiss(types.SimpleNamespace())  # a build without the GPU functions at all
+    assert not faiss_index.gpu_faiss(types.SimpleNamespace(get_num_gpus=lambda: 0))
+    assert faiss_index.gpu_faiss(types.SimpleNamespace(get_num_gpus=lambda: 2))
+    assert not faiss_index.gpu_faiss(types.SimpleNamespace())  # a build without the GPU functions at all
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine with faiss-cpu installed
     keys, queries = data
     d, i = FaissSearch(keys, "Flat").search(queries.astype(np.float32), 10)
@@ -393,7 +439,7 @@ def test_torch_pruned_search_equals_brute_force(n, d, k):
     rng = np.random.default_rng(n + k)
     keys, scale = lm_like_keys(rng, n, d)
     queries = np.asarray(keys[rng.choice(n, 40)], dtype=np.float32) + rng.standard_normal((40, d)) * scale * 0.2
-    s = knn.TorchPrunedSearch(keys, device="cpu", block=1024)
+    s = torch_search.TorchPrunedSearch(keys, device="cpu", block=1024)
     dist, ids = s.search(queries, k, rows=16)
     assert_exact_neighbours(keys, queries, dist, ids, k)
 
@@ -407,7 +453,7 @@ def test_torch_pruned_search_widens_a_guess_that_was_too_small():
     keys[np.arange(60) * 16] = centre + 0.01 * rng.standard_normal((60, 64))
     keys = keys.astype(np.float16)
     queries = centre + 0.01 * rng.standard_normal((20, 64)).astype(np.float32)
-    s = knn.TorchPrunedSearch(keys, device="cpu", block=512)
+    s = torch_search.TorchPrunedSearch(keys, device="cpu", block=512)
     dist, ids = s.search(queries, 300)
     assert s.fallbacks == 20
     assert_exact_neighbours(keys, queries, dist, ids, 300)
@@ -417,11 +463,11 @@ def test_torch_pruned_search_widens_a_guess_that_was_too_small():
 
 def test_query_batches_are_sized_to_free_memory():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert knn.query_rows(cpu, 65536) == 1024
+    assert base.query_rows(cpu, 65536) == 1024
     # 80 GB free, a quarter of it for 65,536-key blocks at 16 bytes a pair: 19,073 rows, capped at 16,384
-    assert knn.query_rows(gpu, 65536, free=80 * 10**9) == 16384
-    assert knn.query_rows(gpu, 65536, free=4 * 10**9) == 896  # 953 rounded down to a multiple of 64
-    assert knn.query_rows(gpu, 65536, free=10**6) == 64  # a GPU nearly full: the smallest batch, still progress
+    assert base.query_rows(gpu, 65536, free=80 * 10**9) == 16384
+    assert base.query_rows(gpu, 65536, free=4 * 10**9) == 896  # 953 rounded down to a multiple of 64
+    assert base.query_rows(gpu, 65536, free=10**6) == 64  # a GPU nearly full: the smallest batch, still progress
 
 
 def test_variance_dims_follow_a_planted_spectrum():
@@ -429,18 +475,18 @@ def test_variance_dims_follow_a_planted_spectrum():
     scale = np.array([10.0] * 8 + [1.0] * 56)  # 8 directions of variance 100, 56 of variance 1: 800 of 856
     rotation, _ = np.linalg.qr(rng.standard_normal((64, 64)))
     keys = ((rng.standard_normal((20000, 64)) * scale) @ rotation.T + 3).astype(np.float16)
-    m, held = fastsearch.variance_dims(keys, share=0.9)
+    m, held = key_geometry.variance_dims(keys, share=0.9)
     assert m == 16 and held == pytest.approx(808 / 856, abs=0.01)  # 8 needed, rounded up to a multiple of 16
-    assert fastsearch.variance_dims(keys, share=0.99)[0] == 64  # the flat part: nearly every direction
+    assert key_geometry.variance_dims(keys, share=0.99)[0] == 64  # the flat part: nearly every direction
     flat = rng.standard_normal((20000, 64)).astype(np.float16)  # isotropic: 90 % needs ≈ 58 of 64
-    assert fastsearch.variance_dims(flat, share=0.9)[0] == 64
+    assert key_geometry.variance_dims(flat, share=0.9)[0] == 64
 
 
 def test_auto_takes_the_fastest_probe_and_remembers_why(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rng = np.random.default_rng(4)
     keys = rng.standard_normal((3000, 32)).astype(np.float16)
-    names = list(knn.auto_candidates(keys))
+    names = list(auto.auto_candidates(keys))
     assert "Flat" in names  # never slower than FAISS Flat: it is always a candidate
     for fastest in names:
         rates = {n: (900.0 if n == fastest else 100.0 + i) for i, n in enumerate(names)}
@@ -453,17 +499,17 @@ def test_auto_takes_the_fastest_probe_and_remembers_why(tmp_path, monkeypatch):
 
         folder = tmp_path / fastest.replace(" ", "_").replace(",", "")
         folder.mkdir()
-        chosen = knn.choose_exact_search(keys, 10, folder, "sha", measure=measure)
+        chosen = auto.choose_exact_search(keys, 10, folder, "sha", measure=measure)
         assert sorted(measured) == sorted(names)  # every candidate timed once
         (path,) = folder.glob("auto-search-*.json")  # named by the store's identity
-        record = knn.read_json(path)
+        record = read_json(path)
         assert chosen.auto_reason == record["reason"]
         assert record["choice"] == fastest and record["reason"].startswith(f"{fastest}: 900 q/s")
         d, i = chosen.search(np.asarray(keys[:5], dtype=np.float32), 10)
         assert_exact_neighbours(keys, np.asarray(keys[:5], dtype=np.float32), d, i, 10)
         # remembered: a second call measures nothing; another k measures again
-        again = knn.choose_exact_search(keys, 10, folder, "sha", measure=lambda *a: pytest.fail("measured again"))
+        again = auto.choose_exact_search(keys, 10, folder, "sha", measure=lambda *a: pytest.fail("measured again"))
         assert again.describe() == chosen.describe()
         measured.clear()
-        knn.choose_exact_search(keys, 20, folder, "sha", measure=measure)
+        auto.choose_exact_search(keys, 20, folder, "sha", measure=measure)
         assert sorted(measured) == sorted(names)

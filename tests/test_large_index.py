@@ -4,7 +4,7 @@ memory-mapped store, re-ranked with exact distances, saved and reused."""
 import numpy as np
 import pytest
 
-from knnlm.knn import FaissSearch, load_or_build_index
+from knnlm.search.faiss_index import FaissSearch, load_or_build_index
 
 pytestmark = pytest.mark.slow  # tens of thousands of keys, IVF-PQ training
 

@@ -67,6 +67,7 @@ MORE_CASES = [
 
 
 @pytest.mark.parametrize("override,key", ISSUE_CASES + MORE_CASES)
+@pytest.mark.guarantee("options")
 def test_bad_option_is_one_line_naming_it_and_nothing_is_created(override, key, tmp_path, capsys):
     out = tmp_path / "out"
     line = refused(capsys, "train", "--config", TINY, "--out", out, override)
@@ -74,12 +75,14 @@ def test_bad_option_is_one_line_naming_it_and_nothing_is_created(override, key, 
     assert not out.exists()
 
 
+@pytest.mark.guarantee("options")
 def test_the_line_says_what_was_expected():
     with pytest.raises(UserError) as e:
         load_config(TINY, ["model.dropout=1.5"])
     assert str(e.value) == "model.dropout: expected a probability in [0, 1), got 1.5"
 
 
+@pytest.mark.guarantee("no-leftovers")
 def test_a_failed_train_leaves_no_folder_behind(tmp_path, capsys):
     out = tmp_path / "new" / "run"  # neither folder exists: both were made for the run, both go again
     assert "data folder not found" in refused(capsys, "train", "--config", TINY, "--out", out,
@@ -103,6 +106,7 @@ VALUES = st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(key=st.one_of(st.sampled_from(KEYS), st.text(max_size=12)), value=VALUES)
+@pytest.mark.guarantee("options")
 def test_any_override_is_accepted_or_refused_as_user_error(key, value):
     try:
         cfg = load_config(TINY, [f"{key}={value}"])
@@ -122,6 +126,7 @@ JSON_VALUES = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(key=st.sampled_from(KEYS), value=JSON_VALUES)
+@pytest.mark.guarantee("options")
 def test_any_config_file_value_is_accepted_or_refused_as_user_error(key, value):
     section, name = key.split(".")  # a config.json or TOML table holding values of any JSON type
     try:
@@ -133,6 +138,7 @@ def test_any_config_file_value_is_accepted_or_refused_as_user_error(key, value):
 
 
 @pytest.mark.parametrize("override", ["model.n_heads=0", "train.epochs=nan", "eval.k=", "model.key_site=foo"])
+@pytest.mark.guarantee("options")
 def test_bad_option_through_the_real_command_line(override, tmp_path):
     out = tmp_path / "D"
     proc = knnlm("train", "--config", TINY, "--out", out, override, check=False)
@@ -144,6 +150,7 @@ def test_bad_option_through_the_real_command_line(override, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # 2. NaN never reaches a JSON file
 
+@pytest.mark.guarantee("no-leftovers")
 def test_write_json_refuses_nan_naming_the_file_and_place(tmp_path):
     path = tmp_path / "summary.json"
     path.write_text('{"old": 1}\n')
@@ -158,6 +165,7 @@ def test_write_json_refuses_nan_naming_the_file_and_place(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # 5. one writer per run folder
 
+@pytest.mark.guarantee("one-writer")
 def test_second_writer_is_refused_by_another_process_and_changes_nothing(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -172,6 +180,7 @@ def test_second_writer_is_refused_by_another_process_and_changes_nothing(tmp_pat
     assert (run / ".lock").read_text() == ""  # released: empty
 
 
+@pytest.mark.guarantee("one-writer")
 def test_lock_of_a_killed_holder_is_released_and_only_rank_0_takes_it(tmp_path, monkeypatch):
     run = tmp_path / "run"
     holder = ("import os, sys\nfrom knnlm.artifacts import writing_into\n"
@@ -216,6 +225,7 @@ def edit_json(path, change):
 
 @slow
 @pytest.mark.parametrize("override", ["eval.temperature=", "eval.lmbda=", "eval.temperature=nan", "eval.k=0"])
+@pytest.mark.guarantee("options")
 def test_bad_grid_on_evaluate_leaves_the_tuning_untouched(override, run, capsys):
     before = snapshot(run)
     assert override.split("=")[0] in refused(capsys, "evaluate", "--out", run, override)
@@ -224,6 +234,7 @@ def test_bad_grid_on_evaluate_leaves_the_tuning_untouched(override, run, capsys)
 
 @slow
 @pytest.mark.parametrize("command", [["evaluate"], ["datastore"], ["run", "--config", TINY, *MICRO]])
+@pytest.mark.guarantee("one-writer")
 def test_commands_are_refused_while_another_writes_the_run(command, run, capsys):
     with writing_into(run):
         before = snapshot(run)
@@ -234,6 +245,7 @@ def test_commands_are_refused_while_another_writes_the_run(command, run, capsys)
 # 4. integrity digests
 
 @slow
+@pytest.mark.guarantee("digests")
 def test_datastore_records_digests_and_verify_checks_every_array(run, capsys):
     meta = json.loads((run / "datastore" / "meta.json").read_text())
     # keys' digest is taken while writing: it must be the file's
@@ -249,6 +261,7 @@ def test_datastore_records_digests_and_verify_checks_every_array(run, capsys):
 
 
 @slow
+@pytest.mark.guarantee("digests")
 def test_shuffled_vals_are_refused_on_load(run, capsys):
     path = run / "datastore" / "vals.npy"
     vals = np.load(path)
@@ -263,6 +276,7 @@ def test_shuffled_vals_are_refused_on_load(run, capsys):
 
 
 @slow
+@pytest.mark.guarantee("digests")
 def test_datastore_without_digests_loads_as_before(run, capsys):
     edit_json(run / "datastore" / "meta.json", lambda m: (m.pop("sha256"), m.pop("format")))  # as knnlm < 0.2's
     assert main(["evaluate", "--out", str(run), "eval.k=4"]) == 0
@@ -280,6 +294,7 @@ def test_datastore_without_digests_loads_as_before(run, capsys):
     (lambda m: m.update(N=[]), "'N' should be an integer, found []"),
     (lambda m: m.update(d="32"), "'d' should be an integer, found '32'"),
 ])
+@pytest.mark.guarantee("damaged")
 def test_damaged_datastore_meta_is_refused(damage, expect, run, capsys):
     edit_json(run / "datastore" / "meta.json", damage)
     before = snapshot(run)
@@ -289,6 +304,7 @@ def test_damaged_datastore_meta_is_refused(damage, expect, run, capsys):
 
 
 @slow
+@pytest.mark.guarantee("damaged")
 def test_evaluation_meta_without_tokens_is_refused(run):
     from knnlm.evaluate import tuning_arrays
 
@@ -299,6 +315,7 @@ def test_evaluation_meta_without_tokens_is_refused(run):
 
 @slow
 @pytest.mark.parametrize("bad", [10**6, -2])
+@pytest.mark.guarantee("damaged")
 def test_neighbour_id_out_of_range_is_refused(bad, run, capsys):
     path = run / "eval" / "valid" / "neighbors.npy"
     ids = np.load(path)
@@ -321,6 +338,7 @@ class Payload:
 
 
 @slow
+@pytest.mark.guarantee("damaged")
 def test_pickle_in_place_of_the_optimizer_is_refused_on_resume(run, tmp_path, capsys):
     ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
     marker = tmp_path / "executed"
@@ -335,6 +353,7 @@ def test_pickle_in_place_of_the_optimizer_is_refused_on_resume(run, tmp_path, ca
 # a full disk
 
 @pytest.mark.slow
+@pytest.mark.guarantee("no-leftovers")
 def test_a_full_disk_during_the_datastore_is_one_line_and_keeps_the_old_datastore(run, capsys, monkeypatch):
     """posix_fallocate reserves the memory-mapped arrays' blocks before they are written: with no space left the
     build stops there with one line (not a SIGBUS on a page fault), removes its temporary folder and keeps the
@@ -355,6 +374,7 @@ def test_a_full_disk_during_the_datastore_is_one_line_and_keeps_the_old_datastor
     assert not (run / ".datastore.tmp").exists()
 
 
+@pytest.mark.guarantee("no-leftovers")
 def test_reserve_allocates_the_whole_file(tmp_path):
     from knnlm.artifacts import reserve
 
@@ -367,6 +387,7 @@ def test_reserve_allocates_the_whole_file(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Nothing lost, round three (issue 32)
 
+@pytest.mark.guarantee("one-writer")
 def test_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path, capsys):
     """`ln -s FILE RUN/.lock` used to truncate FILE (and a dangling link created its target)."""
     run, victim = tmp_path / "run", tmp_path / "victim.txt"
@@ -382,6 +403,7 @@ def test_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path, ca
     assert not (tmp_path / "created").exists() and (run / ".lock").is_symlink()
 
 
+@pytest.mark.guarantee("one-writer")
 def test_lock_that_is_a_hard_link_or_a_folder_is_refused(tmp_path):
     run, victim = tmp_path / "run", tmp_path / "victim.txt"
     run.mkdir()
@@ -398,6 +420,7 @@ def test_lock_that_is_a_hard_link_or_a_folder_is_refused(tmp_path):
             pass
 
 
+@pytest.mark.guarantee("one-writer")
 def test_lock_that_cannot_be_opened_still_keeps_a_second_writer_out(tmp_path, monkeypatch):
     """Another user's `.lock` (EACCES for read-write) used to be skipped: two writers ran at once. flock needs no
     write permission, so the file is locked read-only; a lock file that cannot be opened at all stops the writer."""
@@ -431,6 +454,7 @@ def test_lock_that_cannot_be_opened_still_keeps_a_second_writer_out(tmp_path, mo
 
 
 @pytest.mark.parametrize("entry", ["eval", "datastore", "checkpoints", "config.json", "eval/valid"])
+@pytest.mark.guarantee("one-writer")
 def test_run_entries_that_are_symlinks_are_refused(entry, tmp_path):
     run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
     (run / entry).parent.mkdir(parents=True, exist_ok=True)
@@ -445,6 +469,7 @@ def test_run_entries_that_are_symlinks_are_refused(entry, tmp_path):
     assert snapshot(elsewhere) == before
 
 
+@pytest.mark.guarantee("one-writer")
 def test_atomic_dir_never_replaces_a_link_and_clears_linked_leftovers(tmp_path):
     from knnlm.artifacts import atomic_dir
 
@@ -463,6 +488,7 @@ def test_atomic_dir_never_replaces_a_link_and_clears_linked_leftovers(tmp_path):
     assert snapshot(elsewhere) == {"keep": file_sha256(elsewhere / "keep")}
 
 
+@pytest.mark.guarantee("one-writer")
 def test_symlinked_eval_folder_is_refused_through_the_command_line(tmp_path, capsys):
     """`RUN/eval` → an outside folder: `knnlm evaluate` used to replace the outside `valid/`."""
     run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
@@ -477,6 +503,7 @@ def test_symlinked_eval_folder_is_refused_through_the_command_line(tmp_path, cap
 
 
 @slow
+@pytest.mark.guarantee("what-if")
 def test_what_if_that_needs_a_new_search_is_refused_and_the_results_stay(run, capsys):
     """`--k` above the run's eval.k_max used to search again and replace eval/valid: summary.json, tuning.json and
     knn_logprobs.npy were gone. A what-if reads the saved search and writes nothing."""
@@ -512,6 +539,7 @@ def tested_run(micro_run, tmp_path_factory):
     ("k", 2.7, "protocols.tuned.k: expected an integer in [1, 16]"),
     ("k", 17, "protocols.tuned.k: expected an integer in [1, 16]"),
 ])
+@pytest.mark.guarantee("damaged")
 def test_hand_edited_valid_choice_is_refused_on_test(field, value, expect, tested_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tested_run, run)
@@ -537,6 +565,7 @@ EDITS = st.one_of(  # (file, path of keys, value): one hand edit of a summary or
 @slow
 @settings(max_examples=40, deadline=None)
 @given(edit=EDITS)
+@pytest.mark.guarantee("damaged")
 def test_any_hand_edit_of_a_summary_or_meta_is_used_or_refused_in_one_line(edit, tested_run):
     """`evaluate --split test` after any one edit of valid's summary.json or test's meta.json: it either succeeds with
     choices inside their ranges, or is refused with one line naming the edited file, changing nothing."""
@@ -575,6 +604,7 @@ def test_any_hand_edit_of_a_summary_or_meta_is_used_or_refused_in_one_line(edit,
 
 
 @slow
+@pytest.mark.guarantee("damaged")
 def test_deleted_config_json_does_not_bypass_the_changed_training_guard(run, capsys):
     """The checkpoint's meta.json holds the config it was trained with: it answers when config.json is gone."""
     (run / "config.json").unlink()
@@ -599,6 +629,7 @@ print(save_checkpoint(sys.argv[1], 1, model, opt, torch.nn.Module(), {}, cfg, "v
 """
 
 
+@pytest.mark.guarantee("digests")
 def test_model_digest_depends_on_the_weights_only(tmp_path):
     """One model saved by processes with different PYTHONHASHSEEDs used to give one digest each: the tied weights'
     metadata came out in another order every time."""
@@ -625,6 +656,7 @@ def test_model_digest_depends_on_the_weights_only(tmp_path):
 
 
 @slow
+@pytest.mark.guarantee("digests")
 def test_datastore_meta_without_digests_is_refused_unless_it_is_of_the_old_format(run, capsys):
     """Deleting `sha256` from meta.json used to turn the vals check off; datastores now record `"format": 2`."""
     assert json.loads((run / "datastore" / "meta.json").read_text())["format"] == 2
@@ -644,6 +676,7 @@ def test_datastore_meta_without_digests_is_refused_unless_it_is_of_the_old_forma
     ("eval/valid", lambda m: m.update(tokens=m["tokens"] + 1), "disagrees with meta.json"),
     ("eval/valid", lambda m: m.update(k_max=8), "disagrees with meta.json"),
 ])
+@pytest.mark.guarantee("digests")
 def test_verify_checks_the_arrays_shapes_against_meta(folder, change, expect, run, capsys):
     """`verify` used to say OK when meta.json's N disagreed with the arrays (the digests still matched)."""
     edit_json(run / folder / "meta.json", change)
@@ -652,6 +685,7 @@ def test_verify_checks_the_arrays_shapes_against_meta(folder, change, expect, ru
 
 
 @slow
+@pytest.mark.guarantee("options")
 def test_score_and_generate_refuse_bad_input_in_one_line(run, tmp_path, capsys):
     """Each of these used to end in a traceback (or exit 1, or score an empty file as one token)."""
     text = tmp_path / "text.txt"
@@ -680,6 +714,7 @@ def test_score_and_generate_refuse_bad_input_in_one_line(run, tmp_path, capsys):
 
 
 @slow
+@pytest.mark.guarantee("options")
 def test_a_tiny_sampling_temperature_samples_the_most_likely_token(run, capsys):
     """--sample-temperature 1e-310 divided the log-probabilities into −inf everywhere (a NaN softmax); sampling at a
     temperature that small is greedy decoding."""
@@ -691,6 +726,7 @@ def test_a_tiny_sampling_temperature_samples_the_most_likely_token(run, capsys):
 
 
 @slow
+@pytest.mark.guarantee("resumable")
 def test_sigterm_is_handled_like_ctrl_c_and_leaves_no_temporary_folder(run):
     """A SIGTERM (a scheduler's stop) used to kill the datastore build outright, leaving `.datastore.tmp`."""
     before = snapshot(run / "datastore")
@@ -705,6 +741,7 @@ def test_sigterm_is_handled_like_ctrl_c_and_leaves_no_temporary_folder(run):
 
 
 @slow
+@pytest.mark.guarantee("resumable")
 def test_interrupted_training_says_to_rerun_with_resume(tmp_path, monkeypatch, capsys):
     """`knnlm train` refuses to rerun into a run that holds a checkpoint without --resume: the message says so."""
     interrupt_training_at(monkeypatch, 3)
@@ -719,6 +756,7 @@ def test_interrupted_training_says_to_rerun_with_resume(tmp_path, monkeypatch, c
 
 
 @slow
+@pytest.mark.guarantee("what-if")
 def test_k_max_larger_than_the_training_split_is_refused_before_training(tmp_path, capsys):
     out = tmp_path / "run"
     line = refused(capsys, "run", "--config", TINY, "--out", out, "data.max_train_tokens=4")
@@ -728,6 +766,7 @@ def test_k_max_larger_than_the_training_split_is_refused_before_training(tmp_pat
 
 
 @slow
+@pytest.mark.guarantee("what-if")
 def test_read_only_run_is_refused_before_the_search(run, capsys, monkeypatch):
     """A run folder that cannot be written used to fail at the end of a full search, naming a temporary file."""
     import tempfile
@@ -768,6 +807,7 @@ def _write_store(folder, value: int) -> None:
                                        "value": value})
 
 
+@pytest.mark.guarantee("readers")
 def test_readers_never_see_a_datastore_half_swapped(tmp_path):
     """Issue 32, case 9: a writer replaces the datastore again and again while another process opens it 3,000 times;
     every open succeeds and sees one version whole (meta, keys and values of the same write)."""

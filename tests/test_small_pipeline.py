@@ -233,3 +233,27 @@ def test_early_stopping_keeps_the_best_checkpoint_and_the_pipeline_uses_it(tmp_p
     before = (out / "datastore" / "meta.json").stat().st_mtime_ns
     run_pipeline(cfg, out, progress=False)
     assert (out / "datastore" / "meta.json").stat().st_mtime_ns == before
+
+
+def test_learning_curves_record_train_perplexity_each_epoch_as_the_summary_measures_it(tmp_path):
+    """train.curves: every epoch's metrics row holds the train split's perplexity beside valid's; the last one
+    is the summary's (same model, same blocks), and without the option the rows stay as they were."""
+    from knnlm.config import load_config
+    from knnlm.train import train
+
+    corpus = micro_corpus(tmp_path / "corpus")
+    rows = {}
+    for curves in (True, False):
+        cfg = load_config(None, [*MICRO, f"data.path={corpus}", "train.epochs=3", f"train.curves={str(curves).lower()}"])
+        out = tmp_path / f"run_{curves}"
+        summary = train(cfg, out, progress=False)
+        rows[curves] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        epochs = [r for r in rows[curves] if "valid_ppl" in r]
+        assert len(epochs) == 3
+        if curves:
+            assert all(r["train_ppl"] > 1 for r in epochs) and epochs[-1]["train_ppl"] == summary["train_ppl"]
+            assert epochs[-1]["valid_ppl"] == summary["valid_ppl"]
+        else:
+            assert not any("train_ppl" in r for r in epochs)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("train_ppl", "tokens_per_s")} for r in rs]
+    assert strip(rows[True]) == strip(rows[False])  # measuring train perplexity changes no training step

@@ -1,5 +1,5 @@
-"""The ω study machinery: the tables' arithmetic on hand-made records (fast), then a tiny study end to end (slow):
-every stage writes its outputs, and a rerun reuses what is recorded and what is trained."""
+"""The studies (knnlm/studies/): the tables' arithmetic on hand-made records (fast), then a tiny study end to end
+(slow): every stage writes its outputs, and a rerun reuses what is recorded and what is trained."""
 
 import json
 import math
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,8 +18,14 @@ from safetensors import safe_open
 from conftest import REPO, TINY, fails, knnlm, snapshot
 from knnlm.artifacts import UserError, cpu_name
 from knnlm.config import changed_settings
-from knnlm.sweep import (Study, best_omega, best_weights, device_twins, omega_table, paired_differences, paired_markdown, run_sweep,
-                          table_markdown, write_objectives, write_tables)
+from knnlm.studies import plots
+from knnlm.studies.engine import run_sweep
+from knnlm.studies.stages import make_stages
+from knnlm.studies.stages.objectives import Objectives
+from knnlm.studies.stages.table import Table
+from knnlm.studies.statistics import best_omega, omega_table, paired_differences, paired_markdown, table_markdown
+from knnlm.studies.study import Study, load_study
+from knnlm.studies.twins import device_twins
 
 slow = pytest.mark.slow
 
@@ -28,10 +35,15 @@ def record(omega, seed, knnlm_ppl, lm_ppl, regularizer="l2"):
             "valid_lm_ppl": lm_ppl, "train_lm_ppl": lm_ppl - 20, "valid_knnlm_ppl_paper": knnlm_ppl + 5}
 
 
+def written(stage, records, results):
+    """A stage's tables and figures from hand-made records, as a study would write them."""
+    stage.write(SimpleNamespace(records=records, results=results, out=results / "no-runs"))
+
+
 def test_tables_on_hand_made_records():
     records = [record(0.0, 0, 100, 110), record(0.0, 1, 102, 112), record(0.01, 0, 97, 111), record(0.01, 1, 98, 114),
                record(0.1, 0, 99, 115), record(0.01, 0, 50, 60, regularizer="moco")]  # ω = 0.1: seed 0 only
-    table = omega_table(records)
+    table = omega_table(records, "l2")
     assert list(table) == [0.0, 0.01, 0.1]  # MOCO's record is not in the L2 table
     assert table[0.0]["valid_knnlm_ppl"] == pytest.approx([101, math.sqrt(2), 2])  # sample std of 100, 102
     assert table[0.01]["valid_lm_ppl"] == pytest.approx([112.5, math.sqrt(4.5), 2])
@@ -39,14 +51,14 @@ def test_tables_on_hand_made_records():
     md = table_markdown(table, "t")
     assert "| 101.00 ± 1.41 | 97.50 ± 0.71 | 99.00 |" in md  # one seed: no spread shown
     assert best_omega(table) == 0.01 and best_omega({0.0: table[0.0]}) is None
-    paired = paired_differences(records)  # (ω, seed) − (0, seed), over the seeds that have both
+    paired = paired_differences(records, "l2")  # (ω, seed) − (0, seed), over the seeds that have both
     assert paired[0.01]["valid_knnlm_ppl"] == pytest.approx([-3.5, math.sqrt(0.5), 2])
     assert paired[0.01]["per_seed"]["valid_lm_ppl"] == {"0": 1, "1": 2}
     assert paired[0.1]["valid_knnlm_ppl"] == [-1, 0.0, 1]
     assert paired[0.01]["mixed_devices"] == [] and "†" not in paired_markdown(paired)
     records[1]["device"], records[3]["device"] = "cpu: AMD EPYC", "cuda: NVIDIA H200"  # ω = 0.01, seed 1 on a GPU,
     # its ω = 0 on a CPU: marked, still paired
-    paired = paired_differences(records)
+    paired = paired_differences(records, "l2")
     assert paired[0.01]["mixed_devices"] == ["1"] and paired[0.01]["valid_knnlm_ppl"][2] == 2
     md = paired_markdown(paired)
     assert "+1.00, +2.00†" in md and "† the two runs of this seed were trained on different kinds of device" in md
@@ -58,7 +70,10 @@ def test_written_tables_and_figures_from_hand_made_records(tmp_path):
                 "valid_knnlm_ppl_by_k": {"8": ppl + 2, "16": ppl}}
                for omega, seed, ppl, norm in [(0.0, 0, 100, 1000.0), (0.0, 1, 102, 1000.0), (0.01, 0, 97, 100.0),
                                               (0.01, 1, 98, 100.0), (0.1, 0, 99, 10.0)]]
-    table = write_tables(records, tmp_path, Study(base="", omegas=[0.0, 0.01, 0.1], seeds=[0, 1]))
+    study = Study(base="", omegas=[0.0, 0.01, 0.1], seeds=[0, 1], regularizer="l2")
+    for stage in make_stages(Study(**{**vars(study), "stages": ["table", "paired"]})):
+        written(stage, records, tmp_path)
+    table = omega_table(records, "l2")
     assert json.loads((tmp_path / "table.json").read_text()) == {f"{o:g}": v for o, v in table.items()}
     assert json.loads((tmp_path / "paired.json").read_text())["0.01"]["valid_knnlm_ppl"] == pytest.approx(
         [-3.5, math.sqrt(0.5), 2])
@@ -66,6 +81,19 @@ def test_written_tables_and_figures_from_hand_made_records(tmp_path):
     assert fit["slope"] == pytest.approx(1.0) and fit["intercept"] == pytest.approx(-2.0) and fit["models"] == 5
     for name in ("table.md", "paired.md", "figure1.png", "ppl_by_k.png", "temperature_vs_norm.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_a_study_of_one_omega_writes_its_table_and_no_figure_against_omega(tmp_path):
+    # an objectives study's grid is ω = 0 alone: a curve, a by-k comparison or a fit through one ω says nothing
+    records = [{**record(0.0, seed, 100 + seed, 110), "key_sq_norm_mean": 1000.0 + seed, "temperature": 10.0,
+                "valid_knnlm_ppl_by_k": {"8": 103, "16": 101}} for seed in (0, 1, 2)]
+    written(Table(Study(base="", omegas=[0.0], seeds=[0, 1, 2], regularizer="l2")), records, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.json", "table.md"]
+    table = omega_table(records, "l2")
+    assert plots.plot_omega_curve(table, tmp_path / "f.png", "t") is False
+    assert plots.plot_ppl_by_k({"tuned": {"0": {8: (1.0, 0.0)}}}, tmp_path / "k.png", "t") is False
+    assert plots.plot_temperature_vs_norm([(1.0, 1.0, 0.0), (2.0, 2.0, 0.0)], {}, tmp_path / "t.png", "t") is False
+    assert not any(tmp_path.glob("*.png"))
 
 
 def test_objectives_table_takes_step_cost_from_the_benchmark_and_run_times_only_on_one_kind_of_device(tmp_path):
@@ -76,13 +104,13 @@ def test_objectives_table_takes_step_cost_from_the_benchmark_and_run_times_only_
     bench.write_text(json.dumps({"machine": {"cpu": "AMD EPYC", "cores": 2, "gpu": None}, "objectives": [
         {"name": "knnlm, none", "regularizer": "none", "seconds_per_step": 0.4},
         {"name": "knnlm, knn", "regularizer": "knn", "seconds_per_step": 0.9}, {"name": "HF GPT-2"}]}))
-    study = Study(base="", omegas=[0.0], seeds=[0, 1, 2], objectives={"knn": [0.1, 1.0]}, step_benchmark=str(bench))
+    study = Study(base="", omegas=[0.0], seeds=[0, 1, 2], regularizer="l2", folder=str(tmp_path))
+    stage = Objectives(study, weights={"knn": [0.1, 1.0]}, step_benchmark="bench/training.json")
     records = [run("l2", 0.0, s, 100 + s, 110, "cuda: NVIDIA H200", 100) for s in (0, 1, 2)]
     records += [run("knn", 1.0, 0, 90, 110, "cpu: AMD EPYC", 900), run("knn", 0.1, 0, 95, 110, "cuda: NVIDIA H200", 150),
                 run("knn", 1.0, 1, 93, 111, "cuda: NVIDIA H200", 200), run("knn", 1.0, 2, 94, 110, "cuda: NVIDIA H200", 300)]
-    best = best_weights(study, records)
-    assert best == {"knn": 1.0}  # the lowest tuned kNN-LM perplexity on seed 0
-    write_objectives(records, best, tmp_path, study)
+    assert stage.best(records) == {"knn": 1.0}  # the lowest tuned kNN-LM perplexity on seed 0
+    written(stage, records, tmp_path)
     out = json.loads((tmp_path / "objectives.json").read_text())["paired"]["knn"]
     d = [90 - 100, 93 - 101, 94 - 102]
     assert out["valid_knnlm_ppl"] == pytest.approx([np.mean(d), np.std(d, ddof=1), 3])
@@ -94,7 +122,7 @@ def test_objectives_table_takes_step_cost_from_the_benchmark_and_run_times_only_
     assert json.loads((tmp_path / "objectives.json").read_text())["step_cost_vs_omega0"] == {"knn": pytest.approx(2.25)}
     bench.write_text(json.dumps({"rows": []}))
     with pytest.raises(UserError, match="training.json: expected the JSON of `benchmarks/training.py --regularizers`"):
-        write_objectives(records, best, tmp_path, study)
+        written(stage, records, tmp_path)
 
 
 def test_twins_pair_one_run_across_devices_and_skip_same_device_copies_and_other_training_settings(tmp_path):
@@ -148,8 +176,8 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     path = root / "study.toml"
     path.write_text(f'base = "{TINY}"\noverrides = {json.dumps(OVERRIDES)}\nomegas = [0.0, 0.01]\nseeds = [0, 1]\n'
-                    f'moco = true\nmoco_overrides = ["train.queue_len=4", "train.momentum=0.9"]\n'
-                    f'results = "{root / "results"}"\n')
+                    f'results = "{root / "results"}"\nstages = ["table", "paired", "test", "rescale", "compare"]\n'
+                    f'[compare]\nregularizer = "moco"\noverrides = ["train.queue_len=4", "train.momentum=0.9"]\n')
     knnlm("sweep", path, "--out", root / "runs", "--jobs", "2")  # two models at a time, each in its own process
     before = snapshot(root / "runs")
     yield path, root / "runs", root / "results"
@@ -357,7 +385,7 @@ def test_moco_early_trains_moco_beside_the_grid_at_the_best_paper_omega_so_far(s
     for s in (0, 1):
         (results / "runs" / f"moco_omega0.01_seed{s}.json").unlink()
     (results / "runs" / "l2_omega0.01_seed1.json").unlink()  # the grid is not complete: MOCO starts beside it
-    proc = knnlm("sweep", path, "--out", runs, "--moco-early")
+    proc = knnlm("sweep", path, "--out", runs, "--early")
     assert "MOCO at ω = 0.01 (best ω > 0 under the paper protocol over the records so far) beside the grid" in proc.stdout
     assert proc.stdout.count("== ") == 3 and all((results / "runs" / f"moco_omega0.01_seed{s}.json").is_file() for s in (0, 1))
     assert (results / "moco_vs_l2.md").is_file()
@@ -385,7 +413,8 @@ def test_rescaling_control_keeps_pairs_whose_omega0_folder_is_gone_unless_their_
 def test_objectives_study_compares_the_best_weight_with_omega0_of_the_same_seed(tmp_path):
     path = tmp_path / "objectives.toml"
     path.write_text(f'base = "{TINY}"\noverrides = {json.dumps(OVERRIDES)}\nomegas = [0.0]\nseeds = [0, 1]\n'
-                    f'moco = false\nobjectives = {{ knn = [0.1, 1.0], knn-memory = [0.1] }}\nresults = "{tmp_path / "results"}"\n')
+                    f'results = "{tmp_path / "results"}"\nstages = ["table", "objectives"]\n'
+                    f'[objectives]\nweights = {{ knn = [0.1, 1.0], knn-memory = [0.1] }}\n')
     knnlm("sweep", path, "--out", tmp_path / "runs")
     records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*.json")}
     # both weights on the first seed, the best (tuned protocol) on the second
@@ -418,8 +447,9 @@ def test_a_sweep_killed_within_and_between_runs_ends_with_the_same_records(study
     root = tmp_path / "killed"
     root.mkdir()
     mine = root / "study.toml"
-    mine.write_text(path.read_text().replace(str(results), str(root / "results"))
-                    .replace("seeds = [0, 1]", "seeds = [0]").replace("moco = true", "moco = false"))
+    study_text = path.read_text().split("[compare]")[0]  # no MOCO runs
+    mine.write_text(study_text.replace(str(results), str(root / "results"))
+                    .replace("seeds = [0, 1]", "seeds = [0]").replace('"rescale", "compare"', '"rescale"'))
     for point in ("train:5", "sweep:1"):  # within the first run; after the first run is recorded
         proc = subprocess.run([sys.executable, "-m", "knnlm.cli", "sweep", str(mine), "--out", str(root / "runs")],
                               cwd=REPO, capture_output=True, text=True,
@@ -439,13 +469,12 @@ def test_a_sweep_killed_within_and_between_runs_ends_with_the_same_records(study
     ("omegas = [-1.0]", "omegas"),
     ("seeds = [0.5]", "seeds: expected a non-empty list of integers"),
     ("seeds = []", "seeds"),
-    ("moco = 1", "moco: expected true or false"),
+    ("regularizer = \"nope\"", "regularizer: expected one of"),
     ("overrides = [1]", "overrides"),
-    ("objectives = { knn = [\"a\"] }", "objectives"),
+    ("stages = \"table\"", "stages: expected a list of stage names"),
+    ("objectives = { knn = [0.1] }", "unknown study key"),  # a stage's table needs the stage in `stages`
 ])
 def test_a_study_file_is_type_checked(tmp_path, line, expect):
-    from knnlm.sweep import load_study
-
     values = {"base": f'"{TINY}"', "omegas": "[0.0]", "seeds": "[0]"}
     key = line.split("=")[0].strip()
     values[key] = line.split("=", 1)[1].strip()
@@ -455,19 +484,29 @@ def test_a_study_file_is_type_checked(tmp_path, line, expect):
         load_study(path)
 
 
-def test_the_committed_studies_pass_the_checks():
-    from knnlm.sweep import load_study
+def test_a_stage_checks_its_options(tmp_path):
+    base = f'base = "{TINY}"\nomegas = [0.0]\nseeds = [0]\n'
+    for text, expect in ((base + 'stages = ["nope"]\n', "unknown stage 'nope'"),
+                         (base + 'stages = ["compare"]\n[compare]\nregularizer = "l2"\n', "other than the grid's l2"),
+                         (base + 'stages = ["objectives"]\n[objectives]\nweights = { knn = ["a"] }\n', "weights.knn"),
+                         (base + 'stages = ["table"]\n[table]\nwidth = 3\n', "unknown option")):
+        (tmp_path / "s.toml").write_text(text)
+        with pytest.raises(UserError, match=expect):
+            make_stages(load_study(tmp_path / "s.toml"))
 
+
+def test_the_committed_studies_pass_the_checks():
     study = load_study(REPO / "experiments" / "omega_study.toml")
-    assert study.title and study.omegas and study.seeds
-    for name in ("key_site_study", "overfit_study", "objectives_study"):
-        load_study(REPO / "experiments" / f"{name}.toml")
+    assert study.title and study.omegas and study.seeds and study.regularizer == "l2"
+    for path in sorted((REPO / "experiments").glob("*_study.toml")):
+        if "stages" in path.read_text():  # a study of the engine (distill_study has its own script)
+            assert make_stages(load_study(path))
 
 
 def test_tables_only_rewrites_the_tables_from_the_records_and_trains_nothing(tmp_path):
     study = tmp_path / "experiments" / "s.toml"
     study.parent.mkdir()
-    study.write_text(f'base = "{TINY}"\nomegas = [0.0, 0.01]\nseeds = [0]\n')
+    study.write_text(f'base = "{TINY}"\nomegas = [0.0, 0.01]\nseeds = [0]\nstages = ["table", "paired"]\n')
     results = tmp_path / "results" / "s"  # the default: results/<study> beside experiments/
     (results / "runs").mkdir(parents=True)
     for omega, ppl, norm in ((0.0, 100, 1000.0), (0.01, 97, 100.0)):

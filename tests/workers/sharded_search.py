@@ -13,8 +13,9 @@ import numpy as np
 import torch.distributed as dist
 
 from knnlm.distributed import setup_distributed
-from knnlm.fastsearch import lm_like_keys
-from knnlm.knn import ShardedSearch, make_searcher
+from knnlm.search.key_geometry import lm_like_keys
+from knnlm.search.registry import make_searcher
+from knnlm.search.sharded import ShardedSearch
 
 
 def main() -> None:

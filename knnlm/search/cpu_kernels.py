@@ -21,9 +21,9 @@ Keys and queries are centered on the (sampled) mean key before rounding to bf16 
 errors shrink with the vectors' norms). `tests/test_knn.py` checks every search of every kernel against a float64
 brute force, and `benchmarks/search.py` reports recall against FAISS and a float64 brute force.
 
-A kernel is compiled on first use with the system's C++ compiler (about 2 s) and cached under `$KNNLM_CACHE/ext/`;
-where the CPU lacks its instructions (/proc/cpuinfo) or there is no compiler, `available(kernel)` is False and
-callers use another kernel or FAISS. `KNNLM_NO_AMX=1` (`KNNLM_NO_AVX512`, `KNNLM_NO_AVX2`) turns one off.
+A kernel is compiled on first use with the system's C++ compiler (about 2 s) and cached under `$KNNLM_CACHE/ext/`,
+named by a digest of its sources and flags (`library_path`: an edit recompiles, a move does not); where the CPU lacks its instructions (/proc/cpuinfo) or there is no compiler, `available(kernel)` is False and
+the registry (`registry.py`) uses another kernel or FAISS. `KNNLM_NO_AMX=1` (`KNNLM_NO_AVX512`, `KNNLM_NO_AVX2`) turns one off.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import UserError, cpu_name, cpuinfo_fields, write_json
-from .data import cache_root
+from ..artifacts import UserError, cpu_name, cpuinfo_fields, write_json
+from ..data import cache_root
+from .faiss_index import faiss_installed, import_faiss
+from .key_geometry import centering_vector, lm_like_keys, principal_directions, project_dims
 
 CSRC = Path(__file__).with_name("csrc")
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
@@ -63,6 +65,7 @@ class Kernel:
     dim_multiple: int  # dimensions padded to a multiple of this (AMX tiles are 32 bf16 wide)
     bf16_queries: bool  # queries rounded to bf16 (AMX, AVX-512 BF16) or kept fp32 (AVX2)
     prune_by_default: bool  # the pruned search is the default (measured faster; AMX: not measured yet)
+    timed_against_flat: bool = False  # not faster than FAISS Flat everywhere: `auto` without a store checks first
 
     @property
     def index(self) -> str:
@@ -75,7 +78,7 @@ KERNELS = {k.name: k for k in (  # fastest first: `auto` takes the first one the
     Kernel("avx512", "avx512_search.cpp", ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mf16c", "-mfma"),
            frozenset({"avx512f", "avx512bw", "avx512_bf16", "f16c", "fma"}), 2, True, True),
     Kernel("avx2", "avx2_search.cpp", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}), 2, False,
-           True),
+           True, timed_against_flat=True),
 )}
 
 # knnlm_<kernel>_search(queries, M, D, packed, norms, Np, qf32, keys16, N, Dx, k, C, nthreads, qblock, kchunk,
@@ -161,44 +164,6 @@ def available_memory() -> int | None:
     return None
 
 
-def centering_vector(keys: np.ndarray, rows: int = 65536) -> torch.Tensor:
-    """The mean of up to `rows` evenly spaced keys, fp32 (d,): what the low-precision searches subtract from keys
-    and queries. Any vector leaves distances unchanged; one near the mean makes the vectors, and so their rounding
-    errors, small. A sample spares a second pass over a large store."""
-    step = max(1, len(keys) // rows)
-    return torch.from_numpy(np.asarray(keys[::step], dtype=np.float64).mean(0).astype(np.float32))
-
-
-def principal_directions(keys: np.ndarray, mean: torch.Tensor, m: int, rows: int = 65536) -> torch.Tensor:
-    """An orthonormal basis (d, m) fp32 of the m directions in which up to `rows` evenly spaced keys vary most."""
-    step = max(1, len(keys) // rows)
-    x = torch.from_numpy(np.asarray(keys[::step], dtype=np.float64)) - mean.double()
-    _, vectors = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues
-    return vectors[:, -m:].flip(1).float().contiguous()
-
-
-def variance_dims(keys: np.ndarray, share: float = 0.9, rows: int = 65536, multiple: int = 16) -> tuple[int, float]:
-    """The fewest principal directions (a multiple of `multiple`, at most d) that hold `share` of the keys' variance
-    about their mean, measured on up to `rows` evenly spaced keys; and the share they hold. Steep spectra (LM keys:
-    64 of 256 directions hold 88 % on WikiText-2) need few; flat ones many, where pruning pays less."""
-    d = keys.shape[1]
-    step = max(1, len(keys) // rows)
-    x = np.asarray(keys[::step], dtype=np.float64)
-    x = x - x.mean(0)
-    eig = np.linalg.eigvalsh(x.T @ x)[::-1].clip(min=0)  # descending
-    held = np.cumsum(eig) / max(eig.sum(), 1e-300)
-    m = int(np.searchsorted(held, share - 1e-12) + 1)
-    m = min(d, -(-m // multiple) * multiple)
-    return m, float(held[m - 1])
-
-
-def project_dims(d: int) -> int:
-    """How many principal directions the pruned search projects onto: all of a small d; a quarter of a large one
-    (at least 64). On WikiText-2's keys (d = 256) 64 directions hold 88 % of the variance, and the projected bound
-    leaves about 0.5 % of the keys to test exactly at k = 1024."""
-    return d if d <= 64 else max(64, d // 4)
-
-
 def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
@@ -210,7 +175,7 @@ def _bf16_bits(x: torch.Tensor) -> np.ndarray:
 
 class CpuExactSearch:
     """Exact k-NN over a float16 key store (N, d) with one of the compiled kernels (`KERNELS`: "amx", "avx512",
-    "avx2"), with the same interface as `knn.FaissSearch`. Two searches, both returning the fp32 distances from the
+    "avx2"), with the `Searcher` interface (`base.py`). Two searches, both returning the fp32 distances from the
     stored keys:
 
     - pruned (the default of the AVX-512 and AVX2 kernels; AMX has it too, not yet measured): the kernel scans keys and queries projected onto
@@ -385,25 +350,14 @@ class CpuExactSearch:
         return D, I
 
 
-def lm_like_keys(n: int, d: int = 256, rank: int = 32, seed: int = 0, chunk: int = 262144) -> np.ndarray:
-    """A synthetic float16 store (n, d) shaped like LM activations: a large common offset, a few strong directions
-    of very unequal scale (a random rank-`rank` Gaussian) and weak isotropic noise. For calibration and benchmarks."""
-    rng = np.random.default_rng(seed)
-    basis = rng.standard_normal((rank, d)).astype(np.float32) * np.exp(rng.uniform(-1.5, 1.5, (rank, 1)))
-    offset = (4 + rng.standard_normal(d)).astype(np.float32)
-    keys = np.empty((n, d), dtype=np.float16)
-    for lo in range(0, n, chunk):
-        m = min(chunk, n - lo)
-        z = rng.standard_normal((m, rank), dtype=np.float32)
-        keys[lo : lo + m] = offset + z @ basis / np.sqrt(rank) + 0.1 * rng.standard_normal((m, d), dtype=np.float32)
-    return keys
-
-
 def faster_than_flat(kernel: str, k: int = 1024, n: int = 131072, d: int = 256, queries: int = 256) -> bool:
     """Whether `kernel` answers k-NN queries faster than FAISS IndexFlatL2 on this machine: measured once, on a
     synthetic LM-like store of n keys with the threads torch uses, and remembered under $KNNLM_CACHE/ext/ (per
-    kernel build, CPU and thread count). For kernels that are not faster everywhere (AVX2 against an AVX-512 BLAS)."""
-    import faiss
+    kernel build, CPU and thread count). For kernels that are not faster everywhere (AVX2 against an AVX-512 BLAS).
+    Without FAISS installed there is no Flat to lose to: True."""
+    if not faiss_installed():
+        return True
+    faiss = import_faiss()
 
     threads = torch.get_num_threads()
     what = f"{library_path(KERNELS[kernel]).name} {cpu_name()} {sorted(cpu_flags())} {threads} faiss " \
@@ -436,11 +390,3 @@ def first_kernel() -> str | None:
     """The first compiled kernel this CPU runs (AMX, AVX-512 BF16, AVX2), or None."""
     return next((name for name in KERNELS if available(name)), None)
 
-
-def best_kernel() -> str | None:
-    """The kernel `eval.index = "auto"` uses on a CPU: AMX, else AVX-512 BF16, else AVX2 where it is measured
-    faster than FAISS Flat; None: FAISS Flat."""
-    for name in ("amx", "avx512"):
-        if available(name):
-            return name
-    return "avx2" if available("avx2") and faster_than_flat("avx2") else None

@@ -126,7 +126,7 @@ inline float exact_sq_distance(const float* q, const uint16_t* key, int64_t dim)
   return s;
 }
 
-// What makes a projected-distance bound safe for one query (all in double, see fastsearch.CpuExactSearch):
+// What makes a projected-distance bound safe for one query (all in double, see cpu_kernels.CpuExactSearch):
 // a key whose computed ||ỹ_j||² − 2 ỹ_q·ỹ_j is at or above
 //   (sqrt(thr (1 + rel)) + sqrt_slack)² + add_slack − qnorm2
 // cannot have an exact distance below thr, the query's k-th exact distance so far.
@@ -255,7 +255,7 @@ void search(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const uint16_
 }
 
 // The pruned search: the scan's products are of projected keys and queries; qnorm2 (M,) holds each projected bf16
-// query's ||ỹ_q||² and sqrt_slack/add_slack (M,) its rounding bounds (fastsearch.CpuExactSearch derives them);
+// query's ||ỹ_q||² and sqrt_slack/add_slack (M,) its rounding bounds (cpu_kernels.CpuExactSearch derives them);
 // rel bounds the relative error of the fp32 exact distances and the basis's departure from orthonormality.
 // start (M,), or null: an upper bound of each query's k-th exact distance known in advance (e.g. the k-th of k
 // keys found by an approximate index); keys at or below it are tested, so it must not be below the true k-th.
@@ -277,7 +277,7 @@ void search_pruned(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const 
 // Each kernel file ends with KNNLM_ENTRY_POINTS(name, query type), after its pass 1
 //   scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands)
 // (chunk_units: how many units of kUnit keys a thread scans at a time, from `kchunk` keys). It defines the library's
-// C entry points, whose arguments are fastsearch.py's SEARCH_ARGTYPES and PRUNED_ARGTYPES (tests/test_knn.py
+// C entry points, whose arguments are cpu_kernels.py's SEARCH_ARGTYPES and PRUNED_ARGTYPES (tests/test_knn.py
 // compares them): knnlm_<name>_search, the margin search, and knnlm_<name>_pruned, the pruned one (`packed`, `norms`
 // and `queries` hold the keys and queries projected onto D principal directions; qf32/keys16 the full vectors the
 // exact distances are computed from). N is unused: the re-ranking reads keys16 only at candidates' indices, all < N

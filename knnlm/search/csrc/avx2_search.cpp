@@ -7,7 +7,7 @@
 // queries. Distances ||k̃||² − 2 q·k̃ are filtered against each query's running threshold in registers, as in the
 // other kernels; pass 2 (exact_search.h) re-ranks the candidates exactly in fp32 from the float16 keys.
 //
-// Layouts (prepared by knnlm/fastsearch.py):
+// Layouts (prepared by knnlm/search/cpu_kernels.py):
 //   queries  (Mp, D) fp32 row-major, centered by the key mean; Mp % 32 == 0, D even
 //   packed   (Np / 16, D / 2, 16 keys, 2) bf16: each group of 16 keys, dimension pair by dimension pair; Np % 32 == 0
 //   norms    (Np,) fp32 squared norms of the centered bf16 keys, +inf for padding rows

@@ -1,6 +1,6 @@
 """Every figure of the project, drawn from saved numbers (never from a model): the sweep's ω curve, regularizer and
 objective comparisons (from its tables), and the representation analyses (from the JSON records of
-`knnlm/analysis.py`: gain by frequency, GMM separation, key-norm and distance histograms)."""
+`knnlm/studies/analysis.py`: gain by frequency, GMM separation, key-norm and distance histograms)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import math
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
+from ..artifacts import atomic_path, optional_import
+
+matplotlib = optional_import("matplotlib", "plots", "figures")  # an extra: training and evaluation never draw
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+plt = optional_import("matplotlib.pyplot", "plots", "figures")
 
-from .artifacts import atomic_path  # noqa: E402
+
+# a curve against ω, or a fit through it, needs two ω at least: one ω draws a single point and fits nothing
+MIN_OMEGAS = 2
 
 
 def save(fig, path: Path) -> None:
@@ -30,10 +34,13 @@ def omega_positions(omegas: list[float]) -> tuple[np.ndarray, list[str]]:
     return np.array([math.log10(o) if o > 0 else zero_at for o in omegas]), [f"{o:g}" for o in omegas]
 
 
-def plot_omega_curve(table: dict, path: Path, title: str) -> None:
+def plot_omega_curve(table: dict, path: Path, title: str) -> bool:
     """Valid LM perplexity and kNN-LM perplexity under both evaluation protocols against ω (the paper's Figure 1),
-    mean ± std over seeds as error bars; ω on a log axis, ω = 0 set apart at its left."""
+    mean ± std over seeds as error bars; ω on a log axis, ω = 0 set apart at its left. Draws nothing (False) for
+    fewer than MIN_OMEGAS ω."""
     omegas = list(table)
+    if len(omegas) < MIN_OMEGAS:
+        return False
     x, labels = omega_positions(omegas)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     series = (("valid_knnlm_ppl_paper", "kNN-LM, paper protocol (T = 1, k = 1024, λ tuned)", "tab:red", axes[0]),
@@ -58,13 +65,17 @@ def plot_omega_curve(table: dict, path: Path, title: str) -> None:
     fig.suptitle(f"{title}\n(points: mean over the n seeds of each ω; bars: ± 1 std across them)", fontsize=10)
     fig.tight_layout()
     save(fig, path)
+    return True
 
 
-def plot_temperature_vs_norm(points: list[tuple[float, float, float]], fit: dict, path: Path, title: str) -> None:
+def plot_temperature_vs_norm(points: list[tuple[float, float, float]], fit: dict, path: Path, title: str) -> bool:
     """Tuned kNN temperature against mean squared key norm, one point per model (log-log), with the fitted line
-    and the slope-1 line (T ∝ ‖r‖²) through the points' mean."""
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    and the slope-1 line (T ∝ ‖r‖²) through the points' mean. Draws nothing (False) for fewer than MIN_OMEGAS ω:
+    a fit through the models of one ω says nothing about the key scale."""
     omegas = sorted({p[2] for p in points})
+    if len(omegas) < MIN_OMEGAS:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
     cmap = plt.get_cmap("viridis", max(2, len(omegas)))
     for i, o in enumerate(omegas):
         ps = [p for p in points if p[2] == o]
@@ -83,6 +94,7 @@ def plot_temperature_vs_norm(points: list[tuple[float, float, float]], fit: dict
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     save(fig, path)
+    return True
 
 
 def plot_regularizer_comparison(rows: dict, path: Path, title: str) -> None:
@@ -103,9 +115,12 @@ def plot_regularizer_comparison(rows: dict, path: Path, title: str) -> None:
     save(fig, path)
 
 
-def plot_ppl_by_k(panels: dict, path: Path, title: str) -> None:
+def plot_ppl_by_k(panels: dict, path: Path, title: str) -> bool:
     """Valid kNN-LM perplexity at each k, one panel per protocol and one line per ω: {panel: {ω label: {k: (mean,
-    std)}}}; k on a log axis, bands ± 1 std across seeds."""
+    std)}}}; k on a log axis, bands ± 1 std across seeds. Draws nothing (False) unless every panel has MIN_OMEGAS
+    lines (one line is no comparison)."""
+    if not panels or any(len(curves) < MIN_OMEGAS for curves in panels.values()):
+        return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (panel, curves) in zip(axes[0], panels.items()):
         for label, by_k in curves.items():
@@ -123,6 +138,7 @@ def plot_ppl_by_k(panels: dict, path: Path, title: str) -> None:
     fig.suptitle(title + " (bands: ± 1 std across seeds)", fontsize=10)
     fig.tight_layout()
     save(fig, path)
+    return True
 
 
 def plot_paired_objectives(paired: dict, path: Path, title: str) -> None:

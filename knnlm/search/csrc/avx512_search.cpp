@@ -7,7 +7,7 @@
 // The tile's ||k̃||² − 2 q̃·k̃ are compared with each query's running threshold while still in registers, and the few
 // below it are pushed to the query's candidates (exact_search.h). Pass 2 re-ranks them exactly in fp32.
 //
-// Layouts (prepared by knnlm/fastsearch.py):
+// Layouts (prepared by knnlm/search/cpu_kernels.py):
 //   queries  (Mp, D) bf16 row-major, centered by the key mean; Mp % 32 == 0, D even
 //   packed   (Np / 16, D / 2, 16 keys, 2) bf16: each group of 16 keys, dimension pair by dimension pair; Np % 32 == 0
 //   norms    (Np,) fp32 squared norms of the centered bf16 keys, +inf for padding rows

@@ -1,11 +1,11 @@
 """Analyses of the learned representations (the paper's section 4.4), from saved artifacts only.
 
     knnlm analyze RUN_A RUN_B --labels ω=0 ω=0.001 --out results/analysis
-    python -m knnlm.analysis --redraw results/analysis     # figures and Markdown again, from the JSON records alone
+    python -m knnlm.studies.analysis --redraw results/analysis     # figures and Markdown again, from the JSON records alone
 
 Every number here is read from what `knnlm evaluate` saved in RUN/eval/valid/ and from the datastore's values;
 the model is never loaded and the search is never rerun. `analyze` computes the JSON records below, one entry per
-run label; `redraw` then makes every figure (`knnlm/plots.py`) and the Markdown from those records only, so a
+run label; `redraw` then makes every figure (`knnlm/studies/plots.py`) and the Markdown from those records only, so a
 committed results folder can be redrawn after its run folders are gone. Per run (n valid tokens, d key dimensions):
 
 - `runs.json`: where the numbers come from: the run folder's name (never an absolute path), the machine, split,
@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .artifacts import UserError, cpu_name, kill_point, load_npy, markdown_table, read_json, read_meta, write_json, write_text
-from .knn import interpolate, perplexity
+from ..artifacts import (UserError, cpu_name, kill_point, load_npy, markdown_table, optional_import, read_json, read_meta,
+                         write_json, write_text)
+from ..knn import interpolate, perplexity
 
 RANK_EDGES = (100, 1000, 10000)  # frequency-rank bucket boundaries: top 100, 100–1k, 1k–10k, the rest
 FREQUENT_WORDS = 100  # "the most frequent words" of the GMM analysis
@@ -215,7 +216,7 @@ def gmm_loglik_split(keys: np.ndarray, losses: np.ndarray, threshold: float | No
     −d·log c and leaves `difference` unchanged: compare differences across runs (an L2-regularized model has
     smaller keys), not absolute log-likelihoods.
     """
-    from sklearn.mixture import GaussianMixture  # imported here: only this analysis needs scikit-learn
+    GaussianMixture = optional_import("sklearn.mixture", "plots", "the GMM analysis").GaussianMixture  # only here
 
     losses = np.asarray(losses, dtype=np.float64)
     assert len(keys) == len(losses), "one loss per key"
@@ -403,7 +404,7 @@ def summary_markdown(runs: dict, buckets: dict, gmm: dict, extras: dict, figures
     g0 = next(iter(gmm.values()))
     sections = [
         "# Representation analyses\n\nMade by `knnlm analyze` from the saved valid-set artifacts of each run (no model, "
-        "no search), and redrawn from the JSON records beside this file by `python -m knnlm.analysis --redraw`.\n",
+        "no search), and redrawn from the JSON records beside this file by `python -m knnlm.studies.analysis --redraw`.\n",
         markdown_table("Runs (`runs.json`)", ["run", "folder", "valid tokens", "LM ppl", "kNN-LM ppl", "λ", "k",
                                               "temperature"], run_rows,
                        "Numbers: " + plots.describe_runs(runs) + "."),
@@ -495,7 +496,7 @@ def redraw(out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m knnlm.analysis",
+    parser = argparse.ArgumentParser(prog="python -m knnlm.studies.analysis",
                                      description="Redraw an analysis folder's figures and Markdown from its JSON records.")
     parser.add_argument("--redraw", required=True, metavar="OUT", help="a folder written by `knnlm analyze`")
     args = parser.parse_args(argv)

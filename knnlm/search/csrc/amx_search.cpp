@@ -6,7 +6,7 @@
 // Pass 2 (exact): the candidates are re-ranked with fp32 distances computed from the stored float16 keys, and the
 // k nearest are returned, nearest first.
 //
-// Layouts (prepared by knnlm/fastsearch.py):
+// Layouts (prepared by knnlm/search/cpu_kernels.py):
 //   queries  (Mp, D) bf16 row-major, centered by the key mean; Mp % 32 == 0, D % 32 == 0
 //   packed   keys in AMX's VNNI tile layout: (Np / 16, D / 32, 16 pairs, 16 keys, 2) bf16; Np % 32 == 0
 //   norms    (Np,) fp32 squared norms of the centered keys, +inf for padding rows

@@ -1,0 +1,94 @@
+"""`eval.index = "auto"` over a datastore: the fastest exact search this machine has on those keys at that k, chosen
+by a timed probe and remembered with its reason in knnlm's cache.
+
+Shapes: N stored keys of d dimensions, k neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import UserError, cpu_name, read_json, write_json
+from ..data import cache_root
+from ..distributed import default_device
+from .base import Searcher
+from .key_geometry import variance_dims
+from .registry import BACKENDS, Variants
+
+
+def auto_candidates(keys: np.ndarray) -> Variants:
+    """The exact searches `auto` chooses among on this machine over keys (N, d), by name, each as a function that
+    builds it: the `auto_variants` of every registered backend for this device that runs here, only the first of
+    each group (on a CPU: the first compiled kernel's searches, and FAISS Flat; on a GPU: `bf16-exact` and
+    `bf16-pruned`)."""
+    device, groups, out = default_device().type, set(), {}
+    for b in BACKENDS.values():
+        if b.device != device or b.auto_variants is None or (b.group and b.group in groups) or not b.runs_here():
+            continue
+        groups.add(b.group)
+        out.update(b.auto_variants(keys))
+    if not out:
+        raise UserError("eval.index: 'auto' found no exact search this machine runs; install FAISS: "
+                        "pip install 'knnlm[faiss]'")
+    return out
+
+
+def probe_rate(searcher: Searcher, queries: np.ndarray, k: int) -> float:
+    """Queries per second of one search of `queries` (after a short warm-up)."""
+    searcher.search(queries[: min(16, len(queries))], k)
+    t = time.perf_counter()
+    searcher.search(queries, k)
+    return len(queries) / max(time.perf_counter() - t, 1e-9)
+
+
+def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, model_sha256: str = "",
+                        queries: int = 256, measure=probe_rate) -> Searcher:
+    """`eval.index = "auto"`: the fastest exact search on these keys at this k, chosen by a timed probe and
+    remembered with the reason, e.g. "avx2-exact, pruned, m = 64: 1,180 q/s; margin 640; Flat 130 (64 directions
+    hold 88 % of the variance)", in `folder` if given, else in knnlm's cache ($KNNLM_CACHE/ext), under a name made
+    from the store's identity (model, N, d, k, CPU, threads, candidates); the evaluation records it too.
+
+    Every candidate (`auto_candidates`) is built on the whole store and times one search of `queries` stored keys
+    (evenly spaced: held-out text's queries look like them) at k; FAISS Flat is among them, so `auto` is never slower
+    than Flat on the store it serves, up to the probe's noise. A record made for other keys, k, CPU or thread count
+    is measured again."""
+    k = min(k, len(keys))
+    candidates = auto_candidates(keys)
+    m_var, held = variance_dims(keys)
+    identity = {"N": int(len(keys)), "d": int(keys.shape[1]), "model_sha256": model_sha256, "k": int(k),
+                "candidates": sorted(candidates), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+                "device": default_device().type}
+    # remembered in knnlm's cache (not in the datastore, an artifact with digests), keyed by everything it depends on
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    record = (Path(folder) if folder is not None else cache_root() / "ext") / f"auto-search-{digest}.json"
+    if record.is_file():
+        saved = read_json(record, "auto search choice")
+        if isinstance(saved, dict) and saved.get("identity") == identity and saved.get("choice") in candidates:
+            chosen = candidates[saved["choice"]]()
+            chosen.auto_reason = saved.get("reason", "")
+            return chosen
+    step = max(1, len(keys) // queries)
+    probe = np.asarray(keys[::step][:queries], dtype=np.float32)
+    rates, best, best_searcher = {}, None, None
+    for name, build in candidates.items():
+        searcher = build()
+        rates[name] = measure(searcher, probe, k)
+        if best is None or rates[name] > rates[best]:
+            best, best_searcher = name, searcher
+        del searcher
+    others = "; ".join(f"{n} {r:,.0f}" for n, r in rates.items() if n != best)
+    reason = (f"{best}: {rates[best]:,.0f} q/s; {others} (probe of {len(probe)} stored keys at k = {k}; "
+              f"{m_var} principal directions hold {100 * held:.0f} % of the variance)")
+    try:
+        write_json(record, {"identity": identity, "choice": best, "queries_per_s": rates, "reason": reason})
+    except OSError:
+        pass  # a read-only cache: the choice is made again next time
+    best_searcher.auto_reason = reason  # the evaluation's record keeps why (meta.json's "search_choice")
+    return best_searcher
+
