@@ -17,6 +17,10 @@ next tokens: p_kNN(w) = Σ_{j ≤ k: v_j = w} softmax(−d/T)_j, and p = λ p_kN
 knn_temperature, λ) are the run's choice on valid under a protocol (`tuned` or `paper`, see `knnlm.evaluate`), or
 given explicitly.
 
+A named datastore of the run (`knnlm.load(run, datastore="vim")`, built by `knnlm datastore --out RUN --name vim
+data.path=DIR`, a domain's text for the same model) replaces the run's own: its search, and its settings as
+`knnlm evaluate --out RUN --datastore vim` chose them on that text's valid split.
+
 With a memory model (`knnlm.load(run, memory="runs/mem")`, trained on the run's `knnlm targets`, evaluated by
 `knnlm evaluate --out RUN --memory MEM`), the LM part is the pair: p_LM = μ p_memory + (1 − μ) p_base, μ the
 `memory_lambda` tuned on valid, and the kNN settings are those tuned on top of the pair; `lmbda=0` uses the pair
@@ -25,6 +29,7 @@ alone, with no retrieval.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -38,13 +43,13 @@ from .checkpoint import load_model
 from .config import read_run_config
 from .data import (EOS, UNK, TextTokenizer, bpe_from_json, split_ids, token_stream, tokenizer_settings,
                    vocab_identity)
-from .datastore import Datastore
+from .datastore import Datastore, datastore_home
 from .distributed import default_device
 from .evaluate import PROTOCOLS, check_memory_summary, scoring_settings, searcher_for, valid_choices
 from .hf import hf_eos_id, load_tokenizer
 from .knn import interpolate, knn_logprob, knn_logprobs_full
 from .lm import DecodeCache, autocast
-from .models import corpus_for
+from .models import corpus_for, corpus_for_run
 from .scoring import score_stream
 
 
@@ -102,7 +107,7 @@ class KNNLM:
     def __init__(self, run: str | Path, protocol: str = "tuned", k: int | None = None,
                  knn_temperature: float | None = None, lmbda: float | None = None, index: str | None = None,
                  memory: str | Path | None = None, memory_lambda: float | None = None,
-                 temperature: float | None = None):
+                 temperature: float | None = None, datastore: str | None = None):
         if temperature is not None:  # the old name of the kNN temperature; generate's `temperature` samples
             warnings.warn("knnlm.load(temperature=...) is deprecated: the kNN temperature is knn_temperature",
                           DeprecationWarning, stacklevel=3)
@@ -111,14 +116,19 @@ class KNNLM:
                                 f"{temperature} disagree; give knn_temperature alone")
             knn_temperature = temperature
         self.run = Path(run)
+        self.home = datastore_home(self.run, datastore)  # the run folder, or RUN/datastores/NAME
+        self.datastore_name = datastore
+        if datastore is not None and memory is not None:
+            raise UserError("memory: is evaluated with the run's own datastore; leave out datastore or memory")
         self.cfg = read_run_config(self.run)
         if index is not None:
             self.cfg.eval.index = index
         self.model, self.train_cfg, ckpt_meta = load_model(self.run, default_device())
+        self.ckpt_meta = ckpt_meta
         self.memory, self.memory_model, self.memory_lambda = None, None, 0.0
         if memory is not None:
             self._memory(Path(memory), ckpt_meta, memory_lambda)
-        self.datastore = Datastore(self.run / "datastore")
+        self.datastore = Datastore(self.home / "datastore")
         self.datastore.check_model(ckpt_meta)
         self.stride, self.bf16 = scoring_settings(self.datastore, self.train_cfg)
         self.k, self.knn_temperature, self.lmbda = self._settings(protocol, k, knn_temperature, lmbda)
@@ -134,9 +144,10 @@ class KNNLM:
         if None in (k, temperature, lmbda):
             if protocol not in PROTOCOLS:
                 raise UserError(f"protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-            summary = (self.memory / "memory_eval" if self.memory else self.run / "eval") / "valid" / "summary.json"
+            summary = (self.memory / "memory_eval" if self.memory else self.home / "eval") / "valid" / "summary.json"
             if not summary.is_file():
-                memory = f" --memory {self.memory}" if self.memory else ""
+                memory = (f" --memory {self.memory}" if self.memory else
+                          f" --datastore {self.datastore_name}" if self.datastore_name else "")
                 raise UserError(f"{summary}: not found; run `knnlm evaluate --out {self.run}{memory}` first, "
                                 f"or give k, knn_temperature and lmbda")
             # checked like options: k an integer up to the datastore's size, temperature finite > 0, λ in [0, 1]
@@ -345,10 +356,14 @@ class KNNLM:
     def _train_stream(self) -> np.ndarray:
         """The training split's token stream the datastore was written from (`[<eos>] + ids`), read once."""
         if getattr(self, "_train", None) is None:
-            corpus = corpus_for(self.cfg)  # as `knnlm datastore` read it: the run's config
+            if self.datastore_name is None:
+                corpus = corpus_for(self.cfg)  # as `knnlm datastore` read it: the run's config
+            else:  # a named datastore's own text, read with the run's vocabulary as when it was built
+                data = dataclasses.replace(self.cfg.data, path=self.datastore.meta.get("corpus", ""))
+                corpus = corpus_for_run(self.run, dataclasses.replace(self.cfg, data=data), self.ckpt_meta)
             self._train = token_stream(split_ids(corpus, self.cfg, "train"), corpus.eos_id).numpy()
             if len(self._train) - 1 != len(self.datastore):
-                raise UserError(f"{self.run / 'datastore'}: {len(self.datastore)} keys, but the training split "
+                raise UserError(f"{self.datastore.folder}: {len(self.datastore)} keys, but the training split "
                                 f"reads {len(self._train) - 1} tokens now (has the corpus changed?)")
         return self._train
 
@@ -432,7 +447,9 @@ def load(run: str | Path, protocol: str = "tuned", **settings) -> KNNLM:
             deprecated alias, since generate's `temperature` is the sampling one), `lmbda` (weight
             of p_kNN in λ p_kNN + (1 − λ) p_LM), each replacing the run's choice; `index` (a search backend or
             FAISS factory string instead of the run's eval.index); `memory` (a memory model's run folder) and
-            `memory_lambda` (its mixing weight μ, else the one tuned by `knnlm evaluate --memory`).
+            `memory_lambda` (its mixing weight μ, else the one tuned by `knnlm evaluate --memory`); `datastore`
+            (the name of a datastore `knnlm datastore --name` built for the run, e.g. a domain's, instead of the run's
+            own: its settings are those `knnlm evaluate --datastore NAME` chose on that text's valid split).
 
     Returns:
         A `KNNLM`: `.score(text)` gives per-token LM, kNN and kNN-LM log-probabilities (a `Scored`, with `.ppl`);

@@ -271,6 +271,7 @@ def _holder(fd: int) -> str:
 # what a run folder holds: each must be the run's own file or folder, never a link to one elsewhere (a writer
 # would replace or truncate the link's target)
 RUN_ENTRIES = ("config.json", "vocab.json", "train_summary.json", "results.json", "metrics.jsonl", "checkpoints", "datastore",
+               "datastores",
                ".datastore.tmp", ".datastore.old", "eval", "eval/valid", "eval/test", "eval/.valid.tmp",
                "eval/.test.tmp", "eval/.valid.old", "eval/.test.old")
 

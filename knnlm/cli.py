@@ -3,6 +3,8 @@
     knnlm run --config configs/wikitext-2.toml --out runs/wt2          # the whole pipeline
     knnlm train --config configs/tiny.toml --out runs/tiny train.omega=0.01
     knnlm evaluate --out runs/tiny --split test
+    knnlm datastore --out runs/tiny --name vim data.path=data/vim-help   # a second, named datastore (a domain)
+    knnlm evaluate --out runs/tiny --datastore vim                       # its valid split, with that datastore
 
 Options after the flags are `section.key=value` overrides of the config. Errors in the user's input print one
 line and exit with status 2 (`--debug` shows the traceback).
@@ -68,21 +70,34 @@ def cmd_train(args) -> None:
 
 
 def cmd_datastore(args) -> None:
-    from .datastore import build_datastore
+    from .datastore import build_datastore, check_name
     from .pipeline import check_writable_folders
 
+    if args.name is not None:
+        check_name(args.name)  # a path is refused before the config or the run is read
     cfg = _config_for_run(args, args.overrides)
     with writing_into(args.out, create=False):
         if Path(args.out).is_dir():
-            check_writable_folders(Path(args.out))
-        folder = build_datastore(args.out, cfg)
-    _report(args, {"datastore": str(folder)}, lambda: [wrote("datastore", folder)])
+            check_writable_folders(Path(args.out), *(["datastores"] if args.name else []))
+        folder = build_datastore(args.out, cfg, name=args.name)
+    record = {"datastore": str(folder)}
+    if args.name is not None:
+        from .artifacts import read_json
+
+        meta = read_json(folder / "meta.json", "datastore meta")
+        record.update({"name": args.name, "corpus": meta["corpus"], "keys": meta["N"], "oov_rate": meta["oov_rate"]})
+    _report(args, record, lambda: [*([f"{record['keys']:,} keys from {record['corpus']} ({100 * record['oov_rate']:.2f}% "
+                                       "<unk>: words the run's vocabulary lacks)"] if args.name else []),
+                                   wrote("datastore", folder)])
 
 
 def cmd_evaluate(args) -> None:
+    from .datastore import check_name
     from .evaluate import check_lambda, evaluate
     from .pipeline import check_writable_folders
 
+    if args.datastore is not None:
+        check_name(args.datastore, "--datastore")  # a path is refused before the run is read
     cfg = _config_for_run(args, args.overrides)
     if args.lmbda is not None:
         cfg.eval.lmbda = [check_lambda(args.lmbda)]
@@ -99,6 +114,8 @@ def cmd_evaluate(args) -> None:
     if args.memory:
         from .evaluate import evaluate_memory
 
+        if args.datastore:
+            raise UserError("--memory: is evaluated with the run's own datastore; leave out --datastore")
         if fixed:
             raise UserError("--memory: tunes its own λ, k and temperature on valid; drop --k/--lmbda/--temperature")
         with writing_into(args.out, create=False), writing_into(args.memory, create=False):
@@ -108,11 +125,16 @@ def cmd_evaluate(args) -> None:
         return
     # a what-if evaluation reads the saved search and writes nothing, so it also runs where nobody can write
     with writing_into(args.out, create=False, read_only=bool(fixed)):
-        if not fixed and Path(args.out).is_dir():
-            check_writable_folders(Path(args.out), "eval")  # a read-only run fails now, not after the search
-        summary = evaluate(args.out, cfg, args.split, save=not fixed, fixed=fixed)
+        place = None
+        if Path(args.out).is_dir():
+            from .evaluate import place_for
+
+            place = place_for(args.out, cfg, args.datastore)  # a missing datastore is named now
+            if not fixed:
+                check_writable_folders(Path(args.out), "eval", str(place.root.relative_to(Path(args.out))))
+        summary = evaluate(args.out, cfg, args.split, save=not fixed, fixed=fixed, datastore=args.datastore)
     if summary is not None:  # None: a rank other than 0 under torchrun
-        where = Path(args.out) / "eval" / args.split
+        where = place.folder(args.split)
         closing = (wrote("what-if only, nothing saved; the run's summary stays", where / "summary.json") if fixed
                    else wrote("summary and per-token arrays", where))
         _report(args, summary, lambda: [evaluation_table(summary), closing])
@@ -205,7 +227,7 @@ def _load_run(args):
 
     settings = {name: getattr(args, arg) for name, arg in (("k", "k"), ("knn_temperature", "temperature"), ("lmbda", "lmbda"))
                 if getattr(args, arg) is not None}
-    return load(args.out, args.protocol, memory=args.memory, **settings)
+    return load(args.out, args.protocol, memory=args.memory, datastore=args.datastore, **settings)
 
 
 def cmd_score(args) -> None:
@@ -266,7 +288,7 @@ def cmd_verify(args) -> None:
     """Check every digest the run's meta.json files record: each checkpoint's weights, the datastore's keys and
     values, each evaluation's arrays. Reads every file in full (keys.npy: minutes for WikiText-103)."""
     from .checkpoint import checkpoint_dirs
-    from .datastore import Datastore
+    from .datastore import Datastore, datastore_names
     from .evaluate import load_search
 
     out = Path(args.out)
@@ -276,11 +298,16 @@ def cmd_verify(args) -> None:
     for ckpt in checkpoint_dirs(out):
         check_digest(ckpt / "model.safetensors", read_meta(ckpt, "checkpoint", {"model_sha256": str})["model_sha256"])
         checked += 1
-    evaluations = sorted((out / "eval").glob("*")) if (out / "eval").is_dir() else []
-    for folder in [out / "datastore", *evaluations]:
+    # the run's own datastore and each named one (RUN/datastores/NAME), each with its evaluations: eval/<split> and
+    # eval-<text>/<split> (another text than the datastore's own)
+    homes = [out, *(out / "datastores" / name for name in datastore_names(out))]
+    datastores = [home / "datastore" for home in homes]
+    evaluations = sorted(split for home in homes for root in [home / "eval", *sorted(home.glob("eval-*"))]
+                         if root.is_dir() and not root.is_symlink() for split in root.glob("*"))
+    for folder in [*datastores, *evaluations]:
         if (folder / "meta.json").is_file():  # incomplete or pruned folders are no artifact (readers refuse them)
             # the arrays' shapes against meta.json first, as their readers check them (N, tokens, k_max)
-            Datastore(folder) if folder == out / "datastore" else load_search(folder)
+            Datastore(folder) if folder in datastores else load_search(folder)
             names = verify_digests(folder, read_meta(folder, folder.name))
             checked += len(names)
             if not names:
@@ -345,7 +372,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     tr = add("train", cmd_train, "train a language model")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    add("datastore", cmd_datastore, "write the (key, next token) datastore of a trained run")
+    ds = add("datastore", cmd_datastore, "write the (key, next token) datastore of a trained run")
+    ds.add_argument("--name", help="a second datastore of the run, of another text (data.path=DIR, read with the "
+                                   "run's vocabulary): written to RUN/datastores/NAME, the run's own left as it is")
     ev = add("evaluate", cmd_evaluate, "LM and kNN-LM perplexity (tunes λ, k, temperature on valid)")
     ev.add_argument("--split", default="valid", choices=["valid", "test"],
                     help="test reuses valid's choice of λ, k, temperature")
@@ -354,6 +383,8 @@ def _main(argv: list[str] | None = None) -> int:
     ev.add_argument("--temperature", type=float, help="fix the kNN temperature instead of tuning it")
     ev.add_argument("--memory", help="a memory model's run folder (trained on this run's `knnlm targets`): "
                                      "evaluate the LM with it beside, without and with the kNN on top")
+    ev.add_argument("--datastore", metavar="NAME", help="search the run's datastore of this name (`knnlm datastore "
+                    "--name`) and read its text's split; results in RUN/datastores/NAME/eval")
     rn = add("run", cmd_run, "train, datastore and evaluate in one go")
     for sp in (tr, rn):
         sp.add_argument("--omega", type=float, help="weight ω of the key regularizer (train.omega)")
@@ -401,6 +432,8 @@ def _main(argv: list[str] | None = None) -> int:
         sp.add_argument("--lmbda", type=float, help="interpolation weight λ (instead of the run's choice)")
         sp.add_argument("--memory", help="a memory model's run folder: its distribution mixed with the LM's at the "
                                          "λ tuned by `knnlm evaluate --memory` (then --lmbda 0: no retrieval)")
+        sp.add_argument("--datastore", metavar="NAME", help="the run's datastore of this name (`knnlm datastore "
+                        "--name`), at the settings `knnlm evaluate --datastore NAME` chose")
         sp.set_defaults(fn=fn)
         if name == "score":
             sp.add_argument("file", help="UTF-8 text, read like a corpus file (one end-of-line token per line)")

@@ -245,6 +245,7 @@ class Corpus:
     word_counts: dict[str, np.ndarray] | None = None
     tokenizer_id: str = ""  # identity of the tokenizer and vocabulary; "" = the hash of the vocabulary alone
     tokenizer: TextTokenizer | None = None  # how the built-in model reads text (None: a Hugging Face tokenizer)
+    digest: str = ""  # identity of the folder's content (`cache_key`): which text this is, wherever it lies
 
     def __post_init__(self):
         if self.eos_id < 0:
@@ -312,7 +313,8 @@ def load_corpus(folder: str | Path | None = None, data: DataConfig | None = None
     settings = tokenizer_settings(data)
     suffix = "" if settings == DEFAULT_SETTINGS else "-" + hashlib.sha256(
         json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]  # the default keeps its old cache folder
-    cache = cache_root() / f"corpus-{cache_key(files)}{suffix}"
+    key = cache_key(files)
+    cache = cache_root() / f"corpus-{key}{suffix}"
     kind, lowercase = settings["tokenizer"], settings["lowercase"]
     per_word = kind != "whitespace"  # whitespace: one token per word
     if (cache / "meta.json").is_file():
@@ -346,7 +348,7 @@ def load_corpus(folder: str | Path | None = None, data: DataConfig | None = None
         except OSError:
             pass  # an unwritable cache only costs time
     tid = "" if settings == DEFAULT_SETTINGS else vocab_identity(vocab, settings, tok.to_json() if kind == "bpe" else "")
-    corpus = Corpus(folder, vocab, splits, word_counts=words, tokenizer_id=tid, tokenizer=tok)
+    corpus = Corpus(folder, vocab, splits, word_counts=words, tokenizer_id=tid, tokenizer=tok, digest=key)
     oov = {s: corpus.oov_rate(s) for s in SPLITS}
     if not (cache / "meta.json").is_file():
         print(f"corpus {folder}: " + ", ".join(f"{s} {len(splits[s]):,} tokens ({100 * oov[s]:.2f}% <unk>)"
@@ -357,6 +359,48 @@ def load_corpus(folder: str | Path | None = None, data: DataConfig | None = None
         except OSError:
             pass
     _warn_unseen_unk(folder, cache.name, oov)
+    return corpus
+
+
+def load_corpus_with_vocab(folder: str | Path, vocab: list[str], tok: TextTokenizer, vocab_id: str) -> Corpus:
+    """Another corpus read as a trained model reads text: every split encoded with that model's vocabulary and
+    tokenizer (`vocab_id`: their identity, the checkpoint's `vocab_hash`), words it never saw becoming `<unk>`.
+
+    This is how a run reads a domain's text (a named datastore, its valid and test): the ids mean what they meant
+    in training, so the model's checks pass. The OOV rates are printed when the corpus is first encoded (cached
+    under `$KNNLM_CACHE`, keyed by the content and the vocabulary)."""
+    folder, files = corpus_files(folder)
+    key = cache_key(files)
+    cache = cache_root() / f"corpus-{key}-vocab-{vocab_id}"
+    per_word = tok.kind != "whitespace"
+    if (cache / "meta.json").is_file():
+        splits = {s: load_npy(cache / f"{s}.npy") for s in SPLITS}
+        words = {s: load_npy(cache / f"{s}.words.npy") for s in SPLITS} if per_word else None
+    else:
+        index = {w: i for i, w in enumerate(vocab)}
+        unk = index.get(UNK)
+        if unk is None and tok.kind != "bpe":
+            raise UserError(f"{folder}: the run's vocabulary has no {UNK} for the words it never saw")
+        encoded = {s: encode(files[s], index, -1 if unk is None else unk, tok=tok, with_words=per_word)
+                   for s in SPLITS}
+        splits = {s: ids for s, (ids, _) in encoded.items()}
+        words = {s: w for s, (_, w) in encoded.items()} if per_word else None
+        if any(int(a.min(initial=0)) < 0 for a in splits.values()):
+            raise UserError(f"{folder}: a piece outside the run's vocabulary (its BPE model was changed?)")
+    corpus = Corpus(folder, vocab, splits, word_counts=words, tokenizer_id=vocab_id, tokenizer=tok, digest=key)
+    if not (cache / "meta.json").is_file():
+        oov = {s: corpus.oov_rate(s) for s in SPLITS}
+        print(f"corpus {folder}, read with the run's vocabulary: " + ", ".join(
+            f"{s} {len(splits[s]):,} tokens ({100 * oov[s]:.2f}% <unk>)" for s in SPLITS), file=sys.stderr)
+        try:
+            for s in SPLITS:
+                save_npy(cache / f"{s}.npy", splits[s])
+                if per_word:
+                    save_npy(cache / f"{s}.words.npy", words[s])
+            write_json(cache / "meta.json", {"folder": str(folder), "vocab": vocab_id, "oov_rate": oov,
+                                             "tokens": {s: len(a) for s, a in splits.items()}})
+        except OSError:
+            pass  # an unwritable cache only costs time
     return corpus
 
 

@@ -5,12 +5,19 @@ window of context); row i pairs the key r at input position i with the token tha
 Keys stream into a memory-mapped float16 file, so memory does not grow with N; files are written under temporary
 names and `meta.json` last, so an interrupted build never looks complete. Under `torchrun` each rank scores its own
 contiguous share of the windows and writes it into the same files at offsets known in advance.
+
+Named datastores: `knnlm datastore --out RUN --name NAME data.path=DIR` writes the datastore of another text (a
+domain) for the same trained model into RUN/datastores/NAME/datastore, in the same format; DIR's training split is
+read with the run's own vocabulary (`models.corpus_for_run`: unseen words become `<unk>`, the OOV rate is recorded).
+Its evaluations go to RUN/datastores/NAME/eval/<split>, beside it, so they never replace the run's own RUN/eval.
+A run holds any number of them; `--datastore NAME` picks one at evaluation, scoring and generation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import time
 from pathlib import Path
 
@@ -19,33 +26,78 @@ from tqdm import tqdm
 
 from .artifacts import UserError, atomic_dir, check_digest, file_sha256, kill_point, load_npy, read_meta, reserve, swapping, write_json
 from .checkpoint import load_model
-from .config import Config
-from .data import sliding_windows, token_stream, split_ids
+from .config import Config, from_dict
+from .data import sliding_windows, token_stream, split_ids, tokenizer_settings
 from .distributed import barrier, setup_distributed
-from .models import corpus_for
+from .models import corpus_for, corpus_for_run
 from .scoring import score_stream
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_name(name: str, option: str = "--name") -> str:
+    """A datastore name is a plain folder name (letters, digits, `.`, `_`, `-`; at most 64): never a path."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise UserError(f"{option}: {name!r} is not a datastore name; expected letters, digits, '.', '_' or '-' "
+                        "(at most 64, starting with a letter or digit), not a path")
+    return name
+
+
+def datastore_names(run: str | Path) -> list[str]:
+    """The named datastores of a run that are complete (their meta.json written)."""
+    root = Path(run) / "datastores"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if NAME_PATTERN.fullmatch(p.name) and not p.is_symlink()
+                  and (p / "datastore" / "meta.json").is_file())
+
+
+def datastore_home(run: str | Path, name: str | None = None, must_exist: bool = True) -> Path:
+    """Where a datastore and its evaluations live: the run folder itself for the run's own datastore (None),
+    RUN/datastores/NAME for a named one; `must_exist`: a name not built yet is a UserError naming those there are."""
+    run = Path(run)
+    if name is None:
+        return run
+    home = run / "datastores" / check_name(name, "--datastore" if must_exist else "--name")
+    if must_exist and not (home / "datastore" / "meta.json").is_file():
+        names = datastore_names(run)
+        there = (f"available: {', '.join(names)}" if names else
+                 f"none built; build one with `knnlm datastore --out {run} --name {name} data.path=DIR`")
+        raise UserError(f"--datastore: {run} has no datastore named {name!r} ({there})")
+    if home.parent.is_symlink() or home.is_symlink():  # a writer would replace the link's target
+        raise UserError(f"{home if home.is_symlink() else home.parent}: is a symbolic link; expected the run's own folder")
+    return home
 
 
 def stride_of(cfg: Config) -> int:
     return cfg.datastore.stride or max(1, cfg.model.context // 2)
 
 
-def build_datastore(run: str | Path, cfg_override: Config | None = None, progress: bool = True) -> Path:
-    """Write the datastore of the run's latest checkpoint into RUN/datastore; return that folder."""
+def build_datastore(run: str | Path, cfg_override: Config | None = None, progress: bool = True,
+                    name: str | None = None) -> Path:
+    """Write the datastore of the run's latest checkpoint into RUN/datastore, or of `cfg_override.data.path`'s
+    training split into RUN/datastores/NAME/datastore (`name`); return that folder."""
     run = Path(run)
+    home = datastore_home(run, name, must_exist=False)  # a bad name is refused before the model is read
     rank, world, device = setup_distributed()
     model, cfg, ckpt_meta = load_model(run, device)
     if cfg_override is not None:  # datastore/eval options may be changed after training; the model may not
         cfg.datastore, cfg.data = cfg_override.datastore, cfg_override.data
-    corpus = corpus_for(cfg)
-    if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
-        raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}")
+    if name is None:
+        corpus = corpus_for(cfg)
+        if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
+            raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}"
+                            f"; a datastore of another text needs a name: `knnlm datastore --out {run} --name NAME "
+                            f"data.path={cfg.data.path or 'DIR'}`")
+    else:
+        corpus = corpus_for_run(run, cfg, ckpt_meta)  # the run's vocabulary reads the new text
     ids = split_ids(corpus, cfg, "train")
     s = token_stream(ids, corpus.eos_id)
     N, d = len(ids), model.key_dim
     assert N < 2**31, "int32 values and row ids assume fewer than 2^31 keys"
 
-    folder = run / "datastore"
+    folder = home / "datastore"
     stride = stride_of(cfg)
     windows = sliding_windows(N, cfg.model.context, stride)
     # sharding: each rank scores a contiguous run of windows; window (start, end, score_from) fills rows
@@ -94,7 +146,12 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
                 "format": FORMAT, "N": N, "d": d, "keys_dtype": "float16", "vals_dtype": "int32",
                 "key_site": cfg.model.key_site, "key_layer": cfg.model.key_layer,
                 "checkpoint": ckpt_meta["path"], "model_sha256": ckpt_meta["model_sha256"],
-                "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "stride": stride, "bf16": cfg.train.bf16,
+                "vocab_hash": corpus.vocab_hash, "corpus": str(corpus.folder), "corpus_sha256": corpus.digest,
+                # a named datastore: its text wherever the command is run from, and how the run's vocabulary read it
+                **({"name": name, "corpus": str(corpus.folder.resolve()), "oov_rate": corpus.oov_rate("train", N),
+                    "tokenizer": tokenizer_settings(from_dict(ckpt_meta["config"], ckpt_meta["path"]).data)}
+                   if name is not None else {}),
+                "stride": stride, "bf16": cfg.train.bf16,
                 "context": cfg.model.context, "ranks": world, "seconds": time.time() - t0,
                 "sha256": digests,  # vals checked on every load; keys by `knnlm verify`
             })

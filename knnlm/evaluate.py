@@ -16,15 +16,25 @@ each protocol's valid choice):
   k = 1024 (or `eval.k_max` if smaller), only λ tuned over `eval.lmbda`.
 
 A second `evaluate` with another grid reads the saved neighbours and never searches again.
+
+Which datastore, which text, where (`Place`): `--datastore NAME` searches the run's named datastore
+(`knnlm.datastore`) and reads the valid/test splits of the corpus it was built from, into
+RUN/datastores/NAME/eval/<split>. A `data.path=DIR` naming a text other than the datastore's own (e.g. a domain's
+valid split searched in the run's own datastore) is read with the run's vocabulary and evaluated into
+HOME/eval-<folder name>-<digest>/<split> (HOME: the run folder, or RUN/datastores/NAME), never into the folder of
+the datastore's own text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +45,15 @@ from .artifacts import (UserError, nan_at, atomic_dir, check_fields, file_sha256
                         save_npy, swapping, write_json)
 from .checkpoint import latest_meta, load_model
 from .config import Config, from_dict
-from .data import token_stream, split_ids
-from .datastore import Datastore, stride_of
+from .data import cache_key, corpus_files, token_stream, split_ids
+from .datastore import Datastore, datastore_home, stride_of
 from .distributed import barrier, broadcast_array, default_device, setup_distributed
 from .knn import interpolate, knn_logprob, knn_logprob_grid, perplexities, perplexity
 from .search.auto import choose_exact_search
 from .search.base import CountingSearch, search_all
 from .search.registry import EXACT, make_searcher, resolve_index
 from .search.sharded import ShardedSearch
-from .models import corpus_for
+from .models import corpus_for, corpus_for_run
 from .scoring import score_stream
 
 ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
@@ -54,6 +64,54 @@ PROTOCOLS = {
     "paper": "temperature 1 (p_kNN ∝ exp(−d), Khandelwal et al.'s code, Ton et al. 2022), k = 1024 "
              "(eval.k_max if smaller), λ tuned on valid over eval.lmbda",
 }
+
+
+@dataclass(frozen=True)
+class Place:
+    """Which datastore answers an evaluation, which corpus's valid and test splits it reads, where its results go."""
+
+    datastore: Path  # RUN/datastore, or RUN/datastores/NAME/datastore
+    data_path: str  # the corpus whose split is evaluated (a config's data.path)
+    root: Path  # results: root/<split>/
+    name: str | None = None  # the named datastore (None: the run's own)
+
+    def folder(self, split: str) -> Path:
+        return self.root / split
+
+    def command(self, run: Path) -> str:
+        """The `knnlm evaluate` options that name this place (for messages)."""
+        return f"--out {run}" + (f" --datastore {self.name}" if self.name else "")
+
+
+def place_for(run: str | Path, cfg: Config, datastore: str | None = None) -> Place:
+    """Where `knnlm evaluate [--datastore NAME] [data.path=DIR]` reads and writes.
+
+    The text is the datastore's own corpus (the run's for its own datastore, the one a named datastore was built
+    from) unless `cfg.data.path` names another than the run's training config does; results of the datastore's own
+    text go to HOME/eval/<split>, those of another text (compared by content) to HOME/eval-<folder>-<digest>/<split>."""
+    run = Path(run)
+    home = datastore_home(run, datastore)  # a named one must exist: else the names there are
+    own_path = read_run_data_path(run)
+    meta_path = home / "datastore" / "meta.json"
+    meta = read_json(meta_path, "datastore meta") if meta_path.is_file() else {}
+    meta = meta if isinstance(meta, dict) else {}  # a damaged one is refused by `Datastore` itself
+    if datastore is not None:
+        own_path = str(meta.get("corpus", ""))
+    data_path = own_path if datastore is not None and cfg.data.path == read_run_data_path(run) else cfg.data.path
+    root = home / "eval"
+    if data_path != own_path:
+        folder, files = corpus_files(data_path or None)
+        digest = cache_key(files)
+        if digest != meta.get("corpus_sha256"):
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.resolve().name).strip("-.") or "corpus"
+            root = home / f"eval-{slug[:40]}-{digest[:8]}"
+    return Place(home / "datastore", data_path, root, datastore)
+
+
+def read_run_data_path(run: Path) -> str:
+    """The corpus the run was trained on, as its checkpoint's config names it ("" = the default)."""
+    meta = latest_meta(run)
+    return from_dict(meta["config"], meta["path"]).data.path
 
 
 def paper_k(cfg: Config) -> int:
@@ -144,7 +202,8 @@ def searcher_for(ds: Datastore, cfg: Config, sharded: bool = False, k: int | Non
                          rerank_factor=e.rerank_factor if e.rerank else 0)
 
 
-def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, save: bool = True) -> dict | None:
+def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, save: bool = True,
+                     place: Place | None = None) -> dict | None:
     """The expensive part: LM scores, query keys and k_max neighbours of every token of `split` (cached).
 
     `save=False` (a what-if evaluation) only reads a saved search: one that must be made anew is refused, since
@@ -152,21 +211,23 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
 
     Under `torchrun` with an exact index the store is split across the ranks (`ShardedSearch`): rank 0 scores the
     split and sends the query keys to all, every rank searches its share, rank 0 writes the result and returns it
-    (the other ranks return None). An approximate index is searched by rank 0 alone."""
+    (the other ranks return None). An approximate index is searched by rank 0 alone.
+
+    `place`: which datastore and text, and where the result goes (default: the run's own, `place_for`)."""
     rank, world, dev = setup_distributed()
     main = rank == 0
+    place = place or place_for(run, cfg)
     ckpt_meta = latest_meta(run)  # the model itself is loaded only if the split must be scored
-    ds = Datastore(run / "datastore")
+    ds = Datastore(place.datastore)
     ds.check_model(ckpt_meta)
     e = cfg.eval
     if e.k_max > len(ds):
         raise UserError(f"eval.k_max: {e.k_max} is larger than the datastore ({len(ds)} keys)")
     index = resolve_index(e.index)
-    folder = run / "eval" / split
+    folder = place.folder(split)
     rerank = e.rerank or index in EXACT  # exact searches need no re-ranking
-    corpus = corpus_for(cfg)
-    if corpus.vocab_hash != ckpt_meta["vocab_hash"]:
-        raise UserError(f"{ckpt_meta['path']}: checkpoint was trained with another vocabulary than {corpus.folder}")
+    corpus = corpus_for_run(run, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=place.data_path)),
+                            ckpt_meta)  # another text than the run's own: read with the run's vocabulary
     ids = split_ids(corpus, cfg, split)
     train_cfg = from_dict(ckpt_meta["config"], ckpt_meta["path"])
     stride, bf16 = scoring_settings(ds, train_cfg)
@@ -175,7 +236,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
     if _search_is_cached(folder, ds, index, e.k_max, rerank, inputs, ids):  # every rank reads the same answer
         return read_eval_meta(folder) if main else None
     if not save:
-        raise UserError(what_if_needs_a_search(run, folder, split, e.k_max))
+        raise UserError(what_if_needs_a_search(run, folder, split, e.k_max, place))
     sharded = world > 1 and index in EXACT
     if not (main or sharded):
         barrier()  # rank 0 searches the approximate index alone
@@ -218,6 +279,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
               "words": corpus.words(split, len(targets)), "oov_rate": corpus.oov_rate(split, len(targets)),
               "rerank": rerank,
               "datastore_size": len(ds), "searched_queries": searched, "inputs": inputs, "search_ranks": world if sharded else 1,
+              "datastore": place.name, "corpus": str(corpus.folder), "corpus_sha256": corpus.digest,
               "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
     with atomic_dir(folder) as tmp:
         for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q),
@@ -230,25 +292,27 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
     return record
 
 
-def what_if_needs_a_search(run: Path, folder: Path, split: str, k_max: int) -> str:
+def what_if_needs_a_search(run: Path, folder: Path, split: str, k_max: int, place: Place | None = None) -> str:
     """Why a what-if evaluation cannot run: the saved search it would read is missing, too short or stale."""
-    again = f"`knnlm evaluate --out {run}{' --split test' if split == 'test' else ''}`"
+    where = place.command(run) if place else f"--out {run}"
+    again = f"`knnlm evaluate {where}{' --split test' if split == 'test' else ''}`"
     stored = read_eval_meta(folder)["k_max"] if (folder / "meta.json").is_file() else 0
     why = (f"{folder} stores {stored} neighbours per token, this what-if needs {k_max}; raise eval.k_max and run"
            if 0 < stored < k_max else f"{folder} holds no saved search for these settings; run")
     return f"{why} {again} (without --k/--lmbda/--temperature) first: a what-if evaluation writes nothing"
 
 
-def tuning_arrays(run: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def tuning_arrays(run: Path, split: str, place: Place | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What tuning reads from a saved search: targets (n,), LM log-probs (n,), neighbour distances (n, K) and
-    the neighbours' values (n, K)."""
-    arrays = load_search(Path(run) / "eval" / split)
-    ds = Datastore(Path(run) / "datastore")
+    the neighbours' values (n, K). `place`: another datastore or text than the run's own (`place_for`)."""
+    folder = place.folder(split) if place else Path(run) / "eval" / split
+    arrays = load_search(folder)
+    ds = Datastore(place.datastore if place else Path(run) / "datastore")
     ids = np.asarray(arrays["neighbors"])
     # row ids of this datastore; -1 pads an IVF probe that found fewer candidates (its distance is inf)
     if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= len(ds)):
         bad = int(ids.min()) if int(ids.min()) < -1 else int(ids.max())
-        raise UserError(f"{Path(run) / 'eval' / split / 'neighbors.npy'}: neighbour id {bad} is outside the "
+        raise UserError(f"{folder / 'neighbors.npy'}: neighbour id {bad} is outside the "
                         f"datastore's rows [0, {len(ds)}) (the file is damaged or from another datastore)")
     nvals = ds.vals[ids]
     return arrays["targets"], arrays["lm_logprobs"], np.asarray(arrays["distances"]), nvals
@@ -342,29 +406,32 @@ def valid_choices(path: Path, stored: int, bound: str = "the neighbours stored f
 
 
 def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool = True, save: bool = True,
-             fixed: dict | None = None) -> dict | None:
+             fixed: dict | None = None, datastore: str | None = None) -> dict | None:
     """LM and kNN-LM perplexity of `split`; hyper-parameters tuned here on valid, reused from valid on test.
 
     `save=False` is a what-if evaluation (e.g. `knnlm evaluate --k 32`): the numbers are returned, and the run's
     tuned choices, tuning grid and summaries are left as they were. `fixed` ({"k", "temperature", "lambda"}: any of
-    them) replaces the tuned protocol's choice on test; on valid, `cfg.eval`'s grid holds the given values."""
+    them) replaces the tuned protocol's choice on test; on valid, `cfg.eval`'s grid holds the given values.
+    `datastore`: a named datastore of the run (its own corpus's split unless `cfg.data.path` names another text;
+    see `place_for` for where the results go)."""
     run = Path(run)
     if split not in ("valid", "test"):
         raise UserError(f"--split: expected valid or test, got {split!r}")
+    place = place_for(run, cfg, datastore)
     if split == "test":  # test uses valid's choices: evaluate valid first if that has not been done
-        valid_summary = run / "eval" / "valid" / "summary.json"
+        valid_summary = place.folder("valid") / "summary.json"
         v = read_json(valid_summary, "valid summary") if valid_summary.is_file() else None
         if v is None or (isinstance(v, dict) and "protocols" not in v):  # none, or from before the protocols
             if not save:  # valid would be tuned on the what-if's grid and saved
-                raise UserError(f"{valid_summary}: no valid choices to reuse; run `knnlm evaluate --out {run}` "
+                raise UserError(f"{valid_summary}: no valid choices to reuse; run `knnlm evaluate {place.command(run)}` "
                                 "(without --k/--lmbda/--temperature) first: a what-if evaluation writes nothing")
-            evaluate(run, cfg, "valid", progress)
-    record = score_and_search(run, cfg, split, progress, save)
+            evaluate(run, cfg, "valid", progress, datastore=datastore)
+    record = score_and_search(run, cfg, split, progress, save, place)
     if record is None:
         return None  # a rank other than 0 under torchrun: it took its part of the search; rank 0 reports
-    folder = run / "eval" / split
+    folder = place.folder(split)
     t_tuning = time.perf_counter()
-    targets, lm, dists, nvals = tuning_arrays(run, split)
+    targets, lm, dists, nvals = tuning_arrays(run, split, place)
     if max(cfg.eval.k) > dists.shape[1]:
         raise UserError(f"eval.k: {max(cfg.eval.k)} is more than the {dists.shape[1]} neighbours stored in {folder}")
 
@@ -378,7 +445,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
             print(f"warning: {folder}: {edge}; the optimum may lie outside the grid, widen it", file=sys.stderr)
     else:
         edges = []  # test reuses valid's choice of each protocol: nothing is tuned here
-        choices = valid_choices(run / "eval" / "valid" / "summary.json", dists.shape[1])
+        choices = valid_choices(place.folder("valid") / "summary.json", dists.shape[1])
         choices["tuned"].update(fixed or {})
 
     words = record.get("words", len(targets))  # per-word perplexity: the same total loss over the words

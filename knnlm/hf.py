@@ -167,7 +167,8 @@ def load_hf_corpus(folder: str | Path | None, hf_path: str) -> Corpus:
     tok = load_tokenizer(hf_path)
     tid, eos = tokenizer_hash(tok), hf_eos_id(tok)
     vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
-    cache = cache_root() / f"corpus-{cache_key(files)}-hf-{tid}"
+    key = cache_key(files)
+    cache = cache_root() / f"corpus-{key}-hf-{tid}"
     if (cache / "meta.json").is_file():
         splits = {s: load_npy(cache / f"{s}.npy") for s in SPLITS}
         words = {s: load_npy(cache / f"{s}.words.npy") for s in SPLITS}
@@ -182,7 +183,7 @@ def load_hf_corpus(folder: str | Path | None, hf_path: str) -> Corpus:
             write_json(cache / "meta.json", {"folder": str(folder), "tokenizer": hf_path, "tokenizer_id": tid})
         except OSError:
             pass  # an unwritable cache only costs time
-    return Corpus(folder, vocab, splits, eos_id=eos, word_counts=words, tokenizer_id=tid)
+    return Corpus(folder, vocab, splits, eos_id=eos, word_counts=words, tokenizer_id=tid, digest=key)
 
 
 class KNNLogitsProcessor:

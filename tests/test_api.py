@@ -54,7 +54,8 @@ def test_custom_text_after_wikitext_gets_its_own_numbers_and_score_agrees_with_e
     scored = lm.score(TEXT)
     assert mine["tokens"] == len(scored.tokens) == len(TEXT.split()) + TEXT.count("\n")  # not the cached 10000
     assert "<unk>" in scored.tokens and scored.tokens.count("<eos>") == 4
-    folder = run / "eval" / "test"
+    folder = next(run.glob("eval-corpus-*")) / "test"  # another text than the datastore's: its own folder
+    assert json.loads((run / "eval" / "test" / "summary.json").read_text())["tokens"] == 10000  # WikiText's stays
     saved_lm = np.load(folder / "lm_logprobs.npy")
     saved_knn = np.load(folder / "knn_logprobs.npy").astype(np.float64)
     assert (lm.k, lm.knn_temperature, lm.lmbda) == (mine["k"], mine["temperature"], mine["lambda"])
