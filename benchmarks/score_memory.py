@@ -1,6 +1,7 @@
 """Peak memory and time of `knnlm score` on long texts: does scoring stream?
 
-    python benchmarks/score_memory.py --run runs/tiny [--mb 0.01 0.1 1] [--repeat 3] [--ways cli api] [--compare OTHER_CHECKOUT]
+    python benchmarks/score_memory.py --run runs/tiny [--mb 0.01 0.1 1] [--repeat 3] [--ways cli api] [--busy 0 1]
+        [--compare OTHER_CHECKOUT]
 
 Texts of each size are cut from WikiText-2 (valid, then test, then train lines, whole lines). Each size is scored by
 `python -m knnlm.cli score TEXT --out RUN` and by `knnlm.load(RUN).score(text)`, each in a fresh process, whose peak
@@ -12,6 +13,7 @@ machine's folder under results/benchmarks/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -38,9 +40,24 @@ def text_of(mb: float) -> str:
 
 def commit(checkout: Path) -> str:
     """The checkout's commit, as a label (a folder's path means nothing to a reader of the record); "-dirty" when
-    its files differ from that commit."""
-    done = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    return done.stdout.strip() or str(checkout)
+    its knnlm/ differs from that commit."""
+    git = ["git", "-C", str(checkout)]
+    done = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "knnlm"], capture_output=True, text=True).stdout.strip()
+    return (done.stdout.strip() + ("-dirty" if dirty else "")) if done.returncode == 0 else str(checkout)
+
+
+@contextlib.contextmanager
+def busy(n: int):
+    """n processes spinning on a core beside the measurement, as other jobs do on a shared machine: glibc's heaps
+    grew most under such load (the scoring threads interleave differently)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 API = "import sys, pathlib, knnlm; knnlm.load(sys.argv[1]).score(pathlib.Path(sys.argv[2]).read_text())"
@@ -74,6 +91,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="fresh processes per size and code (peaks vary run to run)")
     p.add_argument("--ways", nargs="+", choices=["cli", "api"], default=["cli", "api"],
                    help="`knnlm score TEXT --out RUN`, and/or `knnlm.load(RUN).score(text)` in Python")
+    p.add_argument("--busy", type=int, nargs="+", default=[0, 1],
+                   help="measure with this many busy processes beside (each number in turn): an idle, a shared machine")
     p.add_argument("--compare", help="another checkout whose knnlm to run side by side")
     p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
     a = p.parse_args()
@@ -85,19 +104,23 @@ def main() -> None:
             path = Path(tmp) / f"text_{mb}.txt"
             path.write_text(text_of(mb))
             tokens = sum(len(line.split()) + 1 for line in path.read_text().splitlines())
-            for repeat in range(a.repeat):  # interleaved, so both codes see the same machine load
-                for way in a.ways:
-                    for label, code in codes.items():
-                        rows.append({"mb": path.stat().st_size / 1e6, "tokens": tokens, "way": way, "code": label,
-                                     "repeat": repeat, **measure(path, a.run, code, way)})
-                    print(json.dumps(rows[-1]), flush=True)
-    md = ["| text (MB) | tokens | scored by | code | n | peak resident memory, min – max (MB) | time, min – max (s) |",
-          "|---|---|---|---|---|---|---|"]
-    for mb, tokens, way, label in dict.fromkeys((r["mb"], r["tokens"], r["way"], r["code"]) for r in rows):
-        mine = [r for r in rows if (r["mb"], r["way"], r["code"]) == (mb, way, label)]
+            for n_busy in a.busy:
+                with busy(n_busy):
+                    for repeat in range(a.repeat):  # interleaved, so both codes see the same machine load
+                        for way in a.ways:
+                            for label, code in codes.items():
+                                rows.append({"mb": path.stat().st_size / 1e6, "tokens": tokens, "busy": n_busy,
+                                             "way": way, "code": label, "repeat": repeat,
+                                             **measure(path, a.run, code, way)})
+                                print(json.dumps(rows[-1]), flush=True)
+    md = ["| text (MB) | tokens | busy processes beside | scored by | code | n "
+          "| peak resident memory, min – max (MB) | time, min – max (s) |", "|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["mb"], r["tokens"], r["busy"], r["way"], r["code"]) for r in rows):
+        mine = [r for r in rows if (r["mb"], r["tokens"], r["busy"], r["way"], r["code"]) == key]
         peak, secs = [r["peak_rss_mb"] for r in mine], [r["seconds"] for r in mine]
-        md.append(f"| {mb:.2f} | {tokens:,} | {way} | {label} | {len(mine)} | {min(peak):.0f} – {max(peak):.0f} "
-                  f"| {min(secs):.0f} – {max(secs):.0f} |")
+        mb, tokens, n_busy, way, label = key
+        md.append(f"| {mb:.2f} | {tokens:,} | {n_busy} | {way} | {label} | {len(mine)} "
+                  f"| {min(peak):.0f} – {max(peak):.0f} | {min(secs):.0f} – {max(secs):.0f} |")
     md += ["", f"cli: `knnlm score TEXT --out {a.run}`; api: `knnlm.load(\"{a.run}\").score(text)`; each in a fresh "
                "process (n per row); peak resident memory (VmHWM) of that process; the codes alternate, so both see "
                "the same machine load."]
