@@ -513,3 +513,26 @@ def test_auto_takes_the_fastest_probe_and_remembers_why(tmp_path, monkeypatch):
         measured.clear()
         auto.choose_exact_search(keys, 20, folder, "sha", measure=measure)
         assert sorted(measured) == sorted(names)
+
+
+def test_auto_on_a_gpu_chooses_between_the_torch_searches_by_their_probe(tmp_path, monkeypatch):
+    """The GPU's decision (`bf16-exact` against `bf16-pruned`), made on the CPU: `auto` as it runs where the device
+    is CUDA (the searches themselves built on this CPU) times exactly those two, takes the faster (planted rates),
+    records why, and the chosen search is exact against brute force."""
+    monkeypatch.setattr(auto, "default_device", lambda: torch.device("cuda"))
+    rng = np.random.default_rng(5)
+    keys = (rng.standard_normal((4000, 32)) * np.linspace(4, 0.1, 32)).astype(np.float16)  # a steep spectrum
+    names = list(auto.auto_candidates(keys))
+    assert names == ["bf16-exact", "bf16-pruned"]
+    queries = np.asarray(keys[:7], dtype=np.float32) + 0.01
+    for fastest in names:
+        def measure(searcher, probe, k, fastest=fastest):
+            return 800.0 if searcher.describe().startswith(fastest) else 200.0
+
+        folder = tmp_path / fastest
+        folder.mkdir()
+        chosen = auto.choose_exact_search(keys, 16, folder, "sha", measure=measure)
+        assert chosen.describe().startswith(fastest) and chosen.auto_reason.startswith(f"{fastest}: 800 q/s")
+        assert read_json(next(folder.glob("auto-search-*.json")))["identity"]["device"] == "cuda"
+        d, i = chosen.search(queries, 16)
+        assert_exact_neighbours(keys, queries, d, i, 16)
