@@ -68,8 +68,8 @@ def return_large_frees_to_os() -> bool:
     (`mallopt(M_MMAP_THRESHOLD, 1 MB)`); True if set, False off glibc.
 
     By default glibc raises that threshold after each large free, up to 32 MB, so the arrays that a scoring pass
-    frees and allocates again (activations, per-thread search buffers) stay in its heaps and pile up: `knnlm score`
-    of a 1 MB text held 1.8 GB on a Zen 3 instead of 0.36 GB with this set (benchmarks/score_memory.py).
+    frees and allocates again (activations, per-thread search buffers) can stay in its heaps and pile up, depending
+    on how the threads interleave (tests/test_api.py plants the case; benchmarks/score_memory.py measures `score`).
     """
     name = ctypes.util.find_library("c")
     try:
