@@ -353,13 +353,21 @@ def choose(grid: list[dict], cfg: Config, protocol: str) -> dict:
 
 
 def grid_edges(best: dict, cfg: Config) -> list[str]:
-    """Tuned values that sit at an open end of their grid (k at its largest, the temperature at either end);
+    """Tuned values that sit at an open end of their grid (k at its largest, the temperature at either end), each
+    with the overrides that widen the grid past it (for k, eval.k_max too when it bounds the grid: a new search);
     λ's grid is the whole of [0, 1], so it has none."""
     e, edges = cfg.eval, []
     if len(e.k) > 1 and best["k"] == max(e.k):
-        edges.append(f"tuned k = {best['k']} is the largest of eval.k")
+        wider = sorted(set(e.k) | {4 * max(e.k)})
+        raise_max = f"eval.k_max={max(wider)} " if max(wider) > e.k_max else ""
+        edges.append(f"tuned k = {best['k']} is the largest of eval.k (widen it: "
+                     f"{raise_max}eval.k={','.join(map(str, wider))})")
     if len(e.temperature) > 1 and best["temperature"] in (min(e.temperature), max(e.temperature)):
-        edges.append(f"tuned temperature = {best['temperature']:g} is at an end of eval.temperature")
+        t = best["temperature"]
+        beyond = float(f"{(t / 3 if t == min(e.temperature) else t * 3):.3g}")
+        wider = sorted(set(e.temperature) | {beyond})
+        edges.append(f"tuned temperature = {t:g} is at an end of eval.temperature (widen it: "
+                     f"eval.temperature={','.join(f'{x:g}' for x in wider)})")
     return edges
 
 
@@ -442,7 +450,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         choices = {p: choose(grid, cfg, p) for p in PROTOCOLS}
         edges = grid_edges(choices["tuned"], cfg)
         for edge in edges:
-            print(f"warning: {folder}: {edge}; the optimum may lie outside the grid, widen it", file=sys.stderr)
+            print(f"warning: {folder}: {edge}; the optimum may lie outside the grid", file=sys.stderr)
     else:
         edges = []  # test reuses valid's choice of each protocol: nothing is tuned here
         choices = valid_choices(place.folder("valid") / "summary.json", dists.shape[1])

@@ -108,6 +108,26 @@ def test_tuned_values_at_an_open_end_of_their_grid_are_reported():
     assert grid_edges({"k": 256, "temperature": 1.0, "lambda": 0.2}, cfg) == []
 
 
+@pytest.mark.parametrize("k_max,k,temperature,best", [
+    (64, [8, 16, 32, 64], [0.3, 1.0, 3.0, 10.0, 30.0], {"k": 64, "temperature": 0.3}),  # the tiny config's grids
+    (1024, [8, 64, 256], [0.1, 1.0, 100.0], {"k": 256, "temperature": 100.0}),
+])
+def test_the_advice_at_a_grid_edge_is_a_valid_override_that_makes_the_choice_interior(k_max, k, temperature, best):
+    """Each grid-edge warning names the overrides that widen the grid; applied, they validate (eval.k_max raised
+    where it bounds k) and the tuned value is no longer at an edge."""
+    from knnlm.config import Config, apply_overrides, validate
+    from knnlm.evaluate import grid_edges
+
+    cfg = Config()
+    cfg.eval.k_max, cfg.eval.k, cfg.eval.temperature = k_max, k, temperature
+    edges = grid_edges({**best, "lambda": 0.2}, cfg)
+    assert len(edges) == 2
+    overrides = [o for edge in edges for o in edge.split("(widen it: ")[1].rstrip(")").split()]
+    wider = apply_overrides(cfg, overrides)
+    validate(wider)
+    assert grid_edges({**best, "lambda": 0.2}, wider) == []
+
+
 @slow
 def test_the_command_line_warns_exactly_when_the_summary_lists_a_grid_edge(tiny_run, tmp_path):
     from knnlm.config import Config
