@@ -358,7 +358,7 @@ def grid_edges(best: dict, cfg: Config) -> list[str]:
     λ's grid is the whole of [0, 1], so it has none."""
     e, edges = cfg.eval, []
     if len(e.k) > 1 and best["k"] == max(e.k):
-        wider = sorted(set(e.k) | {4 * max(e.k)})
+        wider = sorted(set(e.k) | {2 * max(e.k), 4 * max(e.k)})
         raise_max = f"eval.k_max={max(wider)} " if max(wider) > e.k_max else ""
         edges.append(f"tuned k = {best['k']} is the largest of eval.k (widen it: "
                      f"{raise_max}eval.k={','.join(map(str, wider))})")
