@@ -5,10 +5,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TINY
 from test_small_pipeline import MICRO, micro_corpus
 
 
+@pytest.mark.slow  # a whole micro run (train, datastore, evaluation) in a subprocess: 65 s of the fast suite on a Zen 3
 def test_gpu_benchmark_runs_on_a_cpu_and_checks_its_search_against_brute_force(tmp_path):
     corpus = micro_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
