@@ -386,7 +386,7 @@ def test_cpu_exact_refuses_a_store_larger_than_memory(monkeypatch, kernel):
         cpu_kernels.CpuExactSearch(keys, kernel)
 
 
-
+@pytest.mark.slow  # torchrun: end to end
 def test_sharded_search_over_two_gloo_ranks_equals_one_process(tmp_path):
     """Two processes under torchrun, each holding half the store, give one process's exact neighbours, with every
     exact backend this machine runs (CPU kernels it cannot run are tested, and skipped with a reason, above)."""
@@ -412,6 +412,32 @@ def test_sharded_search_over_two_gloo_ranks_equals_one_process(tmp_path):
             assert np.array_equal(i, one_i), (backend, k)
             assert np.allclose(d, one_d, rtol=1e-6), (backend, k)
 
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_search_merges_the_ranks_answers_into_one_process_answer(monkeypatch, world):
+    """`ShardedSearch` without processes: each rank's answer (padded where its shard holds fewer than k keys) is
+    what `all_gather` carries; merged, the ranks give the exact neighbours of the whole store (the torchrun test
+    above does the same across real processes)."""
+    from knnlm.search import sharded
+
+    store = key_geometry.lm_like_keys(1101, d=24, seed=3)
+    keys, queries = store[:1031], store[1031:].astype(np.float32)
+    searches = [sharded.ShardedSearch(keys, lambda rows: make_searcher(rows, "Flat"), rank=r, world=world)
+                for r in range(world)]
+    assert [(s.lo, s.hi) for s in searches] == [sharded.shard_rows(len(keys), r, world) for r in range(world)]
+    assert searches[0].lo == 0 and searches[-1].hi == len(keys)
+    for k in (1, 37, 400):  # 400: more than a shard of 343/344 keys holds
+        sent = []  # pass 1: what each rank puts into all_gather (distances, then ids)
+        monkeypatch.setattr(sharded.dist, "all_gather", lambda parts, mine: sent.append(mine.clone()))
+        for s in searches:
+            s.search(queries, k)
+        calls = iter(range(2 * world))  # pass 2: every rank receives all ranks' distances, then all their ids
+        monkeypatch.setattr(sharded.dist, "all_gather",
+                            lambda parts, mine: [p.copy_(x) for p, x in zip(parts, sent[next(calls) % 2::2])])
+        answers = [s.search(queries, k) for s in searches]
+        for d, i in answers:
+            assert_exact_neighbours(keys, queries, d, i, k)
+            assert np.array_equal(i, answers[0][1]) and np.array_equal(d, answers[0][0])
 
 def test_merge_nearest_orders_by_distance_then_id():
     d = np.array([[3.0, 1.0, 2.0, 1.0, np.inf]], dtype=np.float32)

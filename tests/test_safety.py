@@ -137,7 +137,8 @@ def test_any_config_file_value_is_accepted_or_refused_as_user_error(key, value):
     json.dumps(cfg.to_dict(), allow_nan=False)
 
 
-@pytest.mark.parametrize("override", ["model.n_heads=0", "train.epochs=nan", "eval.k=", "model.key_site=foo"])
+@pytest.mark.parametrize("override", ["model.n_heads=0", *(pytest.param(o, marks=slow) for o in  # one in the fast suite
+                                                               ("train.epochs=nan", "eval.k=", "model.key_site=foo"))])
 @pytest.mark.guarantee("options")
 def test_bad_option_through_the_real_command_line(override, tmp_path):
     out = tmp_path / "D"
@@ -636,11 +637,12 @@ def test_model_digest_depends_on_the_weights_only(tmp_path):
     from knnlm.checkpoint import load_model
 
     digests = set()
-    for seed in ("0", "1", "2"):
-        run = tmp_path / f"run{seed}"
-        subprocess.run([sys.executable, "-c", SAVE_ONE_MODEL, str(run), str(TINY)], check=True, cwd=REPO,
-                       env={**os.environ, "PYTHONHASHSEED": seed})
-        ckpt = run / "checkpoints" / "step_00000001"
+    seeds = ("0", "1", "2")
+    procs = [subprocess.Popen([sys.executable, "-c", SAVE_ONE_MODEL, str(tmp_path / f"run{seed}"), str(TINY)],
+                              cwd=REPO, env={**os.environ, "PYTHONHASHSEED": seed}) for seed in seeds]  # side by side
+    assert [proc.wait() for proc in procs] == [0, 0, 0]
+    for seed in seeds:
+        ckpt = tmp_path / f"run{seed}" / "checkpoints" / "step_00000001"
         meta = json.loads((ckpt / "meta.json").read_text())
         assert meta["model_sha256"] == file_sha256(ckpt / "model.safetensors")
         digests.add(meta["model_sha256"])
@@ -807,6 +809,7 @@ def _write_store(folder, value: int) -> None:
                                        "value": value})
 
 
+@slow  # a stress test: 3,000 opens against a writer
 @pytest.mark.guarantee("readers")
 def test_readers_never_see_a_datastore_half_swapped(tmp_path):
     """Issue 32, case 9: a writer replaces the datastore again and again while another process opens it 3,000 times;
