@@ -274,7 +274,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "search": searcher.describe(),
-              "search_choice": getattr(searcher.searcher, "auto_reason", None),  # why `auto` took it
+              "search_choice": searcher.auto_reason,  # why `auto` took it
               "k_max": e.k_max, "tokens": len(targets),
               "words": corpus.words(split, len(targets)), "oov_rate": corpus.oov_rate(split, len(targets)),
               "rerank": rerank,

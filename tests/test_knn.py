@@ -530,6 +530,10 @@ def test_auto_takes_the_fastest_probe_and_remembers_why(tmp_path, monkeypatch):
         (path,) = folder.glob("auto-search-*.json")  # named by the store's identity
         record = read_json(path)
         assert chosen.auto_reason == record["reason"]
+        assert base.CountingSearch(chosen).auto_reason == record["reason"]  # what evaluate writes to meta.json
+        from knnlm.search.sharded import ShardedSearch
+
+        assert ShardedSearch(keys, lambda rows: chosen, rank=0, world=1).auto_reason == record["reason"]
         assert record["choice"] == fastest and record["reason"].startswith(f"{fastest}: 900 q/s")
         d, i = chosen.search(np.asarray(keys[:5], dtype=np.float32), 10)
         assert_exact_neighbours(keys, np.asarray(keys[:5], dtype=np.float32), d, i, 10)

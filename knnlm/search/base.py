@@ -17,6 +17,8 @@ from tqdm import tqdm
 class Searcher(Protocol):
     """A k-nearest-neighbour search over a datastore's keys (N, d) float16, by squared L2 distance."""
 
+    auto_reason: str | None  # why `auto` chose this search (its probe's rates), None when it was named; meta.json keeps it
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (n, d) fp32 -> distances (n, k) fp32 and row ids (n, k) int64, nearest first."""
         ...
@@ -85,6 +87,7 @@ class CountingSearch:
 
     def __init__(self, searcher: Searcher):
         self.searcher, self.queries = searcher, 0
+        self.auto_reason = searcher.auto_reason
 
     def describe(self) -> str:
         return self.searcher.describe()

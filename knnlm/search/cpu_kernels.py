@@ -189,6 +189,8 @@ class CpuExactSearch:
       exactly. Memory: a bf16 copy of the keys.
     The float16 keys are read in place (a memory map stays a memory map)."""
 
+    auto_reason: str | None = None  # set by `auto` (search/auto.py)
+
     def __init__(self, keys: np.ndarray, kernel: str = "amx", margin: int = 32, margin_fraction: float = 1 / 16,
                  block: int = 262144, query_block: int = 1024, key_chunk: int = 1024, prune: bool | None = None,
                  dims: int | None = None):

@@ -46,6 +46,8 @@ class FaissSearch:
     With `faiss-gpu` installed and a GPU present, the index is searched on all GPUs.
     """
 
+    auto_reason: str | None = None  # set by `auto` (search/auto.py)
+
     def __init__(self, keys: np.ndarray, factory: str, nprobe: int = 32, train_size: int = 262144, chunk: int = 262144,
                  seed: int = 0, rerank_factor: int = 2, index=None):
         faiss = import_faiss()

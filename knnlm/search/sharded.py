@@ -28,11 +28,14 @@ class ShardedSearch:
     (n × k per rank), never keys, cross between processes. Every rank must call `search` with the same queries.
     """
 
+    auto_reason: str | None = None  # set by `auto` (search/auto.py)
+
     def __init__(self, keys: np.ndarray, make_local, rank: int | None = None, world: int | None = None):
         r, w = rank_and_world()
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         self.lo, self.hi = shard_rows(len(keys), self.rank, self.world)
         self.local = make_local(keys[self.lo : self.hi]) if self.hi > self.lo else None
+        self.auto_reason = self.local.auto_reason if self.local is not None else None  # each rank's own choice
 
     def describe(self) -> str:
         local = self.local.describe() if self.local is not None else "no rows"

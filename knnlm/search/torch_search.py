@@ -34,6 +34,8 @@ class TorchExactSearch:
     re-ranking reads the candidates from the memory-mapped store instead of a second copy.
     """
 
+    auto_reason: str | None = None  # set by `auto` (search/auto.py)
+
     def __init__(self, keys: np.ndarray, device: str | torch.device | None = None, block: int = 65536,
                  margin: int = 32, dtype: torch.dtype | None = None, resident: bool | None = None):
         self.device = torch.device(device) if device is not None else default_device()
@@ -100,6 +102,8 @@ class TorchPrunedSearch:
     k-th distance and is searched again with the guess doubled. Every key that could be among the k nearest is
     tested, so the answer is exact on every query; the guess only sets how many keys are tested.
     """
+
+    auto_reason: str | None = None  # set by `auto` (search/auto.py)
 
     SAMPLE = 16
 
