@@ -352,6 +352,33 @@ def choose(grid: list[dict], cfg: Config, protocol: str) -> dict:
     return min(rows, key=lambda r: r["ppl"])
 
 
+def held_out_selection(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config,
+                       whole: dict[str, dict]) -> dict:
+    """Each protocol's (k, temperature, λ) chosen on valid's first half of tokens and scored on its second half,
+    beside the choice made on the whole of valid scored on the same second half (which has seen those tokens):
+    how much choosing among a grid on the tokens one reports flatters the figure. Test is scored with the first
+    half's choices too (`held_out` of test's summary)."""
+    n = len(targets)
+    h = n // 2
+    grid = tune(lm[:h], dists[:h], nvals[:h], targets[:h], cfg)  # (k, temperature, λ) rows of the first half
+    second = slice(h, n)
+    out = {"chosen_on": [0, h], "scored_on": [h, n], "lm_ppl": perplexity(lm[second]), "protocols": {}}
+    for p in PROTOCOLS:
+        c = choose(grid, cfg, p)
+        w = whole[p]
+        out["protocols"][p] = {
+            "k": c["k"], "temperature": c["temperature"], "lambda": c["lambda"],
+            "knnlm_ppl": score_choice(lm[second], dists[second], nvals[second], targets[second], c),
+            "first_half_ppl": c["ppl"],
+            "whole_valid_choice_ppl": score_choice(lm[second], dists[second], nvals[second], targets[second], w)}
+    return out
+
+
+def score_choice(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, c: dict) -> float:
+    """kNN-LM perplexity of these tokens under one (k, temperature, λ)."""
+    return perplexity(interpolate(lm, knn_logprob(dists, nvals, targets, c["k"], c["temperature"]), c["lambda"]))
+
+
 def grid_edges(best: dict, cfg: Config) -> list[str]:
     """Tuned values that sit at an open end of their grid (k at its largest, the temperature at either end), each
     with the overrides that widen the grid past it (for k, eval.k_max too when it bounds the grid: a new search);
@@ -388,27 +415,34 @@ def _shown(x) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def valid_choices(path: Path, stored: int, bound: str = "the neighbours stored for this split") -> dict[str, dict]:
+def valid_choices(path: Path, stored: int, bound: str = "the neighbours stored for this split",
+                  held_out: bool = False) -> dict[str, dict] | None:
     """Each protocol's (k, temperature, λ) as valid's summary.json recorded them, checked like config options: k an
-    integer in [1, stored neighbours], temperature finite > 0, λ in [0, 1]; a hand-edited value is refused."""
+    integer in [1, stored neighbours], temperature finite > 0, λ in [0, 1]; a hand-edited value is refused.
+    `held_out`: the choices made on valid's first half (`held_out_selection`), None if valid's summary predates them."""
     summary = read_json(path, "valid summary")
+    where = "protocols"
+    if held_out:
+        if not isinstance(summary, dict) or "held_out" not in summary:
+            return None
+        summary, where = summary["held_out"], "held_out.protocols"
     protocols = summary.get("protocols") if isinstance(summary, dict) else None
     if not isinstance(protocols, dict):
-        raise UserError(f"{path}: 'protocols' should be a JSON object of valid's choices (evaluate valid again)")
+        raise UserError(f"{path}: '{where}' should be a JSON object of valid's choices (evaluate valid again)")
     choices = {}
     for p in PROTOCOLS:
-        c = protocols.get(p)
+        c, at = protocols.get(p), f"{where}.{p}"
         if not isinstance(c, dict):
-            raise UserError(f"{path}: 'protocols.{p}' should be a JSON object, found {_shown(c)}")
+            raise UserError(f"{path}: '{at}' should be a JSON object, found {_shown(c)}")
         k, tau, lmbda = c.get("k"), _number(c.get("temperature")), _number(c.get("lambda"))
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= stored:
-            raise UserError(f"{path}: protocols.{p}.k: expected an integer in [1, {stored}] ({bound}), "
+            raise UserError(f"{path}: {at}.k: expected an integer in [1, {stored}] ({bound}), "
                             f"found {_shown(c.get('k'))}")
         if tau is None or tau <= 0:
-            raise UserError(f"{path}: protocols.{p}.temperature: expected a finite number > 0, "
+            raise UserError(f"{path}: {at}.temperature: expected a finite number > 0, "
                             f"found {_shown(c.get('temperature'))}")
         if lmbda is None or not 0 <= lmbda <= 1:
-            raise UserError(f"{path}: protocols.{p}.lambda: expected a number in [0, 1], found {_shown(c.get('lambda'))}")
+            raise UserError(f"{path}: {at}.lambda: expected a number in [0, 1], found {_shown(c.get('lambda'))}")
         choices[p] = {"k": k, "temperature": c["temperature"], "lambda": c["lambda"]}
     return choices
 
@@ -451,10 +485,15 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         edges = grid_edges(choices["tuned"], cfg)
         for edge in edges:
             print(f"warning: {folder}: {edge}; the optimum may lie outside the grid", file=sys.stderr)
+        held_out = held_out_selection(lm, dists, nvals, targets, cfg, choices) if len(targets) >= 2 else None
     else:
         edges = []  # test reuses valid's choice of each protocol: nothing is tuned here
         choices = valid_choices(place.folder("valid") / "summary.json", dists.shape[1])
         choices["tuned"].update(fixed or {})
+        halves = valid_choices(place.folder("valid") / "summary.json", dists.shape[1], held_out=True)
+        held_out = None if halves is None else {  # scored with the choices of valid's first half
+            "chosen_on": "valid's first half", "protocols": {
+                p: {**c, "knnlm_ppl": score_choice(lm, dists, nvals, targets, c)} for p, c in halves.items()}}
 
     words = record.get("words", len(targets))  # per-word perplexity: the same total loss over the words
     protocols, tuned_knn = {}, None
@@ -480,6 +519,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         "target_in_neighbors": best["target_in_neighbors"],
         "protocols": protocols,
         "grid_edges": edges,
+        "held_out": held_out,  # the protocols chosen on valid's first half, scored on its second half (and on test)
         "index": record["index"], "search": record.get("search"), "datastore_size": record["datastore_size"],
         "searched_queries": record.get("searched_queries"),
         # the scoring and search are done once and their times kept; tuning (valid's grid, or test's chosen settings)

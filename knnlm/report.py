@@ -32,6 +32,16 @@ def evaluation_table(summary: dict) -> str:
         rows.append((f"kNN-LM ppl, {name} (per word)", f"{_ppl(p['knnlm_ppl'])} ({_ppl(p['knnlm_word_ppl'])})"))
         rows.append((f"  {name}: λ, k, temperature", f"{p['lambda']:g}, {p['k']}, {p['temperature']:g}"))
         rows.append((f"  {name}: target among the k neighbours", f"{100 * p['target_in_neighbors']:.1f}%"))
+    held = summary.get("held_out")
+    if held and summary["split"] == "valid":  # chosen on the first half: the second half has not been looked at
+        lo, hi = held["scored_on"]
+        rows.append((f"second half (tokens {lo:,}–{hi:,}): LM ppl", _ppl(held["lm_ppl"])))
+        for name, p in held["protocols"].items():
+            rows.append((f"  {name}, chosen on the first half / on all of valid",
+                         f"{_ppl(p['knnlm_ppl'])} / {_ppl(p['whole_valid_choice_ppl'])}"))
+    elif held:
+        for name, p in held["protocols"].items():
+            rows.append((f"kNN-LM ppl, {name} chosen on valid's first half", _ppl(p["knnlm_ppl"])))
     rows.append(("search", f"{summary.get('search') or summary['index']} over {summary['datastore_size']:,} keys"))
     return table(rows, (f"{summary['split']}", "value"))
 

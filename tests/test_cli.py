@@ -101,3 +101,11 @@ def test_tables_align_their_columns_and_the_evaluation_table_shows_both_protocol
     for part in ("10,000 (9,000)", "100.00 (110.00)", "90.00 (95.50)", "0.25, 64, 3", "0.25, 1024, 1", "1.23%",
                  "50.0%", "100,000 keys"):
         assert part in text, part
+    held = {"tuned": {**protocol, "knnlm_ppl": 91.5, "whole_valid_choice_ppl": 89.25},
+            "paper": {**protocol, "knnlm_ppl": 97.0, "whole_valid_choice_ppl": 96.75}}
+    text = evaluation_table({**summary, "held_out": {"scored_on": [5000, 10000], "lm_ppl": 101.0, "protocols": held}})
+    assert len({len(line) for line in text.splitlines()}) == 1
+    for part in ("second half (tokens 5,000–10,000): LM ppl", "101.00", "91.50 / 89.25", "97.00 / 96.75"):
+        assert part in text, part
+    text = evaluation_table({**summary, "split": "test", "held_out": {"protocols": held}})
+    assert "tuned chosen on valid's first half" in text and "91.50" in text

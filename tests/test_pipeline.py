@@ -84,6 +84,15 @@ def test_evaluate_reuses_the_search_and_a_what_if_leaves_the_runs_choice(tiny_ru
     # on test: the valid choice by default; a what-if uses the given settings and leaves the test summary alone
     test = json.loads(knnlm("evaluate", "--out", out, "--json", "--split", "test").stdout)
     assert (test["k"], test["lambda"]) == (json.loads(kept["summary.json"])["k"], json.loads(kept["summary.json"])["lambda"])
+    # and test is also scored with the choices valid's first half made (issue 33's held-out selection)
+    halves = json.loads(kept["summary.json"])["held_out"]
+    assert halves["chosen_on"] == [0, halves["scored_on"][0]] and halves["scored_on"][1] == json.loads(kept["summary.json"])["tokens"]
+    for p, c in halves["protocols"].items():
+        t = test["held_out"]["protocols"][p]
+        assert (t["k"], t["temperature"], t["lambda"]) == (c["k"], c["temperature"], c["lambda"])
+        if (c["k"], c["temperature"], c["lambda"]) == (test["protocols"][p]["k"], test["protocols"][p]["temperature"],
+                                                       test["protocols"][p]["lambda"]):
+            assert t["knnlm_ppl"] == pytest.approx(test["protocols"][p]["knnlm_ppl"], rel=1e-9)
     saved = (out / "eval" / "test" / "summary.json").read_bytes()
     res = json.loads(knnlm("evaluate", "--out", out, "--json", "--split", "test", "--k", "8", "--lmbda", "0.5").stdout)
     assert (res["k"], res["lambda"]) == (8, 0.5) and "what_if" in res
@@ -193,3 +202,55 @@ def test_datastore_from_another_model_is_refused(tiny_run, tmp_path):
     before = snapshot(out / "datastore")
     fails(knnlm("evaluate", "--out", other, check=False), "another model")
     assert snapshot(out / "datastore") == before
+
+
+def _brute_knnlm_ppl(lm, dists, nvals, targets, k, temperature, lmbda):
+    """kNN-LM perplexity in float64, straight from the definition: softmax(−d / T) over the k nearest, summed over
+    the neighbours that carry the target, mixed with the LM's probability."""
+    d = dists[:, :k].astype(np.float64)
+    w = np.exp(-(d - d[:, :1]) / temperature)
+    p_knn = (w * (nvals[:, :k] == targets[:, None])).sum(1) / w.sum(1)
+    return float(np.exp(-np.mean(np.log(lmbda * p_knn + (1 - lmbda) * np.exp(lm)))))
+
+
+def test_held_out_selection_chooses_on_valid_first_half_and_scores_its_second_half_as_a_brute_force_does():
+    """Issue 33: each protocol's (k, temperature, λ) chosen on the first half of valid's tokens, scored on the second
+    half, against a float64 brute force over the same grid. The halves are planted to want different temperatures
+    (the target is the nearest neighbour in the first half, one of the 16 at random in the second), so the choice
+    made on all of valid is not the first half's, and both are scored on the second half."""
+    from knnlm.config import Config
+    from knnlm.evaluate import PROTOCOLS, choose, held_out_selection, tune
+
+    rng = np.random.default_rng(0)
+    n, K, V = 600, 16, 50
+    targets = rng.integers(0, V, n)
+    nvals = rng.integers(0, V, (n, K))
+    h = n // 2
+    nvals[:h, 0] = targets[:h]  # first half: the nearest neighbour is right (a low temperature is best)
+    nvals[h:][np.arange(n - h), rng.integers(0, K, n - h)] = targets[h:]  # second half: anywhere among the 16
+    dists = np.sort(rng.uniform(10, 14, (n, K)), 1).astype(np.float32)
+    lm = np.log(rng.uniform(0.002, 0.05, n))
+    cfg = Config()
+    cfg.eval.k_max, cfg.eval.k = K, [2, 4, 16]
+    cfg.eval.temperature, cfg.eval.lmbda = [0.1, 0.3, 1.0, 3.0, 10.0], [0.1, 0.3, 0.5, 0.7, 0.9]
+    whole = {p: choose(tune(lm, dists, nvals, targets, cfg), cfg, p) for p in PROTOCOLS}
+    held = held_out_selection(lm, dists, nvals, targets, cfg, whole)
+    assert held["chosen_on"] == [0, h] and held["scored_on"] == [h, n]
+    second = slice(h, n)
+    assert held["lm_ppl"] == pytest.approx(float(np.exp(-lm[second].mean())), rel=1e-12)
+    settings = {"tuned": [(k, t) for k in cfg.eval.k for t in cfg.eval.temperature], "paper": [(K, 1.0)]}
+    for p, pairs in settings.items():
+        ppl_first = {(k, t, lam): _brute_knnlm_ppl(lm[:h], dists[:h], nvals[:h], targets[:h], k, t, lam)
+                     for k, t in pairs for lam in cfg.eval.lmbda}
+        k, t, lam = min(ppl_first, key=ppl_first.get)
+        got = held["protocols"][p]
+        assert (got["k"], got["temperature"], got["lambda"]) == (k, t, lam), p
+        assert got["first_half_ppl"] == pytest.approx(ppl_first[(k, t, lam)], rel=1e-6)
+        assert got["knnlm_ppl"] == pytest.approx(_brute_knnlm_ppl(lm[second], dists[second], nvals[second],
+                                                                  targets[second], k, t, lam), rel=1e-6)
+        w = whole[p]
+        assert got["whole_valid_choice_ppl"] == pytest.approx(_brute_knnlm_ppl(
+            lm[second], dists[second], nvals[second], targets[second], w["k"], w["temperature"], w["lambda"]), rel=1e-6)
+    tuned = held["protocols"]["tuned"]
+    assert (tuned["k"], tuned["temperature"]) != (whole["tuned"]["k"], whole["tuned"]["temperature"])  # as planted
+    assert tuned["knnlm_ppl"] > tuned["whole_valid_choice_ppl"]  # the choice that saw the second half flatters it
