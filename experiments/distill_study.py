@@ -28,12 +28,11 @@ import time
 import tomllib
 from pathlib import Path
 
-from scipy import stats
-
 from knnlm.artifacts import UserError, cpu_name, markdown_table, nan_to_null, read_json, write_json, write_text
 from knnlm.config import load_config
 from knnlm.evaluate import evaluate, evaluate_memory
 from knnlm.pipeline import run_pipeline
+from knnlm.studies.statistics import t_interval
 from knnlm.targets import build_targets
 
 STAGES = ("base", "targets", "scratch", "finetune", "control", "memory")
@@ -109,16 +108,6 @@ def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
         figures = {split: evaluate_memory(base_run, mem, cfg, split, progress=False) for split in ("valid", "test")}
         return {"train_seconds": summary["train_seconds"], "overrides": extra, **figures}
     raise AssertionError(stage)
-
-
-def t_interval(xs: list[float]) -> tuple[float, float, float, int]:
-    """Mean, sample std and the half-width of the 95 % t-interval of the mean (nan for n < 2)."""
-    n = len(xs)
-    mean = sum(xs) / n
-    if n < 2:
-        return mean, math.nan, math.nan, n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    return mean, std, stats.t.ppf(0.975, n - 1) * std / math.sqrt(n), n
 
 
 def tables(records: dict[str, dict], results: Path) -> dict:

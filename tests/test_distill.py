@@ -206,3 +206,37 @@ def test_beta_zero_is_the_lm_loss_and_a_memory_model_mixes_as_by_hand(tiny_run, 
     assert np.allclose(scored.logprobs, want, atol=1e-9)
     test = json.loads(knnlm("evaluate", "--out", base, "--json", "--memory", mem, "--split", "test").stdout)
     assert test["memory_lambda"] == mu and test["split"] == "test"
+
+
+def test_the_distill_study_tables_pair_each_variant_with_the_same_seeds_base(tmp_path):
+    """experiments/distill_study.py's tables from hand-made records: each variant's difference from the same seed's
+    base tuned kNN-LM, its mean, the t-interval over seeds and the relative change, as computed by hand."""
+    import importlib.util
+
+    from scipy import stats
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("distill_study", REPO / "experiments" / "distill_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    records, anchors, memory = {}, [100.0, 98.0, 97.0], [101.0, 97.5, 98.5]
+    for seed, (a, m) in enumerate(zip(anchors, memory)):
+        split = lambda x: {"lm_ppl": x + 20, "knnlm_ppl": x, "knnlm_ppl_paper": x + 10}
+        records[f"seed{seed}_base"] = {"train_seconds": 1000.0, "valid": split(a), "test": split(a + 3)}
+        mem = lambda x: {"lm_memory_ppl": x, "protocols": {"tuned": {"knnlm_ppl": x - 5}, "paper": {"knnlm_ppl": x - 1}},
+                         "tokens_per_s": {"lm_memory": 5000.0, "knnlm": 250.0},
+                         "inference_bytes": {"lm": 2**24, "memory_model": 2**24, "datastore": 2**30}}
+        records[f"seed{seed}_memory"] = {"train_seconds": 300.0, "valid": mem(m), "test": mem(m + 3)}
+    records["seed0_targets"] = {"seconds": 1800.0, "bytes": 2**28}
+    table = study.tables(records, tmp_path)
+    row = table["LM + memory model (no retrieval)"]["valid"]
+    d = np.subtract(memory, anchors)
+    assert row["n"] == 3 and row["mean"] == pytest.approx(np.mean(memory))
+    assert row["vs_base_knnlm_tuned"]["mean"] == pytest.approx(d.mean())
+    assert row["vs_base_knnlm_tuned"]["ci95_half_width"] == pytest.approx(
+        stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3))
+    assert row["vs_base_knnlm_tuned"]["relative"] == pytest.approx(d.mean() / np.mean(anchors))
+    assert table["kNN-LM of the base (tuned)"]["test"]["vs_base_knnlm_tuned"]["mean"] == 0.0
+    md = (tmp_path / "distill.md").read_text()
+    assert "20.0×" in md and "32 MiB vs 1040 MiB" in md and "build 1800 s" in md  # speed and bytes at inference

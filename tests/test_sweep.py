@@ -517,3 +517,16 @@ def test_tables_only_rewrites_the_tables_from_the_records_and_trains_nothing(tmp
     assert "| 100.00 | 97.00 |" in (results / "table.md").read_text()
     assert "-3.00" in (results / "paired.md").read_text()
     assert not (tmp_path / "runs").exists()  # no run was started
+
+
+def test_t_interval_is_students_at_95_percent():
+    """Against the t table: t(0.975, 2) = 4.3027, t(0.975, 4) = 2.7764; one value has no interval."""
+    from knnlm.studies.statistics import ci95, interval_cell, t_interval
+
+    mean, std, half, n = t_interval([1.0, 2.0, 3.0])
+    assert (mean, std, n) == (2.0, 1.0, 3) and half == pytest.approx(4.3027 / 3 ** 0.5, rel=1e-4)
+    xs = [-7.84, -7.58, -7.84, -7.7, -7.9]
+    mean, std, half, n = t_interval(xs)
+    assert half == pytest.approx(2.7764 * np.std(xs, ddof=1) / 5 ** 0.5, rel=1e-4)
+    assert ci95(xs) == pytest.approx([mean - half, mean + half])
+    assert ci95([3.0]) is None and interval_cell([3.0]) == "–" and interval_cell([1.0, 2.0, 3.0]) == "[-0.48, +4.48]"

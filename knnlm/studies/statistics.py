@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..artifacts import markdown_table
+from ..artifacts import markdown_table, optional_import
 
 # the rows of the study tables: LM perplexities and the kNN-LM under both evaluation protocols
 PPL_ROWS = ("train_lm_ppl", "valid_lm_ppl", "valid_knnlm_ppl", "valid_knnlm_ppl_paper")
@@ -29,6 +29,30 @@ PROTOCOL_METRIC = {"tuned": "valid_knnlm_ppl", "paper": "valid_knnlm_ppl_paper"}
 def mean_std(xs: list[float]) -> tuple[float, float]:
     a = np.asarray(xs, dtype=np.float64)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def t_interval(xs: list[float]) -> tuple[float, float, float, int]:
+    """Mean, sample std and the half-width of the 95 % t-interval of the mean, and n (std and half-width nan for
+    n < 2): over seeds, n is small, so the interval is Student's t, not mean ± 2 std."""
+    a = np.asarray(xs, dtype=np.float64)
+    n = len(a)
+    if n < 2:
+        return float(a.mean()), math.nan, math.nan, n
+    std = float(a.std(ddof=1))
+    t = optional_import("scipy.stats", "plots", "the studies' t-intervals").t.ppf(0.975, n - 1)
+    return float(a.mean()), std, float(t * std / math.sqrt(n)), n
+
+
+def ci95(xs: list[float]) -> list[float] | None:
+    """[lo, hi]: the 95 % t-interval of the mean of xs; None for a single value."""
+    mean, _, half, n = t_interval(xs)
+    return [mean - half, mean + half] if n > 1 else None
+
+
+def interval_cell(xs: list[float]) -> str:
+    """`ci95` as "[lo, hi]"; "–" for a single value."""
+    ci = ci95(xs)
+    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "–"
 
 
 def over_seeds(values: dict[str, list[float]]) -> dict[str, list]:
@@ -64,7 +88,8 @@ def best_omega(table: dict, metric: str = "valid_knnlm_ppl") -> float | None:
 
 
 def paired_differences(records: list[dict], regularizer: str) -> dict:
-    """{omega: {metric: [mean, std, n], "per_seed": {metric: {seed: difference}}, "mixed_devices": [seed, ...]}} of
+    """{omega: {metric: [mean, std, n], "per_seed": {metric: {seed: difference}}, "ci95": {metric: [lo, hi] or None},
+    "mixed_devices": [seed, ...]}} of
     (run at ω) − (run at ω = 0 with the same seed), over the seeds that have both. `mixed_devices` lists the seeds
     whose two runs were trained on different kinds of device (a CPU and a GPU draw different dropout masks from the
     same seed, so such a pair shares the initialisation and data order but not the masks)."""
@@ -77,7 +102,7 @@ def paired_differences(records: list[dict], regularizer: str) -> dict:
             per_seed = {m: {str(s): a[m] - b[m] for s, (a, b) in pairs.items()} for m in metrics}
             mixed = [str(s) for s, (a, b) in pairs.items() if device_kind(a) != device_kind(b)]
             diffs[omega] = {**over_seeds({m: list(v.values()) for m, v in per_seed.items()}), "per_seed": per_seed,
-                            "mixed_devices": mixed}
+                            "ci95": {m: ci95(list(v.values())) for m, v in per_seed.items()}, "mixed_devices": mixed}
     return diffs
 
 
@@ -106,9 +131,11 @@ def paired_markdown(diffs: dict) -> str:
             if m in d:
                 mixed = set(d.get("mixed_devices", []))
                 seeds = ", ".join(f"{v:+.2f}" + ("†" if s in mixed else "") for s, v in d["per_seed"][m].items())
-                rows.append([f"{omega:g}", label, cell(*d[m], signed=True), seeds, str(d[m][2])])
+                rows.append([f"{omega:g}", label, cell(*d[m], signed=True), interval_cell(list(d["per_seed"][m].values())),
+                             seeds, str(d[m][2])])
     note = ("† the two runs of this seed were trained on different kinds of device (CPU and GPU): the same"
             " initialisation and data order, different dropout masks." if any(d.get("mixed_devices") for d in diffs.values())
             else "")
     return markdown_table("Against ω = 0 of the same seed (perplexity difference; negative = ω > 0 is better)",
-                          ["ω", "perplexity", "mean ± std of the differences", "per seed", "seeds"], rows, note)
+                          ["ω", "perplexity", "mean ± std of the differences", "95 % t-interval of the mean", "per seed",
+                           "seeds"], rows, note)
