@@ -16,7 +16,8 @@ For each seed, on the study's base config (the ω study's WikiText-2 configurati
 Each finished stage of a seed is recorded at once in RESULTS/runs/<seed>_<stage>.json (commit them: a stopped study
 continues from its records and run folders); the tables (`distill.md` / `distill.json`) are written from the
 records alone: each variant against the same seed's base, mean, std and 95 % t-interval of the paired differences,
-n, and the costs (training and target-building time, evaluation tokens/s, bytes needed at inference).
+n, and the costs (training and target-building time, evaluation tokens/s, bytes needed at inference); so is the
+figure (`quality_vs_speed.png`: each model's perplexity against its evaluation speed), once a variant is recorded.
 """
 
 from __future__ import annotations
@@ -176,6 +177,28 @@ def tables(records: dict[str, dict], results: Path) -> dict:
     return table
 
 
+def speed_points(records: dict[str, dict], split: str = "valid") -> dict[str, list[tuple[float, float]]]:
+    """(tokens/s, perplexity) of each model on `split`, one point per seed, from the records' evaluation times: an
+    LM alone runs the LM pass; a kNN-LM adds the search of its datastore; a memory model adds its own pass."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    add = lambda label, speed, ppl: points.setdefault(label, []).append((speed, ppl))
+    for name, rec in sorted(records.items()):
+        stage = name.split("_", 1)[1]
+        if stage in ("base", "scratch", "finetune", "control"):
+            r = rec[split]
+            lm_s, search_s = r["seconds"]["lm"], r["seconds"]["search"]
+            label = {"base": "base", "scratch": "distilled from scratch", "finetune": "base fine-tuned with KL",
+                     "control": "base fine-tuned with CE only (control)"}[stage]
+            add(f"{label}: LM alone", r["tokens"] / lm_s, r["lm_ppl"])
+            add(f"{label}: kNN-LM (tuned)", r["tokens"] / (lm_s + search_s), r["knnlm_ppl"])
+        elif stage == "memory":
+            r, sec = rec[split], rec[split]["seconds"]
+            add("LM + memory model (no retrieval)", r["tokens_per_s"]["lm_memory"], r["lm_memory_ppl"])
+            add("kNN-LM over LM + memory (tuned)", r["tokens"] / (sec["lm"] + sec["memory_model"] + sec["search"]),
+                r["protocols"]["tuned"]["knnlm_ppl"])
+    return points
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("study", type=Path)
@@ -202,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         records = {f.stem: read_json(f) for f in sorted((results / "runs").glob("*.json"))}
         if records:
             tables(records, results)
+            from knnlm.studies.plots import plot_quality_vs_speed
+
+            devices = sorted({r["device"] for r in records.values() if "device" in r})
+            points = speed_points(records)
+            if any(not label.startswith("base:") for label in points):  # a variant beside the base: a comparison
+                plot_quality_vs_speed(points, results / "quality_vs_speed.png",
+                                      f"WikiText-2 valid (first 50,000 tokens): perplexity against evaluation speed; "
+                                      f"the band: within 2 % of the base kNN-LM, the goal with no retrieval. "
+                                      f"Device: {', '.join(devices)}", anchor="base: kNN-LM (tuned)")
     except UserError as e:
         print(f"distill_study: error: {e}", file=sys.stderr)
         return 2

@@ -222,9 +222,11 @@ def test_the_distill_study_tables_pair_each_variant_with_the_same_seeds_base(tmp
     spec.loader.exec_module(study)
     records, anchors, memory = {}, [100.0, 98.0, 97.0], [101.0, 97.5, 98.5]
     for seed, (a, m) in enumerate(zip(anchors, memory)):
-        split = lambda x: {"lm_ppl": x + 20, "knnlm_ppl": x, "knnlm_ppl_paper": x + 10}
+        split = lambda x: {"lm_ppl": x + 20, "knnlm_ppl": x, "knnlm_ppl_paper": x + 10, "tokens": 50000,
+                           "seconds": {"lm": 10.0, "search": 190.0}}
         records[f"seed{seed}_base"] = {"train_seconds": 1000.0, "valid": split(a), "test": split(a + 3)}
         mem = lambda x: {"lm_memory_ppl": x, "protocols": {"tuned": {"knnlm_ppl": x - 5}, "paper": {"knnlm_ppl": x - 1}},
+                         "tokens": 50000, "seconds": {"lm": 10.0, "memory_model": 10.0, "search": 190.0},
                          "tokens_per_s": {"lm_memory": 5000.0, "knnlm": 250.0},
                          "inference_bytes": {"lm": 2**24, "memory_model": 2**24, "datastore": 2**30}}
         records[f"seed{seed}_memory"] = {"train_seconds": 300.0, "valid": mem(m), "test": mem(m + 3)}
@@ -240,3 +242,13 @@ def test_the_distill_study_tables_pair_each_variant_with_the_same_seeds_base(tmp
     assert table["kNN-LM of the base (tuned)"]["test"]["vs_base_knnlm_tuned"]["mean"] == 0.0
     md = (tmp_path / "distill.md").read_text()
     assert "20.0×" in md and "32 MiB vs 1040 MiB" in md and "build 1800 s" in md  # speed and bytes at inference
+    points = study.speed_points(records)  # the figure's: tokens/s from each pass's time, one point per seed
+    assert points["base: LM alone"] == [(5000.0, a + 20) for a in anchors]
+    assert points["base: kNN-LM (tuned)"] == [(250.0, a) for a in anchors]
+    assert points["LM + memory model (no retrieval)"] == [(5000.0, m) for m in memory]
+    assert points["kNN-LM over LM + memory (tuned)"] == [(50000 / 210, m - 5) for m in memory]
+    from knnlm.studies.plots import plot_quality_vs_speed
+
+    assert plot_quality_vs_speed(points, tmp_path / "q.png", "t", anchor="base: kNN-LM (tuned)")
+    assert (tmp_path / "q.png").stat().st_size > 0
+    assert not plot_quality_vs_speed({"base: LM alone": points["base: LM alone"]}, tmp_path / "one.png", "t")

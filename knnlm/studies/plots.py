@@ -270,3 +270,37 @@ def plot_histogram_records(histograms: dict, runs: dict, path: Path, xlabel: str
     ax.grid(alpha=0.2)
     save(fig, path)
     return ax
+
+
+def plot_quality_vs_speed(points: dict[str, list[tuple[float, float]]], path: Path, title: str,
+                          anchor: str | None = None, band: float = 0.02) -> bool:
+    """Perplexity against evaluation speed (tokens/s, log axis) for each model of a comparison: every seed's point
+    faint, the mean over seeds solid with the 95 % t-interval of the perplexity as an error bar. `anchor` (a key of
+    points) draws its mean perplexity as a dashed line with a ±`band` shaded band (e.g. within 2 % of the kNN-LM).
+    Draws nothing (False) with fewer than two models."""
+    from .statistics import t_interval
+
+    points = {label: ps for label, ps in points.items() if ps}
+    if len(points) < 2:
+        return False
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    if anchor in points:
+        level = t_interval([p for _, p in points[anchor]])[0]
+        ax.axhspan(level * (1 - band), level * (1 + band), color="0.9", zorder=0,
+                   label=f"{anchor} ± {100 * band:g} %")
+        ax.axhline(level, color="0.5", ls="--", lw=1, zorder=1)
+    for i, (label, ps) in enumerate(points.items()):
+        color = f"C{i % 10}"
+        speeds, ppls = np.array([s for s, _ in ps]), np.array([p for _, p in ps])
+        ax.scatter(speeds, ppls, color=color, alpha=0.35, s=18)
+        mean, _, half, n = t_interval(list(ppls))
+        ax.errorbar([np.exp(np.log(speeds).mean())], [mean], yerr=None if n < 2 else [[half], [half]], fmt="o",
+                    color=color, ms=7, capsize=4, label=f"{label} (n = {n})")
+    ax.set_xscale("log")
+    ax.set_xlabel("evaluation speed (tokens/s, log scale; geometric mean over seeds)")
+    ax.set_ylabel("perplexity (bars: 95 % t-interval of the mean over seeds; faint: each seed)")
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    save(fig, path)
+    return True
