@@ -530,3 +530,38 @@ def test_t_interval_is_students_at_95_percent():
     assert half == pytest.approx(2.7764 * np.std(xs, ddof=1) / 5 ** 0.5, rel=1e-4)
     assert ci95(xs) == pytest.approx([mean - half, mean + half])
     assert ci95([3.0]) is None and interval_cell([3.0]) == "–" and interval_cell([1.0, 2.0, 3.0]) == "[-0.48, +4.48]"
+
+
+def test_held_out_stage_pairs_the_first_half_choice_with_omega0(tmp_path):
+    """The `held-out` stage from hand-made records: each protocol's second-half and test perplexities under the
+    first half's choice, the whole-valid choice's on the second half, and their differences against ω = 0 of the
+    same seed with a t-interval; records without held-out figures give no table."""
+    from scipy import stats
+
+    def held(rec, second, whole, test):
+        rec["held_out"] = {"scored_on": [25000, 50000], "lm_ppl": 120.0,
+                           **{p: {"choice": [0.25, 1024, 1.0], "knnlm_ppl": second + i,
+                                  "whole_valid_choice_ppl": whole + i} for i, p in enumerate(("tuned", "paper"))}}
+        rec["test"] = {"held_out": {"tuned": test, "paper": test + 1}}
+        return rec
+
+    study = Study(base="", omegas=[0.0, 0.01], seeds=[0, 1, 2], regularizer="l2", stages=["held-out"])
+    (stage,) = make_stages(study)
+    written(stage, [record(0.0, 0, 100, 110)], tmp_path)  # no held-out figures: nothing written
+    assert not (tmp_path / "held_out.md").exists()
+    zero = [(100.0, 99.0, 106.0), (101.0, 100.5, 107.0), (99.0, 98.0, 105.5)]
+    plus = [(98.0, 97.5, 104.0), (100.0, 99.0, 106.5), (97.5, 96.0, 104.5)]
+    records = [held(record(0.0, s, 0, 0), *v) for s, v in enumerate(zero)] + \
+              [held(record(0.01, s, 0, 0), *v) for s, v in enumerate(plus)]
+    written(stage, records, tmp_path)
+    table = json.loads((tmp_path / "held_out.json").read_text())
+    second = table["0.01"]["tuned"]["second_half"]
+    d = np.subtract([v[0] for v in plus], [v[0] for v in zero])
+    assert second["mean_std_n"] == pytest.approx([np.mean([v[0] for v in plus]), np.std([v[0] for v in plus], ddof=1), 3])
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert second["minus_omega0"]["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert table["0.01"]["paper"]["test"]["minus_omega0"]["per_seed"] == pytest.approx(
+        np.subtract([v[2] + 1 for v in plus], [v[2] + 1 for v in zero]))
+    assert table["0"]["tuned"]["second_half_whole_choice"]["minus_omega0"] is None  # ω = 0 is the reference
+    md = (tmp_path / "held_out.md").read_text()
+    assert "valid's 2nd half, chosen on its 1st half" in md and "test, chosen on valid's 1st half" in md

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import atomic_path, optional_import
+from .statistics import t_interval
 
 matplotlib = optional_import("matplotlib", "plots", "figures")  # an extra: training and evaluation never draw
 matplotlib.use("Agg")
@@ -278,8 +279,6 @@ def plot_quality_vs_speed(points: dict[str, list[tuple[float, float]]], path: Pa
     faint, the mean over seeds solid with the 95 % t-interval of the perplexity as an error bar. `anchor` (a key of
     points) draws its mean perplexity as a dashed line with a ±`band` shaded band (e.g. within 2 % of the kNN-LM).
     Draws nothing (False) with fewer than two models."""
-    from .statistics import t_interval
-
     points = {label: ps for label, ps in points.items() if ps}
     if len(points) < 2:
         return False

@@ -130,6 +130,7 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
         "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu: " + cpu_name(),
         "seconds": {**res["seconds"], "train_compute": res["train"]["train_seconds"]},
         **key_statistics(out / name, cfg),
+        **({"held_out": held_out_figures(v["held_out"])} if v.get("held_out") else {}),
         "config": cfg.to_dict(),
     }
     record["test"] = test_figures(out / name, cfg, res.get("test"))
@@ -141,6 +142,14 @@ def run_one(study: Study, out: Path, results: Path, regularizer: str, omega: flo
     return record
 
 
+def held_out_figures(held: dict) -> dict:
+    """What a record keeps of valid's held-out choice (`knnlm.evaluate.held_out_selection`): per protocol, the
+    choice made on valid's first half, its perplexity on the second half, and the whole-valid choice's there."""
+    return {"scored_on": held["scored_on"], "lm_ppl": held["lm_ppl"],
+            **{p: {"choice": [c["lambda"], c["k"], c["temperature"]], "knnlm_ppl": c["knnlm_ppl"],
+                   "whole_valid_choice_ppl": c["whole_valid_choice_ppl"]} for p, c in held["protocols"].items()}}
+
+
 def test_figures(run: Path, cfg: Config, summary: dict | None = None) -> dict:
     """A run's test perplexities under each protocol's own choice of λ, k and temperature on valid. Kept in its
     record as soon as the model is evaluated, so that the test table needs no run folder later (a GPU's runs are
@@ -149,7 +158,9 @@ def test_figures(run: Path, cfg: Config, summary: dict | None = None) -> dict:
     return {"lm_ppl": t["lm_ppl"], "knnlm_ppl": t["protocols"]["tuned"]["knnlm_ppl"],
             "knnlm_ppl_paper": t["protocols"]["paper"]["knnlm_ppl"],
             "valid_choice": {p: [t["protocols"][p][x] for x in ("lambda", "k", "temperature")] for p in ("tuned", "paper")},
-            "tokens": t["tokens"]}
+            "tokens": t["tokens"],
+            # scored with the choices valid's first half made (summaries since 2026-12-06)
+            **({"held_out": {p: c["knnlm_ppl"] for p, c in t["held_out"]["protocols"].items()}} if t.get("held_out") else {})}
 
 
 def prune_search(folder: Path) -> None:
