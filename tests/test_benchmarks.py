@@ -46,3 +46,40 @@ def test_each_machine_has_its_own_results_folder():
     assert machine_folder({"model name": "Neoverse-N1", "cpu family": "8", "model": "1"}) == "neoverse-n1-family-8-model-1"
     # results/benchmarks holds one folder per machine and no loose figures
     assert all(p.is_dir() for p in RESULTS.iterdir()), sorted(p.name for p in RESULTS.iterdir() if not p.is_dir())
+
+
+def test_bound_survivors_counts_against_a_direct_count():
+    """benchmarks/bound_survivors.py: with all d directions the bound is the exact distance, so k − 1 keys lie
+    below the k-th (no ties in random floats); with fewer directions, shares only grow; each share equals a direct
+    count of projected distances below the k-th exact one."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bound_survivors import survivors, work
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    import numpy as np
+    import torch
+
+    from knnlm.search.key_geometry import centering_vector, principal_directions
+
+    rng = np.random.default_rng(0)
+    scales = np.arange(1, 17) ** -1.0
+    keys = (rng.standard_normal((3000, 16)) * scales).astype(np.float16)
+    queries = (rng.standard_normal((20, 16)) * scales).astype(np.float32)
+    k = 50
+    s = survivors(keys, queries, k, dims=(2, 4, 8, 16), block=700)
+    assert s["final"][16] == pytest.approx((k - 1) / len(keys), abs=1 / len(keys))  # fp32: a near-tie may fall below
+    shares = [s["final"][m] for m in (2, 4, 8, 16)]
+    assert shares == sorted(shares, reverse=True) and shares[0] > 5 * shares[-1]  # a steep spectrum: 2 directions prune little
+    assert s["guess_below_kth"] < 0.2 and all(s["guess"][m] >= s["final"][m] for m in (2, 4, 8, 16))  # the guess:
+    # beyond the k-th distance for most queries
+    mean = centering_vector(keys).double().numpy()
+    basis = principal_directions(keys, centering_vector(keys), 16).double().numpy()
+    x, q = keys.astype(np.float64) - mean, queries.astype(np.float64) - mean
+    exact = ((q[:, None] - x[None]) ** 2).sum(-1)
+    kth = np.sort(exact, 1)[:, k - 1]
+    proj = (((q @ basis[:, :4])[:, None] - (x @ basis[:, :4])[None]) ** 2).sum(-1)
+    assert s["final"][4] == pytest.approx((proj < kth[:, None]).mean(), abs=2e-4)  # float32 against float64
+    cost = work({8: 0.2, 16: 0.1, 64: 0.01}, 256)
+    assert cost == pytest.approx({"one stage, m = 64": 64 + 2.56, "two stages, m1 = 8": 8 + 12.8 + 2.56,
+                                  "two stages, m1 = 16": 16 + 6.4 + 2.56})
