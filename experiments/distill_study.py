@@ -70,6 +70,10 @@ def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
     base_run = out / f"base_seed{seed}"
     common = [*study["overrides"], f"train.seed={seed}"]
     targets = f"train.distil_targets={base_run / 'targets'}"
+    if stage != "base" and not (base_run / "datastore" / "meta.json").is_file():  # recorded, but its folder is gone
+        raise UserError(f"{base_run}: the base run of seed {seed} is gone (its record is kept); its {stage} stage needs "
+                        f"its model and datastore: restore the folder, or move seed{seed}_*.json out of the records "
+                        "to train the seed again")
     if stage == "base":
         cfg = load_config(study["base"], common)
         res = run_pipeline(cfg, base_run)

@@ -252,3 +252,25 @@ def test_the_distill_study_tables_pair_each_variant_with_the_same_seeds_base(tmp
     assert plot_quality_vs_speed(points, tmp_path / "q.png", "t", anchor="base: kNN-LM (tuned)")
     assert (tmp_path / "q.png").stat().st_size > 0
     assert not plot_quality_vs_speed({"base: LM alone": points["base: LM alone"]}, tmp_path / "one.png", "t")
+
+
+def test_the_distill_study_says_when_a_recorded_base_run_is_gone(tmp_path, capsys):
+    """A stage after `base` needs the base run's folder: where only its record survived (a run folder on another
+    machine), the driver exits 2 with one line naming the folder, and writes nothing."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("distill_study", REPO / "experiments" / "distill_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "seed0_base.json").write_text('{"seed": 0, "stage": "base"}')
+    code = study.main([str(REPO / "experiments" / "distill_study.toml"), "--out", str(tmp_path / "runs"),
+                       "--results", str(results), "--stages", "base", "targets"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "runs" / "base_seed0") in err[0] and "targets stage" in err[0]
+    assert sorted(p.name for p in (results / "runs").iterdir()) == ["seed0_base.json"]
+    assert not (tmp_path / "runs").exists()
