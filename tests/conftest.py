@@ -31,13 +31,19 @@ def have_wikitext() -> bool:
     return all((folder / f"wiki.{s}.tokens").is_file() for s in ("train", "valid", "test"))
 
 
+GUARANTEES = pytest.StashKey[dict]()  # the whole suite's count of tests per safety guarantee, when it is collected
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect anything
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("KNNLM_COUNT_GUARANTEES"):  # tests/test_docs.py: how many tests show each safety guarantee
-        counts = {}
-        for item in items:
-            for mark in item.iter_markers("guarantee"):
-                counts[mark.args[0]] = counts.get(mark.args[0], 0) + 1
+    counts = {}  # tests/test_docs.py: how many tests show each safety guarantee
+    for item in items:
+        for mark in item.iter_markers("guarantee"):
+            counts[mark.args[0]] = counts.get(mark.args[0], 0) + 1
+    if os.environ.get("KNNLM_COUNT_GUARANTEES"):
         Path(os.environ["KNNLM_COUNT_GUARANTEES"]).write_text(json.dumps(counts))
+    if not config.option.file_or_dir:  # `pytest` with no paths: the whole of testpaths was collected
+        config.stash[GUARANTEES] = counts
     for item in items:  # the tiny run takes minutes: whatever uses it is end to end
         if "tiny_run" in getattr(item, "fixturenames", ()) and "slow" not in item.keywords:
             raise pytest.UsageError(f"{item.nodeid} uses the tiny_run fixture: mark it @pytest.mark.slow")
