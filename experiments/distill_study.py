@@ -172,8 +172,11 @@ def tables(records: dict[str, dict], results: Path) -> dict:
                           f"{v['tokens_per_s']['lm_memory'] / v['tokens_per_s']['knnlm']:.1f}×",
                           f"{(v['inference_bytes']['lm'] + v['inference_bytes']['memory_model']) / 2**20:.0f} MiB vs "
                           f"{(v['inference_bytes']['lm'] + v['inference_bytes']['datastore']) / 2**20:.0f} MiB"])
-        else:
-            costs.append([name, f"train {rec['train_seconds']:.0f} s", "", "", ""])
+        else:  # an LM with its own datastore: the LM alone, and its kNN-LM (the LM pass plus the search)
+            v = rec["valid"]
+            lm_s, search_s = v["seconds"]["lm"], v["seconds"]["search"]
+            costs.append([name, f"train {rec['train_seconds']:.0f} s", "",
+                          f"{v['tokens'] / lm_s:.0f} (LM) vs {v['tokens'] / (lm_s + search_s):.0f} (kNN-LM)", ""])
     md.append(markdown_table("Costs", ["record", "time", "targets size", "valid tokens/s", "bytes at inference"],
                              costs, note=f"device of each record: its `device` field; this table: {device()}"))
     write_text(results / "distill.md", "\n".join(md))
