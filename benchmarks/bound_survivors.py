@@ -94,8 +94,15 @@ def main() -> None:
     p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
     a = p.parse_args()
     rows, lines = [], []
-    for name, (keys, queries) in stores(a).items():
-        if not a.synthetic and not name.startswith(("datastore", "hidden")):
+    runs, a.run = a.run or [], None  # a run's own valid query keys, not perturbed stored keys (key_distributions.py's)
+    made = stores(a) if a.synthetic or a.hf else {}
+    for run in runs:
+        keys = np.load(f"{run}/datastore/keys.npy", mmap_mode="r")
+        q = np.load(f"{run}/eval/valid/query_keys.npy", mmap_mode="r")
+        queries = np.asarray(q[:: max(1, len(q) // a.queries)][: a.queries], dtype=np.float32)
+        made[f"datastore of {run} ({len(keys):,} keys, d = {keys.shape[1]}; its valid query keys)"] = (keys, queries)
+    for name, (keys, queries) in made.items():
+        if not a.synthetic and name.startswith(("isotropic", "clustered")):
             continue
         m90, held = variance_dims(keys)
         for k in a.k:
