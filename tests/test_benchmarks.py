@@ -72,7 +72,10 @@ def test_bound_survivors_counts_against_a_direct_count():
     shares = [s["final"][m] for m in (2, 4, 8, 16)]
     assert shares == sorted(shares, reverse=True) and shares[0] > 5 * shares[-1]  # a steep spectrum: 2 directions prune little
     assert s["guess_below_kth"] < 0.2 and all(s["guess"][m] >= s["final"][m] for m in (2, 4, 8, 16))  # the guess:
-    # beyond the k-th distance for most queries
+    # beyond the k-th distance for most queries; the running threshold in between
+    assert all(s["final"][m] - 1e-9 <= s["running"][m] <= s["guess"][m] + 1e-9 for m in (2, 4, 8, 16))
+    assert survivors(keys, queries, k, dims=(4, 16), running_block=3000)["running"][4] == pytest.approx(
+        s["guess"][4])  # one block: the threshold is the guess throughout
     mean = centering_vector(keys).double().numpy()
     basis = principal_directions(keys, centering_vector(keys), 16).double().numpy()
     x, q = keys.astype(np.float64) - mean, queries.astype(np.float64) - mean
