@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny run trained once per test session (the README pipeline on configs/tiny.toml).
 
-Plain `pytest` runs the fast unit tests (under a minute on 2 cores); tests marked `slow` (end to end: full runs,
+`pytest -n 2` runs the fast unit tests (under a minute on 2 cores); tests marked `slow` (end to end: full runs,
 torchrun, fine-tunes, killed jobs, large indexes; every user of `tiny_run`) run with `--runslow`, as CI does."""
 
 import hashlib
