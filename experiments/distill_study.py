@@ -37,6 +37,15 @@ from knnlm.studies.statistics import t_interval
 from knnlm.targets import build_targets
 
 STAGES = ("base", "targets", "scratch", "finetune", "control", "memory")
+# the stages that train an LM with its own datastore, as the tables and the figure name them
+LM_LABELS = {"base": "base", "scratch": "distilled from scratch", "finetune": "base fine-tuned with KL",
+             "control": "base fine-tuned with CE only (control)"}
+
+
+def lm_speeds(evaluated_split: dict) -> tuple[float, float]:
+    """Tokens/s of an evaluated LM alone (its LM pass) and as a kNN-LM (the LM pass plus the search)."""
+    tokens, sec = evaluated_split["tokens"], evaluated_split["seconds"]
+    return tokens / sec["lm"], tokens / (sec["lm"] + sec["search"])
 
 
 def load_study(path: Path) -> dict:
@@ -135,8 +144,7 @@ def tables(records: dict[str, dict], results: Path) -> dict:
                 values["kNN-LM over LM + memory (paper)"] = m[split]["protocols"]["paper"]["knnlm_ppl"]
             if (c := get("control")) is not None:
                 values["LM + CE-only fine-tune (ensemble control, no retrieval)"] = c["as_memory"][split]["lm_memory_ppl"]
-            for stage, label in (("scratch", "distilled from scratch"), ("finetune", "base fine-tuned with KL"),
-                                 ("control", "base fine-tuned with CE only (control)")):
+            for stage, label in ((st, LM_LABELS[st]) for st in ("scratch", "finetune", "control")):
                 if (r := get(stage)) is not None:
                     values[f"{label}: LM alone (no retrieval)"] = r[split]["lm_ppl"]
                     values[f"{label}: kNN-LM (tuned)"] = r[split]["knnlm_ppl"]
@@ -173,10 +181,8 @@ def tables(records: dict[str, dict], results: Path) -> dict:
                           f"{(v['inference_bytes']['lm'] + v['inference_bytes']['memory_model']) / 2**20:.0f} MiB vs "
                           f"{(v['inference_bytes']['lm'] + v['inference_bytes']['datastore']) / 2**20:.0f} MiB"])
         else:  # an LM with its own datastore: the LM alone, and its kNN-LM (the LM pass plus the search)
-            v = rec["valid"]
-            lm_s, search_s = v["seconds"]["lm"], v["seconds"]["search"]
-            costs.append([name, f"train {rec['train_seconds']:.0f} s", "",
-                          f"{v['tokens'] / lm_s:.0f} (LM) vs {v['tokens'] / (lm_s + search_s):.0f} (kNN-LM)", ""])
+            lm, knn = lm_speeds(rec["valid"])
+            costs.append([name, f"train {rec['train_seconds']:.0f} s", "", f"{lm:.0f} (LM) vs {knn:.0f} (kNN-LM)", ""])
     md.append(markdown_table("Costs", ["record", "time", "targets size", "valid tokens/s", "bytes at inference"],
                              costs, note=f"device of each record: its `device` field; this table: {device()}"))
     write_text(results / "distill.md", "\n".join(md))
@@ -191,13 +197,11 @@ def speed_points(records: dict[str, dict], split: str = "valid") -> dict[str, li
     add = lambda label, speed, ppl: points.setdefault(label, []).append((speed, ppl))
     for name, rec in sorted(records.items()):
         stage = name.split("_", 1)[1]
-        if stage in ("base", "scratch", "finetune", "control"):
-            r = rec[split]
-            lm_s, search_s = r["seconds"]["lm"], r["seconds"]["search"]
-            label = {"base": "base", "scratch": "distilled from scratch", "finetune": "base fine-tuned with KL",
-                     "control": "base fine-tuned with CE only (control)"}[stage]
-            add(f"{label}: LM alone", r["tokens"] / lm_s, r["lm_ppl"])
-            add(f"{label}: kNN-LM (tuned)", r["tokens"] / (lm_s + search_s), r["knnlm_ppl"])
+        if stage in LM_LABELS:
+            r, label = rec[split], LM_LABELS[stage]
+            lm, knn = lm_speeds(r)
+            add(f"{label}: LM alone", lm, r["lm_ppl"])
+            add(f"{label}: kNN-LM (tuned)", knn, r["knnlm_ppl"])
         elif stage == "memory":
             r, sec = rec[split], rec[split]["seconds"]
             add("LM + memory model (no retrieval)", r["tokens_per_s"]["lm_memory"], r["lm_memory_ppl"])
