@@ -18,7 +18,7 @@ import torch
 
 from ..distributed import default_device
 from .base import exact_sq_distances, query_rows
-from .key_geometry import centering_vector, principal_directions, project_dims
+from .key_geometry import centering_vector, max_norm_bound, principal_directions, project_dims
 
 
 class TorchExactSearch:
@@ -126,11 +126,11 @@ class TorchPrunedSearch:
             raw = torch.from_numpy(np.array(keys[lo : lo + block])).to(self.device)  # a writable copy of the block
             self.keys[lo : lo + len(raw)] = raw
             x = raw.float() - mean
-            self.max_centered_norm = max(self.max_centered_norm, float(x.double().norm(dim=1).max()))
+            self.max_centered_norm = max(self.max_centered_norm, max_norm_bound(x))
             xp = (x @ basis).to(self.dtype)
             self.kp[lo : lo + len(raw)] = xp
             self.kp_norm[lo : lo + len(raw)] = xp.float().pow(2).sum(1)
-            self.max_kp_norm = max(self.max_kp_norm, float(xp.double().norm(dim=1).max()))
+            self.max_kp_norm = max(self.max_kp_norm, max_norm_bound(xp))
         self.mean, self.basis = mean, basis
         self.sample = torch.arange(0, N, self.SAMPLE, device=self.device)
         self.fallbacks = 0
