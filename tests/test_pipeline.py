@@ -83,10 +83,11 @@ def test_evaluate_reuses_the_search_and_a_what_if_leaves_the_runs_choice(tiny_ru
     assert {n: (valid / n).read_bytes() for n in kept} == kept  # the run's tuned choice is untouched
     # on test: the valid choice by default; a what-if uses the given settings and leaves the test summary alone
     test = json.loads(knnlm("evaluate", "--out", out, "--json", "--split", "test").stdout)
-    assert (test["k"], test["lambda"]) == (json.loads(kept["summary.json"])["k"], json.loads(kept["summary.json"])["lambda"])
+    valid_summary = json.loads(kept["summary.json"])
+    assert (test["k"], test["lambda"]) == (valid_summary["k"], valid_summary["lambda"])
     # and test is also scored with the choices valid's first half made (issue 33's held-out selection)
-    halves = json.loads(kept["summary.json"])["held_out"]
-    assert halves["chosen_on"] == [0, halves["scored_on"][0]] and halves["scored_on"][1] == json.loads(kept["summary.json"])["tokens"]
+    halves = valid_summary["held_out"]
+    assert halves["chosen_on"] == [0, halves["scored_on"][0]] and halves["scored_on"][1] == valid_summary["tokens"]
     for p, c in halves["protocols"].items():
         t = test["held_out"]["protocols"][p]
         assert (t["k"], t["temperature"], t["lambda"]) == (c["k"], c["temperature"], c["lambda"])
