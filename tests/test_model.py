@@ -101,6 +101,29 @@ def test_word_logprobs_are_the_full_distributions_entries():
     assert torch.allclose(g1, g2, atol=1e-5)
 
 
+def test_band_logsumexp_in_blocks_equals_the_whole_logsumexp_and_its_gradients(monkeypatch):
+    """The KL term's band normalizer, computed over blocks of rows (3 rows a block here, 10 rows: a short last
+    block) and recomputed in the backward: its values and both gradients equal torch.logsumexp of the whole logits
+    (float64 gradcheck, and fp32 against float64), also under bf16 autocast (it computes in fp32)."""
+    from knnlm.model import BandLogSumExp
+
+    monkeypatch.setattr(BandLogSumExp, "BLOCK", 3 * 7)  # 7 words: 3 rows a block
+    torch.manual_seed(1)
+    z = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(BandLogSumExp.apply, (z, w))
+    want = torch.logsumexp(z @ w.t(), 1)
+    g = torch.randn(10, dtype=torch.float64)
+    want_grads = torch.autograd.grad((want * g).sum(), (z, w))
+    zf, wf = z.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = BandLogSumExp.apply(zf, wf)
+        assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-5)
+        grads = torch.autograd.grad((got * g.float()).sum(), (zf, wf))
+        assert all(torch.allclose(a.double(), b, atol=1e-5) for a, b in zip(grads, want_grads))
+
+
 @pytest.mark.parametrize("site", ["ffn_input", "final"])
 def test_kv_cached_decoding_equals_recomputing_the_whole_prefix(site):
     """model(new, cache) after the prefix = the same positions of one pass over prefix + new: a prompt of 5 tokens,
