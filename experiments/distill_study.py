@@ -2,16 +2,17 @@
 
     python experiments/distill_study.py experiments/distill_study.toml --out runs/distill_study
     python experiments/distill_study.py experiments/distill_study.toml --out runs/distill_study --tables-only
+    python experiments/distill_study.py experiments/distill_study.toml --out runs/distill_study --seeds 0 --stages memory
 
-For each seed, on the study's base config (the ω study's WikiText-2 configuration), one device:
+For each seed, on the study's base config (the ω study's WikiText-2 configuration), one device, in this order:
   base      the LM (ω = 0): trained, datastore, valid and test evaluated (LM alone, kNN-LM: both protocols)
   targets   `knnlm targets` of the base: p_kNN of every training position, its own entry left out
-  scratch   an LM trained from scratch with CE + β·KL toward the targets; its own datastore and kNN-LM
-  finetune  the base fine-tuned with CE + β·KL; its own datastore and kNN-LM
-  control   the base fine-tuned as `finetune` but with CE alone (β = 0): what the extra steps give without the
-            targets; its own kNN-LM, and mixed with the base as a memory model would be (an ensemble, no targets)
   memory    a memory model (started from the base, KL + CE as `memory_overrides` say) interpolated with the base
             at a λ tuned on valid, no retrieval; and the base's kNN on top of that pair
+  finetune  the base fine-tuned with CE + β·KL; its own datastore and kNN-LM
+  scratch   an LM trained from scratch with CE + β·KL toward the targets; its own datastore and kNN-LM
+  control   the base fine-tuned as `finetune` but with CE alone (β = 0): what the extra steps give without the
+            targets; its own kNN-LM, and mixed with the base as a memory model would be (an ensemble, no targets)
 
 Each finished stage of a seed is recorded at once in RESULTS/runs/<seed>_<stage>.json (commit them: a stopped study
 continues from its records and run folders); the tables (`distill.md` / `distill.json`) are written from the
@@ -36,7 +37,11 @@ from knnlm.pipeline import run_pipeline
 from knnlm.studies.statistics import t_interval
 from knnlm.targets import build_targets
 
-STAGES = ("base", "targets", "scratch", "finetune", "control", "memory")
+# in the order they run for a seed: the memory model, the study's likeliest way to the goal, right after the targets;
+# the 6-epoch scratch run last but the control
+STAGES = ("base", "targets", "memory", "finetune", "scratch", "control")
+NEEDS = {"targets": ("base",), "memory": ("base", "targets"), "finetune": ("base", "targets"),
+         "scratch": ("base", "targets"), "control": ("base",)}  # the stages each stage's inputs come from
 # the stages that train an LM with its own datastore, as the tables and the figure name them
 LM_LABELS = {"base": "base", "scratch": "distilled from scratch", "finetune": "base fine-tuned with KL",
              "control": "base fine-tuned with CE only (control)"}
@@ -216,14 +221,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="where the run folders go")
     p.add_argument("--results", type=Path, help="records and tables (default: results/distill_study)")
     p.add_argument("--tables-only", action="store_true")
-    p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
+    p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES,
+                   help="which stages to run (in the order of STAGES; default: all)")
+    p.add_argument("--seeds", nargs="*", type=int, help="which of the study's seeds to run (default: all, in order)")
     a = p.parse_args(argv)
     try:
         study = load_study(a.study)
         results = a.results or Path(__file__).resolve().parent.parent / "results" / "distill_study"
+        seeds = study["seeds"] if a.seeds is None else a.seeds
+        if unknown := [s for s in seeds if s not in study["seeds"]]:
+            raise UserError(f"--seeds: {unknown} not among the study's seeds {study['seeds']} ({a.study})")
+        if not a.tables_only:
+            for seed in seeds:  # every stage's inputs recorded or run before it, checked before anything runs
+                for stage in a.stages:
+                    for need in NEEDS.get(stage, ()):
+                        if need not in a.stages and not (results / "runs" / f"seed{seed}_{need}.json").is_file():
+                            raise UserError(f"--stages: seed {seed}'s {stage} stage needs its {need} stage, which is "
+                                            f"neither recorded nor asked for; add {need} to --stages")
         (results / "runs").mkdir(parents=True, exist_ok=True)
         if not a.tables_only:
-            for seed in study["seeds"]:
+            for seed in seeds:
                 for stage in [s for s in STAGES if s in a.stages]:
                     record = results / "runs" / f"seed{seed}_{stage}.json"
                     if record.is_file():

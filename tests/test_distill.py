@@ -274,3 +274,35 @@ def test_the_distill_study_says_when_a_recorded_base_run_is_gone(tmp_path, capsy
     assert len(err) == 1 and str(tmp_path / "runs" / "base_seed0") in err[0] and "targets stage" in err[0]
     assert sorted(p.name for p in (results / "runs").iterdir()) == ["seed0_base.json"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_distill_study_runs_stages_in_order_for_the_seeds_asked_and_refuses_a_missing_input(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """Stages run in STAGES' order (the memory model right after the targets) for the seeds of --seeds only, each
+    recorded as it finishes; a stage whose input stage is neither recorded nor asked for is refused in one line
+    before anything runs, and so is a seed the study does not have."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("distill_study", REPO / "experiments" / "distill_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    ran = []
+    monkeypatch.setattr(study, "run_stage", lambda s, out, seed, stage: ran.append((seed, stage)) or {"x": 1})
+    monkeypatch.setattr(study, "tables", lambda records, results: {})
+    monkeypatch.setattr(study, "speed_points", lambda records: {})
+    results, toml = tmp_path / "results", str(REPO / "experiments" / "distill_study.toml")
+    args = [toml, "--out", str(tmp_path / "runs"), "--results", str(results)]
+    assert study.main([*args, "--seeds", "1", "--stages", "control", "memory", "targets", "base"]) == 0
+    assert ran == [(1, "base"), (1, "targets"), (1, "memory"), (1, "control")]
+    assert sorted(p.name for p in (results / "runs").iterdir()) == [f"seed1_{s}.json" for s in
+                                                                     ("base", "control", "memory", "targets")]
+    ran.clear()
+    assert study.main([*args, "--seeds", "2", "--stages", "memory"]) == 2  # seed 2 has neither base nor targets
+    assert study.main([*args, "--seeds", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "seed 2's memory stage needs its base stage" in err[0] and "--seeds: [7]" in err[1]
+    assert ran == [] and not (results / "runs" / "seed2_memory.json").exists()
+    assert study.main([*args, "--seeds", "1", "--stages", "finetune"]) == 0  # its inputs are recorded
+    assert ran == [(1, "finetune")]
