@@ -91,7 +91,7 @@ def main() -> None:
         print(f"LM-only evaluation: {lm_seconds:.0f} s; kNN-LM / LM-only = {res['knnlm_over_lm_only']:.2f}", flush=True)
 
         # 4. tuning from the saved neighbours
-        targets, lm, dists, nvals = tuning_arrays(scratch, a.split)
+        lm, scores = tuning_arrays(scratch, a.split)
         res["tuning"] = []
         grids = {"100 settings": ["eval.k=16,32,64,128,256", "eval.temperature=1,3,10,30", "eval.lmbda=0.1,0.2,0.25,0.3,0.4"],
                  "default grid": []}
@@ -108,13 +108,13 @@ def main() -> None:
             c = apply_overrides(copy.deepcopy(cfg), overrides)
             before = searches[0]
             t = time.perf_counter()
-            rows = tune(lm, dists, nvals, targets, c)
+            rows = tune(lm, scores, c)
             res["tuning"].append({"grid": name, "settings": len(rows), "seconds": time.perf_counter() - t,
                                   "searches": searches[0] - before, "best_ppl": min(r["ppl"] for r in rows)})
             print(f"tuning {name}: {res['tuning'][-1]}", flush=True)
         # the λ part of the default grid side by side: one interpolation per λ against all λ at once (`perplexities`)
         ks, temperatures = tuning_grid(cfg)
-        grid = knn.knn_logprob_grid(dists, nvals, targets, ks, temperatures)
+        grid = scores.grid(ks, temperatures)
         lambdas = cfg.eval.lmbda
         t = time.perf_counter()
         each = [knn.perplexity(knn.interpolate(lm, x, lam)) for x in grid.values() for lam in lambdas]

@@ -48,7 +48,7 @@ from .config import Config, from_dict
 from .data import cache_key, corpus_files, token_stream, split_ids
 from .datastore import Datastore, datastore_home, stride_of
 from .distributed import barrier, broadcast_array, default_device, setup_distributed
-from .knn import interpolate, knn_logprob, knn_logprob_grid, perplexities, perplexity
+from .knn import KnnScores, interpolate, perplexities, perplexity
 from .search.auto import choose_exact_search
 from .search.base import CountingSearch, search_all
 from .search.registry import EXACT, make_searcher, resolve_index
@@ -302,9 +302,10 @@ def what_if_needs_a_search(run: Path, folder: Path, split: str, k_max: int, plac
     return f"{why} {again} (without --k/--lmbda/--temperature) first: a what-if evaluation writes nothing"
 
 
-def tuning_arrays(run: Path, split: str, place: Place | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """What tuning reads from a saved search: targets (n,), LM log-probs (n,), neighbour distances (n, K) and
-    the neighbours' values (n, K). `place`: another datastore or text than the run's own (`place_for`)."""
+def tuning_arrays(run: Path, split: str, place: Place | None = None) -> tuple[np.ndarray, KnnScores]:
+    """What tuning reads from a saved search: LM log-probs (n,) and the kNN scores of the same tokens (`KnnScores`:
+    targets (n,), neighbour distances (n, K), the neighbours' values (n, K)). `place`: another datastore or text than
+    the run's own (`place_for`)."""
     folder = place.folder(split) if place else Path(run) / "eval" / split
     arrays = load_search(folder)
     ds = Datastore(place.datastore if place else Path(run) / "datastore")
@@ -314,8 +315,7 @@ def tuning_arrays(run: Path, split: str, place: Place | None = None) -> tuple[np
         bad = int(ids.min()) if int(ids.min()) < -1 else int(ids.max())
         raise UserError(f"{folder / 'neighbors.npy'}: neighbour id {bad} is outside the "
                         f"datastore's rows [0, {len(ds)}) (the file is damaged or from another datastore)")
-    nvals = ds.vals[ids]
-    return arrays["targets"], arrays["lm_logprobs"], np.asarray(arrays["distances"]), nvals
+    return arrays["lm_logprobs"], KnnScores(np.asarray(arrays["distances"]), ds.vals[ids], arrays["targets"])
 
 
 def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:
@@ -325,11 +325,10 @@ def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:
     return ks, temperatures
 
 
-def tune(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config) -> list[dict]:
+def tune(lm: np.ndarray, scores: KnnScores, cfg: Config) -> list[dict]:
     """kNN-LM perplexity for every (k, temperature, λ) of the grid (`tuning_grid`), from the cached neighbours only."""
     ks, temperatures = tuning_grid(cfg)
-    # lm (n,), dists and nvals (n, k_max), targets (n,) -> log p_kNN (n,) for each (k, temperature)
-    knn = knn_logprob_grid(dists, nvals, targets, ks, temperatures, device=default_device())
+    knn = scores.grid(ks, temperatures, device=default_device())  # (k, temperature) -> log p_kNN (n,)
     return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": ppl} for k in ks for tau in temperatures
             for lmbda, ppl in zip(cfg.eval.lmbda, perplexities(lm, knn[(k, tau)], cfg.eval.lmbda))]
 
@@ -352,31 +351,29 @@ def choose(grid: list[dict], cfg: Config, protocol: str) -> dict:
     return min(rows, key=lambda r: r["ppl"])
 
 
-def held_out_selection(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, cfg: Config,
-                       whole: dict[str, dict]) -> dict:
+def held_out_selection(lm: np.ndarray, scores: KnnScores, cfg: Config, whole: dict[str, dict]) -> dict:
     """Each protocol's (k, temperature, λ) chosen on valid's first half of tokens and scored on its second half,
     beside the choice made on the whole of valid scored on the same second half (which has seen those tokens):
     how much choosing among a grid on the tokens one reports flatters the figure. Test is scored with the first
     half's choices too (`held_out` of test's summary)."""
-    n = len(targets)
+    n = len(scores)
     h = n // 2
-    grid = tune(lm[:h], dists[:h], nvals[:h], targets[:h], cfg)  # (k, temperature, λ) rows of the first half
-    second = slice(h, n)
+    grid = tune(lm[:h], scores.rows(0, h), cfg)  # (k, temperature, λ) rows of the first half
+    second, later = slice(h, n), scores.rows(h, n)
     out = {"chosen_on": [0, h], "scored_on": [h, n], "lm_ppl": perplexity(lm[second]), "protocols": {}}
     for p in PROTOCOLS:
         c = choose(grid, cfg, p)
         w = whole[p]
         out["protocols"][p] = {
             "k": c["k"], "temperature": c["temperature"], "lambda": c["lambda"],
-            "knnlm_ppl": score_choice(lm[second], dists[second], nvals[second], targets[second], c),
-            "first_half_ppl": c["ppl"],
-            "whole_valid_choice_ppl": score_choice(lm[second], dists[second], nvals[second], targets[second], w)}
+            "knnlm_ppl": score_choice(lm[second], later, c), "first_half_ppl": c["ppl"],
+            "whole_valid_choice_ppl": score_choice(lm[second], later, w)}
     return out
 
 
-def score_choice(lm: np.ndarray, dists: np.ndarray, nvals: np.ndarray, targets: np.ndarray, c: dict) -> float:
+def score_choice(lm: np.ndarray, scores: KnnScores, c: dict) -> float:
     """kNN-LM perplexity of these tokens under one (k, temperature, λ)."""
-    return perplexity(interpolate(lm, knn_logprob(dists, nvals, targets, c["k"], c["temperature"]), c["lambda"]))
+    return perplexity(interpolate(lm, scores.logprob(c["k"], c["temperature"]), c["lambda"]))
 
 
 def grid_edges(best: dict, cfg: Config) -> list[str]:
@@ -473,44 +470,44 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         return None  # a rank other than 0 under torchrun: it took its part of the search; rank 0 reports
     folder = place.folder(split)
     t_tuning = time.perf_counter()
-    targets, lm, dists, nvals = tuning_arrays(run, split, place)
-    if max(cfg.eval.k) > dists.shape[1]:
-        raise UserError(f"eval.k: {max(cfg.eval.k)} is more than the {dists.shape[1]} neighbours stored in {folder}")
+    lm, scores = tuning_arrays(run, split, place)
+    if max(cfg.eval.k) > scores.stored:
+        raise UserError(f"eval.k: {max(cfg.eval.k)} is more than the {scores.stored} neighbours stored in {folder}")
 
     if split == "valid":
-        grid = tune(lm, dists, nvals, targets, cfg)
+        grid = tune(lm, scores, cfg)
         if save:
             write_json(folder / "tuning.json", grid)
         choices = {p: choose(grid, cfg, p) for p in PROTOCOLS}
         edges = grid_edges(choices["tuned"], cfg)
         for edge in edges:
             print(f"warning: {folder}: {edge}; the optimum may lie outside the grid", file=sys.stderr)
-        held_out = held_out_selection(lm, dists, nvals, targets, cfg, choices) if len(targets) >= 2 else None
+        held_out = held_out_selection(lm, scores, cfg, choices) if len(scores) >= 2 else None
     else:
         edges = []  # test reuses valid's choice of each protocol: nothing is tuned here
-        choices = valid_choices(place.folder("valid") / "summary.json", dists.shape[1])
+        choices = valid_choices(place.folder("valid") / "summary.json", scores.stored)
         choices["tuned"].update(fixed or {})
-        halves = valid_choices(place.folder("valid") / "summary.json", dists.shape[1], held_out=True)
+        halves = valid_choices(place.folder("valid") / "summary.json", scores.stored, held_out=True)
         held_out = None if halves is None else {  # scored with the choices of valid's first half
             "chosen_on": "valid's first half", "protocols": {
-                p: {**c, "knnlm_ppl": score_choice(lm, dists, nvals, targets, c)} for p, c in halves.items()}}
+                p: {**c, "knnlm_ppl": score_choice(lm, scores, c)} for p, c in halves.items()}}
 
-    words = record.get("words", len(targets))  # per-word perplexity: the same total loss over the words
+    words = record.get("words", len(scores))  # per-word perplexity: the same total loss over the words
     protocols, tuned_knn = {}, None
     for p, c in choices.items():
-        knn = knn_logprob(dists, nvals, targets, c["k"], c["temperature"])
+        knn = scores.logprob(c["k"], c["temperature"])
         if p == "tuned":
             tuned_knn = knn.astype(np.float32)
         mixed = interpolate(lm, knn, c["lambda"])
         protocols[p] = {
             "knnlm_ppl": perplexity(mixed), "knnlm_word_ppl": math.exp(-float(np.sum(mixed, dtype=np.float64)) / words),
             "lambda": c["lambda"], "k": c["k"], "temperature": c["temperature"],
-            "target_in_neighbors": float((nvals[:, : c["k"]] == targets[:, None]).any(1).mean()),
+            "target_in_neighbors": scores.target_in_neighbors(c["k"]),
             "description": PROTOCOLS[p],
         }
     best = protocols["tuned"]
     summary = {
-        "split": split, "tokens": int(len(targets)), "words": int(words),
+        "split": split, "tokens": int(len(scores)), "words": int(words),
         "oov_rate": record.get("oov_rate"),  # share of <unk> tokens (None: searched by an older knnlm)
         "lm_ppl": perplexity(lm), "knnlm_ppl": best["knnlm_ppl"],  # the tuned protocol; both are under "protocols"
         "lm_word_ppl": math.exp(-float(np.sum(lm, dtype=np.float64)) / words),
@@ -636,27 +633,27 @@ def evaluate_memory(run: str | Path, memory: str | Path, cfg: Config, split: str
         evaluate(run, cfg, split, progress)
     base = read_json(run / "eval" / split / "summary.json", "evaluation summary")
     record = read_json(run / "eval" / split / "meta.json", "evaluation meta")
-    targets, lm, dists, nvals = tuning_arrays(run, split)
+    lm, scores = tuning_arrays(run, split)
     lm = lm.astype(np.float64)
-    mem, mem_seconds = score_memory(run, memory, cfg, split, targets, progress)
+    mem, mem_seconds = score_memory(run, memory, cfg, split, scores.targets, progress)
 
     if split == "valid":
         lam, lam_grid = tune_memory_lambda(lm, mem, cfg.eval.lmbda)
         pair = mix(lm, mem, lam)
-        grid = tune(pair, dists, nvals, targets, cfg)
+        grid = tune(pair, scores, cfg)
         choices = {p: choose(grid, cfg, p) for p in PROTOCOLS}
     else:
         v = check_memory_summary(read_json(valid_path, "memory valid summary"), valid_path)
         lam, lam_grid = v["memory_lambda"], None
         pair = mix(lm, mem, lam)
-        choices = valid_choices(valid_path, dists.shape[1])  # checked like options: a hand edit is refused
+        choices = valid_choices(valid_path, scores.stored)  # checked like options: a hand edit is refused
     protocols = {}
     for p, c in choices.items():
-        knn = knn_logprob(dists, nvals, targets, c["k"], c["temperature"])
+        knn = scores.logprob(c["k"], c["temperature"])
         protocols[p] = {"knnlm_ppl": perplexity(interpolate(pair, knn, c["lambda"])), "lambda": c["lambda"],
                         "k": c["k"], "temperature": c["temperature"], "description": PROTOCOLS[p]}
 
-    n = len(targets)
+    n = len(scores)
     sec = record.get("seconds", {})
     lm_s, search_s = float(sec.get("lm", math.nan)), float(sec.get("search", math.nan))
     ckpt = lambda folder: [Path(latest_meta(folder)["path"]) / "model.safetensors"]  # the weights the run uses

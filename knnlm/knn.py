@@ -71,6 +71,40 @@ def knn_logprob_grid(distances: np.ndarray, neighbor_vals: np.ndarray, targets: 
     return out
 
 
+class KnnScores:
+    """What tuning reads of one split's search: log p_kNN(target) of each token at any k (up to the K neighbours
+    stored) and any temperature, from the neighbours' distances (n, K), sorted, their values (n, K) and the
+    targets (n,). Arrays may be memory maps: they are read a block of rows at a time."""
+
+    def __init__(self, distances: np.ndarray, values: np.ndarray, targets: np.ndarray):
+        self.distances, self.values, self.targets = distances, values, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def stored(self) -> int:
+        """Neighbours stored per token: the largest k these scores answer for."""
+        return self.distances.shape[1]
+
+    def rows(self, lo: int, hi: int) -> KnnScores:
+        """The scores of tokens [lo, hi) (e.g. one half of valid)."""
+        return KnnScores(self.distances[lo:hi], self.values[lo:hi], self.targets[lo:hi])
+
+    def grid(self, ks: list[int], temperatures: list[float],
+             device: torch.device | str = "cpu") -> dict[tuple[int, float], np.ndarray]:
+        """{(k, temperature): log p_kNN (n,)} for every pair of the grid (`knn_logprob_grid`)."""
+        return knn_logprob_grid(self.distances, self.values, self.targets, ks, temperatures, device=device)
+
+    def logprob(self, k: int, temperature: float) -> np.ndarray:
+        """log p_kNN (n,) at one setting."""
+        return knn_logprob(self.distances, self.values, self.targets, k, temperature)
+
+    def target_in_neighbors(self, k: int) -> float:
+        """Share of tokens whose target some neighbour among the k nearest carries."""
+        return float((np.asarray(self.values[:, :k]) == self.targets[:, None]).any(1).mean())
+
+
 def knn_logprobs_full(distances: np.ndarray, neighbor_vals: np.ndarray, vocab_size: int,
                       temperature: float) -> torch.Tensor:
     """log p_kNN(w) for every w of the vocabulary: (B, k) distances, (B, k) neighbour values -> (B, V) float64;

@@ -175,7 +175,7 @@ def test_beta_zero_is_the_lm_loss_and_a_memory_model_mixes_as_by_hand(tiny_run, 
     rows = [json.loads(line) for line in (mem / "metrics.jsonl").read_text().splitlines()]
     assert any("kl_loss" in r and r["kl_loss"] > 0 for r in rows)
     summary = json.loads(knnlm("evaluate", "--out", base, "--json", "--memory", mem).stdout)
-    targets, lm, dists, nvals = tuning_arrays(base, "valid")
+    lm, _ = tuning_arrays(base, "valid")
     mem_lp = np.load(mem / "memory_eval" / "valid" / "lm_logprobs.npy").astype(np.float64)
     mu = summary["memory_lambda"]
     by_hand = np.log(mu * np.exp(mem_lp) + (1 - mu) * np.exp(lm.astype(np.float64)))

@@ -221,6 +221,7 @@ def test_held_out_selection_chooses_on_valid_first_half_and_scores_its_second_ha
     made on all of valid is not the first half's, and both are scored on the second half."""
     from knnlm.config import Config
     from knnlm.evaluate import PROTOCOLS, choose, held_out_selection, tune
+    from knnlm.knn import KnnScores
 
     rng = np.random.default_rng(0)
     n, K, V = 600, 16, 50
@@ -234,8 +235,9 @@ def test_held_out_selection_chooses_on_valid_first_half_and_scores_its_second_ha
     cfg = Config()
     cfg.eval.k_max, cfg.eval.k = K, [2, 4, 16]
     cfg.eval.temperature, cfg.eval.lmbda = [0.1, 0.3, 1.0, 3.0, 10.0], [0.1, 0.3, 0.5, 0.7, 0.9]
-    whole = {p: choose(tune(lm, dists, nvals, targets, cfg), cfg, p) for p in PROTOCOLS}
-    held = held_out_selection(lm, dists, nvals, targets, cfg, whole)
+    scores = KnnScores(dists, nvals, targets)
+    whole = {p: choose(tune(lm, scores, cfg), cfg, p) for p in PROTOCOLS}
+    held = held_out_selection(lm, scores, cfg, whole)
     assert held["chosen_on"] == [0, h] and held["scored_on"] == [h, n]
     second = slice(h, n)
     assert held["lm_ppl"] == pytest.approx(float(np.exp(-lm[second].mean())), rel=1e-12)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ...artifacts import markdown_table, nan_to_null, read_json, write_json, write_text
 from ...config import Config
 from ...evaluate import paper_k, tuning_arrays
-from ...knn import knn_logprob, perplexities
+from ...knn import perplexities
 from ..records import run_config
 from ..statistics import cell, over_seeds, runs_at
 from .base import Stage, StudyRun
@@ -22,10 +22,10 @@ COLUMNS = ("temperature_match", "omega0_t1", "omega0_rescaled", "omega_t1", "rec
 
 def rescaled_ppl(arrays: tuple, cfg: Config, temperature: float) -> float:
     """Valid kNN-LM perplexity of a run at k = 1024 (the paper protocol's k) and a given temperature, λ tuned, from
-    its saved neighbours (`tuning_arrays(run, "valid")`). Dividing distances by T is what scaling every key (stored
-    and query) by 1/√T does."""
-    targets, lm, dists, nvals = arrays
-    knn = knn_logprob(dists, nvals, targets, paper_k(cfg), temperature)
+    its saved neighbours (`tuning_arrays(run, "valid")`: LM log-probs and `KnnScores`). Dividing distances by T is what
+    scaling every key (stored and query) by 1/√T does."""
+    lm, scores = arrays
+    knn = scores.logprob(paper_k(cfg), temperature)
     return min(perplexities(lm, knn, cfg.eval.lmbda))
 
 
