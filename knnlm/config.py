@@ -120,6 +120,9 @@ class DatastoreConfig:
 class EvalConfig:
     index: str = "auto"  # one of NAMED_INDEXES (auto: the fastest exact search the machine has) or a FAISS index_factory string
     k_max: int = 1024  # neighbours searched and stored per token (Khandelwal et al. use 1024)
+    # neighbours stored per token, 0 = all k_max; fewer: log p_kNN(target) at every (k, temperature) of the tuning grid
+    # is kept instead (from all k_max), so a whole split at a large k_max fits in memory and on disk
+    k_store: int = 0
     k: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512, 1024])  # grid tuned on valid
     # 0.1 … 100 in steps of 10^(1/6) ≈ 1.47: kNN-LM perplexity moves by several points between steps of 3×
     temperature: list[float] = field(default_factory=lambda: [float(f"{10 ** (i / 6):.3g}") for i in range(-6, 13)])
@@ -355,6 +358,7 @@ def validate(cfg: Config) -> None:
     _expect(e.index.strip() in NAMED_INDEXES or bool(_FACTORY.fullmatch(e.index.strip())), "eval.index", e.index,
             f"{', '.join(NAMED_INDEXES)} or a FAISS index_factory string such as IVF4096,PQ32")
     _expect(e.k_max >= 1, "eval.k_max", e.k_max, "an integer >= 1")
+    _expect(0 <= e.k_store <= e.k_max, "eval.k_store", e.k_store, f"an integer in [0, eval.k_max={e.k_max}] (0 = all)")
     _expect(bool(e.k) and all(1 <= k <= e.k_max for k in e.k), "eval.k", e.k,
             f"a non-empty list of integers in [1, eval.k_max={e.k_max}]")
     _expect(bool(e.temperature) and all(tau > 0 for tau in e.temperature), "eval.temperature", e.temperature,

@@ -48,7 +48,7 @@ from .config import Config, from_dict
 from .data import cache_key, corpus_files, token_stream, split_ids
 from .datastore import Datastore, datastore_home, stride_of
 from .distributed import barrier, broadcast_array, default_device, setup_distributed
-from .knn import KnnScores, interpolate, perplexities, perplexity
+from .knn import KnnScores, KnnTable, grid_table, interpolate, perplexities, perplexity
 from .search.auto import choose_exact_search
 from .search.base import CountingSearch, search_all
 from .search.registry import EXACT, make_searcher, resolve_index
@@ -57,6 +57,7 @@ from .models import corpus_for, corpus_for_run
 from .scoring import score_stream
 
 ARRAYS = ("targets", "lm_logprobs", "query_keys", "neighbors", "distances")
+TABLE_ARRAYS = ("knn_grid", "target_rank")  # with eval.k_store < eval.k_max (`KnnTable`)
 
 PAPER_K, PAPER_TEMPERATURE = 1024, 1.0
 PROTOCOLS = {
@@ -132,16 +133,25 @@ def datastore_fingerprint(ds: Datastore) -> str:
 
 
 def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int, rerank: bool, inputs: dict,
-                      targets: np.ndarray) -> bool:
+                      targets: np.ndarray, k_store: int = 0, grid: dict | None = None) -> bool:
     """True only if the saved search answers exactly these inputs: the same datastore and model, the same tokens of
-    the same split with the same vocabulary, stride and precision, and at least k_max neighbours of the same index.
-    The tokens are compared with the saved targets themselves, so any change of the text recomputes."""
+    the same split with the same vocabulary, stride and precision, and at least k_max neighbours of the same index
+    (all of them stored; or, where `grid` asks for a table (`KnnTable`), the same k_max, at least k_store stored,
+    and every (k, temperature) of `grid` on the saved table's grid or within its stored neighbours). The tokens are compared with the saved targets themselves, so any change of the text
+    recomputes."""
     if not (folder / "meta.json").is_file():
         return False
     meta = read_eval_meta(folder)
     same_index = meta.get("index") == index or (meta.get("index") in EXACT and index in EXACT)  # exact = exact
+    saved_grid = meta.get("grid")
+    if saved_grid is None:  # every neighbour stored: answers any grid
+        enough = meta.get("k_max", 0) >= k_max
+    else:  # a table: the same k_max, as many neighbours stored, and every asked (k, T) on its grid or within them
+        enough = (grid is not None and meta.get("k_max") == k_max and meta.get("k_store", 0) >= k_store and all(
+            (k in saved_grid["k"] and t in saved_grid["temperature"]) or k <= meta["k_store"]
+            for k in grid["k"] for t in grid["temperature"]))
     if not (meta.get("model_sha256") == ds.meta["model_sha256"] and same_index
-            and meta.get("k_max", 0) >= k_max and meta.get("rerank", True) == rerank
+            and enough and meta.get("rerank", True) == rerank
             and meta.get("tokens") == len(targets) and meta.get("datastore_size") == len(ds)):
         return False
     # folders from before these were recorded carry the only settings the code then used: the checkpoint's
@@ -158,6 +168,12 @@ def read_eval_meta(folder: Path) -> dict:
         raise UserError(f"{folder}: no complete evaluation here (meta.json missing; was the step run to the end?)")
     path = folder / "meta.json"
     meta = check_fields(read_json(path, "evaluation meta"), path, {"tokens": int, "k_max": int})
+    grid = meta.get("grid")
+    if grid is not None and not (isinstance(grid, dict) and isinstance(meta.get("k_store"), int)
+                                 and 1 <= meta["k_store"] <= meta["k_max"]
+                                 and all(isinstance(grid.get(a), list) and grid[a] for a in ("k", "temperature"))):
+        raise UserError(f"{path}: 'grid' should be {{\"k\": [...], \"temperature\": [...]}} with 'k_store' in "
+                        f"[1, k_max], found {_shown(grid)}")
     for key in ("tokens", "k_max"):
         if meta[key] < (1 if key == "k_max" else 0):
             raise UserError(f"{path}: {key!r} should be {'positive' if key == 'k_max' else 'non-negative'}, "
@@ -180,12 +196,17 @@ def load_search(folder: Path) -> dict[str, np.ndarray]:
     """The saved per-token arrays of an evaluation, checked against its meta.json (written last)."""
     with swapping(folder, exclusive=False):  # never the old meta with the new arrays of a re-evaluation
         meta = read_eval_meta(folder)
-        arrays = {a: load_npy(folder / f"{a}.npy", mmap=a in ("query_keys", "neighbors", "distances")) for a in ARRAYS}
-    n, K = meta["tokens"], meta["k_max"]
+        names = ARRAYS + (TABLE_ARRAYS if meta.get("grid") is not None else ())
+        arrays = {a: load_npy(folder / f"{a}.npy", mmap=a in ("query_keys", "neighbors", "distances", "knn_grid"))
+                  for a in names}
+    n, K = meta["tokens"], meta.get("k_store") or meta["k_max"]
+    table = (n, len(meta["grid"]["k"]), len(meta["grid"]["temperature"])) if meta.get("grid") is not None else None
     for name, arr in arrays.items():
-        want = (n, K) if name in ("neighbors", "distances") else (n,) if name in ("targets", "lm_logprobs") else None
+        want = ((n, K) if name in ("neighbors", "distances") else (n,) if name in ("targets", "lm_logprobs", "target_rank")
+                else table if name == "knn_grid" else None)
         if arr.shape[:1] != (n,) or (want is not None and arr.shape != want):
-            raise UserError(f"{folder / (name + '.npy')}: shape {arr.shape} disagrees with meta.json ({n} tokens, k_max {K})")
+            raise UserError(f"{folder / (name + '.npy')}: shape {arr.shape} disagrees with meta.json ({n} tokens, "
+                            f"{K} neighbours stored)")
     return arrays
 
 
@@ -233,7 +254,11 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
     stride, bf16 = scoring_settings(ds, train_cfg)
     inputs = {"split": split, "vocab_hash": corpus.vocab_hash, "datastore": datastore_fingerprint(ds),
               "stride": stride, "bf16": bf16, "key_site": ds.meta["key_site"], "key_layer": ds.meta["key_layer"]}
-    if _search_is_cached(folder, ds, index, e.k_max, rerank, inputs, ids):  # every rank reads the same answer
+    k_store = e.k_store or e.k_max
+    ks, temperatures = tuning_grid(cfg)
+    grid = {"k": ks, "temperature": temperatures} if k_store < e.k_max else None  # a table, not every neighbour
+    asked = {"k": e.k, "temperature": e.temperature} if grid else None  # what a saved table must answer
+    if _search_is_cached(folder, ds, index, e.k_max, rerank, inputs, ids, k_store, asked):  # every rank reads it
         return read_eval_meta(folder) if main else None
     if not save:
         raise UserError(what_if_needs_a_search(run, folder, split, e.k_max, place))
@@ -266,7 +291,13 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
     searcher = CountingSearch(searcher_for(ds, cfg, sharded))
     t_index = time.time() - t0
     t0 = time.time()
-    D, I = search_all(searcher, q, e.k_max, progress=progress and main)
+    each, tables = None, {}
+    if grid is not None and main:  # each batch's k_max neighbours reduced to the grid's scores as they come
+        values, dev = ds.vals, default_device()
+
+        def each(lo: int, d: np.ndarray, i: np.ndarray) -> None:
+            tables[lo] = grid_table(d, values[i], targets[lo : lo + len(d)], ks, temperatures, dev)
+    D, I = search_all(searcher, q, e.k_max, progress=progress and main, keep=k_store, each=each)
     t_search, searched = time.time() - t0, searcher.queries
     if not main:
         barrier()  # until rank 0 has written the result
@@ -275,17 +306,21 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
     id_dtype = np.int32 if len(ds) < 2**31 else np.int64
     record = {"model_sha256": ds.meta["model_sha256"], "index": index, "search": searcher.describe(),
               "search_choice": searcher.auto_reason,  # why `auto` took it
-              "k_max": e.k_max, "tokens": len(targets),
+              "k_max": e.k_max, "k_store": k_store, "grid": grid, "tokens": len(targets),
               "words": corpus.words(split, len(targets)), "oov_rate": corpus.oov_rate(split, len(targets)),
               "rerank": rerank,
               "datastore_size": len(ds), "searched_queries": searched, "inputs": inputs, "search_ranks": world if sharded else 1,
               "datastore": place.name, "corpus": str(corpus.folder), "corpus_sha256": corpus.digest,
               "seconds": {"lm": t_lm, "index": t_index, "search": t_search}}
     with atomic_dir(folder) as tmp:
-        for name, arr in (("targets", targets), ("lm_logprobs", lm), ("query_keys", q),
-                          ("neighbors", I.astype(id_dtype)), ("distances", D)):
+        saved = [("targets", targets), ("lm_logprobs", lm), ("query_keys", q), ("neighbors", I.astype(id_dtype)),
+                 ("distances", D)]
+        if grid is not None:
+            saved += [("knn_grid", np.concatenate([tables[lo][0] for lo in sorted(tables)])),
+                      ("target_rank", np.concatenate([tables[lo][1] for lo in sorted(tables)]))]
+        for name, arr in saved:
             save_npy(tmp / f"{name}.npy", arr)
-        record["sha256"] = {f"{name}.npy": file_sha256(tmp / f"{name}.npy") for name in ARRAYS}  # `knnlm verify`
+        record["sha256"] = {f"{name}.npy": file_sha256(tmp / f"{name}.npy") for name, _ in saved}  # `knnlm verify`
         write_json(tmp / "meta.json", record)  # last: marks the folder complete
     if world > 1:
         barrier()
@@ -296,7 +331,12 @@ def what_if_needs_a_search(run: Path, folder: Path, split: str, k_max: int, plac
     """Why a what-if evaluation cannot run: the saved search it would read is missing, too short or stale."""
     where = place.command(run) if place else f"--out {run}"
     again = f"`knnlm evaluate {where}{' --split test' if split == 'test' else ''}`"
-    stored = read_eval_meta(folder)["k_max"] if (folder / "meta.json").is_file() else 0
+    meta = read_eval_meta(folder) if (folder / "meta.json").is_file() else {}
+    if meta.get("grid") is not None and meta.get("k_max") == k_max:
+        return (f"{folder} keeps the scores of its tuning grid and {meta['k_store']} neighbours per token "
+                f"(eval.k_store); this what-if asks for a k beyond them at a setting off that grid: evaluate again "
+                f"with it in eval.k / eval.temperature, or a larger eval.k_store")
+    stored = meta.get("k_max", 0)
     why = (f"{folder} stores {stored} neighbours per token, this what-if needs {k_max}; raise eval.k_max and run"
            if 0 < stored < k_max else f"{folder} holds no saved search for these settings; run")
     return f"{why} {again} (without --k/--lmbda/--temperature) first: a what-if evaluation writes nothing"
@@ -315,7 +355,12 @@ def tuning_arrays(run: Path, split: str, place: Place | None = None) -> tuple[np
         bad = int(ids.min()) if int(ids.min()) < -1 else int(ids.max())
         raise UserError(f"{folder / 'neighbors.npy'}: neighbour id {bad} is outside the "
                         f"datastore's rows [0, {len(ds)}) (the file is damaged or from another datastore)")
-    return arrays["lm_logprobs"], KnnScores(np.asarray(arrays["distances"]), ds.vals[ids], arrays["targets"])
+    dists, targets = np.asarray(arrays["distances"]), arrays["targets"]
+    if "knn_grid" in arrays:  # eval.k_store < eval.k_max: the grid's scores, and the first neighbours
+        meta = read_eval_meta(folder)
+        return arrays["lm_logprobs"], KnnTable(arrays["knn_grid"], meta["grid"]["k"], meta["grid"]["temperature"],
+                                               arrays["target_rank"], meta["k_max"], dists, ds.vals[ids], targets)
+    return arrays["lm_logprobs"], KnnScores(dists, ds.vals[ids], targets)
 
 
 def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:
@@ -326,11 +371,28 @@ def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:
 
 
 def tune(lm: np.ndarray, scores: KnnScores, cfg: Config) -> list[dict]:
-    """kNN-LM perplexity for every (k, temperature, λ) of the grid (`tuning_grid`), from the cached neighbours only."""
+    """kNN-LM perplexity for every (k, temperature, λ) of the grid (`tuning_grid`), from the cached neighbours only.
+    Scores that keep only their grid's table and a few neighbours (`KnnTable`) may lack a cross pair of a what-if's
+    grid (the paper's k at another temperature): such pairs are left out; a pair a protocol chooses among is not."""
     ks, temperatures = tuning_grid(cfg)
-    knn = scores.grid(ks, temperatures, device=default_device())  # (k, temperature) -> log p_kNN (n,)
-    return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": ppl} for k in ks for tau in temperatures
+    for k, tau in [(k, tau) for k in cfg.eval.k for tau in cfg.eval.temperature] + [(paper_k(cfg), PAPER_TEMPERATURE)]:
+        check_answers(scores, k, tau)
+    pairs = [(k, tau) for k in ks for tau in temperatures if scores.answers(k, tau)]
+    if len(pairs) == len(ks) * len(temperatures):
+        knn = scores.grid(ks, temperatures, device=default_device())  # (k, temperature) -> log p_kNN (n,)
+    else:
+        knn = {p: scores.logprob(*p) for p in pairs}
+    return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": ppl} for k, tau in pairs
             for lmbda, ppl in zip(cfg.eval.lmbda, perplexities(lm, knn[(k, tau)], cfg.eval.lmbda))]
+
+
+def check_answers(scores: KnnScores, k: int, temperature: float) -> None:
+    """Refuse a (k, temperature) the saved search cannot score: beyond its stored neighbours and off the grid it
+    kept (`KnnTable`)."""
+    if not scores.answers(k, temperature):
+        raise UserError(f"k = {k} at temperature {temperature:g}: the saved search keeps the scores of its tuning grid "
+                        f"and {scores.distances.shape[1]} neighbours per token (eval.k_store); evaluate again with "
+                        "this setting in eval.k / eval.temperature, or a larger eval.k_store")
 
 
 def protocol_rows(grid: list[dict], cfg: Config, protocol: str) -> list[dict]:
@@ -495,6 +557,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
     words = record.get("words", len(scores))  # per-word perplexity: the same total loss over the words
     protocols, tuned_knn = {}, None
     for p, c in choices.items():
+        check_answers(scores, c["k"], c["temperature"])
         knn = scores.logprob(c["k"], c["temperature"])
         if p == "tuned":
             tuned_knn = knn.astype(np.float32)

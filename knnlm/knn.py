@@ -104,6 +104,67 @@ class KnnScores:
         """Share of tokens whose target some neighbour among the k nearest carries."""
         return float((np.asarray(self.values[:, :k]) == self.targets[:, None]).any(1).mean())
 
+    def answers(self, k: int, temperature: float) -> bool:
+        """Whether these scores hold (k, temperature)."""
+        return 1 <= k <= self.stored
+
+
+def grid_table(distances: np.ndarray, values: np.ndarray, targets: np.ndarray, ks: list[int],
+               temperatures: list[float], device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """What `KnnTable` keeps of a block of tokens' K neighbours: log p_kNN(target) at every (k, temperature) of a
+    grid, (n, len(ks), len(temperatures)) float64 (`knn_logprob_grid`'s values, bit for bit), and the rank of each
+    token's nearest neighbour that carries its target, (n,) int32 (K where none does)."""
+    g = knn_logprob_grid(distances, values, targets, ks, temperatures, device=device)
+    table = np.stack([np.stack([g[(k, tau)] for tau in temperatures], -1) for k in ks], 1)
+    match = np.asarray(values) == np.asarray(targets)[:, None]
+    rank = np.where(match.any(1), match.argmax(1), match.shape[1]).astype(np.int32)
+    return table, rank
+
+
+class KnnTable(KnnScores):
+    """`KnnScores` of an evaluation that kept log p_kNN(target) at every (k, temperature) of its tuning grid
+    (`grid_table`, from all k_max neighbours) but stored only the K nearest neighbours of each token: a whole split at
+    a large k_max costs (n, |k|, |T|) numbers instead of (n, k_max) neighbours. Settings on the grid are read from the
+    table; others are computed from the stored neighbours where k ≤ K."""
+
+    def __init__(self, table: np.ndarray, ks: list[int], temperatures: list[float], rank: np.ndarray, k_max: int,
+                 distances: np.ndarray, values: np.ndarray, targets: np.ndarray):
+        super().__init__(distances, values, targets)
+        self.table, self.ks, self.temperatures, self.rank, self.k_max = table, list(ks), list(temperatures), rank, k_max
+        self._k, self._t = {k: i for i, k in enumerate(self.ks)}, {t: j for j, t in enumerate(self.temperatures)}
+
+    @property
+    def stored(self) -> int:
+        return self.k_max
+
+    def rows(self, lo: int, hi: int) -> KnnTable:
+        return KnnTable(self.table[lo:hi], self.ks, self.temperatures, self.rank[lo:hi], self.k_max,
+                        self.distances[lo:hi], self.values[lo:hi], self.targets[lo:hi])
+
+    def answers(self, k: int, temperature: float) -> bool:
+        return (k in self._k and temperature in self._t) or 1 <= k <= self.distances.shape[1]
+
+    def logprob(self, k: int, temperature: float) -> np.ndarray:
+        if k in self._k and temperature in self._t:
+            return np.asarray(self.table[:, self._k[k], self._t[temperature]], dtype=np.float64)
+        if not self.answers(k, temperature):
+            raise ValueError(f"k = {k} at temperature {temperature:g}: not in the saved grid, and more than the "
+                             f"{self.distances.shape[1]} neighbours stored")
+        return super().logprob(k, temperature)
+
+    def grid(self, ks: list[int], temperatures: list[float],
+             device: torch.device | str = "cpu") -> dict[tuple[int, float], np.ndarray]:
+        pairs = [(k, t) for k in ks for t in temperatures]
+        off = [(k, t) for k, t in pairs if not (k in self._k and t in self._t)]
+        if bad := [p for p in off if not self.answers(*p)]:
+            raise ValueError(f"(k, temperature) = {bad[0]}: not in the saved grid, and k is more than the "
+                             f"{self.distances.shape[1]} neighbours stored")
+        extra = super().grid(sorted({k for k, _ in off}), sorted({t for _, t in off}), device) if off else {}
+        return {p: extra[p] if p in extra else self.logprob(*p) for p in pairs}
+
+    def target_in_neighbors(self, k: int) -> float:
+        return float((self.rank < k).mean())
+
 
 def knn_logprobs_full(distances: np.ndarray, neighbor_vals: np.ndarray, vocab_size: int,
                       temperature: float) -> torch.Tensor:

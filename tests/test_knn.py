@@ -13,7 +13,8 @@ import torch
 
 from knnlm.artifacts import UserError, read_json
 from knnlm.config import Config, validate
-from knnlm.knn import interpolate, knn_logprob, knn_logprob_grid, knn_logprobs_full, perplexities, perplexity
+from knnlm.knn import (KnnScores, KnnTable, grid_table, interpolate, knn_logprob, knn_logprob_grid, knn_logprobs_full,
+                       perplexities, perplexity)
 from knnlm.search import auto, base, cpu_kernels, faiss_index, key_geometry, torch_search
 from knnlm.search.faiss_index import FaissSearch
 from knnlm.search.registry import EXACT, make_searcher, resolve_index
@@ -297,6 +298,40 @@ def _log_p_knn(d, v, target, tau):
     """log Σ_match exp(−d/τ) − log Σ exp(−d/τ), by numpy's logaddexp (finite wherever a neighbour matches)."""
     s = -d.astype(np.float64) / tau
     return np.logaddexp.reduce(s[v == target]) - np.logaddexp.reduce(s) if (v == target).any() else -math.inf
+
+
+def test_a_table_of_the_grid_answers_as_every_neighbour_does():
+    """`KnnTable` (eval.k_store < eval.k_max): built a block of tokens at a time from all K neighbours, then keeping
+    only the first 4, it gives the same log p_kNN as `KnnScores` over all K, bit for bit on the grid and for any
+    temperature at k <= 4 off it, the same shares of targets among the k nearest, the same halves; it refuses what it
+    no longer holds."""
+    rng = np.random.default_rng(5)
+    n, K, V = 300, 24, 12
+    dists = np.sort(rng.uniform(5, 9, (n, K)), 1).astype(np.float32)
+    vals = rng.integers(0, V, (n, K))
+    targets = rng.integers(0, V, n)
+    vals[::7] = (targets[::7, None] + 1 + rng.integers(0, V - 1, (len(targets[::7]), K))) % V  # some carry no target
+    ks, taus = [2, 8, 24], [0.5, 1.0, 4.0]
+    full = KnnScores(dists, vals, targets)
+    blocks = [grid_table(dists[lo : lo + 64], vals[lo : lo + 64], targets[lo : lo + 64], ks, taus) for lo in range(0, n, 64)]
+    table = KnnTable(np.concatenate([b[0] for b in blocks]), ks, taus, np.concatenate([b[1] for b in blocks]), K,
+                     dists[:, :4], vals[:, :4], targets)
+    assert table.stored == K and full.stored == K
+    want, got = full.grid(ks, taus), table.grid(ks, taus)
+    assert all(np.array_equal(want[p], got[p]) for p in want)  # bit for bit: the same computation
+    for k in (1, 2, 3, 4, 8, 24):
+        assert table.target_in_neighbors(k) == full.target_in_neighbors(k)
+    mixed = table.grid([2, 3], [1.0, 2.5])  # (3, ·) and (·, 2.5) are off the grid: from the 4 stored neighbours
+    assert all(np.allclose(mixed[p], full.logprob(*p), rtol=0, atol=1e-12) for p in mixed)
+    half = table.rows(150, 300)
+    assert np.allclose(half.logprob(8, 4.0), full.rows(150, 300).logprob(8, 4.0), rtol=1e-13, atol=0)  # sums
+    # grouped by the grid's k: equal to the last bits
+    assert half.target_in_neighbors(8) == full.rows(150, 300).target_in_neighbors(8)
+    assert table.answers(24, 1.0) and table.answers(3, 7.0) and not table.answers(8, 7.0) and not table.answers(16, 1.0)
+    with pytest.raises(ValueError, match="not in the saved grid"):
+        table.logprob(8, 7.0)
+    with pytest.raises(ValueError, match="not in the saved grid"):
+        table.grid([16], [1.0])
 
 
 @pytest.mark.parametrize("scale", [50.0, 5000.0])  # 5000: exp(−d/τ) underflows, the log-probabilities must not

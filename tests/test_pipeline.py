@@ -152,6 +152,48 @@ def test_the_command_line_warns_exactly_when_the_summary_lists_a_grid_edge(tiny_
     assert ("warning:" in proc.stderr) == bool(summary["grid_edges"])
 
 
+@slow
+def test_storing_fewer_neighbours_keeps_the_grids_scores_and_the_same_results(tiny_run, tmp_path):
+    """eval.k_store = 8 of k_max = 64: the search keeps 8 neighbours per token and the grid's scores from all 64
+    (`KnnTable`); valid's choices, perplexities, held-out halves and test are those of the run's full evaluation
+    (up to the last bits of a sum grouped otherwise); a what-if within the 8 stored neighbours is answered, one
+    beyond them and off the grid is refused in one line; asking again reuses the saved search."""
+    run = tiny_run[0]
+    out = own_copy(run, tmp_path)
+    shutil.rmtree(out / "eval")  # a full search would answer too (every neighbour answers any grid): search anew
+    new = json.loads(knnlm("evaluate", "--out", out, "--json", "eval.k_store=8").stdout)
+    old = json.loads((run / "eval" / "valid" / "summary.json").read_text())
+    valid = out / "eval" / "valid"
+    meta = json.loads((valid / "meta.json").read_text())
+    n = meta["tokens"]
+    assert meta["k_store"] == 8 and meta["grid"]["k"] == [8, 16, 32, 64] and meta["k_max"] == 64
+    assert np.load(valid / "neighbors.npy").shape == (n, 8) and np.load(valid / "target_rank.npy").shape == (n,)
+    assert np.load(valid / "knn_grid.npy").shape == (n, 4, len(meta["grid"]["temperature"]))
+    for p in ("tuned", "paper"):
+        a, b = new["protocols"][p], old["protocols"][p]
+        assert (a["k"], a["temperature"], a["lambda"]) == (b["k"], b["temperature"], b["lambda"])
+        assert a["knnlm_ppl"] == pytest.approx(b["knnlm_ppl"], rel=1e-12)
+        assert a["target_in_neighbors"] == b["target_in_neighbors"]
+        assert new["held_out"]["protocols"][p]["knnlm_ppl"] == pytest.approx(old["held_out"]["protocols"][p]["knnlm_ppl"],
+                                                                            rel=1e-12)
+    test_new = json.loads(knnlm("evaluate", "--out", out, "--json", "--split", "test", "eval.k_store=8").stdout)
+    test_old = json.loads(knnlm("evaluate", "--out", own_copy_as(run, tmp_path, "full"), "--json", "--split", "test").stdout)
+    assert test_new["knnlm_ppl"] == pytest.approx(test_old["knnlm_ppl"], rel=1e-12)
+    what_if = json.loads(knnlm("evaluate", "--out", out, "--json", "--k", "4", "--temperature", "2.5",
+                               "eval.k_store=8").stdout)  # within the stored 8: computed from them
+    assert what_if["k"] == 4 and what_if["temperature"] == 2.5 and "what_if" in what_if
+    fails(knnlm("evaluate", "--out", out, "--temperature", "2.5", "eval.k_store=8", check=False), "tuning grid",
+          "eval.k_store")  # k = 16 at 2.5: neither on the grid nor within the 8 stored
+    before = (valid / "knn_grid.npy").stat().st_mtime_ns
+    again = json.loads(knnlm("evaluate", "--out", out, "--json", "eval.k_store=8").stdout)
+    assert (valid / "knn_grid.npy").stat().st_mtime_ns == before and again["knnlm_ppl"] == new["knnlm_ppl"]
+
+
+def own_copy_as(run, tmp_path, name):
+    shutil.copytree(run, tmp_path / name)
+    return tmp_path / name
+
+
 def _weights(run):
     return load_file(str(latest_checkpoint(run) / "model.safetensors"))
 

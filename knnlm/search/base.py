@@ -67,16 +67,20 @@ def merge_nearest(distances: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.nd
     return np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def search_all(searcher: Searcher, queries: np.ndarray, k: int, batch: int = 4096,
-               progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest rows for every query (n, d), in batches with a progress bar: distances (n, k) fp32, ids (n, k)
-    int64."""
-    n = len(queries)
-    D = np.empty((n, k), dtype=np.float32)
-    I = np.empty((n, k), dtype=np.int64)
+def search_all(searcher: Searcher, queries: np.ndarray, k: int, batch: int = 4096, progress: bool = True,
+               keep: int | None = None, each=None) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest rows for every query (n, d), in batches with a progress bar: distances (n, keep) fp32, ids
+    (n, keep) int64, the `keep` nearest of the k (default all k). `each(lo, D, I)`, if given, sees every batch's
+    whole (b, k) answer first (e.g. to reduce it to what is kept of the rest)."""
+    n, keep = len(queries), k if keep is None else keep
+    D = np.empty((n, keep), dtype=np.float32)
+    I = np.empty((n, keep), dtype=np.int64)
     bar = tqdm(total=n, desc="search", unit="q", unit_scale=True, disable=not progress, dynamic_ncols=True)
     for lo in range(0, n, batch):
-        D[lo : lo + batch], I[lo : lo + batch] = searcher.search(queries[lo : lo + batch], k)
+        d, i = searcher.search(queries[lo : lo + batch], k)
+        if each is not None:
+            each(lo, d, i)
+        D[lo : lo + batch], I[lo : lo + batch] = d[:, :keep], i[:, :keep]
         bar.update(min(batch, n - lo))
     bar.close()
     return D, I
