@@ -199,7 +199,7 @@ def load_search(folder: Path) -> dict[str, np.ndarray]:
         names = ARRAYS + (TABLE_ARRAYS if meta.get("grid") is not None else ())
         arrays = {a: load_npy(folder / f"{a}.npy", mmap=a in ("query_keys", "neighbors", "distances", "knn_grid"))
                   for a in names}
-    n, K = meta["tokens"], meta.get("k_store") or meta["k_max"]
+    n, K = meta["tokens"], meta["k_store"] if meta.get("grid") is not None else meta["k_max"]  # neighbours stored
     table = (n, len(meta["grid"]["k"]), len(meta["grid"]["temperature"])) if meta.get("grid") is not None else None
     for name, arr in arrays.items():
         want = ((n, K) if name in ("neighbors", "distances") else (n,) if name in ("targets", "lm_logprobs", "target_rank")
