@@ -9,7 +9,7 @@ the same records keeps its figures, also where its ω = 0 folder is gone since (
 
 from __future__ import annotations
 
-from ...artifacts import markdown_table, nan_to_null, read_json, write_json, write_text
+from ...artifacts import UserError, markdown_table, nan_to_null, read_json, write_json, write_text
 from ...config import Config
 from ...evaluate import paper_k, tuning_arrays
 from ...knn import perplexities
@@ -25,6 +25,10 @@ def rescaled_ppl(arrays: tuple, cfg: Config, temperature: float) -> float:
     its saved neighbours (`tuning_arrays(run, "valid")`: LM log-probs and `KnnScores`). Dividing distances by T is what
     scaling every key (stored and query) by 1/√T does."""
     lm, scores = arrays
+    if not scores.answers(paper_k(cfg), temperature):  # a table (eval.k_store) holds other temperatures at this k
+        raise UserError(f"rescaling control: k = {paper_k(cfg)} at temperature {temperature:.4g} needs that many "
+                        f"neighbours stored per token; the ω = 0 run stores {scores.distances.shape[1]} "
+                        f"(set eval.k_store to {paper_k(cfg)} or more)")
     knn = scores.logprob(paper_k(cfg), temperature)
     return min(perplexities(lm, knn, cfg.eval.lmbda))
 
