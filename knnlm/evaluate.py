@@ -137,8 +137,8 @@ def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int, reran
     """True only if the saved search answers exactly these inputs: the same datastore and model, the same tokens of
     the same split with the same vocabulary, stride and precision, and at least k_max neighbours of the same index
     (all of them stored; or, where `grid` asks for a table (`KnnTable`), the same k_max, at least k_store stored,
-    and every (k, temperature) of `grid` on the saved table's grid or within its stored neighbours). The tokens are compared with the saved targets themselves, so any change of the text
-    recomputes."""
+    and every (k, temperature) of `grid` on the saved table's grid or within its stored neighbours). The tokens
+    are compared with the saved targets themselves, so any change of the text recomputes."""
     if not (folder / "meta.json").is_file():
         return False
     meta = read_eval_meta(folder)
@@ -395,6 +395,12 @@ def check_answers(scores: KnnScores, k: int, temperature: float) -> None:
                         "this setting in eval.k / eval.temperature, or a larger eval.k_store")
 
 
+def knn_at(scores: KnnScores, c: dict) -> np.ndarray:
+    """log p_kNN (n,) at a choice's k and temperature, refused in one line where the saved search lacks it."""
+    check_answers(scores, c["k"], c["temperature"])
+    return scores.logprob(c["k"], c["temperature"])
+
+
 def protocol_rows(grid: list[dict], cfg: Config, protocol: str) -> list[dict]:
     """The rows of a tuning grid a protocol chooses among (see PROTOCOLS)."""
     if protocol == "tuned":
@@ -435,7 +441,7 @@ def held_out_selection(lm: np.ndarray, scores: KnnScores, cfg: Config, whole: di
 
 def score_choice(lm: np.ndarray, scores: KnnScores, c: dict) -> float:
     """kNN-LM perplexity of these tokens under one (k, temperature, λ)."""
-    return perplexity(interpolate(lm, scores.logprob(c["k"], c["temperature"]), c["lambda"]))
+    return perplexity(interpolate(lm, knn_at(scores, c), c["lambda"]))
 
 
 def grid_edges(best: dict, cfg: Config) -> list[str]:
@@ -557,8 +563,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
     words = record.get("words", len(scores))  # per-word perplexity: the same total loss over the words
     protocols, tuned_knn = {}, None
     for p, c in choices.items():
-        check_answers(scores, c["k"], c["temperature"])
-        knn = scores.logprob(c["k"], c["temperature"])
+        knn = knn_at(scores, c)
         if p == "tuned":
             tuned_knn = knn.astype(np.float32)
         mixed = interpolate(lm, knn, c["lambda"])
@@ -712,7 +717,7 @@ def evaluate_memory(run: str | Path, memory: str | Path, cfg: Config, split: str
         choices = valid_choices(valid_path, scores.stored)  # checked like options: a hand edit is refused
     protocols = {}
     for p, c in choices.items():
-        knn = scores.logprob(c["k"], c["temperature"])
+        knn = knn_at(scores, c)  # a hand-edited test choice off a table's grid: one line
         protocols[p] = {"knnlm_ppl": perplexity(interpolate(pair, knn, c["lambda"])), "lambda": c["lambda"],
                         "k": c["k"], "temperature": c["temperature"], "description": PROTOCOLS[p]}
 
