@@ -114,7 +114,7 @@ def main() -> None:
             print(f"tuning {name}: {res['tuning'][-1]}", flush=True)
         # the λ part of the default grid side by side: one interpolation per λ against all λ at once (`perplexities`)
         ks, temperatures = tuning_grid(cfg)
-        grid = scores.grid(ks, temperatures)
+        grid = scores.at([(k, t) for k in ks for t in temperatures])
         lambdas = cfg.eval.lmbda
         t = time.perf_counter()
         each = [knn.perplexity(knn.interpolate(lm, x, lam)) for x in grid.values() for lam in lambdas]

@@ -158,7 +158,7 @@ def _search_is_cached(folder: Path, ds: Datastore, index: str, k_max: int, reran
     recorded = meta.get("inputs", {})
     if any(recorded.get(key, value) != value for key, value in inputs.items()):
         return False
-    saved = load_search(folder)["targets"]  # a damaged folder is refused, not silently replaced
+    saved = load_search(folder)[1]["targets"]  # a damaged folder is refused, not silently replaced
     return saved.shape == targets.shape and bool(np.array_equal(saved, targets))
 
 
@@ -192,8 +192,9 @@ def read_eval_meta(folder: Path) -> dict:
     return meta
 
 
-def load_search(folder: Path) -> dict[str, np.ndarray]:
-    """The saved per-token arrays of an evaluation, checked against its meta.json (written last)."""
+def load_search(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """An evaluation's meta.json (written last) and its saved per-token arrays, checked against it; both are read under
+    one shared lock, so a re-evaluation never pairs the old meta with the new arrays."""
     with swapping(folder, exclusive=False):  # never the old meta with the new arrays of a re-evaluation
         meta = read_eval_meta(folder)
         names = ARRAYS + (TABLE_ARRAYS if meta.get("grid") is not None else ())
@@ -207,7 +208,7 @@ def load_search(folder: Path) -> dict[str, np.ndarray]:
         if arr.shape[:1] != (n,) or (want is not None and arr.shape != want):
             raise UserError(f"{folder / (name + '.npy')}: shape {arr.shape} disagrees with meta.json ({n} tokens, "
                             f"{K} neighbours stored)")
-    return arrays
+    return meta, arrays
 
 
 def searcher_for(ds: Datastore, cfg: Config, sharded: bool = False, k: int | None = None):
@@ -347,7 +348,7 @@ def tuning_arrays(run: Path, split: str, place: Place | None = None) -> tuple[np
     targets (n,), neighbour distances (n, K), the neighbours' values (n, K)). `place`: another datastore or text than
     the run's own (`place_for`)."""
     folder = place.folder(split) if place else Path(run) / "eval" / split
-    arrays = load_search(folder)
+    meta, arrays = load_search(folder)
     ds = Datastore(place.datastore if place else Path(run) / "datastore")
     ids = np.asarray(arrays["neighbors"])
     # row ids of this datastore; -1 pads an IVF probe that found fewer candidates (its distance is inf)
@@ -357,7 +358,6 @@ def tuning_arrays(run: Path, split: str, place: Place | None = None) -> tuple[np
                         f"datastore's rows [0, {len(ds)}) (the file is damaged or from another datastore)")
     dists, targets = np.asarray(arrays["distances"]), arrays["targets"]
     if "knn_grid" in arrays:  # eval.k_store < eval.k_max: the grid's scores, and the first neighbours
-        meta = read_eval_meta(folder)
         return arrays["lm_logprobs"], KnnTable(arrays["knn_grid"], meta["grid"]["k"], meta["grid"]["temperature"],
                                                arrays["target_rank"], meta["k_max"], dists, ds.vals[ids], targets)
     return arrays["lm_logprobs"], KnnScores(dists, ds.vals[ids], targets)
@@ -378,10 +378,7 @@ def tune(lm: np.ndarray, scores: KnnScores, cfg: Config) -> list[dict]:
     for k, tau in [(k, tau) for k in cfg.eval.k for tau in cfg.eval.temperature] + [(paper_k(cfg), PAPER_TEMPERATURE)]:
         check_answers(scores, k, tau)
     pairs = [(k, tau) for k in ks for tau in temperatures if scores.answers(k, tau)]
-    if len(pairs) == len(ks) * len(temperatures):
-        knn = scores.grid(ks, temperatures, device=default_device())  # (k, temperature) -> log p_kNN (n,)
-    else:
-        knn = {p: scores.logprob(*p) for p in pairs}
+    knn = scores.at(pairs, device=default_device())  # (k, temperature) -> log p_kNN (n,)
     return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": ppl} for k, tau in pairs
             for lmbda, ppl in zip(cfg.eval.lmbda, perplexities(lm, knn[(k, tau)], cfg.eval.lmbda))]
 

@@ -91,10 +91,12 @@ class KnnScores:
         """The scores of tokens [lo, hi) (e.g. one half of valid)."""
         return KnnScores(self.distances[lo:hi], self.values[lo:hi], self.targets[lo:hi])
 
-    def grid(self, ks: list[int], temperatures: list[float],
-             device: torch.device | str = "cpu") -> dict[tuple[int, float], np.ndarray]:
-        """{(k, temperature): log p_kNN (n,)} for every pair of the grid (`knn_logprob_grid`)."""
-        return knn_logprob_grid(self.distances, self.values, self.targets, ks, temperatures, device=device)
+    def at(self, pairs: list[tuple[int, float]],
+           device: torch.device | str = "cpu") -> dict[tuple[int, float], np.ndarray]:
+        """{(k, temperature): log p_kNN (n,)} for each pair, in one pass over the neighbours (`knn_logprob_grid`)."""
+        grid = knn_logprob_grid(self.distances, self.values, self.targets, sorted({k for k, _ in pairs}),
+                                sorted({t for _, t in pairs}), device=device) if pairs else {}
+        return {p: grid[p] for p in pairs}
 
     def logprob(self, k: int, temperature: float) -> np.ndarray:
         """log p_kNN (n,) at one setting."""
@@ -152,14 +154,13 @@ class KnnTable(KnnScores):
                              f"{self.distances.shape[1]} neighbours stored")
         return super().logprob(k, temperature)
 
-    def grid(self, ks: list[int], temperatures: list[float],
-             device: torch.device | str = "cpu") -> dict[tuple[int, float], np.ndarray]:
-        pairs = [(k, t) for k in ks for t in temperatures]
-        off = [(k, t) for k, t in pairs if not (k in self._k and t in self._t)]
+    def at(self, pairs: list[tuple[int, float]],
+           device: torch.device | str = "cpu") -> dict[tuple[int, float], np.ndarray]:
+        off = [p for p in pairs if not (p[0] in self._k and p[1] in self._t)]
         if bad := [p for p in off if not self.answers(*p)]:
             raise ValueError(f"(k, temperature) = {bad[0]}: not in the saved grid, and k is more than the "
                              f"{self.distances.shape[1]} neighbours stored")
-        extra = super().grid(sorted({k for k, _ in off}), sorted({t for _, t in off}), device) if off else {}
+        extra = super().at(off, device)
         return {p: extra[p] if p in extra else self.logprob(*p) for p in pairs}
 
     def target_in_neighbors(self, k: int) -> float:

@@ -317,11 +317,12 @@ def test_a_table_of_the_grid_answers_as_every_neighbour_does():
     table = KnnTable(np.concatenate([b[0] for b in blocks]), ks, taus, np.concatenate([b[1] for b in blocks]), K,
                      dists[:, :4], vals[:, :4], targets)
     assert table.stored == K and full.stored == K
-    want, got = full.grid(ks, taus), table.grid(ks, taus)
+    grid = [(k, t) for k in ks for t in taus]
+    want, got = full.at(grid), table.at(grid)
     assert all(np.array_equal(want[p], got[p]) for p in want)  # bit for bit: the same computation
     for k in (1, 2, 3, 4, 8, 24):
         assert table.target_in_neighbors(k) == full.target_in_neighbors(k)
-    mixed = table.grid([2, 3], [1.0, 2.5])  # (3, ·) and (·, 2.5) are off the grid: from the 4 stored neighbours
+    mixed = table.at([(2, 1.0), (3, 1.0), (2, 2.5), (3, 2.5)])  # (3, ·), (·, 2.5): off the grid, from the 4 stored
     assert all(np.allclose(mixed[p], full.logprob(*p), rtol=0, atol=1e-12) for p in mixed)
     half = table.rows(150, 300)
     assert np.allclose(half.logprob(8, 4.0), full.rows(150, 300).logprob(8, 4.0), rtol=1e-13, atol=0)  # sums
@@ -331,7 +332,7 @@ def test_a_table_of_the_grid_answers_as_every_neighbour_does():
     with pytest.raises(ValueError, match="not in the saved grid"):
         table.logprob(8, 7.0)
     with pytest.raises(ValueError, match="not in the saved grid"):
-        table.grid([16], [1.0])
+        table.at([(16, 1.0)])
 
 
 @pytest.mark.parametrize("scale", [50.0, 5000.0])  # 5000: exp(−d/τ) underflows, the log-probabilities must not

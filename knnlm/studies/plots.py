@@ -296,6 +296,10 @@ def plot_quality_vs_speed(points: dict[str, list[tuple[float, float]]], path: Pa
         ax.errorbar([np.exp(np.log(speeds).mean())], [mean], yerr=None if n < 2 else [[half], [half]], fmt="o",
                     color=color, ms=7, capsize=4, label=f"{label} (n = {n})")
     ax.set_xscale("log")
+    ticker = matplotlib.ticker  # plain numbers at 1, 2, 5 × 10^n: the default minor labels overlap on a short decade
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("evaluation speed (tokens/s, log scale; geometric mean over seeds)")
     ax.set_ylabel("perplexity (bars: 95 % t-interval of the mean over seeds; faint: each seed)")
     ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
