@@ -7,7 +7,7 @@
 For each seed, on the study's base config (the ω study's WikiText-2 configuration), one device, in this order:
   base      the LM (ω = 0): trained, datastore, valid and test evaluated (LM alone, kNN-LM: both protocols)
   targets   `knnlm targets` of the base: p_kNN of every training position, its own entry left out
-  memory    a memory model (started from the base, KL + CE as `memory_overrides` say) interpolated with the base
+  memory    a memory model (started from the base, KL alone as `memory_overrides` say) interpolated with the base
             at a λ tuned on valid, no retrieval; and the base's kNN on top of that pair
   finetune  the base fine-tuned with CE + β·KL; its own datastore and kNN-LM
   scratch   an LM trained from scratch with CE + β·KL toward the targets; its own datastore and kNN-LM
@@ -31,7 +31,7 @@ import tomllib
 from pathlib import Path
 
 from knnlm.artifacts import UserError, cpu_name, markdown_table, nan_to_null, read_json, write_json, write_text
-from knnlm.config import load_config
+from knnlm.config import check_same_model, load_config
 from knnlm.evaluate import evaluate, evaluate_memory
 from knnlm.pipeline import run_pipeline
 from knnlm.studies.statistics import t_interval
@@ -80,6 +80,24 @@ def evaluated(run: Path, cfg) -> dict:
     return out
 
 
+def stage_settings(study: dict, stage: str) -> list[str]:
+    """The overrides a stage adds to the study's own (`overrides` and the seed): what its record is made with."""
+    return {"base": [], "targets": [], "scratch": study["distil_overrides"],
+            "finetune": study["distil_overrides"] + study["finetune_overrides"],
+            "control": study["finetune_overrides"], "memory": study["memory_overrides"]}[stage]
+
+
+def check_record(record_path: Path, study: dict, stage: str) -> None:
+    """Refuse a record made with other settings than the study now asks for its stage (no stale answer): the
+    study's overrides and the stage's own (`stage_settings`), as far as the record kept them."""
+    rec = read_json(record_path)
+    made = rec.get("settings", {"overrides": study["overrides"], "stage": rec.get("overrides", stage_settings(study, stage))})
+    made = {**made, "stage": [o for o in made["stage"] if not o.startswith("train.init_from=")]}
+    if made != {"overrides": study["overrides"], "stage": stage_settings(study, stage)}:
+        raise UserError(f"{record_path}: recorded with other settings ({made}) than the study now asks for its {stage} "
+                        f"stage; move the record (and its run folder) out of the way to run it again")
+
+
 def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
     base_run = out / f"base_seed{seed}"
     common = [*study["overrides"], f"train.seed={seed}"]
@@ -98,14 +116,13 @@ def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
         return {k: meta[k] for k in ("N", "k", "top", "temperature", "exclude", "seconds", "bytes", "mean_top_mass",
                                      "mean_rest", "search")}
     if stage in ("scratch", "finetune"):
-        extra = study["distil_overrides"] + (study["finetune_overrides"] + [f"train.init_from={base_run}"]
-                                             if stage == "finetune" else [])
+        extra = stage_settings(study, stage) + ([f"train.init_from={base_run}"] if stage == "finetune" else [])
         cfg = load_config(study["base"], [*common, targets, *extra])
         run = out / f"{stage}_seed{seed}"
         res = run_pipeline(cfg, run)
         return {"train_seconds": res["train"]["train_seconds"], "overrides": extra, **evaluated(run, cfg)}
     if stage == "control":
-        extra = [*study["finetune_overrides"], f"train.init_from={base_run}"]
+        extra = [*stage_settings(study, stage), f"train.init_from={base_run}"]
         cfg = load_config(study["base"], [*common, *extra])
         run = out / f"control_seed{seed}"
         res = run_pipeline(cfg, run)
@@ -114,13 +131,14 @@ def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
         return {"train_seconds": res["train"]["train_seconds"], "overrides": extra, **evaluated(run, cfg),
                 "as_memory": ensemble}
     if stage == "memory":
-        extra = [*study["memory_overrides"], f"train.init_from={base_run}"]
+        extra = [*stage_settings(study, stage), f"train.init_from={base_run}"]
         mem_cfg = load_config(study["base"], [*common, targets, *extra])
         mem = out / f"memory_seed{seed}"
         from knnlm.pipeline import check_writable
         from knnlm.train import train
 
         check_writable(mem)
+        check_same_model(mem, mem_cfg)  # a memory model trained with other settings is not reused
         summary = read_json(mem / "train_summary.json") if (mem / "train_summary.json").is_file() else \
             train(mem_cfg, mem, resume=(mem / "checkpoints").is_dir())
         cfg = load_config(study["base"], common)
@@ -232,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown := [s for s in seeds if s not in study["seeds"]]:
             raise UserError(f"--seeds: {unknown} not among the study's seeds {study['seeds']} ({a.study})")
         if not a.tables_only:
-            for seed in seeds:  # every stage's inputs recorded or run before it, checked before anything runs
-                for stage in a.stages:
+            for seed in seeds:  # every stage's inputs recorded or run before it, and its record current, checked
+                for stage in a.stages:  # before anything runs
+                    if (made := results / "runs" / f"seed{seed}_{stage}.json").is_file():
+                        check_record(made, study, stage)
                     for need in NEEDS.get(stage, ()):
                         if need not in a.stages and not (results / "runs" / f"seed{seed}_{need}.json").is_file():
                             raise UserError(f"--stages: seed {seed}'s {stage} stage needs its {need} stage, which is "
@@ -248,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.time()
                     rec = run_stage(study, a.out, seed, stage)
                     write_json(record, {"seed": seed, "stage": stage, "device": device(), "wall_seconds": time.time() - t0,
-                                        **rec})
+                                        "settings": {"overrides": study["overrides"],
+                                                     "stage": stage_settings(study, stage)}, **rec})
                     print(f"recorded {record}", flush=True)
         records = {f.stem: read_json(f) for f in sorted((results / "runs").glob("*.json"))}
         if records:

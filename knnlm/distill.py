@@ -3,8 +3,8 @@ memory model interpolated with the base LM at test time (no retrieval at inferen
 
     knnlm targets --out BASE                    # BASE/targets: p_kNN of every training position, its own entry left out
     knnlm train --config C --out DISTIL train.distil_targets=BASE/targets train.beta=1        # CE + β·KL, from scratch
-    knnlm train --config C --out MEM train.distil_targets=BASE/targets train.ce_weight=0.5 train.beta=0.5 \\
-                train.init_from=BASE            # a memory model (Memory Decoder: KL + CE, started from the base LM)
+    knnlm train --config C --out MEM train.distil_targets=BASE/targets train.ce_weight=0 train.beta=1 \\
+                train.init_from=BASE            # a memory model: KL alone, started from the base LM
     knnlm evaluate --out BASE --memory MEM      # LM + memory model, with and without the kNN on top
 
 Targets (after Memory Decoder, Cao et al. 2025). Training position i of the datastore (its key r_i, next token v_i)

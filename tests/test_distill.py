@@ -168,10 +168,10 @@ def test_beta_zero_is_the_lm_loss_and_a_memory_model_mixes_as_by_hand(tiny_run, 
     wa, wb = safetensors.torch.load_file(str(a)), safetensors.torch.load_file(str(b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)  # β = 0: the same weights, bitwise
 
-    # a memory model: started from the base, KL + CE; then the pair evaluated and checked by hand
+    # a memory model: started from the base, KL alone; then the pair evaluated and checked by hand
     mem = tmp_path / "mem"
     knnlm("train", "--config", "configs/tiny.toml", "--out", mem, *short, f"train.distil_targets={base / 'targets'}",
-          "train.beta=0.5", "train.ce_weight=0.5", f"train.init_from={base}")
+          "train.beta=1", "train.ce_weight=0", f"train.init_from={base}")
     rows = [json.loads(line) for line in (mem / "metrics.jsonl").read_text().splitlines()]
     assert any("kl_loss" in r and r["kl_loss"] > 0 for r in rows)
     summary = json.loads(knnlm("evaluate", "--out", base, "--json", "--memory", mem).stdout)
@@ -306,3 +306,24 @@ def test_the_distill_study_runs_stages_in_order_for_the_seeds_asked_and_refuses_
     assert ran == [] and not (results / "runs" / "seed2_memory.json").exists()
     assert study.main([*args, "--seeds", "1", "--stages", "finetune"]) == 0  # its inputs are recorded
     assert ran == [(1, "finetune")]
+    # a record made with other settings than the study's (here: an older memory model's) is refused, not reused
+    memory = results / "runs" / "seed1_memory.json"
+    rec = json.loads(memory.read_text())
+    assert rec["settings"] == {"overrides": study.load_study(REPO / "experiments" / "distill_study.toml")["overrides"],
+                               "stage": study.stage_settings(study.load_study(REPO / "experiments" / "distill_study.toml"),
+                                                             "memory")}
+    rec["settings"]["stage"] = ["train.beta=0.5", "train.ce_weight=0.5"]
+    memory.write_text(json.dumps(rec))
+    ran.clear()
+    capsys.readouterr()
+    assert study.main([*args, "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(memory) in err[0] and "other settings" in err[0] and ran == []
+    # a record from before records kept their settings: its stage overrides (without init_from) are compared
+    memory.write_text(json.dumps({"seed": 1, "stage": "memory", "overrides": ["train.beta=0.5", "train.init_from=x"]}))
+    assert study.main([*args, "--seeds", "1"]) == 2 and ran == []
+    del rec["settings"]
+    rec["overrides"] = [*study.stage_settings(study.load_study(REPO / "experiments" / "distill_study.toml"), "memory"),
+                        "train.init_from=/elsewhere/base_seed1"]
+    memory.write_text(json.dumps(rec))
+    assert study.main([*args, "--seeds", "1"]) == 0 and ran == [(1, "scratch")]
