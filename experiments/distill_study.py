@@ -98,6 +98,12 @@ def check_record(record_path: Path, study: dict, stage: str) -> None:
                         f"stage; move the record (and its run folder) out of the way to run it again")
 
 
+def trained(summary: dict) -> dict:
+    """What a record keeps of a training run: its time, and its loss terms in nats (LM, KL toward the targets) over
+    the first and the last logged window (`penalty`): how far a model came toward the targets on the training set."""
+    return {"train_seconds": summary["train_seconds"], **({"losses": summary["penalty"]} if "penalty" in summary else {})}
+
+
 def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
     base_run = out / f"base_seed{seed}"
     common = [*study["overrides"], f"train.seed={seed}"]
@@ -109,7 +115,7 @@ def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
     if stage == "base":
         cfg = load_config(study["base"], common)
         res = run_pipeline(cfg, base_run)
-        return {"train_seconds": res["train"]["train_seconds"], **evaluated(base_run, cfg)}
+        return {**trained(res["train"]), **evaluated(base_run, cfg)}
     if stage == "targets":
         cfg = load_config(study["base"], common)
         meta = read_json(build_targets(base_run, cfg) / "meta.json")
@@ -120,7 +126,7 @@ def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
         cfg = load_config(study["base"], [*common, targets, *extra])
         run = out / f"{stage}_seed{seed}"
         res = run_pipeline(cfg, run)
-        return {"train_seconds": res["train"]["train_seconds"], "overrides": extra, **evaluated(run, cfg)}
+        return {**trained(res["train"]), "overrides": extra, **evaluated(run, cfg)}
     if stage == "control":
         extra = [*stage_settings(study, stage), f"train.init_from={base_run}"]
         cfg = load_config(study["base"], [*common, *extra])
@@ -128,7 +134,7 @@ def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
         res = run_pipeline(cfg, run)
         base_cfg = load_config(study["base"], common)
         ensemble = {split: evaluate_memory(base_run, run, base_cfg, split, progress=False) for split in ("valid", "test")}
-        return {"train_seconds": res["train"]["train_seconds"], "overrides": extra, **evaluated(run, cfg),
+        return {**trained(res["train"]), "overrides": extra, **evaluated(run, cfg),
                 "as_memory": ensemble}
     if stage == "memory":
         extra = [*stage_settings(study, stage), f"train.init_from={base_run}"]
@@ -143,7 +149,7 @@ def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
             train(mem_cfg, mem, resume=(mem / "checkpoints").is_dir())
         cfg = load_config(study["base"], common)
         figures = {split: evaluate_memory(base_run, mem, cfg, split, progress=False) for split in ("valid", "test")}
-        return {"train_seconds": summary["train_seconds"], "overrides": extra, **figures}
+        return {**trained(summary), "overrides": extra, **figures}
     raise AssertionError(stage)
 
 
