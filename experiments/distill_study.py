@@ -168,6 +168,7 @@ def tables(records: dict[str, dict], results: Path) -> dict:
                       "kNN-LM of the base (tuned)": base[split]["knnlm_ppl"],
                       "kNN-LM of the base (paper, T = 1)": base[split]["knnlm_ppl_paper"]}
             if (m := get("memory")) is not None:
+                values["memory model alone (no retrieval)"] = m[split]["memory_model_ppl"]
                 values["LM + memory model (no retrieval)"] = m[split]["lm_memory_ppl"]
                 values["kNN-LM over LM + memory (tuned)"] = m[split]["protocols"]["tuned"]["knnlm_ppl"]
                 values["kNN-LM over LM + memory (paper)"] = m[split]["protocols"]["paper"]["knnlm_ppl"]

@@ -225,7 +225,7 @@ def test_the_distill_study_tables_pair_each_variant_with_the_same_seeds_base(tmp
         split = lambda x: {"lm_ppl": x + 20, "knnlm_ppl": x, "knnlm_ppl_paper": x + 10, "tokens": 50000,
                            "seconds": {"lm": 10.0, "search": 190.0}}
         records[f"seed{seed}_base"] = {"train_seconds": 1000.0, "valid": split(a), "test": split(a + 3)}
-        mem = lambda x: {"lm_memory_ppl": x, "protocols": {"tuned": {"knnlm_ppl": x - 5}, "paper": {"knnlm_ppl": x - 1}},
+        mem = lambda x: {"memory_model_ppl": x + 8, "lm_memory_ppl": x, "protocols": {"tuned": {"knnlm_ppl": x - 5}, "paper": {"knnlm_ppl": x - 1}},
                          "tokens": 50000, "seconds": {"lm": 10.0, "memory_model": 10.0, "search": 190.0},
                          "tokens_per_s": {"lm_memory": 5000.0, "knnlm": 250.0},
                          "inference_bytes": {"lm": 2**24, "memory_model": 2**24, "datastore": 2**30}}
@@ -240,6 +240,7 @@ def test_the_distill_study_tables_pair_each_variant_with_the_same_seeds_base(tmp
         stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3))
     assert row["vs_base_knnlm_tuned"]["relative"] == pytest.approx(d.mean() / np.mean(anchors))
     assert table["kNN-LM of the base (tuned)"]["test"]["vs_base_knnlm_tuned"]["mean"] == 0.0
+    assert table["memory model alone (no retrieval)"]["valid"]["mean"] == pytest.approx(np.mean(memory) + 8)
     md = (tmp_path / "distill.md").read_text()
     assert "20.0×" in md and "32 MiB vs 1040 MiB" in md and "build 1800 s" in md  # speed and bytes at inference
     points = study.speed_points(records)  # the figure's: tokens/s from each pass's time, one point per seed
