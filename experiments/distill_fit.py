@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill_fit: error: {base_run}/eval/valid does not follow the valid split's tokens", file=sys.stderr)
         return 2
     vals = Datastore(base_run / "datastore").vals
-    dists = torch.from_numpy(np.asarray(search["distances"][:n, :k], dtype=np.float32))
+    dists = torch.from_numpy(np.array(search["distances"][:n, :k], dtype=np.float32))  # a copy: the search is a read-only map
     words_k = torch.from_numpy(np.asarray(vals[np.asarray(search["neighbors"][:n, :k])], dtype=np.int64))
     valid_p = [sparse_knn_distribution(dists[i : i + 4096], words_k[i : i + 4096], torch.ones_like(dists[i : i + 4096],
                                        dtype=torch.bool), temperature, top) for i in range(0, n, 4096)]
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (run / "checkpoints").is_dir():
             continue
         model = base_model if name == "base" else load_model(run)[0]
-        fit = {"train": mean_kl(model, train, a.tokens, train_targets), "valid": mean_kl(model, valid, n, valid_targets)}
+        fit = {"train": mean_kl(model, train, min(a.tokens, len(train) - 1), train_targets),
+               "valid": mean_kl(model, valid, n, valid_targets)}
         table[name] = fit
         rows.append([label, f"{fit['train']:.3f}", f"{fit['valid']:.3f}", f"{fit['valid'] - fit['train']:+.3f}"])
         print(label, fit, flush=True)

@@ -328,3 +328,65 @@ def test_the_distill_study_runs_stages_in_order_for_the_seeds_asked_and_refuses_
                         "train.init_from=/elsewhere/base_seed1"]
     memory.write_text(json.dumps(rec))
     assert study.main([*args, "--seeds", "1"]) == 0 and ran == [(1, "scratch")]
+
+
+@slow
+def test_distill_fit_is_a_numpy_kl_on_training_text_and_on_valid(tiny_run, tmp_path):
+    """experiments/distill_fit.py: the base's KL from p_kNN on training text (the stored targets) and on valid
+    (p_kNN of the saved search) equals a float64 numpy KL over the same partition, from the model's full
+    distribution and, on valid, from a brute-force search of the datastore's keys at the saved query keys."""
+    import importlib.util
+
+    from conftest import REPO
+
+    from knnlm.checkpoint import load_model
+    from knnlm.data import split_ids, token_stream
+    from knnlm.models import corpus_for
+
+    base = tmp_path / "runs" / "base_seed0"
+    shutil.copytree(tiny_run[0], base)
+    knnlm("targets", "--out", base, *TARGETS)
+    spec = importlib.util.spec_from_file_location("distill_fit", REPO / "experiments" / "distill_fit.py")
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    model, cfg, _ = load_model(base)
+    T, m = model.cfg.context, 4 * model.cfg.context
+    assert fit.main([str(tmp_path / "runs"), "--tokens", str(m), "--out", str(tmp_path / "fit")]) == 0
+    got = json.loads((tmp_path / "fit.json").read_text())["kl_nats"]["base"]
+    t = Targets(base / "targets")
+    k, tau, top = t.meta["k"], t.meta["temperature"], t.meta["top"]
+    keys = np.load(base / "datastore" / "keys.npy").astype(np.float64)
+    vals = np.load(base / "datastore" / "vals.npy")
+    queries = np.load(base / "eval" / "valid" / "query_keys.npy").astype(np.float64)
+
+    def brute_p(q):  # p_kNN at a valid query: its k nearest stored keys, float64
+        d = ((keys - q) ** 2).sum(1)
+        near = np.lexsort((np.arange(len(d)), d))[:k]
+        w = np.exp(-(d[near] - d[near].min()) / tau)
+        p = {}
+        for word, weight in zip(vals[near], w / w.sum()):
+            p[int(word)] = p.get(int(word), 0.0) + weight
+        return p
+
+    def numpy_kl(split, p_of):
+        s = token_stream(split_ids(corpus_for(cfg), cfg, split), corpus_for(cfg).eos_id)
+        rows = torch.arange(m)
+        with torch.no_grad():
+            out = model(s[rows].reshape(-1, T))
+            q = np.exp(model.full_logprobs(out.hidden.reshape(m, -1)).double().numpy())  # (m, V)
+        kls = []
+        for i in range(m):
+            p = p_of(i)
+            words = sorted(p, key=lambda w: -p[w])[:top]
+            rest = 1.0 - sum(p[w] for w in words)
+            kl = sum(p[w] * math.log(p[w] / q[i, w]) for w in words)
+            if rest > 1e-12:
+                kl += rest * math.log(rest / (1.0 - q[i, words].sum()))
+            kls.append(kl)
+        return float(np.mean(kls))
+
+    def stored_p(i):
+        return {int(w): float(p) for w, p in zip(t.arrays["words"][i], t.arrays["probs"][i]) if w >= 0 and p > 0}
+
+    assert got["train"] == pytest.approx(numpy_kl("train", stored_p), rel=1e-4)
+    assert got["valid"] == pytest.approx(numpy_kl("valid", lambda i: brute_p(queries[i])), rel=1e-3)
