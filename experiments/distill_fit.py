@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill_fit: error: {base_run}/eval/valid does not follow the valid split's tokens", file=sys.stderr)
         return 2
     vals = Datastore(base_run / "datastore").vals
-    dists = torch.from_numpy(np.array(search["distances"][:n, :k], dtype=np.float32))  # a copy: the search is a read-only map
+    # copies: the saved search is a read-only memory map
+    dists = torch.from_numpy(np.array(search["distances"][:n, :k], dtype=np.float32))
     words_k = torch.from_numpy(np.asarray(vals[np.asarray(search["neighbors"][:n, :k])], dtype=np.int64))
     valid_p = [sparse_knn_distribution(dists[i : i + 4096], words_k[i : i + 4096], torch.ones_like(dists[i : i + 4096],
                                        dtype=torch.bool), temperature, top) for i in range(0, n, 4096)]
