@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knnlm.artifacts import cpu_name, markdown_table, read_json, write_json, write_text
+from knnlm.artifacts import cpu_name, markdown_table, write_json, write_text
 from knnlm.checkpoint import load_model
 from knnlm.data import block_positions, split_ids, token_stream
 from knnlm.datastore import Datastore
@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=49_920, help="positions of each text (a multiple of the context)")
     p.add_argument("--out", type=Path, required=True, help="OUT.json and OUT.md")
     a = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     base_run = a.runs / f"base_seed{a.seed}"
     targets = Targets(base_run / "targets")
     k, temperature, top = targets.meta["k"], targets.meta["temperature"], targets.meta["top"]
@@ -68,9 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     corpus = corpus_for(cfg)
     # the streams training and evaluation read: [<eos>] + ids, position i predicting token i + 1
     train, valid = (token_stream(split_ids(corpus, cfg, split), corpus.eos_id).numpy() for split in ("train", "valid"))
-
-    def train_targets(rows):
-        return targets.batch(rows)
 
     # p_kNN of valid's positions from the base's saved search: nearest k neighbours, the targets' temperature and top
     _, search = load_search(base_run / "eval" / "valid")
@@ -95,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (run / "checkpoints").is_dir():
             continue
         model = base_model if name == "base" else load_model(run)[0]
-        fit = {"train": mean_kl(model, train, min(a.tokens, len(train) - 1), train_targets),
+        fit = {"train": mean_kl(model, train, min(a.tokens, len(train) - 1), targets.batch),
                "valid": mean_kl(model, valid, n, valid_targets)}
         table[name] = fit
         rows.append([label, f"{fit['train']:.3f}", f"{fit['valid']:.3f}", f"{fit['valid'] - fit['train']:+.3f}"])
