@@ -33,14 +33,13 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def t_interval(xs: list[float]) -> tuple[float, float, float, int]:
     """Mean, sample std and the half-width of the 95 % t-interval of the mean, and n (std and half-width nan for
-    n < 2): over seeds, n is small, so the interval is Student's t, not mean ± 2 std."""
-    a = np.asarray(xs, dtype=np.float64)
-    n = len(a)
+    n < 2, where `mean_std` gives a std of 0 for the tables): over seeds, n is small, so the interval is Student's t,
+    not mean ± 2 std."""
+    (mean, std), n = mean_std(xs), len(xs)
     if n < 2:
-        return float(a.mean()), math.nan, math.nan, n
-    std = float(a.std(ddof=1))
+        return mean, math.nan, math.nan, n
     t = optional_import("scipy.stats", "plots", "the studies' t-intervals").t.ppf(0.975, n - 1)
-    return float(a.mean()), std, float(t * std / math.sqrt(n)), n
+    return mean, std, float(t * std / math.sqrt(n)), n
 
 
 def ci95(xs: list[float]) -> list[float] | None:
