@@ -18,7 +18,13 @@ mkdir -p "$RUNS/moco_study"
 for seed in 0 1 2; do
   [ -e "$RUNS/moco_study/l2_omega0_seed$seed" ] || ln -s "../distill_study/base_seed$seed" "$RUNS/moco_study/l2_omega0_seed$seed"
 done
+# Disk: a memorizing run stores 1,024 neighbours of every valid and test token (about 3.8 GB) beside its tables;
+# --prune drops the test ones, and the valid ones of ω > 0 runs, once the run is recorded (its tables, the k-depth
+# stage's arrays and ω = 0's neighbours for the rescaling control stay). Not for the MOCO study, whose ω = 0 runs are
+# the distillation study's folders.
 for study in memorizing_study moco_study key_site_curves_study key_site_memorizing_study; do
-  $PY -m knnlm.cli sweep "experiments/$study.toml" --out "$RUNS/$study" >>"$RUNS/logs/$study.log" 2>&1 \
+  prune=""
+  case $study in *memorizing*) prune="--prune" ;; esac
+  $PY -m knnlm.cli sweep "experiments/$study.toml" --out "$RUNS/$study" $prune >>"$RUNS/logs/$study.log" 2>&1 \
     || { echo "$study failed: $RUNS/logs/$study.log" >&2; exit 1; }
 done

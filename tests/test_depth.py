@@ -39,30 +39,40 @@ def test_every_k_up_to_the_whole_store_equals_a_float64_brute_force():
     np.testing.assert_allclose(got[1:], ref[1:], rtol=1e-5, atol=1e-6)
 
 
-def test_k_depth_reads_a_run_and_tunes_each_k(tmp_path):
+def planted_run(folder):
+    """A run folder as `knnlm sweep --prune` leaves it: datastore arrays and valid's query keys, targets and LM
+    scores (no meta.json, no neighbours). Each query sits next to a key that carries its target."""
     rng = np.random.default_rng(1)
-    (tmp_path / "datastore").mkdir()
-    valid = tmp_path / "eval" / "valid"
+    (folder / "datastore").mkdir(parents=True)
+    valid = folder / "eval" / "valid"
     valid.mkdir(parents=True)
     keys = rng.standard_normal((200, 4)).astype(np.float16)
     vals = rng.integers(0, 3, 200).astype(np.int32)
-    np.save(tmp_path / "datastore" / "keys.npy", keys)
-    np.save(tmp_path / "datastore" / "vals.npy", vals)
+    np.save(folder / "datastore" / "keys.npy", keys)
+    np.save(folder / "datastore" / "vals.npy", vals)
     queries = keys[:50].astype(np.float32) + 0.01
-    targets = vals[:50].astype(np.int32)  # each query's nearest key carries its target
+    targets = vals[:50].astype(np.int32)
     lm = np.full(50, np.log(0.2))
     for name, a in (("query_keys", queries.astype(np.float16)), ("targets", targets), ("lm_logprobs", lm)):
         np.save(valid / f"{name}.npy", a)
+    return keys, vals, queries, targets, lm
+
+
+def test_k_depth_reads_a_run_and_tunes_each_k(tmp_path):
+    keys, vals, queries, targets, lm = planted_run(tmp_path)
+    valid = tmp_path / "eval" / "valid"
     rec = k_depth(tmp_path, tokens=10, keep_logprobs=True, progress=False)
     sel = sample_positions(50, 10)
     assert rec["tokens"] == 10 and rec["of_evaluated_tokens"] == 50 and list(sel) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]
     assert list(rec["by_k"]) == ["8", "16", "32", "64", "128", "200"]
-    # the best mixture at k = 8 by hand over the same grid
-    best = min((float(np.exp(-np.mean(np.logaddexp(np.log(lam) + np.array(
-        [reference(keys, vals, queries[i].astype(np.float16).astype(np.float32), targets[i], 8, t) for i in sel]),
-        np.log1p(-lam) + lm[sel]) if lam < 1 else np.array(
-        [reference(keys, vals, queries[i].astype(np.float16).astype(np.float32), targets[i], 8, t) for i in sel])))), t, lam)
-        for t in rec["temperatures"] for lam in LAMBDAS)
+    # the best mixture at k = 8 by hand over the same grid (the queries as stored: float16)
+    q16 = queries.astype(np.float16).astype(np.float32)
+    best = (np.inf,)
+    for t in rec["temperatures"]:
+        knn = np.array([reference(keys, vals, q16[i], targets[i], 8, t) for i in sel])
+        for lam in LAMBDAS:
+            mixed = knn if lam == 1 else np.logaddexp(np.log(lam) + knn, np.log1p(-lam) + lm[sel])
+            best = min(best, (float(np.exp(-mixed.mean())), t, lam))
     assert rec["by_k"]["8"] == pytest.approx(list(best), rel=1e-6)
     assert rec["by_k"]["8"][0] < float(np.exp(-lm.mean()))  # the planted neighbours help
     assert rec["best_k"] == min(map(int, rec["by_k"]), key=lambda k: rec["by_k"][str(k)][0])
@@ -103,3 +113,20 @@ def test_the_k_depth_stage_tables_the_gain_beyond_the_grid_and_pairs_seeds(tmp_p
     stage.write(SimpleNamespace(records=[{**r, "k_depth": {**r["k_depth"], "tokens_asked": 10}} for r in records],
                                 results=tmp_path / "other", out=tmp_path / "no-runs"))
     assert not (tmp_path / "other" / "k_depth.md").exists()  # records scored on another sample size are left out
+
+
+def test_the_k_depth_stage_scores_pruned_run_folders_and_skips_missing_ones(tmp_path):
+    planted_run(tmp_path / "runs" / "l2_omega0_seed0")
+    study = Study(base="", omegas=[0.0], seeds=[0, 1], regularizer="l2", stages=["k-depth"],
+                  options={"k-depth": {"tokens": 10}})
+    (stage,) = make_stages(study)
+    records = [{"name": "l2_omega0_seed0", "regularizer": "l2", "omega": 0.0, "seed": 0},
+               {"name": "l2_omega0_seed1", "regularizer": "l2", "omega": 0.0, "seed": 1}]  # its folder is gone
+    updated = {}
+    run = SimpleNamespace(records=records, out=tmp_path / "runs", update=lambda r: updated.setdefault(r["name"], r))
+    stage.after(run)
+    assert list(updated) == ["l2_omega0_seed0"]
+    depth = updated["l2_omega0_seed0"]["k_depth"]
+    assert depth["tokens_asked"] == 10 and depth["tokens"] == 10 and depth["datastore_size"] == 200
+    assert depth == {**k_depth(tmp_path / "runs" / "l2_omega0_seed0", 10, progress=False),
+                     "tokens_asked": 10, "seconds": depth["seconds"]}

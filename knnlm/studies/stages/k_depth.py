@@ -6,7 +6,8 @@ tuned k is the grid's largest, this says how much lies beyond it: per run, the k
 k = N (the whole datastore) on `tokens` evenly spaced valid tokens (the same positions for every run of a study),
 temperature and λ tuned at each k on those tokens; per ω, the gain of k = N over k = eval.k_max on the same tokens,
 and each ω against ω = 0 of the same seed at both. Options (`[k-depth]` in the study file): `tokens` (default 1000).
-Needs the run folders (datastore and saved valid search); a record scored once keeps its figures."""
+Needs the run folders (the datastore and valid's query keys, targets and LM scores, which `knnlm sweep --prune`
+keeps); a record scored once keeps its figures."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from .. import plots
 from ..depth import k_depth
 from ..statistics import cell, interval_cell, mean_std, runs_at
 from .base import Stage, StudyRun
+
+
+NEEDS = ("datastore/keys.npy", "datastore/vals.npy", "eval/valid/query_keys.npy", "eval/valid/targets.npy",
+         "eval/valid/lm_logprobs.npy")
 
 
 def spread(xs: list[float]) -> list:
@@ -49,7 +54,7 @@ class KDepth(Stage):
             if r.get("k_depth", {}).get("tokens_asked") == self.tokens:
                 continue
             folder = run.out / r["name"]
-            if not (folder / "eval" / "valid" / "meta.json").is_file() or not (folder / "datastore" / "meta.json").is_file():
+            if not all((folder / f).is_file() for f in NEEDS):  # a GPU machine's run folders are gone with it
                 continue
             print(f"== {r['name']}: k depth on {self.tokens} valid tokens", flush=True)
             run.update({**r, "k_depth": {**k_depth(folder, self.tokens), "tokens_asked": self.tokens}})
