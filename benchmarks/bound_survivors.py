@@ -58,7 +58,10 @@ def survivors(keys: np.ndarray, queries: np.ndarray, k: int, dims=DIMS, block: i
     qp = q @ basis  # (n, M)
     sq = lambda a, b: (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None] - 2 * a @ b.T).clamp_min(0)  # (n, b)
     best = torch.empty((len(q), 0))
-    for lo in range(0, len(keys), block):  # pass 1: each query's exact k nearest distances
+    # pass 1: each query's exact k nearest distances. Pass 2 computes the exact distances again (for the running
+    # threshold): the final k-th must be known before its first block is counted, and keeping n × N distances
+    # between the passes would not fit in memory for a real store
+    for lo in range(0, len(keys), block):
         x = torch.from_numpy(np.asarray(keys[lo : lo + block], dtype=np.float32)) - mean
         best = torch.cat([best, sq(q, x)], 1).topk(min(k, best.shape[1] + len(x)), 1, largest=False).values
     kth = best[:, -1]
