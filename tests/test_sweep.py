@@ -565,3 +565,29 @@ def test_held_out_stage_pairs_the_first_half_choice_with_omega0(tmp_path):
     assert table["0"]["tuned"]["second_half_whole_choice"]["minus_omega0"] is None  # ω = 0 is the reference
     md = (tmp_path / "held_out.md").read_text()
     assert "valid's 2nd half, chosen on its 1st half" in md and "test, chosen on valid's 1st half" in md
+
+
+def test_more_seeds_trains_the_grid_choice_at_extra_seeds_and_no_stage_lets_them_change_it(tmp_path):
+    from knnlm.studies.stages.more_seeds import MoreSeeds
+
+    study = Study(base="", omegas=[0.0, 0.01, 0.1], seeds=[0, 1, 2], regularizer="l2",
+                  stages=["more-seeds", "compare", "test"],
+                  options={"more-seeds": {"seeds": [3, 4]}, "compare": {"regularizer": "moco"}})
+    more, compare, test = make_stages(study)
+    grid = [record(0.0, s, 100 + s, 110) for s in range(3)] + [record(0.01, s, 98 + s, 111) for s in range(3)] + \
+           [record(0.1, s, 99 + s, 112) for s in range(3)]  # paper protocol: 0.01 is the best ω > 0 on seeds 0-2
+    extra = [record(0.1, 3, 50, 112), record(0.0, 3, 101, 110), record(0.01, 3, 97, 111)]  # 0.1's seed 3 would flip it
+    records = grid + extra
+    assert more.omega(records) == compare.omega(records) == 0.01 and test.best(records) == {"tuned": 0.01, "paper": 0.01}
+    asked = []
+    more.after(SimpleNamespace(records=records, task=lambda reg, omega, seed: (reg, omega, seed), run=asked.extend))
+    assert sorted(asked) == sorted(("l2", o, s) for s in (3, 4) for o in (0.0, 0.01))
+    written(more, records, tmp_path)
+    head = json.loads((tmp_path / "headline.json").read_text())
+    d = [98 + s - (100 + s) for s in range(3)] + [97 - 101]
+    assert head["omega"] == 0.01 and head["paired"]["valid_knnlm_ppl_paper"] == pytest.approx(
+        [np.mean(d), np.std(d, ddof=1), 4])
+    assert "95 % t-interval" in (tmp_path / "headline.md").read_text()
+    for bad in ({"seeds": [2, 3]}, {"seeds": []}, {"seeds": [3], "protocol": "best"}):
+        with pytest.raises(UserError, match=r"\[more-seeds\]"):
+            MoreSeeds(study, **bad)

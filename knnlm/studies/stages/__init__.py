@@ -9,13 +9,14 @@ from .base import Stage, StudyRun
 from .compare import Compare
 from .held_out import HeldOut
 from .k_depth import KDepth
+from .more_seeds import MoreSeeds
 from .objectives import Objectives
 from .paired import Paired
 from .rescale import Rescale
 from .table import Table
 from .test import Test
 
-STAGES: dict[str, type[Stage]] = {s.name: s for s in (Table, Paired, Test, HeldOut, Rescale, Compare, Objectives, KDepth)}
+STAGES: dict[str, type[Stage]] = {s.name: s for s in (Table, Paired, Test, HeldOut, Rescale, Compare, Objectives, KDepth, MoreSeeds)}
 
 __all__ = ["STAGES", "Stage", "StudyRun", "make_stages"]
 

@@ -47,3 +47,8 @@ class Stage:
 
     def write(self, run: StudyRun) -> None:
         """Tables and figures under `run.results`, from `run.records` alone."""
+
+    def grid_records(self, records: list[dict]) -> list[dict]:
+        """The records of the grid's seeds: where a stage chooses the best ω, it chooses on these, so that seeds
+        added later to the chosen pair (`more-seeds`) estimate it without changing the choice."""
+        return [r for r in records if r["seed"] in self.study.seeds]

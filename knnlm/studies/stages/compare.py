@@ -30,7 +30,7 @@ class Compare(Stage):
         self.regularizer, self.overrides, self.protocol = regularizer, list(overrides), protocol
 
     def omega(self, records: list[dict]) -> float | None:
-        table = omega_table(records, self.study.regularizer)
+        table = omega_table(self.grid_records(records), self.study.regularizer)
         return best_omega(table, PROTOCOL_METRIC[self.protocol]) if 0.0 in table else None
 
     def tasks(self, run: StudyRun, omega: float) -> list[tuple]:

@@ -30,7 +30,7 @@ class Test(Stage):
 
     def best(self, records: list[dict]) -> dict[str, float]:
         """{protocol: its best ω > 0 on valid}; {} unless the grid has ω = 0 and some ω > 0."""
-        table = omega_table(records, self.study.regularizer)
+        table = omega_table(self.grid_records(records), self.study.regularizer)
         if 0.0 not in table or not any(o > 0 for o in table):
             return {}
         return {p: best_omega(table, metric) for p, metric in PROTOCOL_METRIC.items()}
