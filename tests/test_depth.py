@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from knnlm.artifacts import UserError
 from knnlm.studies.depth import LAMBDAS, all_keys_logprobs, depth_ks, k_depth, sample_positions
 from knnlm.studies.stages import make_stages
 from knnlm.studies.study import Study
@@ -113,6 +114,9 @@ def test_the_k_depth_stage_tables_the_gain_beyond_the_grid_and_pairs_seeds(tmp_p
     stage.write(SimpleNamespace(records=[{**r, "k_depth": {**r["k_depth"], "tokens_asked": 10}} for r in records],
                                 results=tmp_path / "other", out=tmp_path / "no-runs"))
     assert not (tmp_path / "other" / "k_depth.md").exists()  # records scored on another sample size are left out
+    for bad in (0, "1000", 2.5):
+        with pytest.raises(UserError, match=r"\[k-depth\]: tokens"):
+            make_stages(Study(**{**vars(study), "options": {"k-depth": {"tokens": bad}}}))
 
 
 def test_the_k_depth_stage_scores_pruned_run_folders_and_skips_missing_ones(tmp_path):

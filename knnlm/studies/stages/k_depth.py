@@ -11,7 +11,7 @@ keeps); a record scored once keeps its figures."""
 
 from __future__ import annotations
 
-from ...artifacts import markdown_table, nan_to_null, write_json, write_text
+from ...artifacts import UserError, markdown_table, nan_to_null, write_json, write_text
 from .. import plots
 from ..depth import k_depth
 from ..statistics import cell, interval_cell, mean_std, runs_at
@@ -47,7 +47,9 @@ class KDepth(Stage):
 
     def __init__(self, study, tokens: int = 1000):
         super().__init__(study)
-        self.tokens = int(tokens)
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise UserError(f"[k-depth]: tokens: expected a positive whole number of valid tokens, got {tokens!r}")
+        self.tokens = tokens
 
     def after(self, run: StudyRun) -> None:
         for r in list(run.records):
