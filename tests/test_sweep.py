@@ -176,8 +176,9 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     path = root / "study.toml"
     path.write_text(f'base = "{TINY}"\noverrides = {json.dumps(OVERRIDES)}\nomegas = [0.0, 0.01]\nseeds = [0, 1]\n'
-                    f'results = "{root / "results"}"\nstages = ["table", "paired", "test", "rescale", "compare"]\n'
-                    f'[compare]\nregularizer = "moco"\noverrides = ["train.queue_len=4", "train.momentum=0.9"]\n')
+                    f'results = "{root / "results"}"\nstages = ["table", "paired", "test", "rescale", "compare", "k-depth"]\n'
+                    f'[compare]\nregularizer = "moco"\noverrides = ["train.queue_len=4", "train.momentum=0.9"]\n'
+                    f'[k-depth]\ntokens = 20\n')
     knnlm("sweep", path, "--out", root / "runs", "--jobs", "2")  # two models at a time, each in its own process
     before = snapshot(root / "runs")
     yield path, root / "runs", root / "results"
@@ -216,8 +217,14 @@ def test_sweep_writes_every_stage_and_tables_are_mean_and_std_of_the_records(stu
                                      [("l2", "0"), ("l2", "0.01"), ("moco", "0.01")] for s in (0, 1))
     for name in ("table.md", "table.json", "paired.md", "paired.json", "figure1.png", "ppl_by_k.png", "moco_vs_l2.md",
                  "moco_vs_l2.json", "moco_vs_l2.png", "test.md", "test.json", "rescale.md", "rescale.json",
-                 "temperature_vs_norm.png", "temperature_vs_norm.json"):
+                 "temperature_vs_norm.png", "temperature_vs_norm.json", "k_depth.md", "k_depth.json"):
         assert (results / name).stat().st_size > 0, name
+    # the k-depth stage scored every run, MOCO's too, on the same 20 valid tokens, up to the whole datastore
+    for name, r in records.items():
+        depth = r["k_depth"]
+        assert depth["tokens_asked"] == depth["tokens"] == 20 and str(depth["datastore_size"]) in depth["by_k"]
+        assert depth["datastore_size"] == json.loads((runs / name / "datastore" / "meta.json").read_text())["N"]
+    assert set(json.loads((results / "k_depth.json").read_text())["rows"]) == {"0", "0.01", "moco 0.01"}
     table = json.loads((results / "table.json").read_text())
     for omega in ("0", "0.01"):
         xs = [records[f"l2_omega{omega}_seed{s}"]["valid_knnlm_ppl"] for s in (0, 1)]

@@ -58,7 +58,7 @@ class KDepth(Stage):
             folder = run.out / r["name"]
             if not all((folder / f).is_file() for f in NEEDS):  # a GPU machine's run folders are gone with it
                 continue
-            print(f"== {r['name']}: k depth on {self.tokens} valid tokens", flush=True)
+            print(f"-- {r['name']}: k depth on {self.tokens} valid tokens", flush=True)  # not a run: no "=="
             run.update({**r, "k_depth": {**k_depth(folder, self.tokens), "tokens_asked": self.tokens}})
 
     def write(self, run: StudyRun) -> None:
