@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import UserError, cpu_name
+from ..knn import interpolate, perplexities
 
 TEMPERATURES = (0.1, 0.316, 1.0, 2.15, 3.16, 4.64, 6.81, 10.0, 14.7, 21.5, 31.6, 46.4, 68.1, 100.0, 147.0, 215.0,
                 316.0, 1000.0)
@@ -62,21 +63,16 @@ def all_keys_logprobs(keys: np.ndarray, vals: np.ndarray, queries: np.ndarray, t
     return out
 
 
-def _mixture(lm: np.ndarray, knn: np.ndarray, lam: float) -> np.ndarray:
-    return knn if lam == 1 else np.logaddexp(np.log(lam) + knn, np.log1p(-lam) + lm)
-
-
 def best_choice(lm: np.ndarray, knn: np.ndarray, temperatures) -> tuple[float, float, float, np.ndarray]:
     """(perplexity, temperature, λ, per-token log-probabilities) of the best mixture over the temperatures (knn:
-    n × len(temperatures)) and λ."""
-    best = (np.inf, np.nan, np.nan, lm)
+    n × len(temperatures)) and λ (`knnlm.knn.perplexities`: every λ of a temperature at once)."""
+    best = (np.inf, np.nan, np.nan, 0)
     for j, t in enumerate(temperatures):
-        for lam in LAMBDAS:
-            mixed = _mixture(lm, knn[:, j], lam)
-            ppl = float(np.exp(-mixed.mean()))
+        for lam, ppl in zip(LAMBDAS, perplexities(lm, knn[:, j], list(LAMBDAS))):
             if ppl < best[0]:
-                best = (ppl, float(t), lam, mixed)
-    return best
+                best = (ppl, float(t), lam, j)
+    ppl, t, lam, j = best
+    return ppl, t, lam, interpolate(lm, knn[:, j], lam)
 
 
 def sample_positions(n_evaluated: int, tokens: int) -> np.ndarray:
@@ -111,6 +107,7 @@ def k_depth(run: Path, tokens: int, temperatures=TEMPERATURES, keep_logprobs: bo
         if t1 is not None:
             t1_by_k[str(k)] = best_choice(lm, knn[:, t1 : t1 + 1, i], [1.0])[0]
     best = min(by_k, key=lambda k: by_k[k][0])
-    return {**({"mixed_logprobs": mixed} if keep_logprobs else {}),"tokens": int(len(sel)), "of_evaluated_tokens": int(len(targets_all)), "datastore_size": int(len(keys)),
+    return {**({"mixed_logprobs": mixed} if keep_logprobs else {}), "tokens": int(len(sel)),
+            "of_evaluated_tokens": int(len(targets_all)), "datastore_size": int(len(keys)),
             "lm_ppl": float(np.exp(-lm.mean())), "temperatures": list(temperatures), "by_k": by_k, "t1_by_k": t1_by_k,
             "best_k": int(best), "seconds": time.time() - t0, "cpu": cpu_name()}
