@@ -1,16 +1,19 @@
 """kNN-LM evaluation of a whole split as a user runs it, against LM-only evaluation; tuning cost; peak memory.
 
     python benchmarks/evaluation.py --run runs/wt2 [--config configs/wikitext-2.toml] [--split valid] [--index auto]
+                                    [KEY=VALUE ...]   # overrides of --config, as `knnlm run` takes them
 
-In one run, on a scratch copy of RUN (its checkpoints linked, never modified), with the datastore and evaluation
-settings of --config (as `knnlm run --config` uses them; the run's own config.json may be older):
+In one run, on a scratch copy of RUN (its checkpoints copied: a run refuses a linked folder; RUN is never
+modified), with the datastore and evaluation settings of --config (as `knnlm run --config` uses them; the run's own
+config.json may be older):
 1. `knnlm datastore` into the copy (subprocess): wall time and peak resident memory, against keys.npy's size;
 2. `knnlm evaluate` of the whole split (subprocess): wall time, its parts, peak resident memory, and the number of
    queries sent to the search (must equal the number of tokens: one search per token);
 3. LM-only evaluation of the same split (the same sliding windows, no keys, no search): wall time, and the ratio;
-4. tuning from the saved neighbours: a 100-setting grid of (λ, k, temperature) and the full default grid, with the
-   number of searches they cause (must be 0); and the λ part of the default grid side by side, one interpolation
-   per λ against `perplexities` (all λ of a (k, temperature) at once), with the largest relative difference.
+4. tuning from the saved neighbours: a subset of the grid (k 16–256, temperatures 1–30, λ 0.1–0.4, as far as
+   --config's grid has them) and the full default grid, with the number of searches they cause (must be 0); and the
+   λ part of the default grid side by side, one interpolation per λ against `perplexities` (all λ of a
+   (k, temperature) at once), with the largest relative difference.
 Writes results/benchmarks/<machine>/evaluation.{json,md}.
 """
 
@@ -50,19 +53,20 @@ def main() -> None:
     p.add_argument("--split", default="valid")
     p.add_argument("--index", default="auto")
     p.add_argument("--out", default=default_out(), help="default: this machine's folder under results/benchmarks/")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of --config (e.g. data.path=DIR)")
     a = p.parse_args()
     run = Path(a.run).resolve()
     knnlm_cmd = [sys.executable, "-m", "knnlm.cli"]
-    res: dict = {"run": str(a.run), "config": a.config, "split": a.split, "index": a.index}
+    res: dict = {"run": str(a.run), "config": a.config, "overrides": a.overrides, "split": a.split, "index": a.index}
     config = str(Path(a.config).resolve())
     with tempfile.TemporaryDirectory(dir=run.parent) as tmp:
         scratch = Path(tmp) / "run"
         scratch.mkdir()
         shutil.copy(run / "config.json", scratch / "config.json")
-        (scratch / "checkpoints").symlink_to(run / "checkpoints")
+        shutil.copytree(run / "checkpoints", scratch / "checkpoints")
 
         # 1. datastore building
-        ds = rusage_run(knnlm_cmd + ["datastore", "--config", config, "--out", str(scratch)])
+        ds = rusage_run(knnlm_cmd + ["datastore", "--config", config, "--out", str(scratch), *a.overrides])
         keys_bytes = (scratch / "datastore" / "keys.npy").stat().st_size
         res["datastore"] = {**ds, "keys_bytes": keys_bytes, "rss_over_keys": ds["max_rss_bytes"] / keys_bytes,
                             "N": Datastore(scratch / "datastore").meta["N"]}
@@ -71,14 +75,14 @@ def main() -> None:
 
         # 2. kNN-LM evaluation of the whole split
         ev = rusage_run(knnlm_cmd + ["evaluate", "--config", config, "--out", str(scratch), "--split", a.split,
-                                     "data.max_eval_tokens=0", f"eval.index={a.index}"])
+                                     *a.overrides, "data.max_eval_tokens=0", f"eval.index={a.index}"])
         summary = json.loads((scratch / "eval" / a.split / "summary.json").read_text())
         res["evaluate"] = {**ev, "rss_over_keys": ev["max_rss_bytes"] / keys_bytes, "summary": summary}
         print(f"kNN-LM evaluation: {ev['seconds']:.0f} s, parts {summary['seconds']}, "
               f"{summary['searched_queries']} queries searched for {summary['tokens']} tokens", flush=True)
 
         # 3. LM-only evaluation of the same split, in this process
-        cfg = load_config(config, ["data.max_eval_tokens=0"])
+        cfg = load_config(config, [*a.overrides, "data.max_eval_tokens=0"])
         corpus = corpus_for(cfg)
         t = time.perf_counter()
         model, train_cfg, _ = load_model(scratch)
@@ -93,7 +97,11 @@ def main() -> None:
         # 4. tuning from the saved neighbours
         lm, scores = tuning_arrays(scratch, a.split)
         res["tuning"] = []
-        grids = {"100 settings": ["eval.k=16,32,64,128,256", "eval.temperature=1,3,10,30", "eval.lmbda=0.1,0.2,0.25,0.3,0.4"],
+        ks, temperatures = tuning_grid(cfg)  # a small grid: the settings of 5 k, 4 temperatures and 5 λ of the full one
+        within = lambda wanted, grid: ",".join(f"{x:g}" for x in wanted if x in grid) or ",".join(f"{x:g}" for x in grid[:1])
+        grids = {"subset": [f"eval.k={within((16, 32, 64, 128, 256), ks)}",
+                            f"eval.temperature={within((1, 3, 10, 30), temperatures)}",
+                            f"eval.lmbda={within((0.1, 0.2, 0.25, 0.3, 0.4), cfg.eval.lmbda)}"],
                  "default grid": []}
         searches = [0]  # tuning must not search: count every query any backend is asked
         for backend in (FaissSearch, TorchExactSearch, CpuExactSearch):

@@ -4,13 +4,17 @@
     python experiments/distill_study.py experiments/distill_study.toml --out runs/distill_study --tables-only
     python experiments/distill_study.py experiments/distill_study.toml --out runs/distill_study --seeds 0 --stages memory
 
+A run folder does not outlive its machine: a stage whose seed's base (or targets) folder is gone makes it again on
+the kind of device its record names, and goes on only if it reproduces the record (`rebuild`); a seed made on
+another kind of device is skipped, with a line that says so, unless asked for with --seeds (then: an error).
+
 For each seed, on the study's base config (the ω study's WikiText-2 configuration), one device, in this order:
   base      the LM (ω = 0): trained, datastore, valid and test evaluated (LM alone, kNN-LM: both protocols)
   targets   `knnlm targets` of the base: p_kNN of every training position, its own entry left out
+  scratch   an LM trained from scratch with CE + β·KL toward the targets; its own datastore and kNN-LM
+  finetune  the base fine-tuned with CE + β·KL; its own datastore and kNN-LM
   memory    a memory model (started from the base, KL alone as `memory_overrides` say) interpolated with the base
             at a λ tuned on valid, no retrieval; and the base's kNN on top of that pair
-  finetune  the base fine-tuned with CE + β·KL; its own datastore and kNN-LM
-  scratch   an LM trained from scratch with CE + β·KL toward the targets; its own datastore and kNN-LM
   control   the base fine-tuned as `finetune` but with CE alone (β = 0): what the extra steps give without the
             targets; its own kNN-LM, and mixed with the base as a memory model would be (an ensemble, no targets)
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 import tomllib
@@ -37,9 +42,9 @@ from knnlm.pipeline import run_pipeline
 from knnlm.studies.statistics import t_interval
 from knnlm.targets import build_targets
 
-# in the order they run for a seed: the memory model, the study's likeliest way to the goal, right after the targets;
-# the 6-epoch scratch run last but the control
-STAGES = ("base", "targets", "memory", "finetune", "scratch", "control")
+# in the order they run for a seed: the scratch run, the way closest to the goal on seed 0 (+5.1 %), right after the
+# targets; then the fine-tune, the memory model and the control
+STAGES = ("base", "targets", "scratch", "finetune", "memory", "control")
 NEEDS = {"targets": ("base",), "memory": ("base", "targets"), "finetune": ("base", "targets"),
          "scratch": ("base", "targets"), "control": ("base",)}  # the stages each stage's inputs come from
 # the stages that train an LM with its own datastore, as the tables and the figure name them
@@ -104,14 +109,57 @@ def trained(summary: dict) -> dict:
     return {"train_seconds": summary["train_seconds"], **({"losses": summary["penalty"]} if "penalty" in summary else {})}
 
 
-def run_stage(study: dict, out: Path, seed: int, stage: str) -> dict:
+class MadeElsewhere(UserError):
+    """A seed's recorded base or targets are gone here and were made on another kind of device: the seed's other
+    stages can only be run there (or the whole seed again)."""
+
+
+def differences(again: dict, record: dict, keys: tuple[str, ...], rel: float = 1e-6) -> list[str]:
+    """The figures of `keys` (dotted paths) where a rebuilt artifact's `again` is not its record's to `rel`."""
+    get = lambda d, key: [d := d[part] for part in key.split(".")][-1]
+    return [f"{key} {get(again, key):.8g} (recorded {get(record, key):.8g})" for key in keys
+            if not math.isclose(get(again, key), get(record, key), rel_tol=rel)]
+
+
+REPRODUCED = {"base": tuple(f"{split}.{key}" for split in ("valid", "test") for key in ("lm_ppl", "knnlm_ppl", "knnlm_ppl_paper")),
+              "targets": ("N", "mean_top_mass", "mean_rest")}  # what a rebuilt base or target set must reproduce
+
+
+def rebuild(study: dict, out: Path, seed: int, stage: str, results: Path, needed_by: str) -> None:
+    """Train seed `seed`'s base again (`stage` "base") or build its targets again ("targets") where its record is
+    kept but its folder is gone (a run folder outside the repository does not outlive its machine), on the kind of
+    device that made the record, and keep it only if it reproduces the record's figures (`REPRODUCED`, to 1e-6):
+    only then do the stages recorded with the old folder pair with those made from the new one. Otherwise the
+    rebuilt folder is set aside as `<name>.differs` and the study stops with one line."""
+    base_run = out / f"base_seed{seed}"
+    folder = base_run if stage == "base" else base_run / "targets"
+    record_path = results / "runs" / f"seed{seed}_{stage}.json"
+    record = read_json(record_path)
+    if record.get("device") != device():
+        raise MadeElsewhere(f"{folder}: seed {seed}'s {stage} is gone (its record is kept, made on {record.get('device')}) "
+                        f"and its {needed_by} stage needs it; on this device ({device()}) it cannot be made again to "
+                        f"pair with the seed's records: run the seed where they were made, or move seed{seed}_*.json "
+                        "out of the records to train the seed again here")
+    print(f"{folder}: gone; making seed {seed}'s {stage} again, to be kept if it reproduces {record_path.name}", flush=True)
+    again = run_stage(study, out, seed, stage, results)
+    if differs := differences(again, record, REPRODUCED[stage]):
+        aside = folder.with_name(folder.name + ".differs")
+        if aside.exists():
+            shutil.rmtree(aside)
+        folder.rename(aside)
+        raise UserError(f"{record_path}: seed {seed}'s {stage} made again on this device differs from its record "
+                        f"({'; '.join(differs)}), so the seed's recorded stages cannot be paired with new ones; the new "
+                        f"folder is {aside}")
+
+
+def run_stage(study: dict, out: Path, seed: int, stage: str, results: Path) -> dict:
     base_run = out / f"base_seed{seed}"
     common = [*study["overrides"], f"train.seed={seed}"]
     targets = f"train.distil_targets={base_run / 'targets'}"
     if stage != "base" and not (base_run / "datastore" / "meta.json").is_file():  # recorded, but its folder is gone
-        raise UserError(f"{base_run}: the base run of seed {seed} is gone (its record is kept); its {stage} stage needs "
-                        f"its model and datastore: restore the folder, or move seed{seed}_*.json out of the records "
-                        "to train the seed again")
+        rebuild(study, out, seed, "base", results, stage)
+    if "targets" in NEEDS.get(stage, ()) and not (base_run / "targets" / "meta.json").is_file():
+        rebuild(study, out, seed, "targets", results, stage)
     if stage == "base":
         cfg = load_config(study["base"], common)
         res = run_pipeline(cfg, base_run)
@@ -268,16 +316,22 @@ def main(argv: list[str] | None = None) -> int:
         (results / "runs").mkdir(parents=True, exist_ok=True)
         if not a.tables_only:
             for seed in seeds:
-                for stage in [s for s in STAGES if s in a.stages]:
-                    record = results / "runs" / f"seed{seed}_{stage}.json"
-                    if record.is_file():
-                        continue
-                    t0 = time.time()
-                    rec = run_stage(study, a.out, seed, stage)
-                    write_json(record, {"seed": seed, "stage": stage, "device": device(), "wall_seconds": time.time() - t0,
-                                        "settings": {"overrides": study["overrides"],
-                                                     "stage": stage_settings(study, stage)}, **rec})
-                    print(f"recorded {record}", flush=True)
+                try:
+                    for stage in [s for s in STAGES if s in a.stages]:
+                        record = results / "runs" / f"seed{seed}_{stage}.json"
+                        if record.is_file():
+                            continue
+                        t0 = time.time()  # wall_seconds: a base or targets made again first (`rebuild`) included
+                        rec = run_stage(study, a.out, seed, stage, results)
+                        write_json(record, {"seed": seed, "stage": stage, "device": device(),
+                                            "wall_seconds": time.time() - t0, "settings": {
+                                                "overrides": study["overrides"], "stage": stage_settings(study, stage)},
+                                            **rec})
+                        print(f"recorded {record}", flush=True)
+                except MadeElsewhere as e:  # asked for by name: an error; among all the seeds: the others go on
+                    if a.seeds is not None:
+                        raise
+                    print(f"distill_study: seed {seed} skipped: {e}", file=sys.stderr, flush=True)
         records = {f.stem: read_json(f) for f in sorted((results / "runs").glob("*.json"))}
         if records:
             tables(records, results)

@@ -86,3 +86,29 @@ def test_bound_survivors_counts_against_a_direct_count():
     cost = work({8: 0.2, 16: 0.1, 64: 0.01}, 256)
     assert cost == pytest.approx({"one stage, m = 64": 64 + 2.56, "two stages, m1 = 8": 8 + 12.8 + 2.56,
                                   "two stages, m1 = 16": 16 + 6.4 + 2.56})
+
+
+@pytest.mark.slow  # a micro run, then the benchmark's own datastore and evaluation in subprocesses
+def test_evaluation_benchmark_times_a_whole_split_and_its_lm_only_pass_agrees_with_the_evaluation(tmp_path):
+    """benchmarks/evaluation.py on a micro run: one search per token, its LM-only pass gives the evaluation's LM
+    perplexity (the same windows), tuning searches nothing, all λ at once equal one interpolation each; the run
+    itself is left as it was."""
+    from conftest import knnlm, snapshot
+
+    corpus = micro_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    knnlm("run", "--config", TINY, "--out", run, f"data.path={corpus}", *MICRO)
+    before = snapshot(run)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "evaluation.py"), "--run", str(run), "--config", str(TINY),
+           "--out", str(out), f"data.path={corpus}", *MICRO]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "evaluation.json").read_text())
+    s = res["evaluate"]["summary"]
+    assert res["datastore"]["N"] == json.loads((run / "datastore" / "meta.json").read_text())["N"]
+    assert s["searched_queries"] == s["tokens"] == res["lm_only"]["tokens"]
+    assert res["lm_only"]["ppl"] == pytest.approx(s["lm_ppl"], rel=1e-5)
+    assert [t["searches"] for t in res["tuning"]] == [0, 0]
+    assert res["lambda_side_by_side"]["max_rel_diff"] < 1e-9
+    assert snapshot(run) == before and "kNN-LM evaluation, whole valid" in (out / "evaluation.md").read_text()

@@ -255,9 +255,10 @@ def test_the_distill_study_tables_pair_each_variant_with_the_same_seeds_base(tmp
     assert not plot_quality_vs_speed({"base: LM alone": points["base: LM alone"]}, tmp_path / "one.png", "t")
 
 
-def test_the_distill_study_says_when_a_recorded_base_run_is_gone(tmp_path, capsys):
-    """A stage after `base` needs the base run's folder: where only its record survived (a run folder on another
-    machine), the driver exits 2 with one line naming the folder, and writes nothing."""
+def test_the_distill_study_says_when_a_recorded_base_run_is_gone(tmp_path, capsys, monkeypatch):
+    """A stage after `base` needs the base run's folder: where only its record survived, made on another kind of
+    device, the driver exits 2 with one line naming the folder for a seed asked for by name, and writes nothing;
+    among all the study's seeds it skips that one with a line and runs the others."""
     import importlib.util
 
     from conftest import REPO
@@ -268,18 +269,73 @@ def test_the_distill_study_says_when_a_recorded_base_run_is_gone(tmp_path, capsy
     results = tmp_path / "results"
     (results / "runs").mkdir(parents=True)
     (results / "runs" / "seed0_base.json").write_text('{"seed": 0, "stage": "base"}')
-    code = study.main([str(REPO / "experiments" / "distill_study.toml"), "--out", str(tmp_path / "runs"),
-                       "--results", str(results), "--stages", "base", "targets"])
-    assert code == 2
+    args = [str(REPO / "experiments" / "distill_study.toml"), "--out", str(tmp_path / "runs"), "--results",
+            str(results), "--stages", "base", "targets"]
+    assert study.main([*args, "--seeds", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path / "runs" / "base_seed0") in err[0] and "targets stage" in err[0]
+    assert "made on None" in err[0] and "on this device" in err[0]
     assert sorted(p.name for p in (results / "runs").iterdir()) == ["seed0_base.json"]
     assert not (tmp_path / "runs").exists()
+    real, ran = study.run_stage, []
+    monkeypatch.setattr(study, "run_stage", lambda s, out, seed, stage, res: real(s, out, seed, stage, res) if seed == 0
+                        else ran.append((seed, stage)) or {"x": 1})
+    monkeypatch.setattr(study, "tables", lambda records, results: {})
+    monkeypatch.setattr(study, "speed_points", lambda records: {})
+    assert study.main(args) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("distill_study: seed 0 skipped:") and "targets stage" in err[0]
+    assert ran == [(1, "base"), (1, "targets"), (2, "base"), (2, "targets")]
+    assert not (results / "runs" / "seed0_targets.json").exists() and not (tmp_path / "runs").exists()
+
+
+@slow
+def test_a_gone_base_is_trained_again_and_kept_only_if_it_reproduces_its_record(tmp_path, capsys):
+    """A run folder does not outlive its machine: where seed 0's base is recorded but its folder is gone, the next
+    stage trains the base again on this device and goes on only if the new base reproduces the record's figures;
+    a base that does not (here: a planted record) is set aside as `base_seed0.differs` and the study stops in one
+    line, recording nothing."""
+    import importlib.util
+
+    from conftest import REPO, TINY
+
+    from test_sweep import OVERRIDES
+
+    spec = importlib.util.spec_from_file_location("distill_study", REPO / "experiments" / "distill_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    toml = tmp_path / "study.toml"
+    toml.write_text(f'base = "{TINY}"\noverrides = {json.dumps(OVERRIDES + TARGETS)}\nseeds = [0]\n'
+                    'distil_overrides = ["train.beta=1.0"]\nfinetune_overrides = ["train.epochs=1"]\n'
+                    'memory_overrides = ["train.beta=1.0", "train.ce_weight=0"]\n')
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    args = [str(toml), "--out", str(runs), "--results", str(results)]
+    assert study.main([*args, "--stages", "base"]) == 0
+    recorded = json.loads((results / "runs" / "seed0_base.json").read_text())
+    shutil.rmtree(runs / "base_seed0")
+    capsys.readouterr()
+    assert study.main([*args, "--stages", "targets"]) == 0
+    assert "making seed 0's base again" in capsys.readouterr().out
+    assert (runs / "base_seed0" / "targets" / "meta.json").is_file() and (results / "runs" / "seed0_targets.json").is_file()
+    assert json.loads((results / "runs" / "seed0_base.json").read_text()) == recorded  # the record is not rewritten
+    # the targets gone too: the memory stage makes them again from the (kept) base and checks them against their record
+    shutil.rmtree(runs / "base_seed0" / "targets")
+    assert study.main([*args, "--stages", "memory"]) == 0
+    assert "making seed 0's targets again" in capsys.readouterr().out
+    # a base that does not reproduce its record (planted: its valid LM perplexity changed) stops the study
+    shutil.rmtree(runs / "base_seed0")
+    planted = {**recorded, "valid": {**recorded["valid"], "lm_ppl": recorded["valid"]["lm_ppl"] * 1.01}}
+    (results / "runs" / "seed0_base.json").write_text(json.dumps(planted))
+    assert study.main([*args, "--stages", "finetune"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill_study:")]  # no bars
+    assert len(err) == 1 and "differs from its record" in err[0] and "valid.lm_ppl" in err[0], err
+    assert (runs / "base_seed0.differs" / "datastore" / "meta.json").is_file() and not (runs / "base_seed0").exists()
+    assert not (results / "runs" / "seed0_finetune.json").exists()
 
 
 def test_the_distill_study_runs_stages_in_order_for_the_seeds_asked_and_refuses_a_missing_input(tmp_path, capsys,
                                                                                                   monkeypatch):
-    """Stages run in STAGES' order (the memory model right after the targets) for the seeds of --seeds only, each
+    """Stages run in STAGES' order for the seeds of --seeds only, each
     recorded as it finishes; a stage whose input stage is neither recorded nor asked for is refused in one line
     before anything runs, and so is a seed the study does not have."""
     import importlib.util
@@ -290,7 +346,7 @@ def test_the_distill_study_runs_stages_in_order_for_the_seeds_asked_and_refuses_
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     ran = []
-    monkeypatch.setattr(study, "run_stage", lambda s, out, seed, stage: ran.append((seed, stage)) or {"x": 1})
+    monkeypatch.setattr(study, "run_stage", lambda s, out, seed, stage, results: ran.append((seed, stage)) or {"x": 1})
     monkeypatch.setattr(study, "tables", lambda records, results: {})
     monkeypatch.setattr(study, "speed_points", lambda records: {})
     results, toml = tmp_path / "results", str(REPO / "experiments" / "distill_study.toml")

@@ -64,7 +64,7 @@ class Kernel:
     cpu_flags: frozenset[str]  # what /proc/cpuinfo must report for the library to be loaded at all
     dim_multiple: int  # dimensions padded to a multiple of this (AMX tiles are 32 bf16 wide)
     bf16_queries: bool  # queries rounded to bf16 (AMX, AVX-512 BF16) or kept fp32 (AVX2)
-    prune_by_default: bool  # the pruned search is the default (measured faster; AMX: not measured yet)
+    prune_by_default: bool  # the pruned search is the default (measured faster on LM keys: results/benchmarks/*/search.md)
     timed_against_flat: bool = False  # not faster than FAISS Flat everywhere: `auto` without a store checks first
 
     @property
@@ -74,7 +74,7 @@ class Kernel:
 
 KERNELS = {k.name: k for k in (  # fastest first: `auto` takes the first one the CPU runs
     Kernel("amx", "amx_search.cpp", ("-mavx512f", "-mavx512bf16", "-mf16c", "-mamx-tile", "-mamx-bf16"),
-           frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "f16c"}), 32, True, False),
+           frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "f16c"}), 32, True, True),
     Kernel("avx512", "avx512_search.cpp", ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mf16c", "-mfma"),
            frozenset({"avx512f", "avx512bw", "avx512_bf16", "f16c", "fma"}), 2, True, True),
     Kernel("avx2", "avx2_search.cpp", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}), 2, False,
