@@ -2,11 +2,11 @@
 
 Every backend is a `Searcher` (`base.py`): `search(queries (n, d) fp32, k) -> (distances (n, k) fp32, ids (n, k))`,
 squared L2, nearest first, and `describe()`. The registry (`registry.BACKENDS`) names them for `eval.index`:
-- `amx-exact`, `avx512-exact`, `avx2-exact`: knnlm's exact search on CPUs (`cpu_kernels.py`, C++ in `csrc/`): the
-  AVX kernels prune with a proven lower bound (keys projected onto their principal directions; only keys that could
-  be among the k nearest get an exact distance), AMX picks `k + margin` candidates by bf16 products and re-ranks
-  them exactly. On WikiText-2's 2.09M keys at k = 1024: `amx-exact` 5x FAISS Flat (Intel, 2 cores), `avx512-exact`
-  7x (AMD Zen 5, 2 cores) (`benchmarks/search.py`).
+- `amx-exact`, `avx512-exact`, `avx2-exact`: knnlm's exact search on CPUs (`cpu_kernels.py`, C++ in `csrc/`): each
+  kernel prunes with a proven lower bound (keys projected onto their principal directions; only keys that could
+  be among the k nearest get an exact distance), or, with `prune=False`, picks `k + margin` candidates by bf16
+  products and re-ranks them exactly. On WikiText-2's 2.09M keys at k = 1024: `amx-exact` 8.8x FAISS Flat (Intel
+  Xeon with AMX, 2 cores), `avx512-exact` 7x (AMD Zen 5, 2 cores) (`benchmarks/search.py`).
 - `bf16-exact`: the margin search written with PyTorch ops, for GPUs (tensor cores); `bf16-pruned`: the pruned
   search in PyTorch (`torch_search.py`; not yet measured on a GPU, so not what `auto` picks unprobed).
 - `Flat`, and any other FAISS `index_factory` string (`IVF4096,PQ32`, ...; `faiss_index.py`, the only module that

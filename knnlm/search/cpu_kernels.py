@@ -185,8 +185,7 @@ class CpuExactSearch:
       gets its exact distance at once. Exact on every query, with no margin to choose. Memory: the projected keys
       in bf16 (m/d of a full copy). The pruning starts from a guess of the k-th distance, checked
       (`_speculative`).
-    - margin (`prune=False`; AMX's default until its pruned search is measured on an AMX machine): bf16 products of the full vectors pick `k + margin` candidates, re-ranked
-      exactly. Memory: a bf16 copy of the keys.
+    - margin (`prune=False`): bf16 products of the full vectors pick `k + margin` candidates, re-ranked exactly. Memory: a bf16 copy of the keys.
     The float16 keys are read in place (a memory map stays a memory map)."""
 
     auto_reason: str | None = None  # set by `auto` (search/auto.py)
