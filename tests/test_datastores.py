@@ -12,6 +12,7 @@ import knnlm
 from conftest import fails, knnlm as cli, main_fails, snapshot
 from knnlm.checkpoint import load_model
 from knnlm.data import default_data_dir
+from knnlm.lm import autocast
 
 UNSEEN = "qwzxv"  # a word the WikiText-2 vocabulary lacks: read as <unk>
 
@@ -65,7 +66,7 @@ def test_a_second_named_datastore_is_built_evaluated_and_used_beside_the_run_own
     keys = np.load(folder / "keys.npy")
     assert np.array_equal(np.load(folder / "vals.npy"), s[1:].numpy())
     reference, end, scored = np.zeros_like(keys), min(T, n), 0
-    with torch.no_grad():
+    with torch.no_grad(), autocast("cpu", cfg.train.bf16):  # the builder's precision: bf16 where the CPU has it (AMX)
         while scored < n:
             start = max(0, end - T)
             key = model(s[start:end][None]).key[0].to(torch.float16).numpy()  # (end - start, d)
