@@ -261,8 +261,9 @@ def tables(records: dict[str, dict], results: Path) -> dict:
         else:  # an LM with its own datastore: the LM alone, and its kNN-LM (the LM pass plus the search)
             lm, knn = lm_speeds(rec["valid"])
             costs.append([name, f"train {rec['train_seconds']:.0f} s", "", f"{lm:.0f} (LM) vs {knn:.0f} (kNN-LM)", ""])
-    md.append(markdown_table("Costs", ["record", "time", "targets size", "valid tokens/s", "bytes at inference"],
-                             costs, note=f"device of each record: its `device` field; this table: {device()}"))
+    costs = [[*row, records[row[0]].get("device", "–")] for row in costs]  # times compare on one kind of device only
+    md.append(markdown_table("Costs", ["record", "time", "targets size", "valid tokens/s", "bytes at inference",
+                                       "device"], costs))
     write_text(results / "distill.md", "\n".join(md))
     write_json(results / "distill.json", nan_to_null({"table": table, "seeds": seeds}))  # n = 1: no std (null)
     return table
