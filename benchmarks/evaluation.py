@@ -121,7 +121,6 @@ def main() -> None:
                                   "searches": searches[0] - before, "best_ppl": min(r["ppl"] for r in rows)})
             print(f"tuning {name}: {res['tuning'][-1]}", flush=True)
         # the λ part of the default grid side by side: one interpolation per λ against all λ at once (`perplexities`)
-        ks, temperatures = tuning_grid(cfg)
         grid = scores.at([(k, t) for k in ks for t in temperatures])
         lambdas = cfg.eval.lmbda
         t = time.perf_counter()
