@@ -11,7 +11,11 @@ another kind of device is skipped, with a line that says so, unless asked for wi
 For each seed, on the study's base config (the ω study's WikiText-2 configuration), one device, in this order:
   base      the LM (ω = 0): trained, datastore, valid and test evaluated (LM alone, kNN-LM: both protocols)
   targets   `knnlm targets` of the base: p_kNN of every training position, its own entry left out
-  scratch   an LM trained from scratch with CE + β·KL toward the targets; its own datastore and kNN-LM
+  scratch   an LM trained from scratch with CE + β·KL toward the targets; its own datastore and kNN-LM; and mixed
+            with the base as a memory model is (λ tuned on valid, no retrieval): Memory Decoder's recipe (a decoder
+            trained on CE + KL, interpolated with the base LM) with a decoder as large as the base
+  ensemble  the control of that pair: a second LM trained from scratch as the base is (CE alone, init seed
+            seed + ENSEMBLE_SEED), mixed with the base the same way: what two LMs give without the targets
   finetune  the base fine-tuned with CE + β·KL; its own datastore and kNN-LM
   memory    a memory model (started from the base, KL alone as `memory_overrides` say) interpolated with the base
             at a λ tuned on valid, no retrieval; and the base's kNN on top of that pair
@@ -43,11 +47,15 @@ from knnlm.studies.statistics import t_interval
 from knnlm.targets import build_targets
 
 # in the order they run for a seed: the scratch run, the way closest to the goal on seed 0 (+5.1 %), right after the
-# targets; then the fine-tune, the memory model and the control
-STAGES = ("base", "targets", "scratch", "finetune", "memory", "control")
+# targets, and the ensemble that controls its pair with the base; then the fine-tune, the memory model and the control
+STAGES = ("base", "targets", "scratch", "ensemble", "finetune", "memory", "control")
 NEEDS = {"targets": ("base",), "memory": ("base", "targets"), "finetune": ("base", "targets"),
-         "scratch": ("base", "targets"), "control": ("base",)}  # the stages each stage's inputs come from
+         "scratch": ("base", "targets"), "ensemble": ("base",), "control": ("base",)}  # where each stage's inputs come from
+ENSEMBLE_SEED = 1000  # the ensemble stage's second LM starts from seed + ENSEMBLE_SEED (the base: from seed)
 # the stages that train an LM with its own datastore, as the tables and the figure name them
+# the second LMs mixed with the base as a memory model is, and how the tables name each pair's second member
+PAIRS = {"scratch": "distilled-from-scratch LM", "ensemble": "second LM, CE alone (ensemble control)",
+         "control": "CE-only fine-tune (ensemble control)"}
 LM_LABELS = {"base": "base", "scratch": "distilled from scratch", "finetune": "base fine-tuned with KL",
              "control": "base fine-tuned with CE only (control)"}
 
@@ -87,7 +95,7 @@ def evaluated(run: Path, cfg) -> dict:
 
 def stage_settings(study: dict, stage: str) -> list[str]:
     """The overrides a stage adds to the study's own (`overrides` and the seed): what its record is made with."""
-    return {"base": [], "targets": [], "scratch": study["distil_overrides"],
+    return {"base": [], "targets": [], "scratch": study["distil_overrides"], "ensemble": [],
             "finetune": study["distil_overrides"] + study["finetune_overrides"],
             "control": study["finetune_overrides"], "memory": study["memory_overrides"]}[stage]
 
@@ -116,7 +124,11 @@ class MadeElsewhere(UserError):
 
 def differences(again: dict, record: dict, keys: tuple[str, ...], rel: float = 1e-6) -> list[str]:
     """The figures of `keys` (dotted paths) where a rebuilt artifact's `again` is not its record's to `rel`."""
-    get = lambda d, key: [d := d[part] for part in key.split(".")][-1]
+    def get(d: dict, key: str) -> float:
+        for part in key.split("."):
+            d = d[part]
+        return d
+
     return [f"{key} {get(again, key):.8g} (recorded {get(record, key):.8g})" for key in keys
             if not math.isclose(get(again, key), get(record, key), rel_tol=rel)]
 
@@ -174,31 +186,47 @@ def run_stage(study: dict, out: Path, seed: int, stage: str, results: Path) -> d
         cfg = load_config(study["base"], [*common, targets, *extra])
         run = out / f"{stage}_seed{seed}"
         res = run_pipeline(cfg, run)
-        return {**trained(res["train"]), "overrides": extra, **evaluated(run, cfg)}
+        return {**trained(res["train"]), "overrides": extra, **evaluated(run, cfg),
+                **({"as_memory": mixed_with(base_run, run, load_config(study["base"], common))} if stage == "scratch" else {})}
+    if stage == "ensemble":  # trained only: it is scored beside the base, with the base's datastore
+        extra = [f"train.seed={seed + ENSEMBLE_SEED}"]
+        cfg = load_config(study["base"], [*common, *extra])
+        second = out / f"ensemble_seed{seed}"
+        summary = trained_once(second, cfg)
+        return {**trained(summary), "overrides": extra, "as_memory": mixed_with(base_run, second, load_config(study["base"], common))}
     if stage == "control":
         extra = [*stage_settings(study, stage), f"train.init_from={base_run}"]
         cfg = load_config(study["base"], [*common, *extra])
         run = out / f"control_seed{seed}"
         res = run_pipeline(cfg, run)
-        base_cfg = load_config(study["base"], common)
-        ensemble = {split: evaluate_memory(base_run, run, base_cfg, split, progress=False) for split in ("valid", "test")}
         return {**trained(res["train"]), "overrides": extra, **evaluated(run, cfg),
-                "as_memory": ensemble}
+                "as_memory": mixed_with(base_run, run, load_config(study["base"], common))}
     if stage == "memory":
         extra = [*stage_settings(study, stage), f"train.init_from={base_run}"]
         mem_cfg = load_config(study["base"], [*common, targets, *extra])
         mem = out / f"memory_seed{seed}"
-        from knnlm.pipeline import check_writable
-        from knnlm.train import train
-
-        check_writable(mem)
-        check_same_model(mem, mem_cfg)  # a memory model trained with other settings is not reused
-        summary = read_json(mem / "train_summary.json") if (mem / "train_summary.json").is_file() else \
-            train(mem_cfg, mem, resume=(mem / "checkpoints").is_dir())
-        cfg = load_config(study["base"], common)
-        figures = {split: evaluate_memory(base_run, mem, cfg, split, progress=False) for split in ("valid", "test")}
-        return {**trained(summary), "overrides": extra, **figures}
+        summary = trained_once(mem, mem_cfg)
+        return {**trained(summary), "overrides": extra, **mixed_with(base_run, mem, load_config(study["base"], common))}
     raise AssertionError(stage)
+
+
+def trained_once(run: Path, cfg) -> dict:
+    """Train a model that is only scored beside the base (no datastore of its own), continuing from its checkpoints;
+    a finished one is read, and one trained with other settings is refused (no stale model)."""
+    from knnlm.pipeline import check_writable
+    from knnlm.train import train
+
+    check_writable(run)
+    check_same_model(run, cfg)
+    if (run / "train_summary.json").is_file():
+        return read_json(run / "train_summary.json")
+    return train(cfg, run, resume=(run / "checkpoints").is_dir())
+
+
+def mixed_with(base_run: Path, second: Path, base_cfg) -> dict:
+    """`second` as a memory model beside the base on valid and test: μ tuned on valid with no retrieval, then the
+    base's kNN on top of the pair (`evaluate_memory`)."""
+    return {split: evaluate_memory(base_run, second, base_cfg, split, progress=False) for split in ("valid", "test")}
 
 
 def tables(records: dict[str, dict], results: Path) -> dict:
@@ -220,8 +248,13 @@ def tables(records: dict[str, dict], results: Path) -> dict:
                 values["LM + memory model (no retrieval)"] = m[split]["lm_memory_ppl"]
                 values["kNN-LM over LM + memory (tuned)"] = m[split]["protocols"]["tuned"]["knnlm_ppl"]
                 values["kNN-LM over LM + memory (paper)"] = m[split]["protocols"]["paper"]["knnlm_ppl"]
-            if (c := get("control")) is not None:
-                values["LM + CE-only fine-tune (ensemble control, no retrieval)"] = c["as_memory"][split]["lm_memory_ppl"]
+            for stage, label in PAIRS.items():  # a second LM mixed with the base as a memory model is
+                if (r := get(stage)) is not None and "as_memory" in r:
+                    pair = r["as_memory"][split]
+                    if stage == "ensemble":
+                        values["second LM, CE alone, another init (no retrieval)"] = pair["memory_model_ppl"]
+                    values[f"LM + {label} (no retrieval)"] = pair["lm_memory_ppl"]
+                    values[f"kNN-LM over LM + {label} (tuned)"] = pair["protocols"]["tuned"]["knnlm_ppl"]
             for stage, label in ((st, LM_LABELS[st]) for st in ("scratch", "finetune", "control")):
                 if (r := get(stage)) is not None:
                     values[f"{label}: LM alone (no retrieval)"] = r[split]["lm_ppl"]
@@ -246,27 +279,32 @@ def tables(records: dict[str, dict], results: Path) -> dict:
                 for label, t in table.items() if split in t]
         md.append(markdown_table(f"Distillation, {split} perplexity", ["model", "mean", "std",
                                  "Δ vs the same seed's base kNN-LM (tuned), ± 95 % t-interval", "relative", "n"], body))
-    costs = []
+    costs = []  # each row names its record's device: times compare on one kind of device only
     for name, rec in sorted(records.items()):
-        stage = name.split("_", 1)[1]
+        stage, on = name.split("_", 1)[1], rec.get("device", "–")
         if stage == "targets":
-            costs.append([name, f"build {rec['seconds']:.0f} s", f"{rec['bytes'] / 2**20:.0f} MiB", "", ""])
-        elif stage == "memory":
-            v = rec["valid"]
-            costs.append([name, f"train {rec['train_seconds']:.0f} s", "", f"{v['tokens_per_s']['lm_memory']:.0f} (LM + memory)"
-                          f" vs {v['tokens_per_s']['knnlm']:.0f} (kNN-LM): "
-                          f"{v['tokens_per_s']['lm_memory'] / v['tokens_per_s']['knnlm']:.1f}×",
-                          f"{(v['inference_bytes']['lm'] + v['inference_bytes']['memory_model']) / 2**20:.0f} MiB vs "
-                          f"{(v['inference_bytes']['lm'] + v['inference_bytes']['datastore']) / 2**20:.0f} MiB"])
+            costs.append([name, f"build {rec['seconds']:.0f} s", f"{rec['bytes'] / 2**20:.0f} MiB", "", "", on])
+        elif stage in ("memory", "ensemble"):
+            pair = rec["valid"] if stage == "memory" else rec["as_memory"]["valid"]
+            costs.append([name, f"train {rec['train_seconds']:.0f} s", "", *pair_costs(pair), on])
         else:  # an LM with its own datastore: the LM alone, and its kNN-LM (the LM pass plus the search)
             lm, knn = lm_speeds(rec["valid"])
-            costs.append([name, f"train {rec['train_seconds']:.0f} s", "", f"{lm:.0f} (LM) vs {knn:.0f} (kNN-LM)", ""])
-    costs = [[*row, records[row[0]].get("device", "–")] for row in costs]  # times compare on one kind of device only
+            costs.append([name, f"train {rec['train_seconds']:.0f} s", "", f"{lm:.0f} (LM) vs {knn:.0f} (kNN-LM)", "", on])
+            if stage == "scratch" and "as_memory" in rec:
+                costs.append([f"{name} beside the base", "", "", *pair_costs(rec["as_memory"]["valid"]), on])
     md.append(markdown_table("Costs", ["record", "time", "targets size", "valid tokens/s", "bytes at inference",
                                        "device"], costs))
     write_text(results / "distill.md", "\n".join(md))
     write_json(results / "distill.json", nan_to_null({"table": table, "seeds": seeds}))  # n = 1: no std (null)
     return table
+
+
+def pair_costs(v: dict) -> list[str]:
+    """Tokens/s and bytes at inference of the base with a second model beside it, against the base's kNN-LM."""
+    speed, b = v["tokens_per_s"], v["inference_bytes"]
+    return [f"{speed['lm_memory']:.0f} (LM + memory) vs {speed['knnlm']:.0f} (kNN-LM): "
+            f"{speed['lm_memory'] / speed['knnlm']:.1f}×",
+            f"{(b['lm'] + b['memory_model']) / 2**20:.0f} MiB vs {(b['lm'] + b['datastore']) / 2**20:.0f} MiB"]
 
 
 def speed_points(records: dict[str, dict], split: str = "valid") -> dict[str, list[tuple[float, float]]]:
@@ -281,11 +319,14 @@ def speed_points(records: dict[str, dict], split: str = "valid") -> dict[str, li
             lm, knn = lm_speeds(r)
             add(f"{label}: LM alone", lm, r["lm_ppl"])
             add(f"{label}: kNN-LM (tuned)", knn, r["knnlm_ppl"])
-        elif stage == "memory":
+        if stage == "memory":
             r, sec = rec[split], rec[split]["seconds"]
             add("LM + memory model (no retrieval)", r["tokens_per_s"]["lm_memory"], r["lm_memory_ppl"])
             add("kNN-LM over LM + memory (tuned)", r["tokens"] / (sec["lm"] + sec["memory_model"] + sec["search"]),
                 r["protocols"]["tuned"]["knnlm_ppl"])
+        if stage in ("scratch", "ensemble") and "as_memory" in rec:  # the control's pair: near the base, not drawn
+            r = rec["as_memory"][split]
+            add(f"LM + {PAIRS[stage]} (no retrieval)", r["tokens_per_s"]["lm_memory"], r["lm_memory_ppl"])
     return points
 
 

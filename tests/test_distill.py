@@ -231,7 +231,21 @@ def test_the_distill_study_tables_pair_each_variant_with_the_same_seeds_base(tmp
                          "inference_bytes": {"lm": 2**24, "memory_model": 2**24, "datastore": 2**30}}
         records[f"seed{seed}_memory"] = {"train_seconds": 300.0, "valid": mem(m), "test": mem(m + 3)}
     records["seed0_targets"] = {"seconds": 1800.0, "bytes": 2**28}
+    pairs, second = [99.0, 99.5], [104.0, 101.0]  # seeds 0 and 1: the base with a distilled LM, and with a second LM
+    for seed, (x, y) in enumerate(zip(pairs, second)):
+        scratch = lambda x: {**split(x), "lm_ppl": x + 4}
+        records[f"seed{seed}_scratch"] = {"train_seconds": 3000.0, "valid": scratch(x), "test": scratch(x + 3),
+                                          "as_memory": {"valid": mem(x), "test": mem(x + 3)}}
+        records[f"seed{seed}_ensemble"] = {"train_seconds": 1000.0, "as_memory": {"valid": mem(y), "test": mem(y + 3)}}
+    records["seed2_scratch"] = {"train_seconds": 3000.0, "valid": scratch(96.0), "test": scratch(99.0)}  # no pair kept
     table = study.tables(records, tmp_path)
+    row = table["LM + distilled-from-scratch LM (no retrieval)"]["valid"]
+    assert row["n"] == 2 and row["vs_base_knnlm_tuned"]["mean"] == pytest.approx(np.mean(np.subtract(pairs, anchors[:2])))
+    assert table["kNN-LM over LM + distilled-from-scratch LM (tuned)"]["test"]["mean"] == pytest.approx(np.mean(pairs) - 2)
+    row = table["LM + second LM, CE alone (ensemble control) (no retrieval)"]["test"]
+    assert row["vs_base_knnlm_tuned"]["mean"] == pytest.approx(np.mean(np.subtract(second, anchors[:2])))
+    assert table["second LM, CE alone, another init (no retrieval)"]["valid"]["mean"] == pytest.approx(np.mean(second) + 8)
+    assert table["distilled from scratch: LM alone (no retrieval)"]["valid"]["n"] == 3
     row = table["LM + memory model (no retrieval)"]["valid"]
     d = np.subtract(memory, anchors)
     assert row["n"] == 3 and row["mean"] == pytest.approx(np.mean(memory))
@@ -243,11 +257,15 @@ def test_the_distill_study_tables_pair_each_variant_with_the_same_seeds_base(tmp
     assert table["memory model alone (no retrieval)"]["valid"]["mean"] == pytest.approx(np.mean(memory) + 8)
     md = (tmp_path / "distill.md").read_text()
     assert "20.0×" in md and "32 MiB vs 1040 MiB" in md and "build 1800 s" in md  # speed and bytes at inference
+    assert "| seed0_scratch beside the base |" in md and "| seed1_ensemble | train 1000 s |" in md
+    assert "| seed2_scratch beside the base |" not in md
     points = study.speed_points(records)  # the figure's: tokens/s from each pass's time, one point per seed
     assert points["base: LM alone"] == [(5000.0, a + 20) for a in anchors]
     assert points["base: kNN-LM (tuned)"] == [(250.0, a) for a in anchors]
     assert points["LM + memory model (no retrieval)"] == [(5000.0, m) for m in memory]
     assert points["kNN-LM over LM + memory (tuned)"] == [(50000 / 210, m - 5) for m in memory]
+    assert points["LM + distilled-from-scratch LM (no retrieval)"] == [(5000.0, x) for x in pairs]
+    assert points["LM + second LM, CE alone (ensemble control) (no retrieval)"] == [(5000.0, y) for y in second]
     from knnlm.studies.plots import plot_quality_vs_speed
 
     assert plot_quality_vs_speed(points, tmp_path / "q.png", "t", anchor="base: kNN-LM (tuned)")
@@ -322,6 +340,18 @@ def test_a_gone_base_is_trained_again_and_kept_only_if_it_reproduces_its_record(
     shutil.rmtree(runs / "base_seed0" / "targets")
     assert study.main([*args, "--stages", "memory"]) == 0
     assert "making seed 0's targets again" in capsys.readouterr().out
+    assert set(json.loads((results / "runs" / "seed0_memory.json").read_text())) >= {"valid", "test", "train_seconds"}
+    # the distilled LM and its control, a second LM trained as the base is from another init, each beside the base
+    assert study.main([*args, "--stages", "scratch", "ensemble"]) == 0
+    for stage in ("scratch", "ensemble"):
+        pair = json.loads((results / "runs" / f"seed0_{stage}.json").read_text())["as_memory"]
+        for split in ("valid", "test"):
+            assert pair[split]["lm_ppl"] == pytest.approx(recorded[split]["lm_ppl"], rel=1e-6)  # the base's LM
+            assert pair[split]["memory_model_ppl"] != pytest.approx(recorded[split]["lm_ppl"], rel=1e-3)  # another LM
+            alone = (pair[split]["lm_ppl"], pair[split]["memory_model_ppl"])  # μ tuned on valid over [0, 1]; on test a
+            assert pair[split]["lm_memory_ppl"] <= (min if split == "valid" else max)(alone) * (1 + 1e-9)  # mix ≤ worse
+    ensemble = json.loads((results / "runs" / "seed0_ensemble.json").read_text())
+    assert ensemble["overrides"] == [f"train.seed={study.ENSEMBLE_SEED}"] and not (runs / "ensemble_seed0" / "datastore").exists()
     # a base that does not reproduce its record (planted: its valid LM perplexity changed) stops the study
     shutil.rmtree(runs / "base_seed0")
     planted = {**recorded, "valid": {**recorded["valid"], "lm_ppl": recorded["valid"]["lm_ppl"] * 1.01}}
@@ -383,7 +413,7 @@ def test_the_distill_study_runs_stages_in_order_for_the_seeds_asked_and_refuses_
     rec["overrides"] = [*study.stage_settings(study.load_study(REPO / "experiments" / "distill_study.toml"), "memory"),
                         "train.init_from=/elsewhere/base_seed1"]
     memory.write_text(json.dumps(rec))
-    assert study.main([*args, "--seeds", "1"]) == 0 and ran == [(1, "scratch")]
+    assert study.main([*args, "--seeds", "1"]) == 0 and ran == [(1, "scratch"), (1, "ensemble")]
 
 
 @slow

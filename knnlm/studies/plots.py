@@ -293,7 +293,7 @@ def plot_quality_vs_speed(points: dict[str, list[tuple[float, float]]], path: Pa
         speeds, ppls = np.array([s for s, _ in ps]), np.array([p for _, p in ps])
         ax.scatter(speeds, ppls, color=color, alpha=0.35, s=18)
         mean, _, half, n = t_interval(list(ppls))
-        ax.errorbar([np.exp(np.log(speeds).mean())], [mean], yerr=None if n < 2 else [[half], [half]], fmt="o",
+        ax.errorbar([np.exp(np.log(speeds).mean())], [mean], yerr=None if n < 2 else [[half], [half]], fmt="osD^v"[i // 10 % 5],
                     color=color, ms=7, capsize=4, label=f"{label} (n = {n})")
     ax.set_xscale("log")
     ticker = matplotlib.ticker  # plain numbers at 1, 2, 5 × 10^n: the default minor labels overlap on a short decade
