@@ -52,10 +52,10 @@ STAGES = ("base", "targets", "scratch", "ensemble", "finetune", "memory", "contr
 NEEDS = {"targets": ("base",), "memory": ("base", "targets"), "finetune": ("base", "targets"),
          "scratch": ("base", "targets"), "ensemble": ("base",), "control": ("base",)}  # where each stage's inputs come from
 ENSEMBLE_SEED = 1000  # the ensemble stage's second LM starts from seed + ENSEMBLE_SEED (the base: from seed)
-# the stages that train an LM with its own datastore, as the tables and the figure name them
 # the second LMs mixed with the base as a memory model is, and how the tables name each pair's second member
 PAIRS = {"scratch": "distilled-from-scratch LM", "ensemble": "second LM, CE alone (ensemble control)",
          "control": "CE-only fine-tune (ensemble control)"}
+# the stages that train an LM with its own datastore, as the tables and the figure name them
 LM_LABELS = {"base": "base", "scratch": "distilled from scratch", "finetune": "base fine-tuned with KL",
              "control": "base fine-tuned with CE only (control)"}
 
