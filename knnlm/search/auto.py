@@ -52,7 +52,8 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
     """`eval.index = "auto"`: the fastest exact search on these keys at this k, chosen by a timed probe and
     remembered with the reason, e.g. "avx2-exact, pruned, m = 64: 1,180 q/s; margin 640; Flat 130 (64 directions
     hold 88 % of the variance)", in `folder` if given, else in knnlm's cache ($KNNLM_CACHE/ext), under a name made
-    from the store's identity (model, N, d, k, CPU, threads, candidates); the evaluation records it too.
+    from the store's identity (model, N, d, the probe rows' digest, k, CPU, threads, candidates); the evaluation
+    records it too.
 
     Every candidate (`auto_candidates`) is built on the whole store and times one search of `queries` stored keys
     (evenly spaced: held-out text's queries look like them) at k; FAISS Flat is among them, so `auto` is never slower
@@ -63,7 +64,13 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
     k = min(k, len(keys))
     candidates = auto_candidates(keys)
     m_var, held = variance_dims(keys)
-    identity = {"N": int(len(keys)), "d": int(keys.shape[1]), "model_sha256": model_sha256, "k": int(k),
+    step = max(1, len(keys) // queries)
+    probe = np.asarray(keys[::step][:queries], dtype=np.float32)
+    # the probe's rows stand for the keys themselves: two stores of one shape (and of no model, or one model over
+    # other text) never share a choice
+    sample = hashlib.sha256(np.ascontiguousarray(keys[::step][:queries]).tobytes()).hexdigest()
+    identity = {"N": int(len(keys)), "d": int(keys.shape[1]), "model_sha256": model_sha256, "keys_sample_sha256": sample,
+                "k": int(k),
                 "candidates": sorted(candidates), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                 "device": default_device().type}
     # remembered in knnlm's cache (not in the datastore, an artifact with digests), keyed by everything it depends on
@@ -75,8 +82,6 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
             chosen = candidates[saved["choice"]]()
             chosen.auto_reason = saved.get("reason", "")
             return chosen
-    step = max(1, len(keys) // queries)
-    probe = np.asarray(keys[::step][:queries], dtype=np.float32)
     short = probe[: max(1, len(probe) // 8)]
     rates, partial, best, best_searcher = {}, set(), None, None
     for name, build in candidates.items():
