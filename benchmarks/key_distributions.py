@@ -8,6 +8,10 @@ a pre-LayerNorm key, a regularized key: whatever runs are named); with `--hf`, h
 causal LM (e.g. GPT-2 at d = 768) over WikiText-2's valid text. Queries: held-out draws of the same distribution
 (a run: its stored keys of every n/queries-th row, perturbed by 1 % noise, so none is its own neighbour).
 
+Queries are searched 2,048 at a time: FAISS Flat takes its fast (BLAS) path only for batches of at least 128,000 / d
+queries (FAISS 1.15; `faiss_batch.py` measures it), as the evaluation's batches of 4,096 do; at 256 queries it ran
+5-17x slower than in the evaluation, which inflated every ratio at d = 256 (git show 07baff0:results/benchmarks/
+intel-xeon-amx/key_distributions.md, kept for the record).
 For k = 64 and 1024, side by side in one process with the same threads: FAISS `IndexFlatL2`, the CPU kernel's margin
 and pruned searches (default projection and the one holding 90 % of the variance), and `auto` (`knnlm.search.auto.
 choose_exact_search`: its own probe, then its choice). Each backend's queries/s, its ratio to Flat, and recall@k
@@ -128,7 +132,8 @@ def bench(name: str, keys: np.ndarray, queries: np.ndarray, ks: list[int], repea
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200_000, help="keys per synthetic store")
-    p.add_argument("--queries", type=int, default=256)
+    p.add_argument("--queries", type=int, default=2048,
+                   help="queries searched at once: FAISS Flat needs >= 128,000 / d to take its BLAS path (faiss_batch.py)")
     p.add_argument("--truth", type=int, default=64, help="queries checked against the float64 brute force")
     p.add_argument("--k", type=int, nargs="+", default=[64, 1024])
     p.add_argument("--repeats", type=int, default=2)

@@ -25,10 +25,10 @@ from .registry import BACKENDS, Variants
 def auto_candidates(keys: np.ndarray) -> Variants:
     """The exact searches `auto` chooses among on this machine over keys (N, d), by name, each as a function that
     builds it: the `auto_variants` of every registered backend for this device that runs here, only the first of
-    each group (on a CPU: the first compiled kernel's searches, and FAISS Flat; on a GPU: `bf16-exact` and
-    `bf16-pruned`)."""
+    each group (on a CPU: FAISS Flat, the reference, first, then the first compiled kernel's searches; on a GPU:
+    `bf16-exact` and `bf16-pruned`)."""
     device, groups, out = default_device().type, set(), {}
-    for b in BACKENDS.values():
+    for b in sorted(BACKENDS.values(), key=lambda b: b.name != "Flat"):  # the reference is timed first, in full
         if b.device != device or b.auto_variants is None or (b.group and b.group in groups) or not b.runs_here():
             continue
         groups.add(b.group)
@@ -48,7 +48,7 @@ def probe_rate(searcher: Searcher, queries: np.ndarray, k: int) -> float:
 
 
 def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, model_sha256: str = "",
-                        queries: int = 256, measure=probe_rate) -> Searcher:
+                        queries: int = 1024, measure=probe_rate) -> Searcher:
     """`eval.index = "auto"`: the fastest exact search on these keys at this k, chosen by a timed probe and
     remembered with the reason, e.g. "avx2-exact, pruned, m = 64: 1,180 q/s; margin 640; Flat 130 (64 directions
     hold 88 % of the variance)", in `folder` if given, else in knnlm's cache ($KNNLM_CACHE/ext), under a name made
@@ -56,10 +56,13 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
     records it too.
 
     Every candidate (`auto_candidates`) is built on the whole store and times one search of `queries` stored keys
-    (evenly spaced: held-out text's queries look like them) at k; FAISS Flat is among them, so `auto` is never slower
-    than Flat on the store it serves, up to the probe's noise. After the first, a candidate times an eighth of them
-    first, and the rest only if that is at least half the best rate so far: a search many times slower (FAISS Flat at
-    large k on LM keys) costs the probe little. A record made for other keys, k, CPU or thread count
+    (evenly spaced: held-out text's queries look like them) at k; FAISS Flat is the first of them, timed in full, so
+    `auto` is never slower than Flat on the store it serves, up to the probe's noise. The batch matters for Flat:
+    FAISS (1.15) computes distances with BLAS only for batches of at least 128,000 / d queries, 500 at d = 256, and
+    is 5-17x slower below (measured: results/benchmarks/intel-xeon-amx/faiss_batch.md); the evaluation searches
+    batches of `eval.batch_size` (4,096), so the probe's 1,024 rows time Flat as the evaluation runs it for d >= 125.
+    After Flat, a candidate times an eighth of the rows first, and the rest only if that is at least half the best
+    rate so far: a search many times slower costs the probe little. A record made for other keys, k, CPU or thread count
     is measured again."""
     k = min(k, len(keys))
     candidates = auto_candidates(keys)
