@@ -10,7 +10,7 @@ causal LM (e.g. GPT-2 at d = 768) over WikiText-2's valid text. Queries: held-ou
 
 Queries are searched 2,048 at a time: FAISS Flat takes its fast (BLAS) path only for batches of at least 128,000 / d
 queries (FAISS 1.15; `faiss_batch.py` measures it), as the evaluation's batches of 4,096 do; at 256 queries it ran
-5-17x slower than in the evaluation, which inflated every ratio at d = 256 (git show 07baff0:results/benchmarks/
+14-26x slower than in the evaluation, which inflated every ratio at d = 256 (git show 07baff0:results/benchmarks/
 intel-xeon-amx/key_distributions.md, kept for the record).
 For k = 64 and 1024, side by side in one process with the same threads: FAISS `IndexFlatL2`, the CPU kernel's margin
 and pruned searches (default projection and the one holding 90 % of the variance), and `auto` (`knnlm.search.auto.

@@ -59,7 +59,7 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
     (evenly spaced: held-out text's queries look like them) at k; FAISS Flat is the first of them, timed in full, so
     `auto` is never slower than Flat on the store it serves, up to the probe's noise. The batch matters for Flat:
     FAISS (1.15) computes distances with BLAS only for batches of at least 128,000 / d queries, 500 at d = 256, and
-    is 5-17x slower below (measured: results/benchmarks/intel-xeon-amx/faiss_batch.md); the evaluation searches
+    is 14-26x slower below than at 4,096 (results/benchmarks/intel-xeon-amx/faiss_batch.md); the evaluation searches
     batches of `eval.batch_size` (4,096), so the probe's 1,024 rows time Flat as the evaluation runs it for d >= 125.
     After Flat, a candidate times an eighth of the rows first, and the rest only if that is at least half the best
     rate so far: a search many times slower costs the probe little. A record made for other keys, k, CPU or thread count
