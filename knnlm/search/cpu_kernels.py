@@ -351,18 +351,19 @@ class CpuExactSearch:
         return D, I
 
 
-def faster_than_flat(kernel: str, k: int = 1024, n: int = 131072, d: int = 256, queries: int = 256) -> bool:
+def faster_than_flat(kernel: str, k: int = 1024, n: int = 131072, d: int = 256, queries: int = 1024) -> bool:
     """Whether `kernel` answers k-NN queries faster than FAISS IndexFlatL2 on this machine: measured once, on a
     synthetic LM-like store of n keys with the threads torch uses, and remembered under $KNNLM_CACHE/ext/ (per
     kernel build, CPU and thread count). For kernels that are not faster everywhere (AVX2 against an AVX-512 BLAS).
-    Without FAISS installed there is no Flat to lose to: True."""
+    `queries` are searched at once, enough for FAISS's BLAS path (>= 128,000 / d in FAISS 1.15), which the
+    evaluation's batches take (auto.py). Without FAISS installed there is no Flat to lose to: True."""
     if not faiss_installed():
         return True
     faiss = import_faiss()
 
     threads = torch.get_num_threads()
     what = f"{library_path(KERNELS[kernel]).name} {cpu_name()} {sorted(cpu_flags())} {threads} faiss " \
-           f"{faiss.__version__} n={n} d={d} k={k}"
+           f"{faiss.__version__} n={n} d={d} k={k} queries={queries}"
     record = _cache_dir() / f"vs-flat-{kernel}-{hashlib.sha256(what.encode()).hexdigest()[:16]}.json"
     if record.is_file():
         try:
