@@ -15,13 +15,12 @@ Writes OUT/faiss_batch.{json,md} (default: this machine's folder under results/b
 from __future__ import annotations
 
 import argparse
-import time
-
 import faiss
 import numpy as np
 import torch
 
 from common import default_out, write_results
+from knnlm.search.auto import probe_rate
 from knnlm.search.cpu_kernels import CpuExactSearch, first_kernel
 from search import flat_index
 
@@ -29,14 +28,8 @@ BATCHES = (32, 128, 256, 496, 512, 1024, 2048, 4096)
 
 
 def rate(searcher, queries: np.ndarray, k: int, repeats: int) -> float:
-    """Queries per second of one search of `queries`, best of `repeats` (after a warm-up on 16)."""
-    searcher.search(queries[:16], k)
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        searcher.search(queries, k)
-        best = max(best, len(queries) / (time.perf_counter() - t))
-    return best
+    """Queries per second of one search of `queries`, best of `repeats` (`auto`'s probe timing, warm-up included)."""
+    return max(probe_rate(searcher, queries, k) for _ in range(repeats))
 
 
 def stores(a) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -67,13 +67,12 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
     k = min(k, len(keys))
     candidates = auto_candidates(keys)
     m_var, held = variance_dims(keys)
-    step = max(1, len(keys) // queries)
-    probe = np.asarray(keys[::step][:queries], dtype=np.float32)
+    rows = np.ascontiguousarray(keys[:: max(1, len(keys) // queries)][:queries])  # read once: digest and probe
+    probe = rows.astype(np.float32)
     # the probe's rows stand for the keys themselves: two stores of one shape (and of no model, or one model over
     # other text) never share a choice
-    sample = hashlib.sha256(np.ascontiguousarray(keys[::step][:queries]).tobytes()).hexdigest()
-    identity = {"N": int(len(keys)), "d": int(keys.shape[1]), "model_sha256": model_sha256, "keys_sample_sha256": sample,
-                "k": int(k),
+    identity = {"N": int(len(keys)), "d": int(keys.shape[1]), "model_sha256": model_sha256,
+                "keys_sample_sha256": hashlib.sha256(rows.tobytes()).hexdigest(), "k": int(k),
                 "candidates": sorted(candidates), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                 "device": default_device().type}
     # remembered in knnlm's cache (not in the datastore, an artifact with digests), keyed by everything it depends on
