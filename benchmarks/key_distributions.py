@@ -12,9 +12,10 @@ Queries are searched 2,048 at a time: FAISS Flat takes its fast (BLAS) path only
 queries (FAISS 1.15; `faiss_batch.py` measures it), as the evaluation's batches of 4,096 do; at 256 queries it ran
 14-26x slower than in the evaluation, which inflated every ratio at d = 256 (git show 07baff0:results/benchmarks/
 intel-xeon-amx/key_distributions.md, kept for the record).
-For k = 64 and 1024, side by side in one process with the same threads: FAISS `IndexFlatL2`, the CPU kernel's margin
-and pruned searches (default projection and the one holding 90 % of the variance), and `auto` (`knnlm.search.auto.
-choose_exact_search`: its own probe, then its choice). Each backend's queries/s, its ratio to Flat, and recall@k
+For k = 64 and 1024, side by side in one process with the same threads: every search `auto` chooses among
+(`knnlm.search.auto.auto_candidates`: FAISS `IndexFlatL2`, the first CPU kernel's margin search, its pruned searches
+on the default projection and on the one holding 90 % of the variance, and their staged scans where the kernel has
+one), and `auto` itself (`choose_exact_search`: its own probe, then its choice). Each backend's queries/s, its ratio to Flat, and recall@k
 against a float64 brute force. Backends are timed in turns, best of `--repeats`. Writes OUT/key_distributions.{json,md}
 (default: this machine's folder under results/benchmarks/).
 """
@@ -29,10 +30,9 @@ import numpy as np
 import torch
 
 from common import default_out, write_results
-from knnlm.search.auto import choose_exact_search
-from knnlm.search.cpu_kernels import KERNELS, CpuExactSearch, first_kernel
-from knnlm.search.key_geometry import project_dims, variance_dims
-from search import flat_index, recall, truth
+from knnlm.search.auto import auto_candidates, choose_exact_search
+from knnlm.search.key_geometry import variance_dims
+from search import recall, truth
 
 
 def clustered(n: int, d: int, decay: float, seed: int, clusters: int = 64) -> np.ndarray:
@@ -90,14 +90,8 @@ def hf_states(path: str, n: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
 
 def bench(name: str, keys: np.ndarray, queries: np.ndarray, ks: list[int], repeats: int, n_truth: int) -> list[dict]:
     print(f"{name}: {len(keys):,} keys", flush=True)
-    kernel = first_kernel()
     m_var, held = variance_dims(keys)
-    builders = {"Flat": lambda: flat_index(keys)}
-    if kernel is not None:
-        idx = KERNELS[kernel].index
-        builders[f"{idx}, margin"] = lambda: CpuExactSearch(keys, kernel, prune=False)
-        for m in sorted({project_dims(keys.shape[1]), m_var}):
-            builders[f"{idx}, pruned, m = {m}"] = lambda m=m: CpuExactSearch(keys, kernel, prune=True, dims=m)
+    builders = auto_candidates(keys)  # exactly what `auto` chooses among: FAISS Flat and the first kernel's searches
     full = truth(keys, queries[:n_truth], max(ks))
     rows = []
     for k in ks:

@@ -26,16 +26,20 @@ KERNELS = [pytest.param(name, marks=pytest.mark.skipif(
     reason=f"{name}: the CPU lacks {', '.join(sorted(k.cpu_flags - cpu_kernels.cpu_flags())) or 'nothing'}"
            f" (or there is no C++ compiler)")) for name, k in cpu_kernels.KERNELS.items()]
 CXX = shutil.which(os.environ.get("CXX", "g++"))  # the compiler cpu_kernels uses
-# every search of every kernel: (kernel, prune, projected dimensions): the margin search, the pruned search with
-# its default projection, and with a projection far smaller than d (weak bounds: most keys tested exactly)
-MODES = [pytest.param((p.values[0], prune, dims), marks=p.marks, id=f"{p.values[0]}-{label}")
-         for p in KERNELS for prune, dims, label in ((False, None, "margin"), (True, None, "pruned"), (True, 8, "pruned8"))]
+# every search of every kernel: (kernel, prune, projected dimensions, first stage): the margin search, the pruned
+# search with its default projection, with a projection far smaller than d (weak bounds: most keys tested exactly),
+# and where the kernel has one, the staged scan (a first stage of 2 directions: most (query, 32 keys) go on; and of 6)
+MODES = [pytest.param((p.values[0], prune, dims, first), marks=p.marks, id=f"{p.values[0]}-{label}")
+         for p in KERNELS for prune, dims, first, label in (
+             (False, None, None, "margin"), (True, None, None, "pruned"), (True, 8, None, "pruned8"),
+             *(((True, None, 2, "staged2"), (True, 8, 6, "staged8-6")) if cpu_kernels.KERNELS[p.values[0]].staged
+               else ()))]
 # (every kernel has both searches: exact_search.h's KNNLM_ENTRY_POINTS, test_kernel_signature_matches_argtypes)
 
 
 def cpu_search(keys, mode, **kw):
-    kernel, prune, dims = mode
-    return cpu_kernels.CpuExactSearch(keys, kernel, prune=prune, dims=dims, **kw)
+    kernel, prune, dims, first = mode
+    return cpu_kernels.CpuExactSearch(keys, kernel, prune=prune, dims=dims, first=first, **kw)
 
 
 def brute_force(keys, queries, k, rows=64):
@@ -149,6 +153,37 @@ def test_pruned_search_when_the_sampled_guess_is_too_small_searches_again(mode):
         dist, ids = s.search(queries, 300)
         assert s.fallbacks == fallbacks
         assert_exact_neighbours(keys, queries, dist, ids, 300)
+
+
+@pytest.mark.parametrize("kernel", [p for p in KERNELS if cpu_kernels.KERNELS[p.values[0]].staged])
+def test_staged_scan_skips_keys_and_answers_as_the_one_stage_search(kernel):
+    # a store of rank 2 plus weak noise, a first stage of 2 of 16 directions: at every k, from 1 to N, the answers
+    # are those of the one-stage pruned search, bit for bit, and of float64
+    rng = np.random.default_rng(7)
+    keys = low_rank_keys(rng, 6000, 48, rank=2)
+    queries = keys[rng.choice(6000, 40, replace=False)].astype(np.float32) + 0.05 * rng.standard_normal((40, 48))
+    one = cpu_kernels.CpuExactSearch(keys, kernel, prune=True, dims=16)
+    staged = cpu_kernels.CpuExactSearch(keys, kernel, prune=True, dims=16, first=2)
+    assert "the first 2 scanned first" in staged.describe()
+    for k in (1, 50, 700, 6000):
+        d1, i1 = one.search(queries, k)
+        d2, i2 = staged.search(queries, k)
+        assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+        assert_exact_neighbours(keys, queries, d2, i2, k)
+    for first in (0, 3, 16, 40):  # not a first stage: none, odd, all m directions, more than m
+        with pytest.raises(ValueError, match="first: a staged scan needs"):
+            cpu_kernels.CpuExactSearch(keys, kernel, prune=True, dims=16, first=first)
+    with pytest.raises(ValueError, match="first: a staged scan needs"):
+        cpu_kernels.CpuExactSearch(keys, kernel, prune=False, first=2)
+
+
+def test_a_kernel_without_a_staged_scan_refuses_a_first_stage():
+    plain = [name for name, k in cpu_kernels.KERNELS.items() if not k.staged and cpu_kernels.available(name)]
+    if not plain:
+        pytest.skip("every kernel this CPU runs has a staged scan")
+    keys = low_rank_keys(np.random.default_rng(8), 500, 32)
+    with pytest.raises(ValueError, match="first: a staged scan needs"):
+        cpu_kernels.CpuExactSearch(keys, plain[0], prune=True, dims=16, first=4)
 
 
 @pytest.mark.parametrize("mode", PRUNED)

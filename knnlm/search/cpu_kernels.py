@@ -6,7 +6,9 @@ keeping heaps. The kernels in `csrc/` fuse the passes that matter, in one of two
 - pruned (the default of AVX-512 and AVX2; AMX has it, its default waits for a measurement): keys and queries projected onto the keys' m principal directions
   (m = 64 of d = 256), bf16 products with fp32 accumulation; a projected distance never exceeds the true one, so
   only keys whose projected distance, less a proven bound on the rounding, is below the query's running k-th exact
-  distance get their exact distance (from the stored float16 keys). Exact on every query.
+  distance get their exact distance (from the stored float16 keys). Exact on every query. Staged (`first`, the
+  AVX-512 kernel): the first m1 directions' part of the projected distance is itself a lower bound, so each tile
+  of 8 queries x 32 keys computes it first and carries on to all m only for the queries with a key below it.
 - margin (AMX's default): bf16 products of the full vectors, filtered against each query's running threshold while still in
   registers; each query keeps its `k + margin` best candidates, which exact fp32 distances re-rank.
 
@@ -66,6 +68,7 @@ class Kernel:
     bf16_queries: bool  # queries rounded to bf16 (AMX, AVX-512 BF16) or kept fp32 (AVX2)
     prune_by_default: bool  # the pruned search is the default (measured faster on LM keys: results/benchmarks/*/search.md)
     timed_against_flat: bool = False  # not faster than FAISS Flat everywhere: `auto` without a store checks first
+    staged: bool = False  # has the staged pruned scan (a bound of the first directions before the rest: `first`)
 
     @property
     def index(self) -> str:
@@ -76,7 +79,7 @@ KERNELS = {k.name: k for k in (  # fastest first: `auto` takes the first one the
     Kernel("amx", "amx_search.cpp", ("-mavx512f", "-mavx512bf16", "-mf16c", "-mamx-tile", "-mamx-bf16"),
            frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "f16c"}), 32, True, True),
     Kernel("avx512", "avx512_search.cpp", ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mf16c", "-mfma"),
-           frozenset({"avx512f", "avx512bw", "avx512_bf16", "f16c", "fma"}), 2, True, True),
+           frozenset({"avx512f", "avx512bw", "avx512_bf16", "f16c", "fma"}), 2, True, True, staged=True),
     Kernel("avx2", "avx2_search.cpp", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"}), 2, False,
            True, timed_against_flat=True),
 )}
@@ -86,9 +89,9 @@ KERNELS = {k.name: k for k in (  # fastest first: `auto` takes the first one the
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 SEARCH_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, ctypes.c_int, _i64, _i64, _p, _p)
 # knnlm_<kernel>_pruned(queries, M, D, packed, norms, Np, qf32, keys16, N, Dx, k, qnorm2, sqrt_slack, add_slack,
-# rel, start, nthreads, qblock, kchunk, out_d, out_i): the pruned search.
-PRUNED_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p, ctypes.c_double, _p,
-                   ctypes.c_int, _i64, _i64, _p, _p)
+# rel, norms_first, first_pairs, qnorm2_first, start, nthreads, qblock, kchunk, out_d, out_i): the pruned search.
+PRUNED_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p, ctypes.c_double, _p, _i64, _p,
+                   _p, ctypes.c_int, _i64, _i64, _p, _p)
 BF16_UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to nearest)
 FP32_UNIT = 2.0**-24
 
@@ -192,7 +195,7 @@ class CpuExactSearch:
 
     def __init__(self, keys: np.ndarray, kernel: str = "amx", margin: int = 32, margin_fraction: float = 1 / 16,
                  block: int = 262144, query_block: int = 1024, key_chunk: int = 1024, prune: bool | None = None,
-                 dims: int | None = None):
+                 dims: int | None = None, first: int | None = None):
         if kernel not in KERNELS:
             raise ValueError(f"kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
         self.kernel = KERNELS[kernel]
@@ -210,6 +213,11 @@ class CpuExactSearch:
         self.m = min(self.d, dims or project_dims(self.d)) if self.prune else self.d  # dimensions the kernel scans
         self.basis = principal_directions(keys, self.mean, self.m) if self.prune else None
         self.D = -(-self.m // self.kernel.dim_multiple) * self.kernel.dim_multiple  # padded dimensions
+        if first is not None and not (self.prune and self.kernel.staged and 0 < first < self.m and first % 2 == 0):
+            raise ValueError(f"first: a staged scan needs the pruned search of a kernel that has one "
+                             f"({', '.join(k.index for k in KERNELS.values() if k.staged)}) and an even number of "
+                             f"directions below m = {self.m}, got {first}")
+        self.first = first or 0  # directions of the staged scan's first stage (0: one stage)
         Np = -(-self.N // 32) * 32  # whole units of 32 keys, the work the kernels split between threads
         need, free = Np * self.D * 2, available_memory()
         if free is not None and need > 0.8 * free:
@@ -219,21 +227,30 @@ class CpuExactSearch:
         self.max_key_norm = self.max_centered_norm = 0.0  # of the bf16 keys the products use; of the centered keys
         self.store = self._pack(keys, block)
         self.fallbacks = 0  # queries of the last pruned search whose guessed bound was too small (searched again)
-        # the pruned search's guess of each query's k-th distance comes from every `sample`-th key (a strided sample:
-        # a contiguous part of a store is one part of the corpus, nearer to some queries than the whole)
-        self.sample = self._pack(np.ascontiguousarray(keys[:: self.SAMPLE]), block) if self.prune else None
+        # the pruned search's guess of each query's k-th distance comes from every SAMPLE-th key, whose own search
+        # starts from a guess from every SAMPLE²-th key, and so on (strided samples: a contiguous part of a store is
+        # one part of the corpus, nearer to some queries than the whole); (stride, packed sample), finest first
+        self.samples = []
+        stride = self.SAMPLE
+        while self.prune and -(-self.N // stride) >= self.MIN_SAMPLE:
+            self.samples.append((stride, self._pack(np.ascontiguousarray(keys[::stride]), block)))
+            stride *= self.SAMPLE
 
     SAMPLE = 16
+    MIN_SAMPLE = 256  # keys in the smallest sample worth a search of its own
+    GUESS_SCALE, GUESS_SDS = 1.5, 3.0  # the guess: the ks-th in a sample, ks = GUESS_SCALE k/SAMPLE + GUESS_SDS sqrt(k/SAMPLE)
 
-    def _pack(self, keys: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(packed, norms, keys16) for the kernel. Packed: centered (and projected) bf16 keys in groups of 16,
-        dimension pair by dimension pair, (Np/16, D/2, 16, 2): the VNNI layout of AMX's B operand (whose
+    def _pack(self, keys: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(packed, norms, norms_first, keys16) for the kernel. Packed: centered (and projected) bf16 keys in groups
+        of 16, dimension pair by dimension pair, (Np/16, D/2, 16, 2): the VNNI layout of AMX's B operand (whose
         32-dimension chunks are 16 consecutive pairs) and the operand of vdpbf16ps (16 keys x one pair per 64-byte
-        vector), written block by block. Norms: fp32 ||k̃||² of the bf16 keys the products use (+inf on padding)."""
+        vector), written block by block. Norms: fp32 ||k̃||² of the bf16 keys the products use (+inf on padding);
+        norms_first: the same of their first `first` coordinates (the staged scan's first stage; else norms)."""
         N = len(keys)
         Np = -(-N // 32) * 32  # whole units of 32 keys, the work the kernels split between threads
         packed = torch.zeros((Np // 16, self.D // 2, 16, 2), dtype=torch.bfloat16)
         norms = torch.full((Np,), float("inf"))  # padding rows are never selected
+        norms_first = torch.full((Np,), float("inf")) if self.first else norms
         block = block // 16 * 16
         for lo in range(0, N, block):
             x = torch.from_numpy(np.array(keys[lo : lo + block], dtype=np.float16)).float() - self.mean  # F16C: fast
@@ -243,10 +260,12 @@ class CpuExactSearch:
             xb = torch.zeros((-(-len(x) // 16) * 16, self.D), dtype=torch.bfloat16)
             xb[: len(x), : self.m] = x
             norms[lo : lo + len(x)] = xb[: len(x)].float().pow(2).sum(1)
+            if self.first:
+                norms_first[lo : lo + len(x)] = xb[: len(x), : self.first].float().pow(2).sum(1)
             self.max_key_norm = max(self.max_key_norm, max_norm_bound(xb[: len(x)]))
             packed[lo // 16 : lo // 16 + len(xb) // 16] = xb.view(-1, 16, self.D // 2, 2).permute(0, 2, 1, 3)
         keys16 = keys if keys.flags.c_contiguous else np.ascontiguousarray(keys)  # exact distances, read in place
-        return packed.view(torch.int16).numpy().view(np.uint16), norms.numpy(), keys16
+        return packed.view(torch.int16).numpy().view(np.uint16), norms.numpy(), norms_first.numpy(), keys16
 
     def candidates(self, k: int) -> int:
         return min(self.N, k + max(self.margin, int(k * self.margin_fraction)))
@@ -254,10 +273,11 @@ class CpuExactSearch:
     def describe(self) -> str:
         """Which search this is, for the evaluation's record."""
         if self.prune:
-            return f"{self.kernel.index}, pruned (keys projected onto {self.m} of {self.d} principal directions)"
+            staged = f"; the first {self.first} scanned first" if self.first else ""
+            return f"{self.kernel.index}, pruned (keys projected onto {self.m} of {self.d} principal directions{staged})"
         return f"{self.kernel.index}, margin (k + max({self.margin}, k·{self.margin_fraction:g}) candidates re-ranked)"
 
-    def bounds(self, centered: torch.Tensor, rounded: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    def bounds(self, centered: torch.Tensor, rounded: torch.Tensor) -> tuple:
         """What makes the pruned search's skip test safe, per query (exact_search.h, `Bound`): with a = ||ỹ_q|| of the
         rounded projected query, b = the largest ||ỹ_j|| of a rounded projected key, and x the largest norms of the
         centered vectors, a key is skipped only if ||ỹ_q − ỹ_j|| ≥ sqrt(thr (1 + rel)) + sqrt_slack, where
@@ -265,7 +285,10 @@ class CpuExactSearch:
           u' times its norm; computing them in fp32 by at most γ_d √m times the centered vector's norm;
         - the scores ||ỹ_j||² − 2 ỹ_q·ỹ_j are summed in fp32: off by at most γ_m (a + b)² (add_slack);
         - rel covers the fp32 rounding of the exact distances and the basis's departure from orthonormality.
-        Then ||q − k_j||² ≥ ||P^T(q − k_j)||² ≥ thr: the key cannot be nearer than the k-th found."""
+        Then ||q − k_j||² ≥ ||P^T(q − k_j)||² ≥ thr: the key cannot be nearer than the k-th found. The staged scan's
+        first stage applies the same test to the first m1 coordinates with their own ||ỹ_q||² (the last element):
+        a part of a difference is never longer than the whole, and each error of a part is at most the whole's.
+        Returns (a², sqrt_slack, add_slack, rel, a_first²)."""
         a = rounded.double().norm(dim=1)
         qx = centered.double().norm(dim=1)
         u = BF16_UNIT / (1 - BF16_UNIT) if self.kernel.bf16_queries else 0.0
@@ -273,7 +296,8 @@ class CpuExactSearch:
         b = self.max_key_norm
         sqrt_slack = u * a + BF16_UNIT / (1 - BF16_UNIT) * b + gamma_d * self.m**0.5 * (qx + self.max_centered_norm)
         add_slack = gamma_m * (a + b) ** 2 + 1e-30
-        return (a * a).numpy(), sqrt_slack.numpy(), add_slack.numpy(), 1e-4
+        a_first = rounded[:, : self.first].double().norm(dim=1) if self.first else a
+        return (a * a).numpy(), sqrt_slack.numpy(), add_slack.numpy(), 1e-4, (a_first * a_first).numpy()
 
     def search(self, queries: np.ndarray, k: int, start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest keys of each query. `start` (pruned search only): an upper bound of each query's k-th exact
@@ -288,7 +312,7 @@ class CpuExactSearch:
         if not self.prune:
             D = np.empty((len(q32), k), dtype=np.float32)
             I = np.empty((len(q32), k), dtype=np.int64)
-            packed, norms, keys16 = self.store
+            packed, norms, _, keys16 = self.store
             self._search(_ptr(qc), len(q32), self.D, _ptr(packed), _ptr(norms), len(norms), _ptr(q32),
                          _ptr(keys16), self.N, self.d, k, self.candidates(k), torch.get_num_threads(),
                          self.query_block, self.key_chunk, _ptr(D), _ptr(I))
@@ -316,14 +340,14 @@ class CpuExactSearch:
     def _pruned(self, store: tuple, qc: np.ndarray, q32: np.ndarray, bounds: tuple, k: int,
                 start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One call of the pruned kernel over a packed store (`_pack`); k nearest (−1 ids where fewer are found)."""
-        packed, norms, keys16 = store
+        packed, norms, norms_first, keys16 = store
         M = len(q32)
         D = np.empty((M, k), dtype=np.float32)
         I = np.empty((M, k), dtype=np.int64)
-        qnorm2, sqrt_slack, add_slack, rel = bounds
+        qnorm2, sqrt_slack, add_slack, rel, qnorm2_first = bounds
         self._search(_ptr(qc), M, self.D, _ptr(packed), _ptr(norms), len(norms), _ptr(q32), _ptr(keys16),
                      len(keys16), self.d, k, _ptr(qnorm2), _ptr(sqrt_slack), _ptr(add_slack), rel,
-                     None if start is None else _ptr(start), torch.get_num_threads(), self.query_block,
+                     _ptr(norms_first), self.first // 2, _ptr(qnorm2_first), None if start is None else _ptr(start), torch.get_num_threads(), self.query_block,
                      self.key_chunk, _ptr(D), _ptr(I))
         return D, I
 
@@ -331,22 +355,32 @@ class CpuExactSearch:
         """The pruned search from a guessed bound, checked. Pruning from +inf tests many keys exactly before the
         running k-th distance falls; a guess of the k-th distance spares them. The guess: the ks-th exact distance
         among every SAMPLE-th key (searched first, the same way), ks = 1.5 k/SAMPLE + 3 sqrt(k/SAMPLE): a little
-        beyond the k-th in expectation, by more where the sample is small and its order statistics noisy. With the guess as the starting
-        threshold, keys at or below it are tested: if at least k are found, the guess was at least the true k-th
-        distance and the answer is exact; a query with fewer found (a guess too small) is searched again from +inf.
-        `fallbacks` counts those queries."""
-        ks = math.ceil(1.5 * k / self.SAMPLE + 3 * math.sqrt(k / self.SAMPLE))
+        beyond the k-th in expectation, by more where the sample is small and its order statistics noisy. With the
+        guess as the starting threshold, keys at or below it are tested: if at least k are found, the guess was at
+        least the true k-th distance and the answer is exact; a query with fewer found (a guess too small) is searched
+        again from +inf. `fallbacks` counts those queries. The sample's own search starts from a guess from the next
+        sample (every SAMPLE²-th key), and so on down to the smallest sample that holds 4 ks keys, which starts from
+        +inf (at k = 1024 on 2.09M keys: 120 of 130k, 20 of 8k, 6 of 510); a sample's query whose guess was too
+        small gets +inf, so the next search starts from +inf for it."""
+        wanted = [k]  # neighbours sought at each level: the store, then each sample
+        for stride, sample in self.samples:
+            expected = wanted[-1] / self.SAMPLE
+            ks = math.ceil(self.GUESS_SCALE * expected + self.GUESS_SDS * math.sqrt(expected))
+            if len(sample[3]) < 4 * ks:
+                break
+            wanted.append(ks)
+        guess = None  # +inf
+        for level in range(len(wanted) - 1, 0, -1):  # the smallest sample first
+            ks = wanted[level]
+            guess = np.ascontiguousarray(self._pruned(self.samples[level - 1][1], qc, q32, bounds, ks, guess)[0][:, ks - 1])
         self.fallbacks = 0
-        if len(self.sample[2]) < 4 * ks:  # too small a store to sample: start from +inf
-            return self._pruned(self.store, qc, q32, bounds, k)
-        guess = np.ascontiguousarray(self._pruned(self.sample, qc, q32, bounds, ks)[0][:, ks - 1])  # +inf: < ks found
         D, I = self._pruned(self.store, qc, q32, bounds, k, guess)
-        failed = np.flatnonzero(I[:, k - 1] < 0)
+        failed = np.flatnonzero(I[:, k - 1] < 0) if guess is not None else []
         if len(failed):
             self.fallbacks = len(failed)
             sub_qc = np.zeros((-(-len(failed) // 32) * 32, qc.shape[1]), dtype=qc.dtype)
             sub_qc[: len(failed)] = qc[failed]
-            sub_bounds = tuple(np.ascontiguousarray(b[failed]) for b in bounds[:3]) + (bounds[3],)
+            sub_bounds = tuple(np.ascontiguousarray(b[failed]) if isinstance(b, np.ndarray) else b for b in bounds)
             D[failed], I[failed] = self._pruned(self.store, sub_qc, np.ascontiguousarray(q32[failed]), sub_bounds, k)
         return D, I
 

@@ -59,6 +59,14 @@ def project_dims(d: int) -> int:
     return d if d <= 64 else max(64, d // 4)
 
 
+def staged_dims(m: int) -> int:
+    """How many of m projected directions a staged scan tests first (0: too few to split): a quarter of them,
+    at least 8 and even. On WikiText-2's keys the first 16 of 64 leave about 20 % of the keys at k = 1024
+    (results/benchmarks/amd-epyc-zen3/bound_survivors.md)."""
+    first = max(8, m // 4 // 2 * 2)
+    return first if first < m else 0
+
+
 def lm_like_keys(n: int, d: int = 256, rank: int = 32, seed: int = 0, chunk: int = 262144) -> np.ndarray:
     """A synthetic float16 store (n, d) shaped like LM activations: a large common offset, a few strong directions
     of very unequal scale (a random rank-`rank` Gaussian) and weak isotropic noise. For calibration and benchmarks."""

@@ -20,7 +20,7 @@ from . import cpu_kernels
 from .base import Searcher
 from .cpu_kernels import KERNELS, CpuExactSearch, Kernel
 from .faiss_index import FaissSearch, faiss_installed, load_or_build_index
-from .key_geometry import project_dims, variance_dims
+from .key_geometry import project_dims, staged_dims, variance_dims
 from .torch_search import TorchExactSearch, TorchPrunedSearch
 
 Variants = dict[str, Callable[[], Searcher]]  # what `auto` times on a store, by name, each built on demand
@@ -49,12 +49,17 @@ def _kernel_needs(kernel: Kernel) -> str:
 
 def _kernel_variants(keys: np.ndarray, name: str) -> Variants:
     """A kernel's pruned search projected onto its default number of principal directions and onto as many as hold
-    90 % of the keys' variance, and its margin search."""
-    index = KERNELS[name].index
+    90 % of the keys' variance, each also with a staged scan where the kernel has one (`staged_dims`), and its
+    margin search."""
+    kernel = KERNELS[name]
     out: Variants = {}
     for m in sorted({project_dims(keys.shape[1]), variance_dims(keys)[0]}):
-        out[f"{index}, pruned, m = {m}"] = lambda m=m: CpuExactSearch(keys, name, prune=True, dims=m)
-    out[f"{index}, margin"] = lambda: CpuExactSearch(keys, name, prune=False)
+        out[f"{kernel.index}, pruned, m = {m}"] = lambda m=m: CpuExactSearch(keys, name, prune=True, dims=m)
+        first = staged_dims(m)
+        if kernel.staged and first:
+            out[f"{kernel.index}, pruned, m = {m}, first {first}"] = \
+                lambda m=m, first=first: CpuExactSearch(keys, name, prune=True, dims=m, first=first)
+    out[f"{kernel.index}, margin"] = lambda: CpuExactSearch(keys, name, prune=False)
     return out
 
 

@@ -79,8 +79,17 @@ void scan_keys(const float* queries, int64_t q0, int64_t qn, int64_t M, int64_t 
           }
         }
       }
+      for (int64_t r = 0; r < rows; ++r) cands[qt + r].flush();  // the chunk's keys waiting for exact distances
     }
   }
+}
+
+// No staged scan here (cpu_kernels.Kernel.staged is False): the pruned search scans all its directions at once.
+template <class Cands>
+void scan_staged(const float* queries, int64_t q0, int64_t qn, int64_t M, int64_t D, const uint16_t* packed,
+                 const float* norms, const float* /*norms_first*/, int64_t /*first_pairs*/, int64_t u0, int64_t u1,
+                 int64_t chunk, Cands* cands) {
+  scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk, cands);
 }
 
 }  // namespace

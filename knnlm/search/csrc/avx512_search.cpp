@@ -84,6 +84,101 @@ void scan_keys(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64
           }
         }
       }
+      for (int64_t r = 0; r < rows; ++r) cands[qt + r].flush();  // the chunk's keys waiting for exact distances
+    }
+  }
+}
+
+// The pruned search's staged scan (exact_search.h): per tile of Q queries x 32 keys, the products of the first
+// first_pairs dimension pairs for all Q queries (as scan_keys), then each query's scores of that part are tested
+// against its first-stage threshold; only queries with a key below it go on, one at a time, through the remaining
+// pairs (the tile's 32 keys are in L1 by then) to the full scores and scan_keys's test.
+template <class Cands>
+void scan_staged(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64_t D, const uint16_t* packed,
+                 const float* norms, const float* norms_first, int64_t first_pairs, int64_t u0, int64_t u1,
+                 int64_t chunk_units, Cands* cands) {
+  const int64_t pairs = D / 2, group = 16 * D;
+  const __m512 two = _mm512_set1_ps(2.0f);
+  const uint32_t base = uint32_t(32 * u0);
+  alignas(64) float part[Q][32];  // the first stage's products of the queries that go on
+  for (int64_t c0 = u0; c0 < u1; c0 += chunk_units) {
+    const int64_t c1 = std::min(u1, c0 + chunk_units);
+    for (int64_t qt = 0; qt < qn; qt += Q) {
+      const int64_t rows = std::min<int64_t>(Q, M - (q0 + qt));
+      if (rows <= 0) break;
+      const uint16_t* qa = queries + (q0 + qt) * D;
+      for (int64_t u = c0; u < c1; ++u) {
+        const uint16_t* b0 = packed + 2 * u * group;
+        const uint16_t* b1 = b0 + group;
+        __m512 acc[Q][2];
+#pragma GCC unroll 8
+        for (int r = 0; r < Q; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < first_pairs; ++p) {
+          const __m512bh k0 = as_bf16(_mm512_loadu_si512(b0 + 32 * p));
+          const __m512bh k1 = as_bf16(_mm512_loadu_si512(b1 + 32 * p));
+#pragma GCC unroll 8
+          for (int r = 0; r < Q; ++r) {
+            const __m512bh qv = as_bf16(broadcast_pair(qa + r * D + 2 * p));
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qv, k0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qv, k1);
+          }
+        }
+        const __m512 f0 = _mm512_loadu_ps(norms_first + 32 * u);
+        const __m512 f1 = _mm512_loadu_ps(norms_first + 32 * u + 16);
+        uint32_t alive = 0;
+#pragma GCC unroll 8
+        for (int r = 0; r < Q; ++r) {
+          if (r >= rows) break;
+          const __m512 thr = _mm512_set1_ps(cands[qt + r].refresh_first());
+          const __mmask16 m0 = _mm512_cmp_ps_mask(_mm512_fnmadd_ps(two, acc[r][0], f0), thr, _CMP_LT_OQ);
+          const __mmask16 m1 = _mm512_cmp_ps_mask(_mm512_fnmadd_ps(two, acc[r][1], f1), thr, _CMP_LT_OQ);
+          if (m0 | m1) {
+            alive |= 1u << r;
+            _mm512_store_ps(part[r], acc[r][0]);
+            _mm512_store_ps(part[r] + 16, acc[r][1]);
+          }
+        }
+        if (!alive) continue;
+        const __m512 n0 = _mm512_loadu_ps(norms + 32 * u);
+        const __m512 n1 = _mm512_loadu_ps(norms + 32 * u + 16);
+        while (alive) {
+          const int r = __builtin_ctz(alive);
+          alive &= alive - 1;
+          const uint16_t* qr = qa + r * D;
+          // two chains per 16 keys (even and odd pairs): the products' latency, not their rate, would bound one
+          __m512 a0 = _mm512_load_ps(part[r]), a1 = _mm512_load_ps(part[r] + 16);
+          __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
+          int64_t p = first_pairs;
+          for (; p + 1 < pairs; p += 2) {
+            const __m512bh qv = as_bf16(broadcast_pair(qr + 2 * p));
+            const __m512bh qw = as_bf16(broadcast_pair(qr + 2 * p + 2));
+            a0 = _mm512_dpbf16_ps(a0, qv, as_bf16(_mm512_loadu_si512(b0 + 32 * p)));
+            a1 = _mm512_dpbf16_ps(a1, qv, as_bf16(_mm512_loadu_si512(b1 + 32 * p)));
+            e0 = _mm512_dpbf16_ps(e0, qw, as_bf16(_mm512_loadu_si512(b0 + 32 * p + 32)));
+            e1 = _mm512_dpbf16_ps(e1, qw, as_bf16(_mm512_loadu_si512(b1 + 32 * p + 32)));
+          }
+          for (; p < pairs; ++p) {
+            const __m512bh qv = as_bf16(broadcast_pair(qr + 2 * p));
+            a0 = _mm512_dpbf16_ps(a0, qv, as_bf16(_mm512_loadu_si512(b0 + 32 * p)));
+            a1 = _mm512_dpbf16_ps(a1, qv, as_bf16(_mm512_loadu_si512(b1 + 32 * p)));
+          }
+          a0 = _mm512_add_ps(a0, e0);
+          a1 = _mm512_add_ps(a1, e1);
+          Cands& cq = cands[qt + r];
+          const __m512 thr = _mm512_set1_ps(cq.refresh());
+          const __m512 d0 = _mm512_fnmadd_ps(two, a0, n0);  // ||k̃||² − 2 q̃·k̃
+          const __m512 d1 = _mm512_fnmadd_ps(two, a1, n1);
+          const __mmask16 m0 = _mm512_cmp_ps_mask(d0, thr, _CMP_LT_OQ);
+          const __mmask16 m1 = _mm512_cmp_ps_mask(d1, thr, _CMP_LT_OQ);
+          if (m0 | m1) {
+            alignas(64) float tmp[32];
+            _mm512_store_ps(tmp, d0);
+            _mm512_store_ps(tmp + 16, d1);
+            cq.push_masked(uint32_t(m0) | (uint32_t(m1) << 16), tmp, uint32_t(32 * u) - base);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) cands[qt + r].flush();  // the chunk's keys waiting for exact distances
     }
   }
 }

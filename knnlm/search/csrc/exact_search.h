@@ -80,6 +80,7 @@ struct Candidates {
     thr = std::min(thr, shared->load(std::memory_order_relaxed));
     return thr;
   }
+  inline void flush() {}  // approximate candidates are final as pushed (Pruned's wait for their exact distance)
   inline void push(float d, uint32_t i) {
     buf.push_back({d, i});
     if (buf.size() >= 2 * keep) compact();
@@ -130,12 +131,22 @@ inline float exact_sq_distance(const float* q, const uint16_t* key, int64_t dim)
 // a key whose computed ||ỹ_j||² − 2 ỹ_q·ỹ_j is at or above
 //   (sqrt(thr (1 + rel)) + sqrt_slack)² + add_slack − qnorm2
 // cannot have an exact distance below thr, the query's k-th exact distance so far.
+// The staged scan's first stage tests the scores of the first m1 directions alone against the same bound with the
+// query's first-m1 norm qnorm2_first: the first m1 coordinates of a difference are never longer than all m of them,
+// and each rounding error of a part is at most that of the whole, so sqrt_slack and add_slack hold for the part too.
 struct Bound {
-  double qnorm2 = 0, sqrt_slack = 0, add_slack = 0, rel = 0;
+  double qnorm2 = 0, sqrt_slack = 0, add_slack = 0, rel = 0, qnorm2_first = 0;
+  double radius2(float thr) const {  // (sqrt(thr (1 + rel)) + sqrt_slack)² + add_slack
+    const double r = std::sqrt(double(thr) * (1 + rel)) + sqrt_slack;
+    return r * r + add_slack;
+  }
   float threshold(float thr) const {
     if (!std::isfinite(thr)) return INFINITY;
-    const double r = std::sqrt(double(thr) * (1 + rel)) + sqrt_slack;
-    return std::nextafter(float(r * r + add_slack - qnorm2), INFINITY);  // rounded up: never tighter than proven
+    return std::nextafter(float(radius2(thr) - qnorm2), INFINITY);  // rounded up: never tighter than proven
+  }
+  float threshold_first(float thr) const {
+    if (!std::isfinite(thr)) return INFINITY;
+    return std::nextafter(float(radius2(thr) - qnorm2_first), INFINITY);
   }
 };
 
@@ -143,7 +154,7 @@ struct Bound {
 // the k-th exact distance (or a smaller one another thread found: `shared`); `refresh` turns it into the threshold
 // of the projected scores, recomputed only when thr moves. Survivors of that test get their exact distance here.
 struct Pruned : Candidates {
-  float scored_for = NAN, score_thr = INFINITY;
+  float scored_for = NAN, score_thr = INFINITY, first_thr = INFINITY;
   Bound bound;
   const float* q = nullptr;       // the fp32 query (uncentered)
   const uint16_t* keys = nullptr;  // float16 keys, row of the thread's first key
@@ -152,7 +163,8 @@ struct Pruned : Candidates {
              int64_t dim_) {
     Candidates::reset(keep_, shared_);
     scored_for = NAN;
-    score_thr = INFINITY;
+    score_thr = first_thr = INFINITY;
+    nwaiting = 0;
     bound = b;
     q = q_;
     keys = keys_;
@@ -163,20 +175,42 @@ struct Pruned : Candidates {
     if (!(thr == scored_for)) {
       scored_for = thr;
       score_thr = bound.threshold(thr);
+      first_thr = bound.threshold_first(thr);
     }
     return score_thr;
   }
+  // The threshold of the first stage's scores (the first m1 directions), after the same refresh.
+  inline float refresh_first() {
+    refresh();
+    return first_thr;
+  }
+  // Keys that passed the projected test wait here for their exact distance: each row is a fetch from a store far
+  // larger than the caches, so the scan asks for it at once (prefetch) and computes the distance only at the end of
+  // its pass over a chunk of keys (`flush`), by when the fetch has overlapped the products. A waiting key only delays
+  // the drop of thr (more keys pass meanwhile), never skips one.
+  static constexpr size_t kWait = 64;
+  uint32_t waiting[kWait];
+  size_t nwaiting = 0;
   inline void push_masked(uint32_t mask, const float* /*scores*/, uint32_t base) {
     while (mask) {
-      const int j = __builtin_ctz(mask);
+      const uint32_t i = base + uint32_t(__builtin_ctz(mask));
       mask &= mask - 1;
-      const uint32_t i = base + uint32_t(j);
+      const char* row = reinterpret_cast<const char*>(keys + int64_t(i) * dim);
+      for (int64_t b = 0; b < dim * 2; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+      waiting[nwaiting++] = i;
+      if (nwaiting == kWait) flush();
+    }
+  }
+  inline void flush() {
+    for (size_t n = 0; n < nwaiting; ++n) {
+      const uint32_t i = waiting[n];
       const float d = exact_sq_distance(q, keys + int64_t(i) * dim, dim);
       if (d < thr) {
         buf.push_back({d, i});
         if (buf.size() >= 2 * keep || (buf.size() == keep && thr == INFINITY)) compact();  // the first k: thr finite
       }
     }
+    nwaiting = 0;
   }
 };
 
@@ -203,6 +237,7 @@ void run(Scan&& scan, Init&& init, bool rerank, int64_t M, int64_t Np, const flo
         const int64_t u0 = units * t / nthreads, u1 = units * (t + 1) / nthreads;
         for (int64_t r = 0; r < qn; ++r) init(cands[t][r], kUnit * u0, q0 + r, &shared[r]);
         scan(q0, qn_tiles, u0, u1, cands[t].data());
+        for (int64_t r = 0; r < qn; ++r) cands[t][r].flush();  // scans flush per chunk; nothing may stay behind
       });
     }
     for (auto& th : pool) th.join();
@@ -256,15 +291,17 @@ void search(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const uint16_
 
 // The pruned search: the scan's products are of projected keys and queries; qnorm2 (M,) holds each projected bf16
 // query's ||ỹ_q||² and sqrt_slack/add_slack (M,) its rounding bounds (cpu_kernels.CpuExactSearch derives them);
-// rel bounds the relative error of the fp32 exact distances and the basis's departure from orthonormality.
+// rel bounds the relative error of the fp32 exact distances and the basis's departure from orthonormality;
+// qnorm2_first (M,), or null: the norms of the queries' first m1 coordinates, for a staged scan.
 // start (M,), or null: an upper bound of each query's k-th exact distance known in advance (e.g. the k-th of k
 // keys found by an approximate index); keys at or below it are tested, so it must not be below the true k-th.
 template <class Scan>
 void search_pruned(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const uint16_t* keys16, int64_t Dx,
                    int64_t k, const double* qnorm2, const double* sqrt_slack, const double* add_slack, double rel,
-                   const float* start, int nthreads, int64_t qblock, float* out_d, int64_t* out_i) {
+                   const double* qnorm2_first, const float* start, int nthreads, int64_t qblock, float* out_d,
+                   int64_t* out_i) {
   auto init = [&](Pruned& c, int64_t first_key, int64_t query, std::atomic<float>* shared) {
-    Bound b{qnorm2[query], sqrt_slack[query], add_slack[query], rel};
+    Bound b{qnorm2[query], sqrt_slack[query], add_slack[query], rel, qnorm2_first ? qnorm2_first[query] : 0.0};
     c.reset(size_t(k), shared, b, qf32 + query * Dx, keys16 + first_key * Dx, Dx);
     if (start) c.thr = std::nextafter(start[query], INFINITY);  // a key exactly at the bound still enters
   };
@@ -276,7 +313,11 @@ void search_pruned(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const 
 
 // Each kernel file ends with KNNLM_ENTRY_POINTS(name, query type), after its pass 1
 //   scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands)
-// (chunk_units: how many units of kUnit keys a thread scans at a time, from `kchunk` keys). It defines the library's
+// (chunk_units: how many units of kUnit keys a thread scans at a time, from `kchunk` keys) and its staged variant
+//   scan_staged(queries, q0, qn, M, D, packed, norms, norms_first, first_pairs, u0, u1, chunk_units, cands)
+// for the pruned search: the scores of the first 2 first_pairs directions (key norms norms_first) are tested against
+// each query's `refresh_first()` threshold, and only the (query, 32 keys) whose part passes get the rest of the
+// products (a kernel without one forwards to scan_keys; cpu_kernels.Kernel.staged says which). It defines the library's
 // C entry points, whose arguments are cpu_kernels.py's SEARCH_ARGTYPES and PRUNED_ARGTYPES (tests/test_knn.py
 // compares them): knnlm_<name>_search, the margin search, and knnlm_<name>_pruned, the pruned one (`packed`, `norms`
 // and `queries` hold the keys and queries projected onto D principal directions; qf32/keys16 the full vectors the
@@ -298,13 +339,17 @@ void search_pruned(Scan&& scan, int64_t M, int64_t Np, const float* qf32, const 
                                         const float* norms, int64_t Np, const float* qf32, const uint16_t* keys16,   \
                                         int64_t N, int64_t Dx, int64_t k, const double* qnorm2,                      \
                                         const double* sqrt_slack, const double* add_slack, double rel,               \
+                                        const float* norms_first, int64_t first_pairs, const double* qnorm2_first,   \
                                         const float* start, int nthreads, int64_t qblock, int64_t kchunk,            \
                                         float* out_d, int64_t* out_i) {                                              \
     (void)N;                                                                                                          \
     const int64_t chunk_units = std::max<int64_t>(1, kchunk / knnlm::kUnit);                                          \
     auto scan = [&](int64_t q0, int64_t qn, int64_t u0, int64_t u1, auto* cands) {                                    \
-      scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);                                    \
+      if (first_pairs > 0)                                                                                            \
+        scan_staged(queries, q0, qn, M, D, packed, norms, norms_first, first_pairs, u0, u1, chunk_units, cands);     \
+      else                                                                                                            \
+        scan_keys(queries, q0, qn, M, D, packed, norms, u0, u1, chunk_units, cands);                                  \
     };                                                                                                                \
-    knnlm::search_pruned(scan, M, Np, qf32, keys16, Dx, k, qnorm2, sqrt_slack, add_slack, rel, start, nthreads,       \
-                         qblock, out_d, out_i);                                                                       \
+    knnlm::search_pruned(scan, M, Np, qf32, keys16, Dx, k, qnorm2, sqrt_slack, add_slack, rel,                        \
+                         first_pairs > 0 ? qnorm2_first : nullptr, start, nthreads, qblock, out_d, out_i);           \
   }
