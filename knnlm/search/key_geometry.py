@@ -60,10 +60,9 @@ def project_dims(d: int) -> int:
 
 
 def staged_dims(m: int) -> int:
-    """How many of m projected directions a staged scan tests first (0: too few to split): a quarter of them,
-    at least 8 and even. On WikiText-2's keys the first 16 of 64 leave about 20 % of the keys at k = 1024
-    (results/benchmarks/amd-epyc-zen3/bound_survivors.md)."""
-    first = max(8, m // 4 // 2 * 2)
+    """How many of m projected directions a staged scan tests first (0: too few to split): half of them, at least 8,
+    even. Whether the staged scan pays on a store is `auto`'s probe's to say (it times both)."""
+    first = max(8, m // 2 // 2 * 2)
     return first if first < m else 0
 
 

@@ -91,8 +91,27 @@ void scan_keys(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64
 
 // The pruned search's staged scan (exact_search.h): per tile of Q queries x 32 keys, the products of the first
 // first_pairs dimension pairs for all Q queries (as scan_keys), then each query's scores of that part are tested
-// against its first-stage threshold; only queries with a key below it go on, one at a time, through the remaining
-// pairs (the tile's 32 keys are in L1 by then) to the full scores and scan_keys's test.
+// against its first-stage threshold. If more than kDense queries have a key below it, the whole tile carries on
+// through the remaining pairs as in scan_keys; else only those queries do, one at a time (the tile's 32 keys are in
+// L1 by then), with eight accumulators so that the products' latency does not bound them.
+constexpr int kDense = 4;
+
+template <class Cands>
+inline void test_scores(Cands& cq, __m512 a0, __m512 a1, __m512 n0, __m512 n1, uint32_t first_key) {
+  const __m512 two = _mm512_set1_ps(2.0f);
+  const __m512 thr = _mm512_set1_ps(cq.refresh());
+  const __m512 d0 = _mm512_fnmadd_ps(two, a0, n0);  // ||k̃||² − 2 q̃·k̃
+  const __m512 d1 = _mm512_fnmadd_ps(two, a1, n1);
+  const __mmask16 m0 = _mm512_cmp_ps_mask(d0, thr, _CMP_LT_OQ);
+  const __mmask16 m1 = _mm512_cmp_ps_mask(d1, thr, _CMP_LT_OQ);
+  if (m0 | m1) {
+    alignas(64) float tmp[32];
+    _mm512_store_ps(tmp, d0);
+    _mm512_store_ps(tmp + 16, d1);
+    cq.push_masked(uint32_t(m0) | (uint32_t(m1) << 16), tmp, first_key);
+  }
+}
+
 template <class Cands>
 void scan_staged(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64_t D, const uint16_t* packed,
                  const float* norms, const float* norms_first, int64_t first_pairs, int64_t u0, int64_t u1,
@@ -100,7 +119,7 @@ void scan_staged(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int
   const int64_t pairs = D / 2, group = 16 * D;
   const __m512 two = _mm512_set1_ps(2.0f);
   const uint32_t base = uint32_t(32 * u0);
-  alignas(64) float part[Q][32];  // the first stage's products of the queries that go on
+  alignas(64) float part[Q][32];  // the first stage's products of the queries that go on alone
   for (int64_t c0 = u0; c0 < u1; c0 += chunk_units) {
     const int64_t c1 = std::min(u1, c0 + chunk_units);
     for (int64_t qt = 0; qt < qn; qt += Q) {
@@ -132,50 +151,60 @@ void scan_staged(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int
           const __m512 thr = _mm512_set1_ps(cands[qt + r].refresh_first());
           const __mmask16 m0 = _mm512_cmp_ps_mask(_mm512_fnmadd_ps(two, acc[r][0], f0), thr, _CMP_LT_OQ);
           const __mmask16 m1 = _mm512_cmp_ps_mask(_mm512_fnmadd_ps(two, acc[r][1], f1), thr, _CMP_LT_OQ);
-          if (m0 | m1) {
-            alive |= 1u << r;
-            _mm512_store_ps(part[r], acc[r][0]);
-            _mm512_store_ps(part[r] + 16, acc[r][1]);
-          }
+          alive |= uint32_t((m0 | m1) != 0) << r;
         }
         if (!alive) continue;
         const __m512 n0 = _mm512_loadu_ps(norms + 32 * u);
         const __m512 n1 = _mm512_loadu_ps(norms + 32 * u + 16);
-        while (alive) {
+        const uint32_t first_key = uint32_t(32 * u) - base;
+        if (__builtin_popcount(alive) > kDense) {  // the tile goes on as a whole
+          for (int64_t p = first_pairs; p < pairs; ++p) {
+            const __m512bh k0 = as_bf16(_mm512_loadu_si512(b0 + 32 * p));
+            const __m512bh k1 = as_bf16(_mm512_loadu_si512(b1 + 32 * p));
+#pragma GCC unroll 8
+            for (int r = 0; r < Q; ++r) {
+              const __m512bh qv = as_bf16(broadcast_pair(qa + r * D + 2 * p));
+              acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qv, k0);
+              acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qv, k1);
+            }
+          }
+#pragma GCC unroll 8
+          for (int r = 0; r < Q; ++r)
+            if ((alive >> r) & 1) test_scores(cands[qt + r], acc[r][0], acc[r][1], n0, n1, first_key);
+          continue;
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < Q; ++r) {
+          if ((alive >> r) & 1) {
+            _mm512_store_ps(part[r], acc[r][0]);
+            _mm512_store_ps(part[r] + 16, acc[r][1]);
+          }
+        }
+        while (alive) {  // a few queries go on alone
           const int r = __builtin_ctz(alive);
           alive &= alive - 1;
           const uint16_t* qr = qa + r * D;
-          // two chains per 16 keys (even and odd pairs): the products' latency, not their rate, would bound one
-          __m512 a0 = _mm512_load_ps(part[r]), a1 = _mm512_load_ps(part[r] + 16);
-          __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
+          __m512 a[4][2];
+          a[0][0] = _mm512_load_ps(part[r]);
+          a[0][1] = _mm512_load_ps(part[r] + 16);
+          for (int j = 1; j < 4; ++j) a[j][0] = a[j][1] = _mm512_setzero_ps();
           int64_t p = first_pairs;
-          for (; p + 1 < pairs; p += 2) {
-            const __m512bh qv = as_bf16(broadcast_pair(qr + 2 * p));
-            const __m512bh qw = as_bf16(broadcast_pair(qr + 2 * p + 2));
-            a0 = _mm512_dpbf16_ps(a0, qv, as_bf16(_mm512_loadu_si512(b0 + 32 * p)));
-            a1 = _mm512_dpbf16_ps(a1, qv, as_bf16(_mm512_loadu_si512(b1 + 32 * p)));
-            e0 = _mm512_dpbf16_ps(e0, qw, as_bf16(_mm512_loadu_si512(b0 + 32 * p + 32)));
-            e1 = _mm512_dpbf16_ps(e1, qw, as_bf16(_mm512_loadu_si512(b1 + 32 * p + 32)));
+          for (; p + 3 < pairs; p += 4) {
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+              const __m512bh qv = as_bf16(broadcast_pair(qr + 2 * (p + j)));
+              a[j][0] = _mm512_dpbf16_ps(a[j][0], qv, as_bf16(_mm512_loadu_si512(b0 + 32 * (p + j))));
+              a[j][1] = _mm512_dpbf16_ps(a[j][1], qv, as_bf16(_mm512_loadu_si512(b1 + 32 * (p + j))));
+            }
           }
           for (; p < pairs; ++p) {
             const __m512bh qv = as_bf16(broadcast_pair(qr + 2 * p));
-            a0 = _mm512_dpbf16_ps(a0, qv, as_bf16(_mm512_loadu_si512(b0 + 32 * p)));
-            a1 = _mm512_dpbf16_ps(a1, qv, as_bf16(_mm512_loadu_si512(b1 + 32 * p)));
+            a[0][0] = _mm512_dpbf16_ps(a[0][0], qv, as_bf16(_mm512_loadu_si512(b0 + 32 * p)));
+            a[0][1] = _mm512_dpbf16_ps(a[0][1], qv, as_bf16(_mm512_loadu_si512(b1 + 32 * p)));
           }
-          a0 = _mm512_add_ps(a0, e0);
-          a1 = _mm512_add_ps(a1, e1);
-          Cands& cq = cands[qt + r];
-          const __m512 thr = _mm512_set1_ps(cq.refresh());
-          const __m512 d0 = _mm512_fnmadd_ps(two, a0, n0);  // ||k̃||² − 2 q̃·k̃
-          const __m512 d1 = _mm512_fnmadd_ps(two, a1, n1);
-          const __mmask16 m0 = _mm512_cmp_ps_mask(d0, thr, _CMP_LT_OQ);
-          const __mmask16 m1 = _mm512_cmp_ps_mask(d1, thr, _CMP_LT_OQ);
-          if (m0 | m1) {
-            alignas(64) float tmp[32];
-            _mm512_store_ps(tmp, d0);
-            _mm512_store_ps(tmp + 16, d1);
-            cq.push_masked(uint32_t(m0) | (uint32_t(m1) << 16), tmp, uint32_t(32 * u) - base);
-          }
+          const __m512 s0 = _mm512_add_ps(_mm512_add_ps(a[0][0], a[1][0]), _mm512_add_ps(a[2][0], a[3][0]));
+          const __m512 s1 = _mm512_add_ps(_mm512_add_ps(a[0][1], a[1][1]), _mm512_add_ps(a[2][1], a[3][1]));
+          test_scores(cands[qt + r], s0, s1, n0, n1, first_key);
         }
       }
       for (int64_t r = 0; r < rows; ++r) cands[qt + r].flush();  // the chunk's keys waiting for exact distances
