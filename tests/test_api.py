@@ -134,7 +134,10 @@ def test_kv_cached_and_batched_generation_equal_recomputation(run):
         logp = lm._next_logprobs(streams, caches)[0]
         want = lm.next_token_logprobs(streams[0, 1:].numpy())
         finite = torch.isfinite(want)
-        assert torch.equal(finite, torch.isfinite(logp)) and torch.allclose(logp[finite], want[finite], atol=1e-4)
+        # fp32 in another order (a cached step's one-row products against the window's matrix products, which MKL
+        # computes with other kernels): up to 2.5e-4 apart on AMD Zen 4 (family 25 model 17) for log-probabilities
+        # near -14; a wrong cache or position is off by orders more
+        assert torch.equal(finite, torch.isfinite(logp)) and torch.allclose(logp[finite], want[finite], atol=1e-3)
         assert int(logp.argmax()) == t
         streams = torch.cat([streams, torch.tensor([[t]])], 1)
     # a batch of prompts (two of one length, one longer) = each prompt alone

@@ -49,7 +49,6 @@ void scan_keys(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64
                const float* norms, int64_t p0, int64_t p1, int64_t kchunk_pairs, Cands* cands) {
   const int64_t nc = D / 32;  // 32-dimension chunks
   alignas(64) float out[32 * 32];
-  const __m512 two = _mm512_set1_ps(2.0f);
   configure_tiles();
   for (int64_t c0 = p0; c0 < p1; c0 += kchunk_pairs) {  // a chunk of keys that stays in L2
     const int64_t c1 = std::min(p1, c0 + kchunk_pairs);
@@ -81,20 +80,9 @@ void scan_keys(const uint16_t* queries, int64_t q0, int64_t qn, int64_t M, int64
         const __m512 n0 = _mm512_loadu_ps(norms + k0);
         const __m512 n1 = _mm512_loadu_ps(norms + k0 + 16);
         const int64_t rows = std::min<int64_t>(32, M - (q0 + qp));
-        for (int64_t r = 0; r < rows; ++r) {
-          Cands& cq = cands[qp + r];
-          const __m512 thr = _mm512_set1_ps(cq.refresh());
-          const __m512 d0 = _mm512_fnmadd_ps(two, _mm512_load_ps(out + r * 32), n0);  // ||k||² − 2 q·k
-          const __m512 d1 = _mm512_fnmadd_ps(two, _mm512_load_ps(out + r * 32 + 16), n1);
-          const __mmask16 m0 = _mm512_cmp_ps_mask(d0, thr, _CMP_LT_OQ);
-          const __mmask16 m1 = _mm512_cmp_ps_mask(d1, thr, _CMP_LT_OQ);
-          if (m0 | m1) {
-            alignas(64) float tmp[32];
-            _mm512_store_ps(tmp, d0);
-            _mm512_store_ps(tmp + 16, d1);
-            cq.push_masked(uint32_t(m0) | (uint32_t(m1) << 16), tmp, uint32_t(k0 - base));
-          }
-        }
+        for (int64_t r = 0; r < rows; ++r)
+          knnlm::test_scores(cands[qp + r], _mm512_load_ps(out + r * 32), _mm512_load_ps(out + r * 32 + 16), n0, n1,
+                             uint32_t(k0 - base));
       }
       const int64_t rows = std::min<int64_t>(32, M - (q0 + qp));
       for (int64_t r = 0; r < rows; ++r) cands[qp + r].flush();  // the chunk's keys waiting for exact distances

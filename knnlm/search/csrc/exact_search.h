@@ -127,6 +127,28 @@ inline float exact_sq_distance(const float* q, const uint16_t* key, int64_t dim)
   return s;
 }
 
+#if defined(__AVX512F__)
+// The end of a tile, for one query and 32 keys: scores ||k̃||² − 2 q̃·k̃ from the keys' norms n0, n1 and the products
+// a0, a1 (keys 0-15, 16-31), compared with the query's threshold while in registers; the few below it are pushed
+// (keys first_key + j, relative to the thread's first key).
+template <class Cands>
+__attribute__((always_inline)) inline void test_scores(Cands& cq, __m512 a0, __m512 a1, __m512 n0, __m512 n1,
+                                                       uint32_t first_key) {
+  const __m512 two = _mm512_set1_ps(2.0f);
+  const __m512 thr = _mm512_set1_ps(cq.refresh());
+  const __m512 d0 = _mm512_fnmadd_ps(two, a0, n0);
+  const __m512 d1 = _mm512_fnmadd_ps(two, a1, n1);
+  const __mmask16 m0 = _mm512_cmp_ps_mask(d0, thr, _CMP_LT_OQ);
+  const __mmask16 m1 = _mm512_cmp_ps_mask(d1, thr, _CMP_LT_OQ);
+  if (m0 | m1) {
+    alignas(64) float tmp[32];
+    _mm512_store_ps(tmp, d0);
+    _mm512_store_ps(tmp + 16, d1);
+    cq.push_masked(uint32_t(m0) | (uint32_t(m1) << 16), tmp, first_key);
+  }
+}
+#endif
+
 // What makes a projected-distance bound safe for one query (all in double, see cpu_kernels.CpuExactSearch):
 // a key whose computed ||ỹ_j||² − 2 ỹ_q·ỹ_j is at or above
 //   (sqrt(thr (1 + rel)) + sqrt_slack)² + add_slack − qnorm2
