@@ -156,7 +156,7 @@ def test_pruned_search_when_the_sampled_guess_is_too_small_searches_again(mode):
 
 
 @pytest.mark.parametrize("kernel", [p for p in KERNELS if cpu_kernels.KERNELS[p.values[0]].staged])
-def test_staged_scan_skips_keys_and_answers_as_the_one_stage_search(kernel):
+def test_staged_scan_answers_as_the_one_stage_search(kernel):
     # a store of rank 2 plus weak noise, a first stage of 2 of 16 directions: at every k, from 1 to N, the answers
     # are those of the one-stage pruned search, bit for bit, and of float64
     rng = np.random.default_rng(7)
