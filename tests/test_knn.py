@@ -272,7 +272,29 @@ def test_the_kernel_cache_is_keyed_on_the_sources_not_their_folder(tmp_path, mon
     monkeypatch.setattr(cpu_kernels, "CSRC", copy)
     assert cpu_kernels.library_path(kernel) == before  # the same sources elsewhere: the same library
     (copy / "exact_search.h").write_text((copy / "exact_search.h").read_text() + "\n// edited\n")
+    assert cpu_kernels.library_path(kernel) == before  # an edit under a running process: its library stays
+    cpu_kernels.kernel_sources.cache_clear()  # as a new process would read them
     assert cpu_kernels.library_path(kernel) != before  # an edit of the shared header recompiles
+
+
+@pytest.mark.skipif(not cpu_kernels.available("avx2"), reason="needs the AVX2 kernel (a CPU with AVX2 and a compiler)")
+def test_a_kernel_compiled_after_its_sources_were_edited_is_built_from_them_as_imported(tmp_path, monkeypatch):
+    # a running job's Python has the argument lists of the sources it imported with: an edit of the files under it
+    # (a broken header here) must not reach the library it compiles at first use
+    copy = tmp_path / "csrc"
+    shutil.copytree(cpu_kernels.CSRC, copy)
+    monkeypatch.setattr(cpu_kernels, "CSRC", copy)
+    monkeypatch.setenv("KNNLM_CACHE", str(tmp_path / "cache"))
+    cpu_kernels.kernel_sources.cache_clear()
+    cpu_kernels.kernel_sources(copy)  # "import"
+    (copy / "exact_search.h").write_text("#error edited while a job ran\n")
+    cpu_kernels.load_library.cache_clear()
+    try:
+        assert cpu_kernels.load_library("avx2") is not None
+        assert cpu_kernels.library_path(cpu_kernels.KERNELS["avx2"]).is_file()
+    finally:
+        cpu_kernels.load_library.cache_clear()
+        cpu_kernels.kernel_sources.cache_clear()
 
 
 def test_auto_picks_the_fastest_exact_backend(monkeypatch):

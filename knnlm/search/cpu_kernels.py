@@ -110,9 +110,22 @@ def _cache_dir() -> Path:
     return cache_root() / "ext"
 
 
+@functools.cache
+def kernel_sources(folder: Path) -> dict[str, bytes]:
+    """The kernels' sources in `folder` (file name -> bytes) as this process first read them: at import, for CSRC.
+    The library's name and the compiler's input both come from these bytes, so a kernel compiled at first use is the
+    one this module's argument lists were written for, even if the files are edited while a job runs."""
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.suffix in (".cpp", ".h")}
+
+
+kernel_sources(CSRC)
+
+
 def library_path(kernel: Kernel) -> Path:
-    """Where the compiled kernel is cached: named by a digest of its sources and flags, so an edit recompiles."""
-    text = (CSRC / kernel.source).read_bytes() + (CSRC / "exact_search.h").read_bytes()
+    """Where the compiled kernel is cached: named by a digest of its sources and flags, so an edit recompiles (in a
+    new process: `kernel_sources`)."""
+    sources = kernel_sources(CSRC)
+    text = sources[kernel.source] + sources["exact_search.h"]
     digest = hashlib.sha256(text + " ".join(COMMON_FLAGS + kernel.flags).encode()).hexdigest()[:16]
     return _cache_dir() / f"{Path(kernel.source).stem}-{digest}.so"
 
@@ -133,8 +146,10 @@ def load_library(name: str = "amx") -> ctypes.CDLL | None:
             so.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # compile aside, then rename: never half a library
                 out = Path(tmp) / so.name
-                done = subprocess.run([cxx, *COMMON_FLAGS, *kernel.flags, str(CSRC / kernel.source), "-o", str(out)],
-                                      capture_output=True, text=True)
+                for file in (kernel.source, "exact_search.h"):  # the sources as read at import, not as they are now
+                    (Path(tmp) / file).write_bytes(kernel_sources(CSRC)[file])
+                done = subprocess.run([cxx, *COMMON_FLAGS, *kernel.flags, str(Path(tmp) / kernel.source), "-o",
+                                       str(out)], capture_output=True, text=True)
                 if done.returncode != 0:
                     warnings.warn(f"knnlm: could not compile {kernel.source}, not using {kernel.index}: "
                                   f"{done.stderr.strip()[:300]}")
