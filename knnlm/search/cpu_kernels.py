@@ -244,11 +244,11 @@ class CpuExactSearch:
         self.fallbacks = 0  # queries of the last pruned search whose guessed bound was too small (searched again)
         # the pruned search's guess of each query's k-th distance comes from every SAMPLE-th key, whose own search
         # starts from a guess from every SAMPLE²-th key, and so on (strided samples: a contiguous part of a store is
-        # one part of the corpus, nearer to some queries than the whole); (stride, packed sample), finest first
+        # one part of the corpus, nearer to some queries than the whole); packed samples, finest first
         self.samples = []
         stride = self.SAMPLE
         while self.prune and -(-self.N // stride) >= self.MIN_SAMPLE:
-            self.samples.append((stride, self._pack(np.ascontiguousarray(keys[::stride]), block)))
+            self.samples.append(self._pack(np.ascontiguousarray(keys[::stride]), block))
             stride *= self.SAMPLE
 
     SAMPLE = 16
@@ -378,7 +378,7 @@ class CpuExactSearch:
         +inf (at k = 1024 on 2.09M keys: 120 of 130k, 20 of 8k, 6 of 510); a sample's query whose guess was too
         small gets +inf, so the next search starts from +inf for it."""
         wanted = [k]  # neighbours sought at each level: the store, then each sample
-        for stride, sample in self.samples:
+        for sample in self.samples:
             expected = wanted[-1] / self.SAMPLE
             ks = math.ceil(self.GUESS_SCALE * expected + self.GUESS_SDS * math.sqrt(expected))
             if len(sample[3]) < 4 * ks:
@@ -387,7 +387,7 @@ class CpuExactSearch:
         guess = None  # +inf
         for level in range(len(wanted) - 1, 0, -1):  # the smallest sample first
             ks = wanted[level]
-            guess = np.ascontiguousarray(self._pruned(self.samples[level - 1][1], qc, q32, bounds, ks, guess)[0][:, ks - 1])
+            guess = np.ascontiguousarray(self._pruned(self.samples[level - 1], qc, q32, bounds, ks, guess)[0][:, ks - 1])
         self.fallbacks = 0
         D, I = self._pruned(self.store, qc, q32, bounds, k, guess)
         failed = np.flatnonzero(I[:, k - 1] < 0) if guess is not None else []

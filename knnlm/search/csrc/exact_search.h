@@ -162,13 +162,10 @@ struct Bound {
     const double r = std::sqrt(double(thr) * (1 + rel)) + sqrt_slack;
     return r * r + add_slack;
   }
-  float threshold(float thr) const {
+  // the threshold of scores whose query part has squared norm `norm2` (qnorm2, or qnorm2_first for a first stage)
+  float threshold(float thr, double norm2) const {
     if (!std::isfinite(thr)) return INFINITY;
-    return std::nextafter(float(radius2(thr) - qnorm2), INFINITY);  // rounded up: never tighter than proven
-  }
-  float threshold_first(float thr) const {
-    if (!std::isfinite(thr)) return INFINITY;
-    return std::nextafter(float(radius2(thr) - qnorm2_first), INFINITY);
+    return std::nextafter(float(radius2(thr) - norm2), INFINITY);  // rounded up: never tighter than proven
   }
 };
 
@@ -196,8 +193,8 @@ struct Pruned : Candidates {
     thr = std::min(thr, shared->load(std::memory_order_relaxed));
     if (!(thr == scored_for)) {
       scored_for = thr;
-      score_thr = bound.threshold(thr);
-      first_thr = bound.threshold_first(thr);
+      score_thr = bound.threshold(thr, bound.qnorm2);
+      first_thr = bound.threshold(thr, bound.qnorm2_first);
     }
     return score_thr;
   }
