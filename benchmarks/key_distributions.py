@@ -96,7 +96,7 @@ def bench(name: str, keys: np.ndarray, queries: np.ndarray, ks: list[int], repea
     rows = []
     for k in ks:
         t0 = time.perf_counter()
-        auto = choose_exact_search(keys, k)  # its own probe, on this store
+        auto = choose_exact_search(keys, k, probe_queries=queries)  # its own probe, on the queries, as evaluate's
         probe_seconds = time.perf_counter() - t0
         searchers = {name_: build() for name_, build in builders.items()}
         searchers[f"auto → {auto.describe()}"] = auto

@@ -211,15 +211,18 @@ def load_search(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, arrays
 
 
-def searcher_for(ds: Datastore, cfg: Config, sharded: bool = False, k: int | None = None):
+def searcher_for(ds: Datastore, cfg: Config, sharded: bool = False, k: int | None = None,
+                 queries: np.ndarray | None = None):
     """The search backend `cfg.eval` asks for over a datastore (an index is loaded from, or saved to, its folder).
     `sharded`: under `torchrun`, each rank searches its share of the store with that (exact) backend. `k`: the
-    neighbours it will be asked for (default `eval.k_max`), at which `auto` times its candidates."""
+    neighbours it will be asked for (default `eval.k_max`), at which `auto` times its candidates; `queries`: those
+    it will be asked about, on which `auto` times them (default: stored keys)."""
     e = cfg.eval
     if sharded:
         return ShardedSearch(ds.keys, lambda rows: make_searcher(rows, resolve_index(e.index)))
     if e.index.strip() == "auto":  # the fastest exact search on this store, by a probe remembered in knnlm's cache
-        return choose_exact_search(ds.keys, k or e.k_max, None, ds.meta["model_sha256"])  # remembered in the cache
+        return choose_exact_search(ds.keys, k or e.k_max, None, ds.meta["model_sha256"],  # remembered in the cache
+                                   probe_queries=queries)
     return make_searcher(ds.keys, resolve_index(e.index), e.nprobe, ds.folder, ds.meta["model_sha256"],
                          rerank_factor=e.rerank_factor if e.rerank else 0)
 
@@ -289,7 +292,7 @@ def score_and_search(run: Path, cfg: Config, split: str, progress: bool = True, 
     t_lm = time.time() - t0
 
     t0 = time.time()
-    searcher = CountingSearch(searcher_for(ds, cfg, sharded))
+    searcher = CountingSearch(searcher_for(ds, cfg, sharded, queries=q))
     t_index = time.time() - t0
     t0 = time.time()
     each, tables = None, {}

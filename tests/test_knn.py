@@ -664,6 +664,39 @@ def test_auto_takes_the_fastest_probe_and_remembers_why(tmp_path, monkeypatch):
         assert [n for n, _ in measured] == names
 
 
+def test_auto_probes_on_the_queries_it_is_given_and_keeps_that_choice_apart(tmp_path, monkeypatch):
+    """Given the queries of a search (an evaluation's split), `auto` times its candidates on evenly spaced rows of
+    them, not on stored keys; its record says so, and a choice made on stored keys is not taken for queries (nor the
+    reverse). Fewer queries than a probe holds: stored keys, as without queries."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rng = np.random.default_rng(6)
+    keys = rng.standard_normal((3000, 32)).astype(np.float16)
+    queries = rng.standard_normal((2048, 32)).astype(np.float32) + 5  # unlike every key: where each probe row came from
+    seen = []
+
+    def measure(searcher, probe, k):
+        seen.append(np.array(probe))
+        return 100.0
+
+    chosen = auto.choose_exact_search(keys, 10, tmp_path, "sha", measure=measure, probe_queries=queries)
+    assert seen and all(np.array_equal(p, queries[::2][: len(p)]) for p in seen)  # every 2nd of 2,048: 1,024 rows
+    assert "probe of 1024 queries" in chosen.auto_reason
+    (path,) = tmp_path.glob("auto-search-*.json")
+    assert read_json(path)["identity"]["probe"] == "queries"
+    seen.clear()
+    auto.choose_exact_search(keys, 10, tmp_path, "sha", measure=measure)  # stored keys: measured again, apart
+    assert seen and all(np.array_equal(p, keys[:: len(keys) // 1024][: len(p)].astype(np.float32)) for p in seen)
+    assert len(list(tmp_path.glob("auto-search-*.json"))) == 2
+    seen.clear()
+    few = auto.choose_exact_search(keys, 10, tmp_path, "sha", measure=measure, probe_queries=queries[:100])
+    assert not seen and "probe of 1024 stored keys" in few.auto_reason  # too few to probe on: the stored keys' choice
+    again = auto.choose_exact_search(keys, 10, tmp_path, "sha", measure=lambda *a: pytest.fail("measured again"),
+                                     probe_queries=queries)
+    assert again.auto_reason == chosen.auto_reason
+    d, i = again.search(queries[:5], 10)
+    assert_exact_neighbours(keys, queries[:5], d, i, 10)
+
+
 def test_auto_on_a_gpu_chooses_between_the_torch_searches_by_their_probe(tmp_path, monkeypatch):
     """The GPU's decision (`bf16-exact` against `bf16-pruned`), made on the CPU: `auto` as it runs where the device
     is CUDA (the searches themselves built on this CPU) times exactly those two, takes the faster (planted rates),

@@ -48,16 +48,20 @@ def probe_rate(searcher: Searcher, queries: np.ndarray, k: int) -> float:
 
 
 def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, model_sha256: str = "",
-                        queries: int = 1024, measure=probe_rate) -> Searcher:
+                        queries: int = 1024, measure=probe_rate, probe_queries: np.ndarray | None = None) -> Searcher:
     """`eval.index = "auto"`: the fastest exact search on these keys at this k, chosen by a timed probe and
     remembered with the reason, e.g. "avx2-exact, pruned, m = 64: 1,180 q/s; margin 640; Flat 130 (64 directions
     hold 88 % of the variance)", in `folder` if given, else in knnlm's cache ($KNNLM_CACHE/ext), under a name made
     from the store's identity (model, N, d, the probe rows' digest, k, CPU, threads, candidates); the evaluation
     records it too.
 
-    Every candidate (`auto_candidates`) is built on the whole store and times one search of `queries` stored keys
-    (evenly spaced: held-out text's queries look like them) at k; FAISS Flat is the first of them, timed in full, so
-    `auto` is never slower than Flat on the store it serves, up to the probe's noise. The batch matters for Flat:
+    Every candidate (`auto_candidates`) is built on the whole store and times one search of `queries` rows at k:
+    evenly spaced rows of `probe_queries` (the queries the search is for, e.g. an evaluation's split) where at least
+    `queries` are given, else evenly spaced stored keys. Stored keys flatter a pruned search: each is its own nearest
+    neighbour, at distance 0, so its k-th distance is a little smaller and its bound prunes more than on held-out
+    text; the record says which rows probed, and a choice made on stored keys is not taken for real queries (nor the
+    reverse). FAISS Flat is the first of them, timed in full, so `auto` is never slower than Flat on the store it
+    serves, up to the probe's noise. The batch matters for Flat:
     FAISS (1.15) computes distances with BLAS only for batches of at least 128,000 / d queries, 500 at d = 256, and
     is 14-26x slower below than at 4,096 (results/benchmarks/intel-xeon-amx/faiss_batch.md); the evaluation searches
     batches of `eval.batch_size` (4,096), so the probe's 1,024 rows time Flat as the evaluation runs it for d >= 125.
@@ -68,13 +72,18 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
     candidates = auto_candidates(keys)
     m_var, held = variance_dims(keys)
     rows = np.ascontiguousarray(keys[:: max(1, len(keys) // queries)][:queries])  # read once: digest and probe
-    probe = rows.astype(np.float32)
+    held_out = probe_queries is not None and len(probe_queries) >= queries
+    if held_out:
+        probe = np.ascontiguousarray(probe_queries[:: len(probe_queries) // queries][:queries], dtype=np.float32)
+    else:
+        probe = rows.astype(np.float32)
+    source = f"{len(probe)} {'queries' if held_out else 'stored keys'}"
     # the probe's rows stand for the keys themselves: two stores of one shape (and of no model, or one model over
     # other text) never share a choice
     identity = {"N": int(len(keys)), "d": int(keys.shape[1]), "model_sha256": model_sha256,
                 "keys_sample_sha256": hashlib.sha256(rows.tobytes()).hexdigest(), "k": int(k),
                 "candidates": sorted(candidates), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                "device": default_device().type}
+                "device": default_device().type, "probe": "queries" if held_out else "stored keys"}
     # remembered in knnlm's cache (not in the datastore, an artifact with digests), keyed by everything it depends on
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     record = (Path(folder) if folder is not None else cache_root() / "ext") / f"auto-search-{digest}.json"
@@ -100,7 +109,7 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
         del searcher
     others = "; ".join(f"{n} {r:,.0f}" + (f" ({len(short)} queries)" if n in partial else "")
                        for n, r in rates.items() if n != best)
-    reason = (f"{best}: {rates[best]:,.0f} q/s; {others} (probe of {len(probe)} stored keys at k = {k}; "
+    reason = (f"{best}: {rates[best]:,.0f} q/s; {others} (probe of {source} at k = {k}; "
               f"{m_var} principal directions hold {100 * held:.0f} % of the variance)")
     try:
         write_json(record, {"identity": identity, "choice": best, "queries_per_s": rates, "reason": reason})
