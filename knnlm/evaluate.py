@@ -373,17 +373,25 @@ def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:
     return ks, temperatures
 
 
-def tune(lm: np.ndarray, scores: KnnScores, cfg: Config) -> list[dict]:
-    """kNN-LM perplexity for every (k, temperature, λ) of the grid (`tuning_grid`), from the cached neighbours only.
-    Scores that keep only their grid's table and a few neighbours (`KnnTable`) may lack a cross pair of a what-if's
-    grid (the paper's k at another temperature): such pairs are left out; a pair a protocol chooses among is not."""
+def grid_logprobs(scores: KnnScores, cfg: Config) -> dict[tuple[int, float], np.ndarray]:
+    """log p_kNN (n,) of every token at every (k, temperature) of the grid (`tuning_grid`), from the cached neighbours
+    only: what `tune` ranks and `held_out_selection` slices. Scores that keep only their grid's table and a few
+    neighbours (`KnnTable`) may lack a cross pair of a what-if's grid (the paper's k at another temperature): such
+    pairs are left out; a pair a protocol chooses among is not."""
     ks, temperatures = tuning_grid(cfg)
     for k, tau in [(k, tau) for k in cfg.eval.k for tau in cfg.eval.temperature] + [(paper_k(cfg), PAPER_TEMPERATURE)]:
         check_answers(scores, k, tau)
     pairs = [(k, tau) for k in ks for tau in temperatures if scores.answers(k, tau)]
-    knn = scores.at(pairs, device=default_device())  # (k, temperature) -> log p_kNN (n,)
-    return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": ppl} for k, tau in pairs
-            for lmbda, ppl in zip(cfg.eval.lmbda, perplexities(lm, knn[(k, tau)], cfg.eval.lmbda))]
+    return scores.at(pairs, device=default_device())
+
+
+def tune(lm: np.ndarray, scores: KnnScores, cfg: Config,
+         knn: dict[tuple[int, float], np.ndarray] | None = None) -> list[dict]:
+    """kNN-LM perplexity for every (k, temperature, λ) of the grid (`tuning_grid`); `knn`: the tokens' log p_kNN at
+    each (k, temperature) where already computed (`grid_logprobs`)."""
+    knn = grid_logprobs(scores, cfg) if knn is None else knn
+    return [{"k": k, "temperature": tau, "lambda": lmbda, "ppl": ppl} for (k, tau), lp in knn.items()
+            for lmbda, ppl in zip(cfg.eval.lmbda, perplexities(lm, lp, cfg.eval.lmbda))]
 
 
 def check_answers(scores: KnnScores, k: int, temperature: float) -> None:
@@ -419,29 +427,35 @@ def choose(grid: list[dict], cfg: Config, protocol: str) -> dict:
     return min(rows, key=lambda r: r["ppl"])
 
 
-def held_out_selection(lm: np.ndarray, scores: KnnScores, cfg: Config, whole: dict[str, dict]) -> dict:
+def held_out_selection(lm: np.ndarray, scores: KnnScores, cfg: Config, whole: dict[str, dict],
+                       knn: dict[tuple[int, float], np.ndarray] | None = None) -> dict:
     """Each protocol's (k, temperature, λ) chosen on valid's first half of tokens and scored on its second half,
     beside the choice made on the whole of valid scored on the same second half (which has seen those tokens):
     how much choosing among a grid on the tokens one reports flatters the figure. Test is scored with the first
-    half's choices too (`held_out` of test's summary)."""
+    half's choices too (`held_out` of test's summary). `knn`: the whole split's `grid_logprobs` where already
+    computed; each token's log p_kNN is its own, so the halves are its rows."""
     n = len(scores)
     h = n // 2
-    grid = tune(lm[:h], scores.rows(0, h), cfg)  # (k, temperature, λ) rows of the first half
-    second, later = slice(h, n), scores.rows(h, n)
+    knn = grid_logprobs(scores, cfg) if knn is None else knn
+    grid = tune(lm[:h], scores, cfg, {pair: lp[:h] for pair, lp in knn.items()})  # rows of the first half
+    second = slice(h, n)
     out = {"chosen_on": [0, h], "scored_on": [h, n], "lm_ppl": perplexity(lm[second]), "protocols": {}}
     for p in PROTOCOLS:
         c = choose(grid, cfg, p)
         w = whole[p]
         out["protocols"][p] = {
             "k": c["k"], "temperature": c["temperature"], "lambda": c["lambda"],
-            "knnlm_ppl": score_choice(lm[second], later, c), "first_half_ppl": c["ppl"],
-            "whole_valid_choice_ppl": score_choice(lm[second], later, w)}
+            "knnlm_ppl": score_choice(lm[second], knn[(c["k"], c["temperature"])][second], c),
+            "first_half_ppl": c["ppl"],
+            "whole_valid_choice_ppl": score_choice(lm[second], knn[(w["k"], w["temperature"])][second], w)}
     return out
 
 
-def score_choice(lm: np.ndarray, scores: KnnScores, c: dict) -> float:
-    """kNN-LM perplexity of these tokens under one (k, temperature, λ)."""
-    return perplexity(interpolate(lm, knn_at(scores, c), c["lambda"]))
+def score_choice(lm: np.ndarray, knn: KnnScores | np.ndarray, c: dict) -> float:
+    """kNN-LM perplexity of these tokens under one (k, temperature, λ); `knn`: their scores, or their log p_kNN at
+    c's k and temperature."""
+    lp = knn_at(knn, c) if isinstance(knn, KnnScores) else knn
+    return perplexity(interpolate(lm, lp, c["lambda"]))
 
 
 def grid_edges(best: dict, cfg: Config) -> list[str]:
@@ -542,15 +556,17 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
     if max(cfg.eval.k) > scores.stored:
         raise UserError(f"eval.k: {max(cfg.eval.k)} is more than the {scores.stored} neighbours stored in {folder}")
 
+    knn_grid = None  # valid: log p_kNN of every token at every (k, temperature) of the grid, computed once
     if split == "valid":
-        grid = tune(lm, scores, cfg)
+        knn_grid = grid_logprobs(scores, cfg)
+        grid = tune(lm, scores, cfg, knn_grid)
         if save:
             write_json(folder / "tuning.json", grid)
         choices = {p: choose(grid, cfg, p) for p in PROTOCOLS}
         edges = grid_edges(choices["tuned"], cfg)
         for edge in edges:
             print(f"warning: {folder}: {edge}; the optimum may lie outside the grid", file=sys.stderr)
-        held_out = held_out_selection(lm, scores, cfg, choices) if len(scores) >= 2 else None
+        held_out = held_out_selection(lm, scores, cfg, choices, knn_grid) if len(scores) >= 2 else None
     else:
         edges = []  # test reuses valid's choice of each protocol: nothing is tuned here
         choices = valid_choices(place.folder("valid") / "summary.json", scores.stored)
@@ -563,7 +579,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
     words = record.get("words", len(scores))  # per-word perplexity: the same total loss over the words
     protocols, tuned_knn = {}, None
     for p, c in choices.items():
-        knn = knn_at(scores, c)
+        knn = knn_grid[(c["k"], c["temperature"])] if knn_grid is not None else knn_at(scores, c)
         if p == "tuned":
             tuned_knn = knn.astype(np.float32)
         mixed = interpolate(lm, knn, c["lambda"])

@@ -262,7 +262,7 @@ def test_held_out_selection_chooses_on_valid_first_half_and_scores_its_second_ha
     (the target is the nearest neighbour in the first half, one of the 16 at random in the second), so the choice
     made on all of valid is not the first half's, and both are scored on the second half."""
     from knnlm.config import Config
-    from knnlm.evaluate import PROTOCOLS, choose, held_out_selection, tune
+    from knnlm.evaluate import PROTOCOLS, choose, grid_logprobs, held_out_selection, tune
     from knnlm.knn import KnnScores
 
     rng = np.random.default_rng(0)
@@ -299,3 +299,12 @@ def test_held_out_selection_chooses_on_valid_first_half_and_scores_its_second_ha
     tuned = held["protocols"]["tuned"]
     assert (tuned["k"], tuned["temperature"]) != (whole["tuned"]["k"], whole["tuned"]["temperature"])  # as planted
     assert tuned["knnlm_ppl"] > tuned["whole_valid_choice_ppl"]  # the choice that saw the second half flatters it
+    # as `evaluate` calls it: the whole split's log p_kNN computed once, each half its rows, nothing scored again
+    knn = grid_logprobs(scores, cfg)
+    scores.at = lambda *a, **kw: pytest.fail("log p_kNN computed again")
+    again = held_out_selection(lm, scores, cfg, {p: choose(tune(lm, scores, cfg, knn), cfg, p) for p in PROTOCOLS}, knn)
+    for p in PROTOCOLS:
+        a, b = again["protocols"][p], held["protocols"][p]
+        assert (a["k"], a["temperature"], a["lambda"]) == (b["k"], b["temperature"], b["lambda"])
+        assert [a[x] for x in ("knnlm_ppl", "first_half_ppl", "whole_valid_choice_ppl")] == pytest.approx(
+            [b[x] for x in ("knnlm_ppl", "first_half_ppl", "whole_valid_choice_ppl")], rel=1e-12)
