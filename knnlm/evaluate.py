@@ -451,11 +451,9 @@ def held_out_selection(lm: np.ndarray, scores: KnnScores, cfg: Config, whole: di
     return out
 
 
-def score_choice(lm: np.ndarray, knn: KnnScores | np.ndarray, c: dict) -> float:
-    """kNN-LM perplexity of these tokens under one (k, temperature, λ); `knn`: their scores, or their log p_kNN at
-    c's k and temperature."""
-    lp = knn_at(knn, c) if isinstance(knn, KnnScores) else knn
-    return perplexity(interpolate(lm, lp, c["lambda"]))
+def score_choice(lm: np.ndarray, knn: np.ndarray, c: dict) -> float:
+    """kNN-LM perplexity of these tokens under one (k, temperature, λ), from their log p_kNN at its k and temperature."""
+    return perplexity(interpolate(lm, knn, c["lambda"]))
 
 
 def grid_edges(best: dict, cfg: Config) -> list[str]:
@@ -574,7 +572,7 @@ def evaluate(run: str | Path, cfg: Config, split: str = "valid", progress: bool 
         halves = valid_choices(place.folder("valid") / "summary.json", scores.stored, held_out=True)
         held_out = None if halves is None else {  # scored with the choices of valid's first half
             "chosen_on": "valid's first half", "protocols": {
-                p: {**c, "knnlm_ppl": score_choice(lm, scores, c)} for p, c in halves.items()}}
+                p: {**c, "knnlm_ppl": score_choice(lm, knn_at(scores, c), c)} for p, c in halves.items()}}
 
     words = record.get("words", len(scores))  # per-word perplexity: the same total loss over the words
     protocols, tuned_knn = {}, None

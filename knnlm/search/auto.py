@@ -72,18 +72,18 @@ def choose_exact_search(keys: np.ndarray, k: int, folder: Path | None = None, mo
     candidates = auto_candidates(keys)
     m_var, held = variance_dims(keys)
     rows = np.ascontiguousarray(keys[:: max(1, len(keys) // queries)][:queries])  # read once: digest and probe
-    held_out = probe_queries is not None and len(probe_queries) >= queries
-    if held_out:
+    on_queries = probe_queries is not None and len(probe_queries) >= queries
+    if on_queries:
         probe = np.ascontiguousarray(probe_queries[:: len(probe_queries) // queries][:queries], dtype=np.float32)
     else:
         probe = rows.astype(np.float32)
-    source = f"{len(probe)} {'queries' if held_out else 'stored keys'}"
+    source = f"{len(probe)} {'queries' if on_queries else 'stored keys'}"
     # the probe's rows stand for the keys themselves: two stores of one shape (and of no model, or one model over
     # other text) never share a choice
     identity = {"N": int(len(keys)), "d": int(keys.shape[1]), "model_sha256": model_sha256,
                 "keys_sample_sha256": hashlib.sha256(rows.tobytes()).hexdigest(), "k": int(k),
                 "candidates": sorted(candidates), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                "device": default_device().type, "probe": "queries" if held_out else "stored keys"}
+                "device": default_device().type, "probe": "queries" if on_queries else "stored keys"}
     # remembered in knnlm's cache (not in the datastore, an artifact with digests), keyed by everything it depends on
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     record = (Path(folder) if folder is not None else cache_root() / "ext") / f"auto-search-{digest}.json"
