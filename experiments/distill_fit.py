@@ -3,7 +3,9 @@
     python experiments/distill_fit.py runs/distill_study --seed 0 --out results/distill_study/fit_seed0
 
 KL(p_kNN || q) per token over the partition {p_kNN's top words, the rest}, the quantity the KL term trains
-(`knnlm.distill.kl_to_targets`), for the base LM, the fine-tune (CE + KL) and the memory model(s) of one seed:
+(`knnlm.distill.kl_to_targets`), for each model of one seed whose run folder is there (`MODELS`: the base LM, the
+models trained toward the targets, and the controls trained with CE alone, which say how much of a model's approach
+to p_kNN more CE training gives by itself):
 - training text: the first `--tokens` training positions in blocks of the model's context, as training sees them,
   against the stored targets (`base_seed<S>/targets`: k = 1,024, the base's tuned temperature, own entry left out);
 - valid: the first `--tokens` valid positions, against p_kNN of the same k and temperature computed from the base's
@@ -31,7 +33,8 @@ from knnlm.models import corpus_for
 from knnlm.targets import sparse_knn_distribution
 
 MODELS = {"base": "base LM", "finetune": "fine-tuned with CE + KL", "memory": "memory model (KL alone)",
-          "memory_kl_ce": "memory model (KL + CE, superseded)"}
+          "memory_kl_ce": "memory model (KL + CE, superseded)", "scratch": "distilled from scratch (CE + KL)",
+          "control": "control: fine-tuned with CE alone", "ensemble": "control: a second LM, CE alone, another init"}
 
 
 @torch.no_grad()
