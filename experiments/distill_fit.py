@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         run = base_run if name == "base" else a.runs / f"{name}_seed{a.seed}"
         if not (run / "checkpoints").is_dir():
             continue
+        if not (run / "train_summary.json").is_file():  # a model still training: its checkpoint is not the model
+            print(f"distill_fit: {run} skipped: its training has not finished (no train_summary.json)", flush=True)
+            continue
         model = base_model if name == "base" else load_model(run)[0]
         fit = {"train": mean_kl(model, train, min(a.tokens, len(train) - 1), targets.batch),
                "valid": mean_kl(model, valid, n, valid_targets)}
