@@ -25,7 +25,8 @@ For each seed, on the study's base config (the ω study's WikiText-2 configurati
 Each finished stage of a seed is recorded at once in RESULTS/runs/<seed>_<stage>.json (commit them: a stopped study
 continues from its records and run folders); the tables (`distill.md` / `distill.json`) are written from the
 records alone: each variant against the same seed's base, mean, std and 95 % t-interval of the paired differences,
-n, and the costs (training and target-building time, evaluation tokens/s, bytes needed at inference); so is the
+n; the issue's two goals, seed by seed; each way of using the targets against the same seed's ensemble control; and
+the costs (training and target-building time, evaluation tokens/s, bytes needed at inference); so is the
 figure (`quality_vs_speed.png`: each model's perplexity against its evaluation speed), once a variant is recorded.
 """
 
@@ -233,6 +234,7 @@ def tables(records: dict[str, dict], results: Path) -> dict:
     """Per-variant perplexities (valid and test, both protocols) and paired differences against the base kNN-LM."""
     seeds = sorted({int(name.split("_")[0][4:]) for name in records})
     rows = {}  # variant -> split -> list over seeds of (value, base kNN-LM tuned of the same seed)
+    by_seed = {}  # split -> seed -> (variant -> value, base kNN-LM tuned)
     for seed in seeds:
         get = lambda stage: records.get(f"seed{seed}_{stage}")
         base = get("base")
@@ -262,6 +264,7 @@ def tables(records: dict[str, dict], results: Path) -> dict:
                     values[f"{label}: kNN-LM (paper)"] = r[split]["knnlm_ppl_paper"]
             for label, v in values.items():
                 rows.setdefault(label, {}).setdefault(split, []).append((v, anchor))
+            by_seed.setdefault(split, {})[seed] = (values, anchor)
     table = {}
     for label, by_split in rows.items():
         table[label] = {}
@@ -279,6 +282,8 @@ def tables(records: dict[str, dict], results: Path) -> dict:
                 for label, t in table.items() if split in t]
         md.append(markdown_table(f"Distillation, {split} perplexity", ["model", "mean", "std",
                                  "Δ vs the same seed's base kNN-LM (tuned), ± 95 % t-interval", "relative", "n"], body))
+    goal_md, goal_data = goal_tables(by_seed)
+    md += goal_md
     costs = []  # each row names its record's device: times compare on one kind of device only
     for name, rec in sorted(records.items()):
         stage, on = name.split("_", 1)[1], rec.get("device", "–")
@@ -295,8 +300,64 @@ def tables(records: dict[str, dict], results: Path) -> dict:
     md.append(markdown_table("Costs", ["record", "time", "targets size", "valid tokens/s", "bytes at inference",
                                        "device"], costs))
     write_text(results / "distill.md", "\n".join(md))
-    write_json(results / "distill.json", nan_to_null({"table": table, "seeds": seeds}))  # n = 1: no std (null)
+    write_json(results / "distill.json", nan_to_null({"table": table, "seeds": seeds, **goal_data}))  # n = 1: no std (null)
     return table
+
+
+# the ensemble control's rows: two plain LMs mixed, without and with the base's kNN on top
+CONTROL_NO_RETRIEVAL = f"LM + {PAIRS['ensemble']} (no retrieval)"
+CONTROL_RETRIEVAL = f"kNN-LM over LM + {PAIRS['ensemble']} (tuned)"
+
+
+def trained_toward_targets(label: str) -> bool:
+    """A row of a way to use the targets, with no retrieval or with the tuned kNN-LM on top (not a base row, not a
+    control, not the paper protocol, not the memory model without the base it is made to be mixed with)."""
+    return (("(no retrieval)" in label or "(tuned)" in label) and "control" not in label
+            and "second LM" not in label and not label.startswith(("kNN-LM of the base", "memory model alone")))
+
+
+def goal_tables(by_seed: dict) -> tuple[list[str], dict]:
+    """The issue's goals, seed by seed from the records: with no retrieval, within 2 % of the same seed's base
+    kNN-LM (tuned) on valid; with retrieval on top, below it by more than 2 std of the paired differences; and each
+    target-trained row against the same seed's ensemble control (two plain LMs mixed, no retrieval; the base's kNN
+    over them, tuned), the mean of the paired differences ± a 95 % t-interval: what the targets add beyond a second
+    LM. n counts the seeds that have both. Returns the markdown tables and their data."""
+    fmt = lambda x: "–" if math.isnan(x) else f"{x:.2f}"
+    valid = by_seed.get("valid", {})
+    labels = list(dict.fromkeys(lab for values, _ in valid.values() for lab in values if trained_toward_targets(lab)))
+    goals, body = {}, []
+    for label in labels:
+        pairs = [(values[label], anchor) for values, anchor in valid.values() if label in values]
+        deltas = [v - a for v, a in pairs]
+        mean, std, _, n = t_interval(deltas)
+        if "(no retrieval)" in label:
+            relative = [d / a for d, (_, a) in zip(deltas, pairs)]
+            met = all(r <= 0.02 for r in relative)
+            goals[label] = {"goal": "within 2 % of the base kNN-LM", "relative_per_seed": relative, "met": met, "n": n}
+            verdict = f"{'yes' if met else 'no'} ({', '.join(f'{100 * r:+.1f} %' for r in relative)})"
+        else:
+            met = None if n < 2 else bool(-mean > 2 * std)
+            goals[label] = {"goal": "below the base kNN-LM by more than 2 std of the paired differences",
+                            "mean": mean, "std": std, "met": met, "n": n}
+            verdict = "– (n < 2)" if met is None else f"{'yes' if met else 'no'} ({mean:+.2f}; 2 std {2 * std:.2f})"
+        body.append([label, goals[label]["goal"], verdict, str(n)])
+    md = [markdown_table("The goals, valid (each seed against its own base kNN-LM, tuned)",
+                         ["model", "goal", "met? (no retrieval: at every seed)", "n"], body)]
+    controls = {}
+    for split, seeds in by_seed.items():
+        body = []
+        for label in labels:
+            control = CONTROL_NO_RETRIEVAL if "(no retrieval)" in label else CONTROL_RETRIEVAL
+            deltas = [values[label] - values[control] for values, _ in seeds.values()
+                      if label in values and control in values]
+            if deltas:
+                mean, std, half, n = t_interval(deltas)
+                controls.setdefault(label, {})[split] = {"control": control, "mean": mean, "std": std,
+                                                         "ci95_half_width": half, "n": n}
+                body.append([label, control, f"{mean:+.2f} ± {fmt(half)}", fmt(std), str(n)])
+        md.append(markdown_table(f"Against the ensemble control, {split} (what the targets add beyond a second LM)",
+                                 ["model", "control", "Δ, ± 95 % t-interval", "std", "n"], body))
+    return md, {"goals": goals, "vs_ensemble_control": controls}
 
 
 def pair_costs(v: dict) -> list[str]:

@@ -255,6 +255,24 @@ def test_the_distill_study_tables_pair_each_variant_with_the_same_seeds_base(tmp
     assert row["vs_base_knnlm_tuned"]["relative"] == pytest.approx(d.mean() / np.mean(anchors))
     assert table["kNN-LM of the base (tuned)"]["test"]["vs_base_knnlm_tuned"]["mean"] == 0.0
     assert table["memory model alone (no retrieval)"]["valid"]["mean"] == pytest.approx(np.mean(memory) + 8)
+    # the goals, seed by seed, and what the targets add beyond the same seed's ensemble control
+    data = json.loads((tmp_path / "distill.json").read_text())
+    goals, controls = data["goals"], data["vs_ensemble_control"]
+    pair, knn_pair = "LM + distilled-from-scratch LM (no retrieval)", "kNN-LM over LM + distilled-from-scratch LM (tuned)"
+    assert goals[pair]["met"] is True and goals[pair]["relative_per_seed"] == pytest.approx([-1 / 100, 1.5 / 98])
+    assert goals["distilled from scratch: LM alone (no retrieval)"]["met"] is False  # +3 % at seed 0
+    gaps = np.subtract(np.subtract(pairs, 5), anchors[:2])  # the kNN over the pair, 5 below the pair itself
+    assert goals[knn_pair]["met"] is True and goals[knn_pair]["mean"] == pytest.approx(gaps.mean())
+    assert goals[knn_pair]["std"] == pytest.approx(gaps.std(ddof=1)) and -gaps.mean() > 2 * gaps.std(ddof=1)
+    assert goals["distilled from scratch: kNN-LM (tuned)"]["met"] is False  # -1, +1.5, -1 against the base
+    assert not [g for g in goals if "control" in g or "second LM" in g or g.startswith(("kNN-LM of the base", "memory model alone"))]
+    d = np.subtract(pairs, second)
+    for label, split in ((pair, "valid"), (knn_pair, "test")):  # the same differences: both 5 below, both 3 up
+        row = controls[label][split]
+        assert row["n"] == 2 and row["mean"] == pytest.approx(d.mean())
+        assert row["ci95_half_width"] == pytest.approx(stats.t.ppf(0.975, 1) * d.std(ddof=1) / np.sqrt(2))
+    assert controls[pair]["valid"]["control"] == "LM + second LM, CE alone (ensemble control) (no retrieval)"
+    assert controls[knn_pair]["test"]["control"] == "kNN-LM over LM + second LM, CE alone (ensemble control) (tuned)"
     md = (tmp_path / "distill.md").read_text()
     assert "20.0×" in md and "32 MiB vs 1040 MiB" in md and "build 1800 s" in md  # speed and bytes at inference
     assert "| seed0_scratch beside the base |" in md and "| seed1_ensemble | train 1000 s |" in md
