@@ -230,6 +230,11 @@ def mixed_with(base_run: Path, second: Path, base_cfg) -> dict:
     return {split: evaluate_memory(base_run, second, base_cfg, split, progress=False) for split in ("valid", "test")}
 
 
+def fmt(x: float) -> str:
+    """A table's number; "–" where n = 1 leaves no std or interval."""
+    return "–" if math.isnan(x) else f"{x:.2f}"
+
+
 def tables(records: dict[str, dict], results: Path) -> dict:
     """Per-variant perplexities (valid and test, both protocols) and paired differences against the base kNN-LM."""
     seeds = sorted({int(name.split("_")[0][4:]) for name in records})
@@ -273,7 +278,6 @@ def tables(records: dict[str, dict], results: Path) -> dict:
             dmean, dstd, dhalf, _ = t_interval([v - a for v, a in pairs])
             table[label][split] = {"mean": mean, "std": std, "n": n, "vs_base_knnlm_tuned": {
                 "mean": dmean, "std": dstd, "ci95_half_width": dhalf, "relative": dmean / (sum(a for _, a in pairs) / n)}}
-    fmt = lambda x: "–" if math.isnan(x) else f"{x:.2f}"
     md = []
     for split in ("valid", "test"):
         body = [[label, fmt(t[split]["mean"]), fmt(t[split]["std"]),
@@ -322,7 +326,6 @@ def goal_tables(by_seed: dict) -> tuple[list[str], dict]:
     target-trained row against the same seed's ensemble control (two plain LMs mixed, no retrieval; the base's kNN
     over them, tuned), the mean of the paired differences ± a 95 % t-interval: what the targets add beyond a second
     LM. n counts the seeds that have both. Returns the markdown tables and their data."""
-    fmt = lambda x: "–" if math.isnan(x) else f"{x:.2f}"
     valid = by_seed.get("valid", {})
     labels = list(dict.fromkeys(lab for values, _ in valid.values() for lab in values if trained_toward_targets(lab)))
     goals, body = {}, []
