@@ -88,6 +88,30 @@ def test_bound_survivors_counts_against_a_direct_count():
                                   "two stages, m1 = 16": 16 + 6.4 + 2.56})
 
 
+def test_index_build_times_each_of_autos_candidates_on_a_runs_store(tmp_path):
+    """benchmarks/index_build.py: on a run's datastore and valid query keys it builds and times every search `auto`
+    chooses among on this machine (the same names, in `auto`'s order), and writes both records."""
+    import numpy as np
+
+    from knnlm.search.auto import auto_candidates
+
+    rng = np.random.default_rng(0)
+    keys = (rng.standard_normal((3000, 32)) * np.arange(1, 33) ** -0.5).astype(np.float16)
+    (tmp_path / "run" / "datastore").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "valid").mkdir(parents=True)
+    np.save(tmp_path / "run" / "datastore" / "keys.npy", keys)
+    np.save(tmp_path / "run" / "eval" / "valid" / "query_keys.npy", rng.standard_normal((500, 32)).astype(np.float16))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "index_build.py"), "--run", str(tmp_path / "run"),
+                           "--queries", "64", "--k", "16", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "index_build.json").read_text())
+    assert [c["search"] for c in res["candidates"]] == list(auto_candidates(keys))
+    assert res["N"] == 3000 and res["queries"] == 64
+    assert all(c["build_seconds"] > 0 and c["queries_per_s"] > 0 for c in res["candidates"])
+    assert "Builds in all" in (out / "index_build.md").read_text()
+
+
 @pytest.mark.slow  # a micro run, then the benchmark's own datastore and evaluation in subprocesses
 def test_evaluation_benchmark_times_a_whole_split_and_its_lm_only_pass_agrees_with_the_evaluation(tmp_path):
     """benchmarks/evaluation.py on a micro run: one search per token, its LM-only pass gives the evaluation's LM
