@@ -89,8 +89,9 @@ def test_bound_survivors_counts_against_a_direct_count():
 
 
 def test_index_build_times_each_of_autos_candidates_on_a_runs_store(tmp_path):
-    """benchmarks/index_build.py: on a run's datastore and valid query keys it builds and times every search `auto`
-    chooses among on this machine (the same names, in `auto`'s order), and writes both records."""
+    """benchmarks/index_build.py: on a run's datastore and valid query keys it builds the searches at the old and
+    the new block of rows (the same stores both ways), builds and times every search `auto` chooses among on this
+    machine (the same names, in `auto`'s order), and writes both records."""
     import numpy as np
 
     from knnlm.search.auto import auto_candidates
@@ -103,11 +104,14 @@ def test_index_build_times_each_of_autos_candidates_on_a_runs_store(tmp_path):
     np.save(tmp_path / "run" / "eval" / "valid" / "query_keys.npy", rng.standard_normal((500, 32)).astype(np.float16))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "index_build.py"), "--run", str(tmp_path / "run"),
-                           "--queries", "64", "--k", "16", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+                           "--queries", "64", "--k", "16", "--rounds", "1", "--out", str(out)], capture_output=True,
+                          text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "index_build.json").read_text())
     assert [c["search"] for c in res["candidates"]] == list(auto_candidates(keys))
     assert res["N"] == 3000 and res["queries"] == 64
+    assert res["same_store"] and all(res["same_store"].values()) and set(res["same_store"]) == set(
+        res["build_seconds_by_block"])
     assert all(c["build_seconds"] > 0 and c["queries_per_s"] > 0 for c in res["candidates"])
     assert "Builds in all" in (out / "index_build.md").read_text()
 

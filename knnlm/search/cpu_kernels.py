@@ -93,6 +93,11 @@ SEARCH_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64,
 PRUNED_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p, ctypes.c_double, _p, _i64, _p,
                    _p, ctypes.c_int, _i64, _i64, _p, _p)
 BF16_UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to nearest)
+# Keys converted, projected and packed this many at a time when a search is built: small enough that the block's fp32
+# temporaries (16 MB at d = 256) are reused from the heap rather than mapped afresh for every block, whose first
+# touch is slow on a virtual machine; 262,144 rows built the WikiText-2 store's margin search in 18 s on Zen 3, 16,384
+# in 2-6 s (benchmarks/index_build.py)
+BUILD_ROWS = 16384
 FP32_UNIT = 2.0**-24
 
 
@@ -209,7 +214,7 @@ class CpuExactSearch:
     auto_reason: str | None = None  # set by `auto` (search/auto.py)
 
     def __init__(self, keys: np.ndarray, kernel: str = "amx", margin: int = 32, margin_fraction: float = 1 / 16,
-                 block: int = 262144, query_block: int = 1024, key_chunk: int = 1024, prune: bool | None = None,
+                 block: int = BUILD_ROWS, query_block: int = 1024, key_chunk: int = 1024, prune: bool | None = None,
                  dims: int | None = None, first: int | None = None):
         if kernel not in KERNELS:
             raise ValueError(f"kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")

@@ -48,7 +48,7 @@ class FaissSearch:
 
     auto_reason: str | None = None  # set by `auto` (search/auto.py)
 
-    def __init__(self, keys: np.ndarray, factory: str, nprobe: int = 32, train_size: int = 262144, chunk: int = 262144,
+    def __init__(self, keys: np.ndarray, factory: str, nprobe: int = 32, train_size: int = 262144, chunk: int = 16384,
                  seed: int = 0, rerank_factor: int = 2, index=None):
         faiss = import_faiss()
 
@@ -63,7 +63,9 @@ class FaissSearch:
             self.index = faiss.index_cpu_to_all_gpus(self.index)
 
     @staticmethod
-    def build(keys: np.ndarray, factory: str, train_size: int = 262144, chunk: int = 262144, seed: int = 0):
+    def build(keys: np.ndarray, factory: str, train_size: int = 262144, chunk: int = 16384, seed: int = 0):
+        """The index over keys, trained on a sample of `train_size` of them and filled `chunk` keys at a time (small
+        chunks: their fp32 copies are reused from the heap, not mapped afresh; benchmarks/index_build.py)."""
         faiss = import_faiss()
 
         N, d = keys.shape
