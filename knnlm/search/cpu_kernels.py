@@ -93,10 +93,8 @@ SEARCH_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64,
 PRUNED_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p, ctypes.c_double, _p, _i64, _p,
                    _p, ctypes.c_int, _i64, _i64, _p, _p)
 BF16_UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to nearest)
-# Keys converted, projected and packed this many at a time when a search is built: small enough that the block's fp32
-# temporaries (16 MB at d = 256) are reused from the heap rather than mapped afresh for every block, whose first
-# touch is slow on a virtual machine; 262,144 rows built the WikiText-2 store's margin search in 18 s on Zen 3, 16,384
-# in 2-6 s (benchmarks/index_build.py)
+# Keys converted, projected and packed this many at a time when a search is built: 16 MB of fp32 temporaries a block
+# at d = 256. Blocks of 262,144 rows built the same stores 1.7-3.9x slower on Zen 3 (benchmarks/index_build.py)
 BUILD_ROWS = 16384
 FP32_UNIT = 2.0**-24
 
