@@ -93,10 +93,10 @@ SEARCH_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64,
 PRUNED_ARGTYPES = (_p, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _p, _p, _p, ctypes.c_double, _p, _i64, _p,
                    _p, ctypes.c_int, _i64, _i64, _p, _p)
 BF16_UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits, round to nearest)
+FP32_UNIT = 2.0**-24
 # Keys converted, projected and packed this many at a time when a search is built: 16 MB of fp32 temporaries a block
 # at d = 256. Blocks of 262,144 rows built the same stores 1.7-3.9x slower on Zen 3 (benchmarks/index_build.py)
 BUILD_ROWS = 16384
-FP32_UNIT = 2.0**-24
 
 
 @functools.cache
