@@ -13,6 +13,7 @@ Run: `python -m pytest -q tests/test_committed_studies.py` (no training; a few s
 import json
 import math
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ import pytest
 from conftest import REPO
 from knnlm.studies.engine import run_sweep
 
-STUDIES = sorted(p.stem for p in (REPO / "experiments").glob("*.toml")
-                 if "stages" in p.read_text() and any((REPO / "results" / p.stem / "runs").glob("*.json")))
+STUDIES = sorted(p.stem for p in (REPO / "experiments").glob("*.toml")  # a `stages` key, not the word in a comment
+                 if "stages" in tomllib.loads(p.read_text()) and any((REPO / "results" / p.stem / "runs").glob("*.json")))
 CACHES = ("rescale.json",)  # computed from run folders, kept while the records they came from are unchanged
 
 
