@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,12 @@ def pytest_addoption(parser):
 
 # fixtures that train on WikiText-2; tests that read it otherwise carry @pytest.mark.wikitext
 WIKITEXT_FIXTURES = {"tiny_run", "small_run", "micro_run", "study", "corpus_dir"}
+
+
+def engine_studies() -> list[Path]:
+    """The study files of the sweep engine: experiments/*.toml with a `stages` key (the distillation study has its
+    own script and none; the word in a comment does not count)."""
+    return sorted(p for p in (REPO / "experiments").glob("*.toml") if "stages" in tomllib.loads(p.read_text()))
 
 
 def have_wikitext() -> bool:

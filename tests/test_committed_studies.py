@@ -13,16 +13,14 @@ Run: `python -m pytest -q tests/test_committed_studies.py` (no training; a few s
 import json
 import math
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, engine_studies
 from knnlm.studies.engine import run_sweep
 
-STUDIES = sorted(p.stem for p in (REPO / "experiments").glob("*.toml")  # a `stages` key, not the word in a comment
-                 if "stages" in tomllib.loads(p.read_text()) and any((REPO / "results" / p.stem / "runs").glob("*.json")))
+STUDIES = [p.stem for p in engine_studies() if any((REPO / "results" / p.stem / "runs").glob("*.json"))]
 CACHES = ("rescale.json",)  # computed from run folders, kept while the records they came from are unchanged
 
 
