@@ -43,7 +43,7 @@ from .checkpoint import load_model
 from .config import read_run_config
 from .data import (EOS, UNK, TextTokenizer, bpe_from_json, split_ids, token_stream, tokenizer_settings,
                    vocab_identity)
-from .datastore import Datastore, datastore_home
+from .datastore import Datastore, datastore_home, neighbour_values
 from .distributed import default_device
 from .evaluate import PROTOCOLS, check_memory_summary, scoring_settings, searcher_for, valid_choices
 from .hf import hf_eos_id, load_tokenizer
@@ -245,7 +245,7 @@ class KNNLM:
     def _knn_search(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distances (n, k) and next tokens (n, k) of the k nearest stored keys of each query key."""
         D, I = self.searcher.search(np.asarray(keys, dtype=np.float32), self.k)
-        return D, self.datastore.vals[I]
+        return D, neighbour_values(self.datastore.vals, I)
 
     def score(self, text: str) -> Scored:
         """LM, kNN and interpolated log-probabilities of every token of `text` (line ends included)."""

@@ -19,9 +19,11 @@ import contextlib
 import hashlib
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .artifacts import UserError, atomic_dir, check_digest, file_sha256, kill_point, load_npy, read_meta, reserve, swapping, write_json
@@ -160,6 +162,23 @@ def build_datastore(run: str | Path, cfg_override: Config | None = None, progres
 
 
 FORMAT = 2  # datastores of this format record their arrays' digests; those without a "format" entry are older
+
+
+def neighbour_values(vals: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The values (next tokens, int32) of datastore rows `ids`, any shape; an id of -1 (a search's padding where it
+    found fewer neighbours than asked) gives -1, which no target equals. `vals` may be a memory map.
+
+    torch's `index_select` looks up a saved search's 50,000 × 4,096 neighbours 5.4× faster than numpy's fancy indexing
+    on a 2-core Zen 3 (1.1 s against 5.7 s; `benchmarks/neighbour_values.py`), a step of every tuning."""
+    ids = np.ascontiguousarray(ids)
+    with warnings.catch_warnings():  # read-only memory maps: index_select only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        flat, table = torch.from_numpy(ids.reshape(-1)), torch.from_numpy(np.asarray(vals))
+    pad = flat < 0 if flat.numel() and int(flat.min()) < 0 else None
+    out = torch.index_select(table, 0, flat.clamp(min=0) if pad is not None else flat)
+    if pad is not None:
+        out[pad] = -1
+    return out.numpy().reshape(ids.shape)
 
 
 class Datastore:

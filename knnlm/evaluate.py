@@ -46,7 +46,7 @@ from .artifacts import (UserError, nan_at, atomic_dir, check_fields, file_sha256
 from .checkpoint import latest_meta, load_model
 from .config import Config, from_dict
 from .data import cache_key, corpus_files, token_stream, split_ids
-from .datastore import Datastore, datastore_home, stride_of
+from .datastore import Datastore, datastore_home, neighbour_values, stride_of
 from .distributed import barrier, broadcast_array, default_device, setup_distributed
 from .knn import KnnScores, KnnTable, grid_table, interpolate, perplexities, perplexity
 from .search.auto import choose_exact_search
@@ -362,8 +362,8 @@ def tuning_arrays(run: Path, split: str, place: Place | None = None) -> tuple[np
     dists, targets = np.asarray(arrays["distances"]), arrays["targets"]
     if "knn_grid" in arrays:  # eval.k_store < eval.k_max: the grid's scores, and the first neighbours
         return arrays["lm_logprobs"], KnnTable(arrays["knn_grid"], meta["grid"]["k"], meta["grid"]["temperature"],
-                                               arrays["target_rank"], meta["k_max"], dists, ds.vals[ids], targets)
-    return arrays["lm_logprobs"], KnnScores(dists, ds.vals[ids], targets)
+                                               arrays["target_rank"], meta["k_max"], dists, neighbour_values(ds.vals, ids), targets)
+    return arrays["lm_logprobs"], KnnScores(dists, neighbour_values(ds.vals, ids), targets)
 
 
 def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:

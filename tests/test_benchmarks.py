@@ -116,6 +116,33 @@ def test_index_build_times_each_of_autos_candidates_on_a_runs_store(tmp_path):
     assert "Builds in all" in (out / "index_build.md").read_text()
 
 
+def test_neighbour_values_benchmark_times_both_lookups_on_a_saved_search(tmp_path):
+    """benchmarks/neighbour_values.py: on a run's saved valid search it looks the neighbours' values up both ways,
+    finds the same array, and writes both records with the grid's time for scale."""
+    import numpy as np
+
+    from knnlm.config import Config, save_config
+
+    rng = np.random.default_rng(0)
+    run = tmp_path / "run"
+    (run / "datastore").mkdir(parents=True)
+    (run / "eval" / "valid").mkdir(parents=True)
+    np.save(run / "datastore" / "vals.npy", rng.integers(0, 40, 5000).astype(np.int32))
+    np.save(run / "eval" / "valid" / "neighbors.npy", rng.integers(0, 5000, (300, 64)).astype(np.int32))
+    np.save(run / "eval" / "valid" / "distances.npy", np.sort(rng.uniform(0, 50, (300, 64)), 1).astype(np.float32))
+    np.save(run / "eval" / "valid" / "targets.npy", rng.integers(0, 40, 300).astype(np.int32))
+    save_config(Config(), run / "config.json")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "neighbour_values.py"), "--run", str(run),
+                           "--rows", "200", "--rounds", "2", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "neighbour_values.json").read_text())
+    assert res["same"] is True and res["rows"] == 200 and res["neighbours"] == 64
+    assert all(len(s) == 2 and min(s) > 0 for s in res["seconds"].values()) and res["speedup"] > 0
+    assert max(res["grid"]["k"]) <= 64 and res["grid"]["seconds"] > 0
+    assert "neighbour_values" in (out / "neighbour_values.md").read_text()
+
+
 @pytest.mark.slow  # a micro run, then the benchmark's own datastore and evaluation in subprocesses
 def test_evaluation_benchmark_times_a_whole_split_and_its_lm_only_pass_agrees_with_the_evaluation(tmp_path):
     """benchmarks/evaluation.py on a micro run: one search per token, its LM-only pass gives the evaluation's LM

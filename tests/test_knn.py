@@ -13,6 +13,7 @@ import torch
 
 from knnlm.artifacts import UserError, read_json
 from knnlm.config import Config, validate
+from knnlm.datastore import neighbour_values
 from knnlm.knn import (KnnScores, KnnTable, grid_table, interpolate, knn_logprob, knn_logprob_grid, knn_logprobs_full,
                        perplexities, perplexity)
 from knnlm.search import auto, base, cpu_kernels, faiss_index, key_geometry, torch_search
@@ -410,6 +411,34 @@ def test_knn_logprob_grid_equals_brute_force_numpy(scale):
             assert np.allclose(knn_logprob(dists, vals, targets, k, tau), grid[(k, tau)], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="sorted"):
         knn_logprob_grid(dists[:, ::-1], vals, targets, [12], [1.0])
+
+
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_neighbour_values_are_the_rows_values_and_padding_matches_no_target(tmp_path, id_dtype):
+    """`neighbour_values` gathers as numpy's fancy indexing does, from a memory map too; a padded answer (id -1, an
+    IVF probe that found fewer neighbours; distance inf) gives -1, where numpy's indexing gives the last row's value,
+    so p_kNN over a padded row is p_kNN over its real neighbours, also when the target is that last row's value."""
+    rng = np.random.default_rng(4)
+    vals = rng.integers(0, 50, 1000).astype(np.int32)
+    vals[-1] = 99  # the last row's value, which no other row carries
+    np.save(tmp_path / "vals.npy", vals)
+    stored = np.load(tmp_path / "vals.npy", mmap_mode="r")
+    ids = rng.integers(0, 999, (37, 64)).astype(id_dtype)
+    got = neighbour_values(stored, ids)
+    assert got.dtype == np.int32 and got.shape == ids.shape and np.array_equal(got, vals[ids])
+    dists = np.sort(rng.uniform(0, 10, ids.shape), axis=1).astype(np.float32)
+    ids[:, 60:], dists[:, 60:] = -1, np.inf
+    padded = neighbour_values(stored, ids)
+    assert (padded[:, 60:] == -1).all() and np.array_equal(padded[:, :60], vals[ids[:, :60]])
+    targets = np.full(37, 99)
+    targets[::2] = padded[::2, 7]  # half the rows: a real neighbour carries the target
+    ids[1, 5] = 999  # and one row's 6th neighbour is the last row itself
+    padded = neighbour_values(stored, ids)
+    whole = knn_logprob(dists, padded, targets, 64, 1.0)
+    real = knn_logprob(dists[:, :60], padded[:, :60], targets, 60, 1.0)
+    assert np.allclose(whole, real, rtol=1e-12, atol=0) and np.isfinite(whole[::2]).all() and np.isfinite(whole[1])
+    assert (whole[3::2] == -np.inf).all()  # no real neighbour carries 99: −inf, where numpy's pads gave NaN
+    assert neighbour_values(stored, np.zeros((0, 8), id_dtype)).shape == (0, 8)
 
 
 def test_full_vocabulary_knn_distribution_is_the_brute_force_one():

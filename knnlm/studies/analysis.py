@@ -35,6 +35,7 @@ import numpy as np
 from . import plots
 from ..artifacts import (UserError, cpu_name, kill_point, load_npy, markdown_table, optional_import, read_json, read_meta,
                          write_json, write_text)
+from ..datastore import neighbour_values
 from ..knn import interpolate, perplexity
 
 RANK_EDGES = (100, 1000, 10000)  # frequency-rank bucket boundaries: top 100, 100–1k, 1k–10k, the rest
@@ -249,7 +250,7 @@ def target_in_neighbors(neighbors: np.ndarray, vals: np.ndarray, targets: np.nda
     """(n,) bool: the target is the value of one of the k nearest neighbours (vals[neighbors[:, :k]])."""
     found = np.empty(len(targets), dtype=bool)
     for lo in range(0, len(targets), ROW_CHUNK):
-        neighbor_vals = vals[np.asarray(neighbors[lo : lo + ROW_CHUNK, :k])]  # (chunk, k)
+        neighbor_vals = neighbour_values(vals, np.asarray(neighbors[lo : lo + ROW_CHUNK, :k]))  # (chunk, k)
         found[lo : lo + len(neighbor_vals)] = (neighbor_vals == targets[lo : lo + ROW_CHUNK, None]).any(1)
     return found
 
