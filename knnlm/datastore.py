@@ -168,8 +168,8 @@ def neighbour_values(vals: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The values (next tokens, int32) of datastore rows `ids`, any shape; an id of -1 (a search's padding where it
     found fewer neighbours than asked) gives -1, which no target equals. `vals` may be a memory map.
 
-    torch's `index_select` looks up a saved search's 50,000 × 4,096 neighbours 5.4× faster than numpy's fancy indexing
-    on a 2-core Zen 3 (1.1 s against 5.7 s; `benchmarks/neighbour_values.py`), a step of every tuning."""
+    torch's `index_select` looks up a saved search's 50,000 × 4,096 neighbours 4.5× faster than numpy's fancy indexing
+    on a 2-core Zen 3 (1.2 s against 5.2 s, best of 3; `benchmarks/tuning_step.py`), a step of every tuning."""
     ids = np.ascontiguousarray(ids)
     with warnings.catch_warnings():  # read-only memory maps: index_select only reads them
         warnings.simplefilter("ignore", UserWarning)

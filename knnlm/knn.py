@@ -17,6 +17,14 @@ import numpy as np
 import torch
 
 
+# The smallest exponent the p_kNN grid's exps are given. exp(−708) ≈ 3.3e-308 is about the smallest normal double;
+# below it exp makes a subnormal or 0, which x86 computes 4–7× slower (torch 2.13 on a Zen 3). Every sum those terms
+# enter also holds the nearest neighbour's term exp(0) = 1 (the running totals; a target's sum its nearest match's),
+# so raising those terms to 3.3e-308 moves a sum ≥ 1 by at most K·3.3e-308, far under its half ulp (1.1e-16): the
+# log-probabilities are as without it (the same to the bit on a saved WikiText-2 search, `benchmarks/tuning_step.py`).
+MIN_EXPONENT = -708.0
+
+
 def knn_logprob(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.ndarray, k: int, temperature: float) -> np.ndarray:
     """log p_kNN(target) per token: (n, K) distances, (n, K) neighbour values, (n,) targets -> (n,) float64.
 
@@ -26,15 +34,16 @@ def knn_logprob(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.nd
 
 
 def knn_logprob_grid(distances: np.ndarray, neighbor_vals: np.ndarray, targets: np.ndarray, ks: list[int],
-                     temperatures: list[float], rows: int = 0,
-                     device: torch.device | str = "cpu") -> dict[tuple[int, float], np.ndarray]:
+                     temperatures: list[float], rows: int = 0, device: torch.device | str = "cpu",
+                     min_exponent: float | None = MIN_EXPONENT) -> dict[tuple[int, float], np.ndarray]:
     """`knn_logprob` for every (k, temperature) of a grid, reading the neighbours once per temperature.
 
     Neighbours come sorted by distance, so the sums over the first k of every k in the grid are running sums:
         log p_kNN = log Σ_{matching j<k} exp((d_m − d_j)/τ) − log Σ_{j<k} exp((d_0 − d_j)/τ) + (d_0 − d_m)/τ
     with d_0 the nearest distance and d_m the nearest matching one, so every exp is ≤ 1 and the sums ≥ 1 where
     they are not empty (no overflow, no underflow of the leading term). Rows are processed in blocks of `rows`
-    (default: about 8 MB of float64 distances).
+    (default: about 8 MB of float64 distances). Exponents below `min_exponent` are raised to it (`MIN_EXPONENT`;
+    None: not), which leaves every sum as it was (see there) and the exps several times faster.
     """
     ks = sorted(set(ks))
     K, n = ks[-1], len(targets)
@@ -61,7 +70,10 @@ def knn_logprob_grid(distances: np.ndarray, neighbor_vals: np.ndarray, targets: 
         slot = r * len(ks) + torch.searchsorted(k_ends, c, right=True)
         buf = torch.empty_like(d)
         for tau in temperatures:
-            torch.div(gap, tau, out=buf).exp_()
+            torch.div(gap, tau, out=buf)
+            if min_exponent is not None:
+                buf.clamp_(min=min_exponent)
+            buf.exp_()
             # (r, len(ks)): running sums over the columns [0, k) of every k of the grid
             total = torch.stack([buf[:, a:b].sum(1) for a, b in zip(bounds, bounds[1:])], 1).cumsum_(1)
             hit = d.new_zeros(len(d) * len(ks)).index_add_(0, slot, (gap_match / tau).exp_()).view(len(d), -1).cumsum_(1)

@@ -116,9 +116,10 @@ def test_index_build_times_each_of_autos_candidates_on_a_runs_store(tmp_path):
     assert "Builds in all" in (out / "index_build.md").read_text()
 
 
-def test_neighbour_values_benchmark_times_both_lookups_on_a_saved_search(tmp_path):
-    """benchmarks/neighbour_values.py: on a run's saved valid search it looks the neighbours' values up both ways,
-    finds the same array, and writes both records with the grid's time for scale."""
+def test_tuning_step_benchmark_times_both_ways_of_each_part_on_a_saved_search(tmp_path):
+    """benchmarks/tuning_step.py: on a run's saved valid search it looks the neighbours' values up both ways and
+    computes the p_kNN grid both ways (distances far enough apart that some exponents fall below MIN_EXPONENT),
+    finds the same answers, and writes both records."""
     import numpy as np
 
     from knnlm.config import Config, save_config
@@ -129,18 +130,20 @@ def test_neighbour_values_benchmark_times_both_lookups_on_a_saved_search(tmp_pat
     (run / "eval" / "valid").mkdir(parents=True)
     np.save(run / "datastore" / "vals.npy", rng.integers(0, 40, 5000).astype(np.int32))
     np.save(run / "eval" / "valid" / "neighbors.npy", rng.integers(0, 5000, (300, 64)).astype(np.int32))
-    np.save(run / "eval" / "valid" / "distances.npy", np.sort(rng.uniform(0, 50, (300, 64)), 1).astype(np.float32))
+    np.save(run / "eval" / "valid" / "distances.npy", np.sort(rng.uniform(0, 500, (300, 64)), 1).astype(np.float32))
     np.save(run / "eval" / "valid" / "targets.npy", rng.integers(0, 40, 300).astype(np.int32))
     save_config(Config(), run / "config.json")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "neighbour_values.py"), "--run", str(run),
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tuning_step.py"), "--run", str(run),
                            "--rows", "200", "--rounds", "2", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((out / "neighbour_values.json").read_text())
-    assert res["same"] is True and res["rows"] == 200 and res["neighbours"] == 64
-    assert all(len(s) == 2 and min(s) > 0 for s in res["seconds"].values()) and res["speedup"] > 0
-    assert max(res["grid"]["k"]) <= 64 and res["grid"]["seconds"] > 0
-    assert "neighbour_values" in (out / "neighbour_values.md").read_text()
+    res = json.loads((out / "tuning_step.json").read_text())
+    assert res["rows"] == 200 and res["neighbours"] == 64
+    assert res["lookup"]["same"] is True and res["grid"]["same_to_the_bit"] is True
+    for part in ("lookup", "grid"):
+        assert len(res[part]["seconds"]) == 2 and all(len(s) == 2 and min(s) > 0 for s in res[part]["seconds"].values())
+    assert max(res["grid"]["k"]) <= 64 and min(res["grid"]["temperatures"]) < 1
+    assert "The grid:" in (out / "tuning_step.md").read_text()
 
 
 @pytest.mark.slow  # a micro run, then the benchmark's own datastore and evaluation in subprocesses

@@ -409,6 +409,9 @@ def test_knn_logprob_grid_equals_brute_force_numpy(scale):
                 got = grid[(k, tau)][j]
                 assert got == want if want == -math.inf else math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
             assert np.allclose(knn_logprob(dists, vals, targets, k, tau), grid[(k, tau)], rtol=1e-12, atol=1e-12)
+    # exponents raised to MIN_EXPONENT (at scale 5000 most are far below it) leave every value as it was
+    unraised = knn_logprob_grid(dists, vals, targets, ks, taus, rows=7, min_exponent=None)
+    assert all(np.array_equal(grid[key], unraised[key]) for key in grid)
     with pytest.raises(ValueError, match="sorted"):
         knn_logprob_grid(dists[:, ::-1], vals, targets, [12], [1.0])
 
