@@ -18,7 +18,7 @@ import torch
 
 
 # The smallest exponent the p_kNN grid's exps are given. exp(−708) ≈ 3.3e-308 is about the smallest normal double;
-# below it exp makes a subnormal or 0, which x86 computes 4–7× slower (torch 2.13 on a Zen 3). Every sum those terms
+# below it exp makes a subnormal or 0 by a slower path (the grid 1.34× faster without it on a Zen 3). Every sum those terms
 # enter also holds the nearest neighbour's term exp(0) = 1 (the running totals; a target's sum its nearest match's),
 # so raising those terms to 3.3e-308 moves a sum ≥ 1 by at most K·3.3e-308, far under its half ulp (1.1e-16): the
 # log-probabilities are as without it (the same to the bit on a saved WikiText-2 search, `benchmarks/tuning_step.py`).
