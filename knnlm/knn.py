@@ -19,9 +19,10 @@ import torch
 
 # The smallest exponent the p_kNN grid's exps are given. exp(−708) ≈ 3.3e-308 is about the smallest normal double;
 # below it exp makes a subnormal or 0 by a slower path (raised to it, the grid runs 1.34× faster on a Zen 3). Every
-# sum those terms enter also holds the nearest neighbour's term exp(0) = 1 (the running totals; a target's sum its nearest match's),
-# so raising those terms to 3.3e-308 moves a sum ≥ 1 by at most K·3.3e-308, far under its half ulp (1.1e-16): the
-# log-probabilities are as without it (the same to the bit on a saved WikiText-2 search, `benchmarks/tuning_step.py`).
+# sum those terms enter also holds the nearest neighbour's term exp(0) = 1 (the running totals; a target's sum, its
+# nearest match's), so raising them to 3.3e-308 moves a sum ≥ 1 by at most K·3.3e-308, far under its half ulp
+# (1.1e-16): the log-probabilities are as without it (the same to the bit on a saved WikiText-2 search,
+# `benchmarks/tuning_step.py`).
 MIN_EXPONENT = -708.0
 
 
