@@ -338,7 +338,7 @@ class KNNLM:
     def neighbours(self, context: str | np.ndarray, k: int | None = None, window: int = 12) -> Neighbours:
         """The k (default: the run's k) stored keys nearest to the key that predicts the token after `context`
         (the query `next_token_logprobs` searches), with the training text around each: `window` tokens before the
-        token that followed it, and `window` after."""
+        token that followed it, and `window` after (fewer than k where an approximate index finds fewer)."""
         k = self.k if k is None else k
         if not 1 <= k <= len(self.datastore):
             raise UserError(f"k: expected 1 … {len(self.datastore)} (the datastore's keys), got {k}")
@@ -346,7 +346,8 @@ class KNNLM:
         with autocast(self.device, self.bf16):
             _, key = self._run(self.model, token_stream(ids, self.eos_id)[None], None)
         D, I = self.searcher.search(key.to(torch.float16).float().cpu().numpy(), k)
-        rows, dists = I[0].astype(np.int64), D[0]
+        found = I[0] >= 0  # an approximate index may find fewer than k: its padded answers (id −1) are left out
+        rows, dists = I[0][found].astype(np.int64), D[0][found]
         s = self._train_stream()  # row i is input position i of the training stream; it predicts s[i + 1]
         assert np.array_equal(s[rows + 1], self.datastore.vals[rows]), "datastore rows are training positions"
         text = lambda a, b: self.decode(s[max(a, 0) : b])  # noqa: E731

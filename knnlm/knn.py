@@ -183,9 +183,12 @@ class KnnTable(KnnScores):
 def knn_logprobs_full(distances: np.ndarray, neighbor_vals: np.ndarray, vocab_size: int,
                       temperature: float) -> torch.Tensor:
     """log p_kNN(w) for every w of the vocabulary: (B, k) distances, (B, k) neighbour values -> (B, V) float64;
-    −inf for the tokens no neighbour carries."""
+    −inf for the tokens no neighbour carries. A value of −1 (a padded answer, `datastore.neighbour_values`) counts as
+    no neighbour."""
     w = torch.softmax(-torch.from_numpy(np.asarray(distances)).double() / temperature, 1)  # (B, k)
     vals = torch.from_numpy(np.asarray(neighbor_vals).astype(np.int64))  # (B, k)
+    pad = vals < 0
+    w, vals = w.masked_fill(pad, 0.0), vals.masked_fill(pad, 0)
     p = torch.zeros((len(w), vocab_size), dtype=torch.float64).scatter_add_(1, vals, w)  # (B, V)
     return p.log()
 

@@ -183,6 +183,18 @@ def test_neighbours_are_the_brute_force_nearest_training_contexts(run):
     first = lm.neighbours(context)  # token 5's context is the five words before it
     assert f"#{first.ids[0]}" in out and f"[{first.next_tokens[0]}]" in out
     fails(cli("score", run / "explain.txt", "--out", run, "--explain", "99", check=False), "--explain")
+    # an approximate index that finds fewer than k pads its answers with id −1 at distance inf: left out
+    searcher = lm.searcher
+
+    class Padded:
+        def search(self, queries, k):
+            D, I = searcher.search(queries, k - 2)
+            return (np.concatenate([D, np.full((len(D), 2), np.inf, D.dtype)], 1),
+                    np.concatenate([I, np.full((len(I), 2), -1, I.dtype)], 1))
+
+    lm.searcher = Padded()
+    padded = lm.neighbours(context, k=8)
+    assert padded.ids.tolist() == near.ids[:6].tolist() and padded.next_tokens == near.next_tokens[:6]
 
 
 def test_sampling_follows_temperature_top_k_and_top_p():

@@ -460,6 +460,10 @@ def test_full_vocabulary_knn_distribution_is_the_brute_force_one():
         assert np.all(np.isneginf(got[b].numpy()[want == 0]))  # tokens no neighbour carries
     targets = vals[:, 0]
     np.testing.assert_allclose(got[np.arange(B), targets].numpy(), knn_logprob(dists, vals, targets, k, tau), atol=1e-9)
+    # padded answers (value −1 at distance inf, as an IVF probe that found fewer gives them) are no neighbours
+    padded_d = np.concatenate([dists, np.full((B, 3), np.inf, np.float32)], 1)
+    padded_v = np.concatenate([vals, np.full((B, 3), -1, np.int32)], 1)
+    assert torch.equal(knn_logprobs_full(padded_d, padded_v, V, tau), got)
 
 
 def test_perplexities_over_all_lambdas_equal_one_interpolation_each():
