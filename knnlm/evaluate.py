@@ -359,11 +359,11 @@ def tuning_arrays(run: Path, split: str, place: Place | None = None) -> tuple[np
         bad = int(ids.min()) if int(ids.min()) < -1 else int(ids.max())
         raise UserError(f"{folder / 'neighbors.npy'}: neighbour id {bad} is outside the "
                         f"datastore's rows [0, {len(ds)}) (the file is damaged or from another datastore)")
-    dists, targets = np.asarray(arrays["distances"]), arrays["targets"]
+    dists, values, targets = np.asarray(arrays["distances"]), neighbour_values(ds.vals, ids), arrays["targets"]
     if "knn_grid" in arrays:  # eval.k_store < eval.k_max: the grid's scores, and the first neighbours
         return arrays["lm_logprobs"], KnnTable(arrays["knn_grid"], meta["grid"]["k"], meta["grid"]["temperature"],
-                                               arrays["target_rank"], meta["k_max"], dists, neighbour_values(ds.vals, ids), targets)
-    return arrays["lm_logprobs"], KnnScores(dists, neighbour_values(ds.vals, ids), targets)
+                                               arrays["target_rank"], meta["k_max"], dists, values, targets)
+    return arrays["lm_logprobs"], KnnScores(dists, values, targets)
 
 
 def tuning_grid(cfg: Config) -> tuple[list[int], list[float]]:
